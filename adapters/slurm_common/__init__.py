@@ -1,0 +1,1 @@
+"""Logic shared by the Slurm adapters (ssh, rest, pyslurm): state table, TRES, tags."""

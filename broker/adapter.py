@@ -1,0 +1,251 @@
+"""The adapter plugin contract: what every cluster adapter implements.
+
+Adapters import only this module (and :mod:`broker.states`) from the core: never
+FastAPI, never the database. The interface is **synchronous**: the broker calls
+adapters from worker threads (API requests run in FastAPI's thread pool, the
+tracker has its own thread), so a blocking SSH or HTTP call never stalls the event
+loop. An adapter must be thread-safe: several threads may call one instance.
+
+Exceptions (one hierarchy, all subclasses of :class:`AdapterError`):
+
+- ``AdapterError``            base; ``transient`` says whether retrying may help.
+- ``ClusterUnreachable``      transient: connection refused/timed out, daemon down.
+- ``SubmitRejected``          permanent: the scheduler refused the job (bad account,
+                              partition, QOS/association limit...). ``code`` is a
+                              stable problem code.
+- ``SubmitOutcomeUnknown``    the submit may or may not have reached the cluster
+                              (timeout after sending): the broker must reconcile
+                              by tag, never blindly resubmit.
+- ``AdapterConfigError``      permanent: the cluster definition is unusable.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from broker.states import JobState
+
+__all__ = [
+    "AdapterConfigError",
+    "AdapterError",
+    "ClusterAdapter",
+    "ClusterUnreachable",
+    "Health",
+    "JobSpec",
+    "JobState",
+    "JobStatus",
+    "PartitionInfo",
+    "SchedulerJobRef",
+    "SubmitOutcomeUnknown",
+    "SubmitRejected",
+    "UsageRecord",
+]
+
+
+class AdapterError(Exception):
+    """Base of all adapter errors. ``transient`` = retrying later may succeed."""
+
+    transient: bool = False
+    code: str = "cluster_error"
+
+    def __init__(self, message: str, *, transient: bool | None = None, code: str | None = None):
+        super().__init__(message)
+        if transient is not None:
+            self.transient = transient
+        if code is not None:
+            self.code = code
+
+
+class ClusterUnreachable(AdapterError):
+    """The cluster (or its daemon) cannot be reached right now."""
+
+    transient = True
+    code = "cluster_unavailable"
+
+
+class SubmitRejected(AdapterError):
+    """The scheduler refused the job; resubmitting the same request will fail again."""
+
+    transient = False
+    code = "submit_rejected"
+
+
+class SubmitOutcomeUnknown(AdapterError):
+    """The request may have created a job: reconcile with ``find_by_tag``."""
+
+    transient = True
+    code = "submit_outcome_unknown"
+
+
+class AdapterConfigError(AdapterError):
+    """The cluster definition cannot work (missing key, bad URL, unsupported version)."""
+
+    transient = False
+    code = "cluster_misconfigured"
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """A validated job request, as the adapter must submit it.
+
+    ``tag`` is the broker's id for the job; the adapter attaches it so that
+    ``find_by_tag`` can find the job again (e.g. in the job name and comment,
+    since clusters may not store comments in accounting).
+    ``username`` is the POSIX account the job must run as; ``account`` is the
+    scheduler account (Slurm ``--account``) charged for it.
+    """
+
+    tag: str
+    username: str
+    account: str
+    script: str
+    time_limit_minutes: int
+    name: str = "job"
+    partition: str | None = None
+    nodes: int = 1
+    ntasks_per_node: int = 1
+    cpus_per_task: int = 1
+    gpus_per_node: int = 0
+    memory_per_node_mb: int | None = None
+    environment: Mapping[str, str] = field(default_factory=dict)
+    working_directory: str | None = None
+
+
+@dataclass(frozen=True)
+class SchedulerJobRef:
+    """How the broker finds a job on a cluster again."""
+
+    job_id: str
+    username: str
+    tag: str | None = None
+    submit_time: datetime | None = None
+
+
+@dataclass(frozen=True)
+class JobStatus:
+    """One job's state as the scheduler reports it.
+
+    ``state`` is the broker state (translated by the adapter's table), ``raw_state``
+    the scheduler's own word. ``final`` is True only when accounting (not just the
+    queue) confirms the end, so the broker can settle. ``alloc_tres`` maps TRES
+    names (``cpu``, ``node``, ``mem`` in MB, ``gres/gpu``, ``billing``) to the
+    counts allocated to the job; with ``elapsed_seconds`` it is what gets charged.
+    """
+
+    job_id: str
+    state: JobState
+    raw_state: str
+    final: bool = False
+    exit_code: int | None = None
+    reason: str | None = None
+    submit_time: datetime | None = None
+    start_time: datetime | None = None
+    end_time: datetime | None = None
+    elapsed_seconds: int | None = None
+    alloc_tres: Mapping[str, float] = field(default_factory=dict)
+    tag: str | None = None
+
+
+@dataclass(frozen=True)
+class UsageRecord:
+    """One finished job from the cluster's accounting, for usage import.
+
+    Keyed for exactly-once import by (cluster, ``job_id``, ``submit_time``).
+    """
+
+    job_id: str
+    account: str
+    username: str
+    partition: str | None
+    state: JobState
+    raw_state: str
+    submit_time: datetime
+    start_time: datetime | None
+    end_time: datetime | None
+    elapsed_seconds: int
+    alloc_tres: Mapping[str, float]
+    tag: str | None = None
+    name: str | None = None
+
+
+@dataclass(frozen=True)
+class Health:
+    """Result of a live health check."""
+
+    ok: bool
+    detail: str
+    latency_ms: float | None = None
+    checks: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PartitionInfo:
+    """A partition as discovered from the scheduler."""
+
+    name: str
+    default: bool = False
+    nodes: int = 0
+    cpus_per_node: int = 0
+    gpus_per_node: int = 0
+    memory_per_node_mb: int = 0
+    max_time_minutes: int | None = None
+    tres: Mapping[str, float] = field(default_factory=dict)
+
+
+class ClusterAdapter(abc.ABC):
+    """A cluster adapter. Constructed with the cluster's name and settings mapping.
+
+    ``settings`` is the ``connection`` table of the cluster definition (plain data:
+    strings, numbers, lists). ``data_dir`` is the broker's data directory (for keys
+    or per-job directories). Construction must not contact the cluster.
+    """
+
+    #: True for adapters that run jobs as the broker's own OS user (dev only).
+    runs_as_broker_user: bool = False
+
+    def __init__(self, name: str, settings: Mapping[str, Any], *, data_dir: str) -> None:
+        self.name = name
+        self.settings = dict(settings)
+        self.data_dir = data_dir
+
+    @abc.abstractmethod
+    def submit(self, spec: JobSpec) -> SchedulerJobRef:
+        """Submit one job as ``spec.username``; return its reference."""
+
+    @abc.abstractmethod
+    def poll(self, refs: Sequence[SchedulerJobRef]) -> list[JobStatus]:
+        """Return the status of every job in ``refs`` in as few scheduler calls as
+        possible (one queue query + one accounting query). A job the scheduler no
+        longer knows and accounting has not confirmed yet is omitted or returned
+        with ``final=False``; never invent a terminal state."""
+
+    @abc.abstractmethod
+    def cancel(self, ref: SchedulerJobRef) -> None:
+        """Cancel a job; cancelling an already finished job is not an error."""
+
+    @abc.abstractmethod
+    def find_by_tag(self, tags: Sequence[str], *, since: datetime | None = None) -> dict[str, SchedulerJobRef]:
+        """Find jobs carrying the given broker tags; return tag -> ref for those found."""
+
+    @abc.abstractmethod
+    def usage(self, since: datetime, *, accounts: Sequence[str] | None = None) -> list[UsageRecord]:
+        """Finished jobs of ``accounts`` (all when None) that ended after ``since``."""
+
+    @abc.abstractmethod
+    def read_output(self, ref: SchedulerJobRef, stream: str = "stdout", tail: int = 65536) -> str:
+        """The last ``tail`` bytes of the job's ``stdout`` or ``stderr``."""
+
+    @abc.abstractmethod
+    def health(self) -> Health:
+        """A live check of the cluster; never raises for an unreachable cluster."""
+
+    @abc.abstractmethod
+    def discover(self) -> list[PartitionInfo]:
+        """Partitions and their TRES."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release connections and pools."""
