@@ -1,0 +1,320 @@
+"""Pure builders of the remote commands the ``slurm_ssh`` adapter runs.
+
+Every command is an argv list; :func:`render` joins it with :func:`shlex.quote`
+so the remote login shell sees each element as one literal word. Nothing from a
+job request is ever interpreted by that shell: the script travels on stdin,
+resource options are single ``--option=value`` words (a value starting with
+``-`` stays a value), and the job's environment goes through
+``sbatch --export-file`` as NUL-separated ``NAME=value`` records, so commas,
+quotes, newlines and ``$( )`` in values arrive intact.
+
+The only shell syntax in a rendered command is fixed text written here:
+``&&`` between steps, the ``"$HOME"`` prefix of a home-relative path, and the
+file-descriptor plumbing that feeds ``--export-file``.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+from adapters.slurm_common.accounting import SACCT_PARSABLE_FIELDS
+from adapters.slurm_common.tags import comment_for_tag, job_name_with_tag
+from broker.adapter import JobSpec, SubmitRejected
+
+__all__ = [
+    "ENV_NAME_RE",
+    "JOB_ID_RE",
+    "TERMINAL_STATE_CODES",
+    "HomePath",
+    "SubmitCommand",
+    "build_cancel",
+    "build_discover_nodes",
+    "build_discover_partitions",
+    "build_find_queue",
+    "build_health",
+    "build_sacct_jobs",
+    "build_sacct_window",
+    "build_squeue",
+    "build_submit",
+    "build_tail",
+    "build_version",
+    "output_paths",
+    "render",
+    "validate_job_id",
+]
+
+ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+JOB_ID_RE = re.compile(r"^[0-9]{1,12}$")
+#: Environment names the job may not set: they steer sbatch itself.
+RESERVED_ENV_PREFIXES = ("SLURM_", "SBATCH_")
+#: ``sacct --state`` codes of end states (usage import).
+TERMINAL_STATE_CODES = ("CA", "CD", "DL", "F", "NF", "OOM", "PR", "TO", "BF")
+#: fd number the environment records are read from (``--export-file=3``).
+EXPORT_FD = 3
+_ARRAY_DIRECTIVE_RE = re.compile(r"^#SBATCH\s+(?:-a\b|--array\b|hetjob\b|packjob\b)")
+SLURM_TIME_FORMAT_ENV = "SLURM_TIME_FORMAT=%s"
+
+
+@dataclass(frozen=True)
+class HomePath:
+    """A path relative to the remote user's home; rendered as ``"$HOME"/'rel'``
+    (absolute paths render as themselves). ``prefix`` is an option text such as
+    ``--output=`` glued in front."""
+
+    path: str
+    prefix: str = ""
+
+    def render(self) -> str:
+        """The shell word for this argument."""
+        if self.path.startswith("/"):
+            return shlex.quote(self.prefix + self.path)
+        head = shlex.quote(self.prefix) if self.prefix else ""
+        return f'{head}"$HOME"/{shlex.quote(self.path)}'
+
+
+Arg = str | HomePath
+
+
+def render(*argvs: Sequence[Arg], joiner: str = " && ") -> str:
+    """One remote shell command from argv lists, each word quoted, steps joined
+    with ``&&`` (or ``joiner``)."""
+    steps = [" ".join(_word(a) for a in argv) for argv in argvs]
+    return joiner.join(steps)
+
+
+def _word(arg: Arg) -> str:
+    return arg.render() if isinstance(arg, HomePath) else shlex.quote(arg)
+
+
+def validate_job_id(job_id: str) -> str:
+    """The job id if it is a plain Slurm job id (digits); else ValueError."""
+    if not JOB_ID_RE.match(job_id or ""):
+        raise ValueError(f"not a Slurm job id: {job_id!r}")
+    return job_id
+
+
+# --------------------------------------------------------------------------- submit
+
+
+@dataclass(frozen=True)
+class SubmitCommand:
+    """What runs on the login node for one submission."""
+
+    command: str
+    stdin: bytes
+
+
+def output_paths(output_dir: str, job_id: str = "%j") -> tuple[str, str]:
+    """The stdout and stderr file of a job (``%j`` = Slurm's job-id pattern)."""
+    base = output_dir.rstrip("/") or "/"
+    return f"{base}/aifa-{job_id}.out", f"{base}/aifa-{job_id}.err"
+
+
+def _reject(code: str, detail: str) -> SubmitRejected:
+    return SubmitRejected(detail, code=code)
+
+
+def validate_environment(environment: Mapping[str, str]) -> list[str]:
+    """``NAME=value`` records for ``--export-file``; raises SubmitRejected
+    (``invalid_environment``) on a bad name, a reserved name or a NUL byte."""
+    records: list[str] = []
+    for name, value in environment.items():
+        if not isinstance(name, str) or not ENV_NAME_RE.match(name):
+            raise _reject("invalid_environment", f"invalid environment variable name {name!r}")
+        if name.upper().startswith(RESERVED_ENV_PREFIXES):
+            raise _reject("invalid_environment", f"environment variable {name} is reserved")
+        if not isinstance(value, str) or "\x00" in value:
+            raise _reject("invalid_environment", f"environment variable {name}: invalid value")
+        records.append(f"{name}={value}")
+    return records
+
+
+def _validate_sizes(spec: JobSpec) -> None:
+    sizes = {
+        "nodes": spec.nodes,
+        "ntasks_per_node": spec.ntasks_per_node,
+        "cpus_per_task": spec.cpus_per_task,
+        "time_limit_minutes": spec.time_limit_minutes,
+    }
+    for field_name, value in sizes.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise _reject("invalid_request", f"{field_name} must be a positive integer")
+    if isinstance(spec.gpus_per_node, bool) or spec.gpus_per_node < 0:
+        raise _reject("invalid_request", "gpus_per_node must be >= 0")
+    if spec.memory_per_node_mb is not None and spec.memory_per_node_mb < 1:
+        raise _reject("invalid_request", "memory_per_node_mb must be positive")
+
+
+def _validate_text(spec: JobSpec) -> None:
+    for field_name in ("account", "username", "tag", "name"):
+        value = getattr(spec, field_name)
+        if not isinstance(value, str) or not value or any(c in value for c in "\x00\n\r"):
+            raise _reject("invalid_request", f"{field_name} is empty or has control characters")
+    for field_name in ("partition", "working_directory"):
+        value = getattr(spec, field_name)
+        if value is not None and (not value or "\x00" in value or "\n" in value):
+            raise _reject("invalid_request", f"{field_name} is empty or has control characters")
+
+
+def _validate_script(script: str) -> bytes:
+    if "\x00" in script:
+        raise _reject("invalid_script", "the script contains a NUL byte")
+    if not script.startswith("#!"):
+        raise _reject("invalid_script", "the script must start with #! and an interpreter")
+    for line in script.splitlines()[1:]:
+        stripped = line.strip()
+        if stripped and not stripped.startswith("#"):
+            break
+        if _ARRAY_DIRECTIVE_RE.match(stripped):
+            raise _reject("invalid_script", "array and heterogeneous jobs are not supported")
+    return script.encode("utf-8")
+
+
+def sbatch_argv(spec: JobSpec, output_dir: str, *, export_file: bool) -> list[Arg]:
+    """``sbatch`` with every resource option of ``spec`` on the command line."""
+    out, err = output_paths(output_dir)
+    argv: list[Arg] = ["sbatch", "--parsable", "--export=ALL"]
+    if export_file:
+        argv.append(f"--export-file={EXPORT_FD}")
+    argv.append(f"--account={spec.account}")
+    if spec.partition:
+        argv.append(f"--partition={spec.partition}")
+    argv += [
+        f"--nodes={spec.nodes}",
+        f"--ntasks-per-node={spec.ntasks_per_node}",
+        f"--cpus-per-task={spec.cpus_per_task}",
+    ]
+    if spec.gpus_per_node:
+        argv.append(f"--gres=gpu:{spec.gpus_per_node}")
+    if spec.memory_per_node_mb is not None:
+        argv.append(f"--mem={spec.memory_per_node_mb}M")
+    argv += [
+        f"--time={spec.time_limit_minutes}",
+        f"--job-name={job_name_with_tag(spec.name, spec.tag)}",
+        f"--comment={comment_for_tag(spec.tag)}",
+    ]
+    if spec.working_directory:
+        argv.append(f"--chdir={spec.working_directory}")
+    argv += [HomePath(out, "--output="), HomePath(err, "--error=")]
+    return argv
+
+
+def build_submit(spec: JobSpec, output_dir: str) -> SubmitCommand:
+    """The submission: create the output directory, then ``sbatch`` with the
+    script on stdin. With an environment, its records are printed NUL-separated
+    into a pipe that sbatch reads as ``--export-file=3`` while the script stays
+    on the SSH channel's stdin (saved as fd 4)."""
+    _validate_text(spec)
+    _validate_sizes(spec)
+    script = _validate_script(spec.script)
+    records = validate_environment(spec.environment)
+    mkdir: list[Arg] = ["mkdir", "-p", "-m", "700", HomePath(output_dir.rstrip("/") or "/")]
+    sbatch = render(sbatch_argv(spec, output_dir, export_file=bool(records)))
+    if not records:
+        return SubmitCommand(f"{render(mkdir)} && {sbatch}", script)
+    printf = render(["printf", "%s\\000", *records])
+    plumbing = f"{EXPORT_FD}<&0 0<&4 4<&-"
+    command = f"{render(mkdir)} && exec 4<&0 && {printf} | {sbatch} {plumbing}"
+    return SubmitCommand(command, script)
+
+
+# --------------------------------------------------------------------------- queries
+
+
+def build_version() -> str:
+    """``sinfo --version`` (no controller round-trip)."""
+    return render(["sinfo", "--version"])
+
+
+def build_health() -> str:
+    """Version plus a controller round-trip (partition list)."""
+    return render(["sinfo", "--version"], ["sinfo", "--noheader", "--format=%R"])
+
+
+def build_squeue(job_ids: Iterable[str], *, filters_honoured: bool) -> str:
+    """One ``squeue --json``; filtered by job id where the release honours it
+    (23.02+), else the whole queue (22.05 ignores filters; filter client-side)."""
+    argv = ["squeue", "--json"]
+    if filters_honoured:
+        ids = [validate_job_id(j) for j in job_ids]
+        argv.append(f"--jobs={','.join(ids)}")
+    return render(argv)
+
+
+def build_sacct_jobs(job_ids: Iterable[str]) -> str:
+    """One ``sacct --json`` for the given jobs, all users."""
+    ids = [validate_job_id(j) for j in job_ids]
+    return render(["sacct", "--json", "--allusers", f"--jobs={','.join(ids)}"])
+
+
+def build_sacct_window(
+    seconds_back: int,
+    *,
+    accounts: Sequence[str] | None = None,
+    terminal_only: bool = False,
+) -> str:
+    """``sacct -P`` of allocations (``-X``) in the last ``seconds_back`` seconds,
+    all users, times as epoch seconds. The window is relative (``now-N``) so the
+    login node's time zone never matters."""
+    argv = [
+        "env",
+        SLURM_TIME_FORMAT_ENV,
+        "sacct",
+        "--allusers",
+        "--allocations",
+        "--parsable2",
+        "--noheader",
+        f"--starttime=now-{max(int(seconds_back), 1)}",
+        "--endtime=now",
+        f"--format={','.join(SACCT_PARSABLE_FIELDS)}",
+    ]
+    if terminal_only:
+        argv.append(f"--state={','.join(TERMINAL_STATE_CODES)}")
+    if accounts:
+        for account in accounts:
+            if not account or "," in account or "\x00" in account:
+                raise ValueError(f"invalid account name {account!r}")
+        argv.append(f"--accounts={','.join(accounts)}")
+    return render(argv)
+
+
+#: Fields of :func:`build_find_queue`, ``|``-separated, job name last.
+QUEUE_TEXT_FORMAT = "%i|%u|%V|%j"
+
+
+def build_find_queue() -> str:
+    """Every job the controller holds (all states), as ``id|user|submit|name``."""
+    return render(
+        [
+            "env",
+            SLURM_TIME_FORMAT_ENV,
+            "squeue",
+            "--noheader",
+            "--all",
+            "--states=all",
+            f"--format={QUEUE_TEXT_FORMAT}",
+        ]
+    )
+
+
+def build_cancel(job_id: str) -> str:
+    """``scancel`` of one job."""
+    return render(["scancel", validate_job_id(job_id)])
+
+
+def build_tail(path: str, tail: int) -> str:
+    """The last ``tail`` bytes of a file (home-relative unless absolute)."""
+    return render(["tail", "-c", str(max(int(tail), 0)), "--", HomePath(path)])
+
+
+def build_discover_partitions() -> str:
+    """Partitions, one line each."""
+    return render(["scontrol", "--oneliner", "show", "partition"])
+
+
+def build_discover_nodes() -> str:
+    """Nodes, one line each."""
+    return render(["scontrol", "--oneliner", "show", "node"])

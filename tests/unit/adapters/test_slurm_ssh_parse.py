@@ -1,0 +1,288 @@
+"""slurm_ssh parsers and error mapping, table-driven, no network."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import pytest
+
+from adapters.slurm_ssh import errors, parse
+from broker.adapter import (
+    AdapterConfigError,
+    ClusterUnreachable,
+    SubmitOutcomeUnknown,
+    SubmitRejected,
+)
+from broker.states import JobState
+
+FIXTURES = pathlib.Path(__file__).resolve().parents[2] / "fixtures" / "slurm"
+TAG = "0123456789abcdef0123456789abcdef"
+FAILED = "sbatch: error: Batch job submission failed: "
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [("slurm 22.05.8\n", (22, 5)), ("slurm 24.11.5", (24, 11)), ("slurm-wlm 26.05.5", (26, 5))],
+)
+def test_version(text, expected):
+    assert parse.parse_version(text) == expected
+
+
+def test_version_missing():
+    with pytest.raises(ValueError):
+        parse.parse_version("command not found")
+
+
+@pytest.mark.parametrize(
+    ("out", "job_id"), [("123\n", "123"), ("123;lab\n", "123"), ("warning\n77\n", "77")]
+)
+def test_sbatch_job_id(out, job_id):
+    assert parse.parse_sbatch_job_id(out) == job_id
+
+
+@pytest.mark.parametrize("out", ["", "Submitted batch job x", "\n"])
+def test_sbatch_job_id_missing(out):
+    with pytest.raises(ValueError):
+        parse.parse_sbatch_job_id(out)
+
+
+@pytest.mark.parametrize(
+    ("release", "name", "ids"),
+    [
+        ("22.05", "squeue_json_job657.json", ["657"]),
+        ("24.11", "squeue_all.json", ["27", "28", "30"]),
+        ("26.05", "squeue_all.json", ["2", "3", "5"]),
+    ],
+)
+def test_squeue_json(release, name, ids):
+    jobs = parse.parse_squeue_json((FIXTURES / release / name).read_text())
+    assert [j.job_id for j in jobs] == ids
+
+
+def test_squeue_json_skips_malformed_record():
+    doc = json.loads((FIXTURES / "24.11" / "squeue_all.json").read_text())
+    doc["jobs"].insert(0, {"job_id": None})
+    doc["jobs"].insert(0, "garbage")
+    assert len(parse.parse_squeue_json(json.dumps(doc))) == 3
+
+
+@pytest.mark.parametrize("text", ["", "not json", "[]", '{"jobs": 3}'])
+def test_json_without_jobs_is_an_error(text):
+    with pytest.raises(ValueError):
+        parse.parse_squeue_json(text)
+    with pytest.raises(ValueError):
+        parse.parse_sacct_json(text)
+
+
+@pytest.mark.parametrize(
+    ("release", "name"),
+    [
+        ("22.05", "sacct_json_job657.json"),
+        ("24.11", "sacct_json_one_job.json"),
+        ("26.05", "sacct_json_one_job.json"),
+    ],
+)
+def test_sacct_json(release, name):
+    (job,) = parse.parse_sacct_json((FIXTURES / release / name).read_text())
+    assert job.state is JobState.COMPLETED and job.alloc_tres["gres/gpu"] == 1.0
+
+
+def test_sacct_parsable_rows_and_malformed():
+    good = (
+        "42|bob|proj-b|cpu|COMPLETED|1795690600|1795690601|1795690661|60|5|"
+        f"cpu=2,mem=1G,node=1|0:0|x|y.aifa-{TAG}"
+    )
+    pending = "43|bob|proj-b|cpu|PENDING|1795690600|Unknown|Unknown|0|5||0:0|p"
+    text = "\n".join(
+        [good, "short|row", pending, "abc|bob|proj-b|cpu|COMPLETED|1|1|1|1|1||0:0|n", ""]
+    )
+    jobs, skipped = parse.parse_sacct_parsable(text)
+    assert [j.job_id for j in jobs] == ["42", "43"]
+    assert skipped == 2
+    assert jobs[0].name == f"x|y.aifa-{TAG}" and jobs[0].tag == TAG
+    assert jobs[0].alloc_tres == {"cpu": 2.0, "mem": 1024.0, "node": 1.0}
+    assert jobs[1].state is JobState.PENDING and jobs[1].end_time is None
+
+
+def test_queue_text():
+    text = f"12|alice|1795690600|n.aifa-{TAG}\n13_1|bob|1795690600|arr\nbad\n14|bob|Unknown|a|b\n"
+    lines = parse.parse_queue_text(text)
+    assert [(q.job_id, q.user, q.name) for q in lines] == [
+        ("12", "alice", f"n.aifa-{TAG}"),
+        ("14", "bob", "a|b"),
+    ]
+    assert lines[0].submit_time is not None and lines[1].submit_time is None
+
+
+PARTITIONS = (
+    "PartitionName=cpu AllowGroups=ALL AllowAccounts=ALL Default=YES MaxNodes=UNLIMITED "
+    "MaxTime=UNLIMITED Nodes=vm State=UP TotalCPUs=8 TotalNodes=1 "
+    "TRES=cpu=8,mem=7900M,node=1,billing=8,gres/gpu=4\n"
+    "PartitionName=gpu Default=NO MaxTime=1-00:00:00 Nodes=vm State=UP TotalCPUs=8 TotalNodes=1 "
+    "TRES=cpu=8,mem=7900M,node=1,billing=8,gres/gpu=4\n"
+)
+NODES = (
+    "NodeName=vm Arch=x86_64 CoresPerSocket=1 CPUAlloc=0 CPUTot=8 Gres=gpu:4 "
+    "OS=Linux 6.1.0-18-amd64 #1 SMP PREEMPT_DYNAMIC Debian RealMemory=7900 "
+    "Partitions=cpu,gpu State=IDLE Reason=none here [root@2026-11-26T11:00:00]\n"
+)
+
+
+def test_scontrol_oneliner_and_partitions():
+    nodes = parse.parse_scontrol_oneliner(NODES)
+    assert nodes[0]["OS"] == "Linux 6.1.0-18-amd64 #1 SMP PREEMPT_DYNAMIC Debian"
+    assert nodes[0]["Reason"] == "none here [root@2026-11-26T11:00:00]"
+    parts = parse.partitions_from_scontrol(parse.parse_scontrol_oneliner(PARTITIONS), nodes)
+    cpu, gpu = parts
+    assert cpu.name == "cpu" and cpu.default and cpu.max_time_minutes is None
+    assert gpu.name == "gpu" and not gpu.default and gpu.max_time_minutes == 1440
+    assert gpu.cpus_per_node == 8 and gpu.gpus_per_node == 4 and gpu.memory_per_node_mb == 7900
+    assert gpu.nodes == 1 and gpu.tres["gres/gpu"] == 4.0
+
+
+@pytest.mark.parametrize(
+    ("text", "minutes"),
+    [
+        ("UNLIMITED", None),
+        ("", None),
+        ("30", 30),
+        ("30:00", 30),
+        ("30:01", 31),
+        ("02:00:00", 120),
+        ("1-00:00:00", 1440),
+        ("2-12", 3600),
+        ("1-01:30", 1530),
+        ("junk", None),
+    ],
+)
+def test_max_time(text, minutes):
+    assert parse.parse_max_time(text) == minutes
+
+
+@pytest.mark.parametrize(
+    ("rc", "stderr", "kind", "code", "transient"),
+    [
+        (
+            1,
+            FAILED + "Invalid account or account/partition combination specified",
+            SubmitRejected,
+            "invalid_account",
+            False,
+        ),
+        (
+            1,
+            FAILED + "Invalid partition name specified",
+            SubmitRejected,
+            "invalid_partition",
+            False,
+        ),
+        (
+            1,
+            FAILED + "Job violates accounting/QOS policy (job submit limit, user's size limits)",
+            SubmitRejected,
+            "qos_limit",
+            False,
+        ),
+        (
+            1,
+            FAILED + "Requested time limit is invalid (missing or exceeds some limit)",
+            SubmitRejected,
+            "invalid_time_limit",
+            False,
+        ),
+        (
+            1,
+            FAILED + "Invalid generic resource (gres) specification",
+            SubmitRejected,
+            "invalid_gres",
+            False,
+        ),
+        (
+            1,
+            FAILED + "Requested node configuration is not available",
+            SubmitRejected,
+            "resources_unavailable",
+            False,
+        ),
+        (
+            1,
+            "sbatch: error: This does not look like a batch script.  The first\n"
+            "sbatch: error: line must start with #! followed by the path to an interpreter.",
+            SubmitRejected,
+            "invalid_script",
+            False,
+        ),
+        (
+            1,
+            "sbatch: error: Slurm temporarily unable to accept job, sleeping and retrying\n"
+            + FAILED
+            + "Resource temporarily unavailable",
+            ClusterUnreachable,
+            "scheduler_busy",
+            True,
+        ),
+        (
+            1,
+            FAILED + "Socket timed out on send/recv operation",
+            SubmitOutcomeUnknown,
+            "scheduler_timeout",
+            True,
+        ),
+        (
+            1,
+            FAILED + "Unable to contact slurm controller (connect failure)",
+            ClusterUnreachable,
+            "controller_unreachable",
+            True,
+        ),
+        (
+            1,
+            "mkdir: cannot create directory '/x': Permission denied",
+            SubmitRejected,
+            "permission_denied",
+            False,
+        ),
+        (
+            1,
+            FAILED + "Something new",
+            SubmitRejected,
+            "submit_rejected",
+            False,
+        ),
+        (127, "sh: 1: sbatch: not found", AdapterConfigError, "slurm_not_found", False),
+    ],
+)
+def test_submit_failures(rc, stderr, kind, code, transient):
+    err = errors.submit_failure(rc, stderr)
+    assert type(err) is kind
+    assert err.code == code and err.transient is transient
+    assert str(err) and "\n" not in str(err)
+
+
+@pytest.mark.parametrize(
+    "stderr",
+    [
+        "scancel: error: Kill job error on job id 5: Invalid job id specified",
+        "scancel: error: Kill job error on job id 5: Job/step already completing or completed",
+    ],
+)
+def test_cancel_already_gone_is_fine(stderr):
+    assert errors.cancel_failure(1, stderr) is None
+
+
+def test_cancel_permission_denied():
+    err = errors.cancel_failure(
+        210, "scancel: error: Kill job error on job id 5: Access/permission denied"
+    )
+    assert isinstance(err, SubmitRejected) and err.code == "permission_denied"
+
+
+def test_query_failures():
+    assert isinstance(
+        errors.query_failure(
+            "squeue", 1, "slurm_load_jobs error: Unable to contact slurm controller"
+        ),
+        ClusterUnreachable,
+    )
+    assert errors.query_failure("sacct", 127, "not found").code == "slurm_not_found"
