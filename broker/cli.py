@@ -1,0 +1,316 @@
+"""The ``aifa-broker`` command line (typer). Errors print one sentence, exit non-zero."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import tomllib
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import date
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+import yaml
+from pydantic import ValidationError
+
+from broker.adapter import AdapterError
+from broker.auth import issue_token
+from broker.bootstrap import engine_for, ensure_local_cluster
+from broker.config import Settings, get_settings
+from broker.db import session_scope
+from broker.errors import BrokerError
+from broker.registry import AdapterRegistry
+from broker.schemas import AllocationIn, ClusterIn, MemberIn, ProjectIn
+from broker.services import clusters as cluster_svc
+from broker.services import ledger
+from broker.services import projects as project_svc
+from broker.services.common import get_cluster
+
+app = typer.Typer(help="aifa-broker: compute-access broker for EuroHPC AI Factory allocations.",
+                  no_args_is_help=True, pretty_exceptions_enable=False)
+db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
+cluster_app = typer.Typer(help="Cluster registry (sysadmin).", no_args_is_help=True)
+project_app = typer.Typer(help="Projects (quota manager).", no_args_is_help=True)
+allocation_app = typer.Typer(help="Allocations (quota manager).", no_args_is_help=True)
+member_app = typer.Typer(help="Project membership.", no_args_is_help=True)
+account_app = typer.Typer(help="Cluster accounts (sysadmin).", no_args_is_help=True)
+ledger_app = typer.Typer(help="The budget ledger.", no_args_is_help=True)
+for sub, name in ((db_app, "db"), (cluster_app, "cluster"), (project_app, "project"),
+                  (allocation_app, "allocation"), (member_app, "member"), (account_app, "account"),
+                  (ledger_app, "ledger")):
+    app.add_typer(sub, name=name)
+
+T = TypeVar("T")
+
+
+def _fail(message: str, code: int = 1) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code)
+
+
+def _settings() -> Settings:
+    try:
+        return get_settings()
+    except (ValidationError, ValueError) as exc:
+        _fail(f"invalid settings: {exc}")
+        raise AssertionError from exc  # unreachable
+
+
+@contextmanager
+def _errors() -> Iterator[None]:
+    try:
+        yield
+    except BrokerError as exc:
+        _fail(f"{exc.detail} [{exc.code}]")
+    except ValidationError as exc:
+        _fail("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()))
+    except AdapterError as exc:
+        _fail(f"{exc} [{exc.code}]")
+
+
+def _unit(fn: Callable[[Any], T]) -> T:
+    settings = _settings()
+    with _errors():
+        engine = engine_for(settings)
+        ensure_local_cluster(engine, settings)
+        with session_scope(engine) as session:
+            return fn(session)
+    raise AssertionError  # unreachable
+
+
+@app.command()
+def serve(host: Annotated[str | None, typer.Option()] = None,
+          port: Annotated[int | None, typer.Option()] = None) -> None:
+    """Run the API and the tracker."""
+    import uvicorn
+
+    from broker.api.app import create_app
+
+    settings = _settings()
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    uvicorn.run(create_app(settings), host=host or settings.host, port=port or settings.port,
+                log_level=settings.log_level.lower())
+
+
+@app.command()
+def tracker() -> None:
+    """Run only the tracker (polling, settlement, reconciliation, usage import)."""
+    from broker.tracker import Tracker
+
+    settings = _settings()
+    logging.basicConfig(level=settings.log_level)
+    engine = engine_for(settings)
+    Tracker(engine, settings, AdapterRegistry(settings)).run_forever()
+
+
+@app.command()
+def token(sub: Annotated[str, typer.Option(help="user name (token subject)")],
+          role: Annotated[list[str] | None, typer.Option(help="quota_manager and/or sysadmin")] = None,
+          lifetime: Annotated[int | None, typer.Option(help="seconds")] = None) -> None:
+    """Print a bearer token of the embedded issuer."""
+    settings = _settings()
+    if settings.mode != "embedded":
+        _fail("tokens are issued by your identity provider in production mode")
+    try:
+        typer.echo(issue_token(settings, sub=sub, roles=role or [], lifetime=lifetime))
+    except ValueError as exc:
+        _fail(str(exc))
+
+
+@db_app.command("upgrade")
+def db_upgrade() -> None:
+    """Apply all schema migrations."""
+    settings = _settings()
+    with _errors():
+        engine_for(settings, migrate=True)
+    typer.echo("database schema is up to date")
+
+
+def _read_definition(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        _fail(f"{path} does not exist")
+    text = path.read_text()
+    try:
+        if path.suffix == ".toml":
+            return tomllib.loads(text)
+        if path.suffix in {".yaml", ".yml"}:
+            return dict(yaml.safe_load(text))
+        return dict(json.loads(text))
+    except (ValueError, TypeError, yaml.YAMLError) as exc:
+        _fail(f"{path} is not valid {path.suffix.lstrip('.')}: {exc}")
+        raise AssertionError from exc
+
+
+@cluster_app.command("add")
+def cluster_add(from_file: Annotated[Path, typer.Option("--from-file", help="TOML, YAML or JSON definition")]) -> None:
+    """Register a cluster from a definition file (checked live: discovery runs now)."""
+    data = _read_definition(from_file)
+    data.pop("slurm_release", None)
+    settings = _settings()
+
+    def add(session: Any) -> str:
+        body = ClusterIn(**data)
+        default_poll = settings.local_cluster_poll_seconds if body.adapter == "local" else settings.slurm_poll_seconds
+        c = cluster_svc.register_cluster(session, principal=None, registry=AdapterRegistry(settings),
+                                         body=body, default_poll=default_poll)
+        parts = ", ".join(p["name"] for p in c.partitions) or "none discovered"
+        return f"registered cluster {c.name} ({c.adapter}); partitions: {parts}; health: {c.health_detail}"
+
+    typer.echo(_unit(add))
+
+
+@cluster_app.command("list")
+def cluster_list() -> None:
+    """List registered clusters."""
+    from sqlmodel import select
+
+    from broker.models import Cluster
+
+    def rows(session: Any) -> list[str]:
+        health = {True: "ok", False: "down", None: "?"}
+        return [f"{c.name}\t{c.adapter}\t{c.state}\thealth={health[c.health_ok]}"
+                for c in session.exec(select(Cluster)).all()]
+
+    for line in _unit(rows):
+        typer.echo(line)
+
+
+@cluster_app.command("check")
+def cluster_check(name: str) -> None:
+    """Live health check of a cluster through its adapter."""
+    settings = _settings()
+    health = _unit(lambda s: cluster_svc.check_health(s, registry=AdapterRegistry(settings), name=name))
+    typer.echo(f"{name}: {'OK' if health.ok else 'DOWN'} — {health.detail}")
+    for k, v in dict(health.checks).items():
+        typer.echo(f"  {k}: {v}")
+    if not health.ok:
+        raise typer.Exit(1)
+
+
+@project_app.command("create")
+def project_create(code: str, title: Annotated[str, typer.Option()],
+                   access_mode: Annotated[str, typer.Option()] = "playground",
+                   start_date: Annotated[str | None, typer.Option()] = None,
+                   end_date: Annotated[str | None, typer.Option()] = None) -> None:
+    """Create a project."""
+    body = dict(code=code, title=title, access_mode=access_mode, start_date=start_date, end_date=end_date)
+    with _errors():
+        model = ProjectIn.model_validate(body)
+    _unit(lambda s: project_svc.create_project(s, principal=None, body=model))
+    typer.echo(f"created project {code}")
+
+
+@project_app.command("show")
+def project_show(code: str) -> None:
+    """Show a project with its allocations and members (JSON)."""
+    from sqlmodel import select
+
+    from broker.errors import NotFound
+    from broker.models import Project
+
+    def show(session: Any) -> str:
+        p = session.exec(select(Project).where(Project.code == code)).first()
+        if p is None:
+            raise NotFound(f"No project {code}.")
+        return project_svc.project_out(session, p).model_dump_json(indent=2)
+
+    typer.echo(_unit(show))
+
+
+@allocation_app.command("grant")
+def allocation_grant(project: str, cluster: Annotated[str, typer.Option()],
+                     amount: Annotated[float, typer.Option()], account: Annotated[str, typer.Option()],
+                     unit: Annotated[str, typer.Option()] = "gpu_hours",
+                     start_date: Annotated[str | None, typer.Option()] = None,
+                     end_date: Annotated[str | None, typer.Option()] = None) -> None:
+    """Grant an allocation to a project on a cluster."""
+    with _errors():
+        body = AllocationIn.model_validate(dict(cluster=cluster, unit=unit, amount=amount, account=account,
+                                                start_date=start_date, end_date=end_date))
+    alloc = _unit(lambda s: project_svc.grant_allocation(s, principal=None, code=project, body=body, actor="cli"))
+    typer.echo(f"granted allocation {alloc.id}: {amount} {unit} on {cluster} (account {account})")
+
+
+@member_app.command("add")
+def member_add(project: str, user: str, role: Annotated[str, typer.Option()] = "member") -> None:
+    """Add a user to a project (creates the user if new)."""
+    with _errors():
+        body = MemberIn.model_validate({"user": user, "role": role})
+    _unit(lambda s: project_svc.add_member(s, principal=None, code=project, body=body))
+    typer.echo(f"{user} is now {role} of {project}")
+
+
+@account_app.command("map")
+def account_map(cluster: str, user: str, username: str) -> None:
+    """Map a broker user to a POSIX account on a cluster."""
+    from broker.schemas import AccountIn
+
+    with _errors():
+        AccountIn.model_validate({"username": username})
+    _unit(lambda s: (get_cluster(s, cluster), cluster_svc.map_account(
+        s, principal=None, cluster_name=cluster, user_name=user, username=username)))
+    typer.echo(f"{user} runs as {username} on {cluster}")
+
+
+@ledger_app.command("check")
+def ledger_check() -> None:
+    """Recompute balances from the ledger; exit 0 when nothing drifted."""
+    drifts = _unit(lambda s: ledger.check(s))
+    if not drifts:
+        typer.echo("ledger consistent: every balance matches its entries")
+        return
+    for d in drifts:
+        typer.echo(f"allocation {d.allocation_id}: {d.column} stored {d.stored} ≠ ledger {d.from_ledger} (micro-units)")
+    raise typer.Exit(1)
+
+
+@app.command()
+def demo(project: Annotated[str, typer.Option()] = "EHPC-AIF-DEMO-001",
+         user: Annotated[str, typer.Option()] = "alice") -> None:
+    """Create a demo project on the local cluster and print a token and a curl command."""
+    import getpass
+
+    settings = _settings()
+    posix = getpass.getuser()
+
+    def setup(session: Any) -> None:
+        from sqlmodel import select
+
+        from broker.models import Project
+
+        if session.exec(select(Project).where(Project.code == project)).first() is None:
+            project_svc.create_project(session, principal=None, body=ProjectIn(
+                code=project, title="Demo project", access_mode="playground",
+                start_date=date.today().replace(month=1, day=1)))
+            project_svc.grant_allocation(session, principal=None, code=project, actor="demo", body=AllocationIn(
+                cluster="local", unit="core_hours", amount=1000, account="demo"))
+        project_svc.add_member(session, principal=None, code=project, body=MemberIn(user=user, role="pi"))
+        cluster_svc.map_account(session, principal=None, cluster_name="local", user_name=user, username=posix)
+
+    _unit(setup)
+    tok = issue_token(settings, sub=user, roles=[])
+    qm = issue_token(settings, sub="qm", roles=["quota_manager", "sysadmin"])
+    base = f"http://{settings.host}:{settings.port}"
+    typer.echo(f"""
+Demo project {project} on the 'local' cluster (runs jobs as OS user {posix}; development only).
+User token for {user}:
+  export TOKEN={tok}
+Quota manager + sysadmin token:
+  export QM_TOKEN={qm}
+Submit a job:
+  curl -s -X POST {base}/v1/jobs -H "Authorization: Bearer $TOKEN" -H 'Content-Type: application/json' \\
+    -d '{{"project": "{project}", "time_limit_minutes": 5,
+         "script": "#!/bin/bash\\necho hello from $SLURM_JOB_ID; sleep 2"}}'
+Then: curl -s {base}/v1/jobs -H "Authorization: Bearer $TOKEN"   (API docs: {base}/docs)
+""")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

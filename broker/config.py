@@ -1,0 +1,176 @@
+"""Broker settings: a config file (TOML or YAML) plus ``AIFA_BROKER_*`` environment.
+
+Read them through :func:`get_settings` only. With no configuration at all the
+broker runs in *embedded* mode: SQLite and keys in the data directory, the
+``local`` cluster, and its own token issuer.
+
+Precedence (highest first): environment variables, the config file named by
+``AIFA_BROKER_CONFIG``, defaults. Nested values use ``__`` in the environment
+(``AIFA_BROKER_OIDC__AUDIENCE=aifa``).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, Field, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    InitSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+PLACEHOLDER_SECRETS = {"", "changeme", "change-me", "secret", "placeholder", "xxx", "todo"}
+
+DEFAULT_ELIGIBILITY_CHAIN = [
+    "project_active",
+    "allocation_valid",
+    "cluster_account",
+    "partition_allowed",
+    "job_limits",
+    "concurrency_limits",
+]
+
+
+class OIDCIssuer(BaseModel):
+    """An OpenID Connect issuer whose access tokens the broker accepts."""
+
+    issuer: str
+    audience: str
+    #: discovery document; default ``<issuer>/.well-known/openid-configuration``
+    discovery_url: str | None = None
+    #: claim holding global roles (list or space-separated string)
+    roles_claim: str = "roles"
+    #: map an entitlement/claim value to a broker role (AARC-style entitlements)
+    role_map: dict[str, str] = Field(default_factory=dict)
+    #: claim giving the broker user name
+    username_claim: str = "sub"
+    algorithms: list[Literal["RS256", "ES256"]] = Field(default_factory=lambda: ["RS256", "ES256"])
+
+
+class AccessModeLimitsConfig(BaseModel):
+    allowed_partitions: list[str] | None = None
+    max_nodes: int | None = None
+    max_gpus_per_job: int | None = None
+    max_time_minutes: int | None = None
+    max_concurrent_jobs_per_user: int | None = None
+    max_concurrent_jobs_per_project: int | None = None
+
+
+class DashboardOIDC(BaseModel):
+    """OIDC client for the browser login (authorization code + PKCE)."""
+
+    server_metadata_url: str
+    client_id: str
+    client_secret: str = ""
+    scope: str = "openid profile email roles"
+    roles_claim: str = "roles"
+
+
+class Settings(BaseSettings):
+    """All broker settings. See ``docs/configuration.md``."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="AIFA_BROKER_", env_nested_delimiter="__", extra="forbid"
+    )
+
+    mode: Literal["embedded", "production"] = "embedded"
+    data_dir: Path = Path("~/.local/share/aifa-broker")
+    config: Path | None = None
+    database_url: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 8080
+    public_url: str | None = None
+
+    #: embedded issuer (mode=embedded); in production tokens come from OIDC issuers
+    token_issuer: str = "aifa-broker-embedded"  # noqa: S105 - an issuer name, not a secret
+    token_audience: str = "aifa-broker"  # noqa: S105 - an audience name
+    token_lifetime_seconds: int = 7 * 24 * 3600
+    oidc_issuers: list[OIDCIssuer] = Field(default_factory=list)
+    dashboard_oidc: DashboardOIDC | None = None
+    session_secret: str | None = None
+
+    #: allow the ``local`` adapter (runs jobs as the broker's own user) in production
+    allow_local_adapter_in_production: bool = False
+    register_local_cluster: bool = True
+
+    eligibility_chain: list[str] = Field(default_factory=lambda: list(DEFAULT_ELIGIBILITY_CHAIN))
+    access_modes: dict[str, AccessModeLimitsConfig] = Field(default_factory=dict)
+
+    max_body_bytes: int = 1_048_576
+    max_script_bytes: int = 512 * 1024
+    max_time_limit_minutes: int = 60 * 24 * 14
+    idempotency_ttl_hours: int = 48
+    rate_limit_per_minute: int = 0
+    run_tracker: bool = True
+    tracker_interval_seconds: float = 1.0
+    local_cluster_poll_seconds: float = 1.0
+    slurm_poll_seconds: float = 10.0
+    reconcile_interval_seconds: float = 60.0
+    #: an ACCEPTED job without scheduler id older than this is looked up by tag
+    reconcile_grace_seconds: float = 30.0
+    #: ... and declared never submitted when still absent after this long
+    reconcile_absent_seconds: float = 120.0
+    usage_lookback_hours: float = 48.0
+    usage_import_interval_seconds: float = 300.0
+    log_level: str = "INFO"
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        file_values = _read_config_file(os.environ.get("AIFA_BROKER_CONFIG"))
+        return (init_settings, env_settings, InitSettingsSource(settings_cls, file_values))
+
+    @model_validator(mode="after")
+    def _check_production(self) -> Settings:
+        self.data_dir = self.data_dir.expanduser()
+        if self.mode == "production":
+            if not self.oidc_issuers:
+                raise ValueError("production mode needs at least one entry in oidc_issuers")
+            if self.database_url is None or self.database_url.startswith("sqlite"):
+                raise ValueError("production mode needs a PostgreSQL database_url")
+            if self.dashboard_oidc and (self.session_secret or "").lower() in PLACEHOLDER_SECRETS:
+                raise ValueError("production mode refuses a missing or placeholder session_secret")
+            if self.dashboard_oidc and self.dashboard_oidc.client_secret.lower() in PLACEHOLDER_SECRETS:
+                raise ValueError("production mode refuses a placeholder dashboard client_secret")
+        return self
+
+    @property
+    def effective_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{self.data_dir / 'broker.sqlite3'}"
+
+
+def _read_config_file(path: str | None) -> dict[str, Any]:
+    """Values from a TOML or YAML config file; empty when no file is named."""
+    if not path:
+        return {}
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise ValueError(f"config file {p} does not exist")
+    text = p.read_text()
+    data: Any = yaml.safe_load(text) if p.suffix in {".yaml", ".yml"} else tomllib.loads(text)
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {p} must hold a table/mapping at top level")
+    return data
+
+
+@functools.cache
+def get_settings() -> Settings:
+    """The process-wide settings (read once)."""
+    settings = Settings()
+    settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return settings

@@ -1,0 +1,87 @@
+"""The cost model: what one hour of each TRES costs in an allocation's unit.
+
+A cluster's ``cost_model`` maps partitions (``"*"`` = any other) to units to TRES
+weights, like Slurm's ``TRESBillingWeights``::
+
+    {"partitions": {"gpu": {"gpu_hours": {"gres/gpu": 1.0},
+                            "billing_hours": {"cpu": 1.0, "gres/gpu": 16.0}},
+                    "*":   {"core_hours": {"cpu": 1.0}}}}
+
+Units absent from the model fall back to :data:`DEFAULT_WEIGHTS`. Estimate =
+requested TRES × time limit; charge = allocated TRES × elapsed. Results are in
+micro-units (see :mod:`broker.models`), rounded up so estimates never undershoot.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+UNITS = ("gpu_hours", "node_hours", "core_hours", "billing_hours")
+
+DEFAULT_WEIGHTS: dict[str, dict[str, float]] = {
+    "gpu_hours": {"gres/gpu": 1.0},
+    "node_hours": {"node": 1.0},
+    "core_hours": {"cpu": 1.0},
+    "billing_hours": {"billing": 1.0},
+}
+
+
+class CostModelError(ValueError):
+    """The cost model in a cluster definition is malformed."""
+
+
+def validate_cost_model(model: Mapping[str, Any]) -> None:
+    """Raise :class:`CostModelError` unless ``model`` has the documented shape."""
+    partitions = model.get("partitions", {})
+    if set(model) - {"partitions"} or not isinstance(partitions, Mapping):
+        raise CostModelError("cost_model must be {'partitions': {name: {unit: {tres: weight}}}}")
+    for part, units in partitions.items():
+        if not isinstance(units, Mapping):
+            raise CostModelError(f"cost_model partition {part!r} must map units to weights")
+        for unit, weights in units.items():
+            if unit not in UNITS:
+                raise CostModelError(f"unknown unit {unit!r} (known: {', '.join(UNITS)})")
+            if not isinstance(weights, Mapping) or not all(
+                isinstance(w, int | float) and w >= 0 for w in weights.values()
+            ):
+                raise CostModelError(f"weights of {part}/{unit} must be non-negative numbers")
+
+
+def weights_for(model: Mapping[str, Any], partition: str | None, unit: str) -> Mapping[str, float]:
+    partitions = model.get("partitions", {})
+    for key in (partition, "*"):
+        if key is not None and unit in partitions.get(key, {}):
+            return dict(partitions[key][unit])
+    if unit not in DEFAULT_WEIGHTS:
+        raise CostModelError(f"unknown unit {unit!r}")
+    return DEFAULT_WEIGHTS[unit]
+
+
+def request_tres(
+    *, nodes: int, ntasks_per_node: int, cpus_per_task: int, gpus_per_node: int,
+    memory_per_node_mb: int | None,
+) -> dict[str, float]:
+    """The TRES a request asks for, named as Slurm names them."""
+    cpus = nodes * ntasks_per_node * cpus_per_task
+    return {
+        "cpu": float(cpus),
+        "node": float(nodes),
+        "gres/gpu": float(nodes * gpus_per_node),
+        "mem": float(nodes * (memory_per_node_mb or 0)),
+        "billing": float(cpus),
+    }
+
+
+def cost_micro(
+    model: Mapping[str, Any], *, partition: str | None, unit: str,
+    tres: Mapping[str, float], seconds: float,
+) -> int:
+    """Cost of holding ``tres`` for ``seconds``, in micro-units of ``unit``."""
+    weights = weights_for(model, partition, unit)
+    effective = dict(tres)
+    if "billing" in weights and not effective.get("billing"):
+        effective["billing"] = effective.get("cpu", 0.0)  # no TRESBillingWeights: billing = cpus
+    per_hour = sum(float(w) * float(effective.get(name, 0.0)) for name, w in weights.items())
+    return max(0, math.ceil(per_hour * max(0.0, seconds) * 1_000_000 / 3600 - 1e-6))

@@ -1,0 +1,72 @@
+"""Domain exceptions of the broker core, mapped to problem+json in one place.
+
+Hierarchy (all carry ``status``, a stable ``code`` and a human ``detail``)::
+
+    BrokerError
+    ├── Unauthenticated        401 unauthenticated
+    ├── Forbidden              403 forbidden
+    ├── EligibilityDenied      403 project_inactive / no_allocation / ... (first denial)
+    ├── NotFound               404 not_found
+    ├── Conflict               409 (quota_exceeded, idempotency_in_progress, conflict)
+    ├── PayloadTooLarge        413 payload_too_large
+    ├── InvalidRequest         422 validation_error / idempotency_conflict / ...
+    ├── RateLimited            429 rate_limited
+    └── ClusterUnavailable     503 cluster_unavailable
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class BrokerError(Exception):
+    status: int = 500
+    code: str = "internal_error"
+    title: str = "Internal error"
+
+    def __init__(self, detail: str, *, code: str | None = None, **extra: Any) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        if code is not None:
+            self.code = code
+        self.extra = extra
+
+
+class Unauthenticated(BrokerError):
+    status, code, title = 401, "unauthenticated", "Unauthenticated"
+
+
+class Forbidden(BrokerError):
+    status, code, title = 403, "forbidden", "Forbidden"
+
+
+class EligibilityDenied(BrokerError):
+    status, code, title = 403, "not_eligible", "Not eligible"
+
+
+class NotFound(BrokerError):
+    status, code, title = 404, "not_found", "Not found"
+
+
+class Conflict(BrokerError):
+    status, code, title = 409, "conflict", "Conflict"
+
+
+class QuotaExceeded(Conflict):
+    code, title = "quota_exceeded", "Quota exceeded"
+
+
+class PayloadTooLarge(BrokerError):
+    status, code, title = 413, "payload_too_large", "Payload too large"
+
+
+class InvalidRequest(BrokerError):
+    status, code, title = 422, "validation_error", "Invalid request"
+
+
+class RateLimited(BrokerError):
+    status, code, title = 429, "rate_limited", "Too many requests"
+
+
+class ClusterUnavailable(BrokerError):
+    status, code, title = 503, "cluster_unavailable", "Cluster unavailable"

@@ -1,0 +1,120 @@
+"""Prometheus metrics. Label sets are bounded: no job ids, no user names.
+
+Counters and histograms are per process; gauges about allocations and jobs are
+computed from the database at scrape time by :class:`DatabaseCollector`, so every
+API replica reports the same values and a scrape never calls a scheduler.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import sqlalchemy as sa
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+from sqlalchemy.engine import Engine
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+SUBMISSIONS = Counter(
+    "aifa_jobs_submitted_total", "Jobs accepted and sent to a cluster", ["cluster"], registry=REGISTRY
+)
+DENIALS = Counter(
+    "aifa_jobs_denied_total", "Submissions refused, by reason code", ["reason"], registry=REGISTRY
+)
+SUBMIT_ERRORS = Counter(
+    "aifa_submit_errors_total", "Submissions a cluster refused or could not take", ["cluster", "code"],
+    registry=REGISTRY,
+)
+ADAPTER_LATENCY = Histogram(
+    "aifa_adapter_call_seconds", "Adapter call latency", ["adapter", "method"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30), registry=REGISTRY,
+)
+TRACKER_CYCLE = Histogram(
+    "aifa_tracker_cycle_seconds", "Duration of one tracker cycle for one cluster", ["cluster"],
+    registry=REGISTRY,
+)
+SETTLEMENTS = Counter(
+    "aifa_jobs_settled_total", "Jobs settled (reservation released, usage charged)", ["state"],
+    registry=REGISTRY,
+)
+
+_TIMED = ("submit", "poll", "cancel", "find_by_tag", "usage", "read_output", "health", "discover")
+
+
+def timed_adapter_call(adapter: Any, histogram: Histogram) -> Any:
+    """Wrap the adapter's public methods so each call's latency is observed."""
+    kind = type(adapter).__name__
+    for method in _TIMED:
+        original = getattr(adapter, method, None)
+        if original is not None:
+            setattr(adapter, method, _timer(original, histogram.labels(kind, method)))
+    return adapter
+
+
+def _timer(fn: Callable[..., Any], child: Any) -> Callable[..., Any]:
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        start = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            child.observe(time.perf_counter() - start)
+
+    wrapper.__wrapped__ = fn  # type: ignore[attr-defined]
+    wrapper.__doc__ = fn.__doc__
+    return wrapper
+
+
+class DatabaseCollector(Collector):
+    """Allocation balances, jobs by state and cluster health, read from the database."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        labels = ["project", "cluster", "unit"]
+        fams = {
+            name: GaugeMetricFamily(f"aifa_allocation_{name}", f"Allocation {name} (units)", labels=labels)
+            for name in ("granted", "used", "reserved", "remaining")
+        }
+        jobs = GaugeMetricFamily("aifa_jobs", "Jobs by state and cluster", labels=["cluster", "state"])
+        up = GaugeMetricFamily("aifa_cluster_up", "1 when the last health check passed", labels=["cluster"])
+        lag = GaugeMetricFamily("aifa_tracker_lag_seconds", "Seconds since the cluster was last polled",
+                                labels=["cluster"])
+        with self.engine.connect() as conn:
+            for code, cluster, unit, granted, charged, reserved in conn.execute(sa.text(
+                "SELECT p.code, c.name, a.unit, a.granted, a.charged, a.reserved FROM allocations a "
+                "JOIN projects p ON p.id = a.project_id JOIN clusters c ON c.id = a.cluster_id"
+            )):
+                values = {"granted": granted, "used": charged, "reserved": reserved,
+                          "remaining": granted - charged - reserved}
+                for name, value in values.items():
+                    fams[name].add_metric([code, cluster, unit], value / 1_000_000)
+            for cluster, state, count in conn.execute(sa.text(
+                "SELECT c.name, j.state, COUNT(*) FROM jobs j JOIN clusters c ON c.id = j.cluster_id "
+                "GROUP BY c.name, j.state"
+            )):
+                jobs.add_metric([cluster, state], count)
+            now = time.time()
+            for name, ok, last_poll in conn.execute(sa.text(
+                "SELECT name, health_ok, last_poll_at FROM clusters"
+            )):
+                up.add_metric([name], 1.0 if ok else 0.0)
+                if last_poll is not None:
+                    ts = last_poll if isinstance(last_poll, (int, float)) else _epoch(last_poll)
+                    lag.add_metric([name], max(0.0, now - ts))
+        yield from fams.values()
+        yield from (jobs, up, lag)
+
+
+def _epoch(value: Any) -> float:
+    from datetime import UTC, datetime
+
+    if isinstance(value, str):
+        value = datetime.fromisoformat(value)
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=UTC)
+    return float(value.timestamp())

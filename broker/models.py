@@ -1,0 +1,224 @@
+"""Database tables (SQLModel). Schema changes happen only through Alembic migrations
+(``broker/migrations``).
+
+Budget amounts are stored as integers in **micro-units** (1 GPU-hour = 1 000 000)
+so that balance arithmetic and the atomic ``remaining >= estimate`` check are exact
+on every database; the API converts to decimal numbers.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, date, datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.types import TypeDecorator
+from sqlmodel import JSON, Field, SQLModel
+
+MICRO = 1_000_000
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Timestamps stored as naive UTC, returned timezone-aware (SQLite keeps no zone)."""
+
+    impl = sa.DateTime
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to a UTC column")
+        return value.astimezone(UTC).replace(tzinfo=None)
+
+    def process_result_value(self, value: datetime | None, dialect: Any) -> datetime | None:
+        return None if value is None else value.replace(tzinfo=UTC)
+
+
+def _ts(nullable: bool = True, index: bool = False) -> Any:
+    return Field(default=None, sa_type=UTCDateTime, nullable=nullable, index=index)
+
+
+class User(SQLModel, table=True):
+    __tablename__ = "users"
+    id: int | None = Field(default=None, primary_key=True)
+    name: str = Field(max_length=255, unique=True, index=True)
+    email: str | None = Field(default=None, max_length=255)
+    created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+    last_seen_at: datetime | None = _ts()
+
+
+class Cluster(SQLModel, table=True):
+    __tablename__ = "clusters"
+    id: int | None = Field(default=None, primary_key=True)
+    name: str = Field(max_length=64, unique=True, index=True)
+    adapter: str = Field(max_length=64)
+    description: str = Field(default="", max_length=1000)
+    connection: dict[str, Any] = Field(default_factory=dict, sa_type=JSON)
+    cost_model: dict[str, Any] = Field(default_factory=dict, sa_type=JSON)
+    default_partition: str | None = Field(default=None, max_length=64)
+    poll_interval_seconds: float = 10.0
+    partitions: list[dict[str, Any]] = Field(default_factory=list, sa_type=JSON)
+    state: str = Field(default="online", max_length=16)
+    health_ok: bool | None = None
+    health_detail: str | None = Field(default=None, max_length=2000)
+    health_checked_at: datetime | None = _ts()
+    unreachable_since: datetime | None = _ts()
+    last_poll_at: datetime | None = _ts()
+    created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+
+
+class Project(SQLModel, table=True):
+    __tablename__ = "projects"
+    id: int | None = Field(default=None, primary_key=True)
+    code: str = Field(max_length=64, unique=True, index=True)
+    title: str = Field(max_length=500)
+    status: str = Field(default="active", max_length=16)
+    access_mode: str = Field(default="playground", max_length=64)
+    start_date: date | None = None
+    end_date: date | None = None
+    attributes: dict[str, Any] = Field(default_factory=dict, sa_type=JSON)
+    created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+
+
+class Allocation(SQLModel, table=True):
+    __tablename__ = "allocations"
+    __table_args__ = (
+        sa.CheckConstraint("reserved >= 0", name="ck_alloc_reserved_nonneg"),
+        sa.CheckConstraint("charged >= 0", name="ck_alloc_charged_nonneg"),
+    )
+    id: int | None = Field(default=None, primary_key=True)
+    project_id: int = Field(foreign_key="projects.id", index=True)
+    cluster_id: int = Field(foreign_key="clusters.id", index=True)
+    unit: str = Field(max_length=32)
+    granted: int = Field(default=0, sa_type=sa.BigInteger)
+    charged: int = Field(default=0, sa_type=sa.BigInteger)
+    reserved: int = Field(default=0, sa_type=sa.BigInteger)
+    start_date: date | None = None
+    end_date: date | None = None
+    account: str = Field(max_length=64)
+    thresholds: list[float] = Field(default_factory=lambda: [80.0, 95.0, 100.0], sa_type=JSON)
+    created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+
+
+class Membership(SQLModel, table=True):
+    __tablename__ = "memberships"
+    __table_args__ = (sa.UniqueConstraint("project_id", "user_id", name="uq_membership"),)
+    id: int | None = Field(default=None, primary_key=True)
+    project_id: int = Field(foreign_key="projects.id", index=True)
+    user_id: int = Field(foreign_key="users.id", index=True)
+    role: str = Field(default="member", max_length=16)
+    created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+
+
+class ClusterAccount(SQLModel, table=True):
+    __tablename__ = "cluster_accounts"
+    __table_args__ = (sa.UniqueConstraint("user_id", "cluster_id", name="uq_cluster_account"),)
+    id: int | None = Field(default=None, primary_key=True)
+    user_id: int = Field(foreign_key="users.id", index=True)
+    cluster_id: int = Field(foreign_key="clusters.id", index=True)
+    username: str = Field(max_length=64)
+    created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+
+
+class Job(SQLModel, table=True):
+    __tablename__ = "jobs"
+    __table_args__ = (
+        sa.Index("ix_jobs_cluster_state", "cluster_id", "state"),
+        sa.Index("ix_jobs_project_created", "project_id", "created_at"),
+    )
+    id: str = Field(primary_key=True, max_length=32)
+    project_id: int = Field(foreign_key="projects.id")
+    cluster_id: int = Field(foreign_key="clusters.id")
+    user_id: int = Field(foreign_key="users.id", index=True)
+    allocation_id: int = Field(foreign_key="allocations.id", index=True)
+    name: str = Field(max_length=255)
+    partition: str | None = Field(default=None, max_length=64)
+    request: dict[str, Any] = Field(default_factory=dict, sa_type=JSON)
+    username: str = Field(max_length=64)
+    account: str = Field(max_length=64)
+    state: str = Field(default="ACCEPTED", max_length=16)
+    raw_state: str | None = Field(default=None, max_length=64)
+    scheduler_job_id: str | None = Field(default=None, max_length=64, index=True)
+    unit: str = Field(max_length=32)
+    estimated: int = Field(default=0, sa_type=sa.BigInteger)
+    reserved: int = Field(default=0, sa_type=sa.BigInteger)
+    charged: int | None = Field(default=None, sa_type=sa.BigInteger)
+    elapsed_seconds: int | None = None
+    alloc_tres: dict[str, Any] = Field(default_factory=dict, sa_type=JSON)
+    exit_code: int | None = None
+    reason: str | None = Field(default=None, max_length=2000)
+    created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+    submitted_at: datetime | None = _ts()
+    started_at: datetime | None = _ts()
+    ended_at: datetime | None = _ts()
+    settled_at: datetime | None = _ts()
+    unknown_since: datetime | None = _ts()
+    last_polled_at: datetime | None = _ts()
+    submit_attempted_at: datetime | None = _ts()
+
+
+class ImportedJob(SQLModel, table=True):
+    """A job found in a cluster's accounting that the broker did not submit."""
+
+    __tablename__ = "imported_jobs"
+    __table_args__ = (
+        sa.UniqueConstraint("cluster_id", "scheduler_job_id", "submit_time", name="uq_imported_job"),
+    )
+    id: int | None = Field(default=None, primary_key=True)
+    cluster_id: int = Field(foreign_key="clusters.id")
+    allocation_id: int = Field(foreign_key="allocations.id", index=True)
+    scheduler_job_id: str = Field(max_length=64)
+    submit_time: datetime = Field(sa_type=UTCDateTime)
+    account: str = Field(max_length=64)
+    username: str = Field(max_length=64)
+    user_id: int | None = Field(default=None, foreign_key="users.id")
+    partition: str | None = Field(default=None, max_length=64)
+    state: str = Field(max_length=16)
+    elapsed_seconds: int = 0
+    alloc_tres: dict[str, Any] = Field(default_factory=dict, sa_type=JSON)
+    charged: int = Field(default=0, sa_type=sa.BigInteger)
+    end_time: datetime | None = _ts()
+    created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+
+
+class IdempotencyRecord(SQLModel, table=True):
+    __tablename__ = "idempotency_records"
+    __table_args__ = (sa.UniqueConstraint("user_id", "key", name="uq_idempotency"),)
+    id: int | None = Field(default=None, primary_key=True)
+    user_id: int = Field(foreign_key="users.id")
+    key: str = Field(max_length=255)
+    request_hash: str = Field(max_length=64)
+    state: str = Field(default="in_progress", max_length=16)
+    response_status: int | None = None
+    response_body: dict[str, Any] | None = Field(default=None, sa_type=JSON)
+    created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+    expires_at: datetime = Field(sa_type=UTCDateTime, index=True)
+
+
+class LedgerEntry(SQLModel, table=True):
+    """Append-only: every change of an allocation's balance is one row."""
+
+    __tablename__ = "ledger_entries"
+    __table_args__ = (
+        # one reserve, one release, one charge per job: settlement happens once
+        sa.UniqueConstraint("job_id", "kind", name="uq_ledger_job_kind"),
+        sa.Index("ix_ledger_alloc_created", "allocation_id", "created_at"),
+    )
+    id: int | None = Field(default=None, primary_key=True)
+    allocation_id: int = Field(foreign_key="allocations.id")
+    project_id: int = Field(foreign_key="projects.id", index=True)
+    kind: str = Field(max_length=16)
+    amount: int = Field(sa_type=sa.BigInteger)
+    job_id: str | None = Field(default=None, foreign_key="jobs.id", max_length=32)
+    imported_job_id: int | None = Field(default=None, foreign_key="imported_jobs.id", unique=True)
+    user_id: int | None = Field(default=None, foreign_key="users.id")
+    actor: str = Field(max_length=255)
+    reason: str = Field(default="", max_length=2000)
+    created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+    #: when the usage happened (job end) — what usage reports group by
+    occurred_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime, index=True)

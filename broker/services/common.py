@@ -1,0 +1,73 @@
+"""Small helpers shared by the services: amounts, lookups, visibility."""
+
+from __future__ import annotations
+
+from datetime import date
+
+from sqlmodel import Session, select
+
+from broker.auth import Principal
+from broker.errors import Forbidden, NotFound
+from broker.models import MICRO, Cluster, Membership, Project, User, utcnow
+
+
+def to_units(micro: int | None) -> float | None:
+    """Micro-units → decimal units for the API."""
+    return None if micro is None else round(micro / MICRO, 6)
+
+
+def to_micro(units: float) -> int:
+    return round(units * MICRO)
+
+
+def today() -> date:
+    return utcnow().date()
+
+
+def get_or_create_user(session: Session, name: str, email: str | None = None) -> User:
+    """The user named ``name``, created on first sight (tokens and enrolment)."""
+    user = session.exec(select(User).where(User.name == name)).first()
+    if user is None:
+        user = User(name=name, email=email)
+        session.add(user)
+        session.flush()
+    return user
+
+
+def find_user(session: Session, name: str) -> User | None:
+    return session.exec(select(User).where(User.name == name)).first()
+
+
+def get_cluster(session: Session, name: str) -> Cluster:
+    cluster = session.exec(select(Cluster).where(Cluster.name == name)).first()
+    if cluster is None:
+        raise NotFound(f"No cluster named {name}.")
+    return cluster
+
+
+def membership_role(session: Session, project: Project, user: User | None) -> str | None:
+    if user is None:
+        return None
+    m = session.exec(
+        select(Membership).where(Membership.project_id == project.id, Membership.user_id == user.id)
+    ).first()
+    return m.role if m else None
+
+
+def visible_project(session: Session, principal: Principal, code: str) -> tuple[Project, str | None]:
+    """The project if the caller may see it (member or quota manager), else 404.
+
+    Returns the project and the caller's project role (None for a non-member QM).
+    """
+    project = session.exec(select(Project).where(Project.code == code)).first()
+    if project is None:
+        raise NotFound(f"No project {code}.")
+    role = membership_role(session, project, find_user(session, principal.name))
+    if role is None and not principal.is_quota_manager:
+        raise NotFound(f"No project {code}.")
+    return project, role
+
+
+def require_role(principal: Principal, role: str) -> None:
+    if role not in principal.roles:
+        raise Forbidden(f"This needs the {role} role.")

@@ -1,0 +1,162 @@
+"""Builds the eligibility context for a request and runs the configured chain."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import sqlalchemy as sa
+from sqlmodel import Session, select
+
+from broker import plugins
+from broker.config import Settings
+from broker.cost import cost_micro, request_tres
+from broker.errors import Forbidden, InvalidRequest
+from broker.models import Allocation, Cluster, ClusterAccount, Job, Project, User
+from broker.policy import (
+    AccessModeLimits,
+    AllocationView,
+    Denial,
+    EligibilityContext,
+    EligibilityPolicy,
+    JobRequestView,
+    ProjectView,
+)
+from broker.schemas import JobRequest
+from broker.services.common import membership_role, to_units, today
+from broker.states import ACTIVE_STATES
+
+
+@dataclass
+class Prepared:
+    """A request resolved against the database: what to reserve and submit."""
+
+    project: Project
+    cluster: Cluster | None
+    cluster_name: str
+    partition: str
+    allocation: Allocation | None
+    account_username: str | None
+    denials: list[Denial]
+    estimate: int
+    role: str | None
+
+
+def load_chain(names: list[str]) -> list[EligibilityPolicy]:
+    return [plugins.load_policy_class(name)() for name in names]
+
+
+def _allocation_today(session: Session, project: Project, cluster: Cluster | None) -> tuple[Allocation | None, bool]:
+    if cluster is None:
+        return None, False
+    allocs = session.exec(select(Allocation).where(
+        Allocation.project_id == project.id, Allocation.cluster_id == cluster.id)).all()
+    day = today()
+    valid = [a for a in allocs if (a.start_date is None or a.start_date <= day)
+             and (a.end_date is None or day <= a.end_date)]
+    valid.sort(key=lambda a: a.id or 0, reverse=True)
+    return (valid[0] if valid else None), bool(allocs)
+
+
+def _resolve_cluster(session: Session, project: Project, body: JobRequest) -> tuple[Cluster | None, str]:
+    if body.cluster is not None:
+        return session.exec(select(Cluster).where(Cluster.name == body.cluster)).first(), body.cluster
+    clusters = session.exec(
+        select(Cluster).join(Allocation, Allocation.cluster_id == Cluster.id)  # type: ignore[arg-type]
+        .where(Allocation.project_id == project.id).distinct()
+    ).all()
+    if len(clusters) == 1:
+        return clusters[0], clusters[0].name
+    if not clusters:
+        return None, "(none)"
+    names = ", ".join(sorted(c.name for c in clusters))
+    raise InvalidRequest(f"Project {project.code} has allocations on several clusters ({names}): "
+                         "say which one in `cluster`.")
+
+
+def _active_counts(session: Session, project: Project, user: User) -> tuple[int, int]:
+    active = [s.value for s in ACTIVE_STATES]
+    base = select(sa.func.count()).select_from(Job).where(
+        Job.project_id == project.id, Job.state.in_(active))  # type: ignore[attr-defined]
+    by_project = session.exec(base).one()
+    by_user = session.exec(base.where(Job.user_id == user.id)).one()
+    return int(by_user), int(by_project)
+
+
+def _check_partition(cluster: Cluster | None, partition: str, body: JobRequest) -> None:
+    if cluster is None or not cluster.partitions:
+        return
+    known = {p["name"]: p for p in cluster.partitions}
+    if partition not in known:
+        raise InvalidRequest(f"Cluster {cluster.name} has no partition {partition} "
+                             f"(known: {', '.join(sorted(known))}).")
+    max_time = known[partition].get("max_time_minutes")
+    if max_time and body.time_limit_minutes > max_time:
+        raise InvalidRequest(f"Partition {partition} allows at most {max_time} minutes.")
+
+
+def prepare(
+    session: Session, *, settings: Settings, user: User, project: Project, body: JobRequest,
+    is_quota_manager: bool,
+) -> Prepared:
+    """Resolve the request and run every policy of the chain (all denials kept).
+
+    The caller has already checked the project is visible (else 404)."""
+    role = membership_role(session, project, user)
+    if role is None:
+        raise Forbidden(f"You are not a member of {project.code}; only members submit jobs.")
+    if body.time_limit_minutes > settings.max_time_limit_minutes:
+        raise InvalidRequest(f"time_limit_minutes may be at most {settings.max_time_limit_minutes}.")
+    if len(body.script.encode()) > settings.max_script_bytes:
+        raise InvalidRequest(f"The script is larger than {settings.max_script_bytes} bytes.")
+    cluster, cluster_name = _resolve_cluster(session, project, body)
+    partition = body.partition or (cluster.default_partition if cluster else None) or "default"
+    _check_partition(cluster, partition, body)
+    allocation, any_alloc = _allocation_today(session, project, cluster)
+    account = cluster and session.exec(select(ClusterAccount).where(
+        ClusterAccount.user_id == user.id, ClusterAccount.cluster_id == cluster.id)).first()
+    by_user, by_project = _active_counts(session, project, user)
+    ctx = EligibilityContext(
+        today=today(), user=user.name,
+        project=ProjectView(project.code, project.status, project.access_mode, project.start_date,
+                            project.end_date, project.attributes),
+        allocation=_alloc_view(allocation, cluster_name), allocations_on_cluster_exist=any_alloc,
+        cluster_account=account.username if account else None,
+        request=JobRequestView(cluster_name, partition, body.nodes, body.ntasks_per_node,
+                               body.cpus_per_task, body.gpus_per_node, body.memory_per_node_mb,
+                               body.time_limit_minutes),
+        limits=_limits(settings, project.access_mode), active_jobs_user=by_user,
+        active_jobs_project=by_project,
+    )
+    denials = [d for policy in load_chain(settings.eligibility_chain)
+               if (d := policy.check(ctx)) is not None]
+    estimate = 0
+    if cluster is not None and allocation is not None:
+        estimate = cost_micro(cluster.cost_model, partition=partition, unit=allocation.unit,
+                              tres=request_tres(nodes=body.nodes, ntasks_per_node=body.ntasks_per_node,
+                                                cpus_per_task=body.cpus_per_task,
+                                                gpus_per_node=body.gpus_per_node,
+                                                memory_per_node_mb=body.memory_per_node_mb),
+                              seconds=body.time_limit_minutes * 60)
+    return Prepared(project, cluster, cluster_name, partition, allocation,
+                    account.username if account else None, denials, estimate, role)
+
+
+def _alloc_view(a: Allocation | None, cluster_name: str) -> AllocationView | None:
+    if a is None:
+        return None
+    return AllocationView(a.id or 0, cluster_name, a.unit, to_units(a.granted) or 0.0,
+                          to_units(a.charged) or 0.0, to_units(a.reserved) or 0.0,
+                          a.start_date, a.end_date, a.account)
+
+
+def _limits(settings: Settings, access_mode: str) -> AccessModeLimits:
+    cfg = settings.access_modes.get(access_mode)
+    if cfg is None:
+        return AccessModeLimits()
+    return AccessModeLimits(
+        allowed_partitions=tuple(cfg.allowed_partitions) if cfg.allowed_partitions is not None else None,
+        max_nodes=cfg.max_nodes, max_gpus_per_job=cfg.max_gpus_per_job,
+        max_time_minutes=cfg.max_time_minutes,
+        max_concurrent_jobs_per_user=cfg.max_concurrent_jobs_per_user,
+        max_concurrent_jobs_per_project=cfg.max_concurrent_jobs_per_project,
+    )

@@ -1,0 +1,355 @@
+"""The submission path and the job lifecycle (see DESIGN.md, "The submission path").
+
+submit: eligibility → estimate → reserve + job row ``ACCEPTED`` (committed: the
+write-ahead intent) → adapter.submit (outside any transaction) → record the
+scheduler id (``PENDING``). If the broker dies in between, the tracker's
+reconciler finds the job by its tag; nothing is ever submitted twice.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+from sqlmodel import Session, col, select
+
+from broker.adapter import (
+    AdapterError,
+    JobSpec,
+    JobStatus,
+    SchedulerJobRef,
+    SubmitOutcomeUnknown,
+)
+from broker.auth import Principal
+from broker.config import Settings
+from broker.cost import cost_micro
+from broker.db import session_scope
+from broker.errors import (
+    BrokerError,
+    ClusterUnavailable,
+    Conflict,
+    EligibilityDenied,
+    Forbidden,
+    InvalidRequest,
+    NotFound,
+    QuotaExceeded,
+)
+from broker.metrics import DENIALS, SETTLEMENTS, SUBMISSIONS, SUBMIT_ERRORS
+from broker.models import Allocation, Cluster, Job, Project, User, utcnow
+from broker.registry import AdapterRegistry
+from broker.schemas import DenialOut, EstimateOut, JobOut, JobPage, JobRequest, Money
+from broker.services import ledger
+from broker.services.clusters import adapter_for
+from broker.services.common import find_user, get_or_create_user, to_units, visible_project
+from broker.services.eligibility import Prepared, prepare
+from broker.states import TERMINAL_STATES, JobState
+
+log = logging.getLogger(__name__)
+
+
+class SubmitFailed(BrokerError):
+    """The cluster refused the job (permanent); the job is kept as SUBMIT_FAILED."""
+
+    status, code, title = 422, "submit_rejected", "The cluster refused the job"
+
+
+def job_out(job: Job, *, project: str, cluster: str, user: str) -> JobOut:
+    return JobOut(
+        id=job.id, project=project, cluster=cluster, user=user, name=job.name,
+        partition=job.partition, state=job.state, raw_state=job.raw_state,
+        scheduler_job_id=job.scheduler_job_id,
+        estimated_cost=Money(unit=job.unit, amount=to_units(job.estimated) or 0.0),
+        reserved=Money(unit=job.unit, amount=to_units(job.reserved) or 0.0),
+        charged=None if job.charged is None else Money(unit=job.unit, amount=to_units(job.charged) or 0.0),
+        elapsed_seconds=job.elapsed_seconds, submitted_at=job.submitted_at, created_at=job.created_at,
+        started_at=job.started_at, ended_at=job.ended_at, unknown_since=job.unknown_since,
+        exit_code=job.exit_code, reason=job.reason, request=job.request,
+    )
+
+
+def job_out_loaded(session: Session, job: Job) -> JobOut:
+    project = session.get(Project, job.project_id)
+    cluster = session.get(Cluster, job.cluster_id)
+    user = session.get(User, job.user_id)
+    assert project and cluster and user
+    return job_out(job, project=project.code, cluster=cluster.name, user=user.name)
+
+
+# --- estimate and submit ---------------------------------------------------------------
+
+def _prepare_for(session: Session, settings: Settings, principal: Principal, body: JobRequest) -> tuple[User, Prepared]:
+    user = get_or_create_user(session, principal.name, principal.email)
+    project, _ = visible_project(session, principal, body.project)
+    prep = prepare(session, settings=settings, user=user, project=project, body=body,
+                   is_quota_manager=principal.is_quota_manager)
+    return user, prep
+
+
+def estimate(session: Session, *, settings: Settings, principal: Principal, body: JobRequest) -> EstimateOut:
+    """Dry run: every denial, the cost and the remaining budget; submits nothing."""
+    _, prep = _prepare_for(session, settings, principal, body)
+    denials = [DenialOut(code=d.code, detail=d.detail) for d in prep.denials]
+    alloc = prep.allocation
+    if alloc is not None:
+        remaining = alloc.granted - alloc.charged - alloc.reserved
+        if prep.estimate > remaining:
+            denials.append(DenialOut(code="quota_exceeded",
+                                     detail="The allocation has less budget left than this job's estimate."))
+        return EstimateOut(allowed=not denials, denials=denials,
+                           estimated_cost=Money(unit=alloc.unit, amount=to_units(prep.estimate) or 0.0),
+                           remaining=Money(unit=alloc.unit, amount=to_units(remaining) or 0.0))
+    return EstimateOut(allowed=False, denials=denials, estimated_cost=None, remaining=None)
+
+
+@dataclass(frozen=True)
+class SubmitResult:
+    status: int
+    job: JobOut
+
+
+def _reserve(
+    engine: Engine, settings: Settings, principal: Principal, body: JobRequest,
+) -> tuple[Job, JobSpec, Cluster]:
+    with session_scope(engine) as session:
+        user, prep = _prepare_for(session, settings, principal, body)
+        if prep.denials:
+            first = prep.denials[0]
+            DENIALS.labels(first.code).inc()
+            raise EligibilityDenied(first.detail, code=first.code,
+                                    denials=[{"code": d.code, "detail": d.detail} for d in prep.denials])
+        cluster, alloc = prep.cluster, prep.allocation
+        assert cluster is not None and alloc is not None and prep.account_username is not None
+        if cluster.state != "online":
+            raise ClusterUnavailable(f"Cluster {cluster.name} is {cluster.state}.", retry_after=300)
+        job = Job(id=uuid.uuid4().hex, project_id=prep.project.id or 0, cluster_id=cluster.id or 0,
+                  user_id=user.id or 0, allocation_id=alloc.id or 0, name=body.name,
+                  partition=prep.partition, request=body.model_dump(), username=prep.account_username,
+                  account=alloc.account, unit=alloc.unit, estimated=prep.estimate,
+                  reserved=prep.estimate, submit_attempted_at=utcnow())
+        session.add(job)
+        session.flush()
+        try:
+            ledger.reserve(session, allocation=alloc, amount=prep.estimate, job_id=job.id,
+                           user_id=user.id, actor=user.name)
+        except QuotaExceeded:
+            DENIALS.labels("quota_exceeded").inc()
+            raise
+        spec = JobSpec(tag=job.id, username=prep.account_username, account=alloc.account,
+                       script=body.script, time_limit_minutes=body.time_limit_minutes, name=body.name,
+                       partition=prep.partition, nodes=body.nodes, ntasks_per_node=body.ntasks_per_node,
+                       cpus_per_task=body.cpus_per_task, gpus_per_node=body.gpus_per_node,
+                       memory_per_node_mb=body.memory_per_node_mb, environment=dict(body.environment),
+                       working_directory=body.working_directory)
+        return job, spec, cluster
+
+
+def submit(
+    *, engine: Engine, settings: Settings, registry: AdapterRegistry, principal: Principal,
+    body: JobRequest,
+) -> SubmitResult:
+    """Check, reserve, submit and record one job. See the module docstring."""
+    job, spec, cluster = _reserve(engine, settings, principal, body)
+    try:
+        ref = adapter_for(registry, cluster).submit(spec)
+    except SubmitOutcomeUnknown as exc:
+        log.warning("submit of job %s on %s: outcome unknown (%s); reconciling", job.id, cluster.name, exc)
+        SUBMIT_ERRORS.labels(cluster.name, exc.code).inc()
+        return SubmitResult(202, _load_out(engine, job.id))
+    except AdapterError as exc:
+        SUBMIT_ERRORS.labels(cluster.name, exc.code).inc()
+        mark_submit_failed(engine, job_id=job.id, reason=f"{exc.code}: {exc}")
+        if exc.transient:
+            raise ClusterUnavailable(f"Cluster {cluster.name} cannot take jobs right now: {exc}",
+                                     retry_after=30, job_id=job.id) from exc
+        raise SubmitFailed(f"Cluster {cluster.name} refused the job: {exc}", code=exc.code,
+                           job_id=job.id) from exc
+    except Exception:
+        # unexpected adapter bug: the job may or may not exist; leave it to reconciliation
+        log.exception("adapter %s failed unexpectedly submitting job %s", cluster.name, job.id)
+        SUBMIT_ERRORS.labels(cluster.name, "adapter_bug").inc()
+        return SubmitResult(202, _load_out(engine, job.id))
+    record_submitted(engine, job_id=job.id, ref=ref)
+    SUBMISSIONS.labels(cluster.name).inc()
+    return SubmitResult(201, _load_out(engine, job.id))
+
+
+def _load_out(engine: Engine, job_id: str) -> JobOut:
+    with session_scope(engine) as session:
+        job = session.get(Job, job_id)
+        assert job is not None
+        return job_out_loaded(session, job)
+
+
+def record_submitted(engine: Engine, *, job_id: str, ref: SchedulerJobRef) -> bool:
+    """ACCEPTED → PENDING with the scheduler id; False if another path got there first."""
+    with session_scope(engine) as session:
+        table = Job.__table__  # type: ignore[attr-defined]
+        result = session.execute(
+            sa.update(table).where(table.c.id == job_id, table.c.state == JobState.ACCEPTED.value,
+                                   table.c.scheduler_job_id.is_(None))
+            .values(state=JobState.PENDING.value, scheduler_job_id=ref.job_id,
+                    submitted_at=ref.submit_time or utcnow())
+        )
+        return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
+def mark_submit_failed(engine: Engine, *, job_id: str, reason: str) -> bool:
+    """ACCEPTED → SUBMIT_FAILED, releasing the whole reservation (nothing ran)."""
+    status = JobStatus(job_id="", state=JobState.SUBMIT_FAILED, raw_state="SUBMIT_FAILED", final=True,
+                       reason=reason[:2000])
+    with session_scope(engine) as session:
+        job = session.get(Job, job_id)
+        if job is None or job.state != JobState.ACCEPTED.value:
+            return False
+        return settle(session, job=job, status=status, cost_model={})
+
+
+# --- settlement ---------------------------------------------------------------------------
+
+def settle(session: Session, *, job: Job, status: JobStatus, cost_model: dict[str, object]) -> bool:
+    """Release the reservation and charge the measured usage — exactly once.
+
+    The conditional update on ``settled_at IS NULL`` (plus the ledger's unique
+    (job, kind)) makes a second settlement a no-op, whatever the concurrency."""
+    seconds = status.elapsed_seconds or 0
+    charge = 0 if status.state == JobState.SUBMIT_FAILED else cost_micro(
+        cost_model, partition=job.partition, unit=job.unit, tres=status.alloc_tres, seconds=seconds)
+    table = Job.__table__  # type: ignore[attr-defined]
+    now = utcnow()
+    result = session.execute(
+        sa.update(table).where(table.c.id == job.id, table.c.settled_at.is_(None))
+        .values(settled_at=now, state=status.state.value, raw_state=status.raw_state[:64],
+                charged=charge, reserved=0, exit_code=status.exit_code,
+                elapsed_seconds=status.elapsed_seconds, alloc_tres=dict(status.alloc_tres),
+                ended_at=status.end_time or now, started_at=job.started_at or status.start_time,
+                reason=status.reason or job.reason, unknown_since=None)
+    )
+    if not result.rowcount:  # type: ignore[attr-defined]
+        return False
+    alloc = session.get(Allocation, job.allocation_id)
+    assert alloc is not None
+    occurred = status.end_time or now
+    ledger.apply(session, allocation=alloc, kind="release", amount=job.reserved, actor="tracker",
+                 reason=f"job {status.state.value.lower()}", job_id=job.id, user_id=job.user_id,
+                 occurred_at=occurred)
+    ledger.apply(session, allocation=alloc, kind="charge", amount=charge, actor="tracker",
+                 reason=f"{seconds}s × allocated TRES", job_id=job.id, user_id=job.user_id,
+                 occurred_at=occurred)
+    SETTLEMENTS.labels(status.state.value).inc()
+    session.expire(job)
+    return True
+
+
+# --- read and cancel ------------------------------------------------------------------------
+
+def _visible_job(session: Session, principal: Principal, job_id: str) -> Job:
+    """The job if the caller is its owner, a PI of its project or a quota manager; else 404."""
+    job = session.get(Job, job_id) if len(job_id) <= 64 else None
+    if job is None:
+        raise NotFound(f"No job {job_id}.")
+    if principal.is_quota_manager:
+        return job
+    user = find_user(session, principal.name)
+    if user is not None and job.user_id == user.id:
+        return job
+    project = session.get(Project, job.project_id)
+    assert project is not None
+    try:
+        _, role = visible_project(session, principal, project.code)
+    except NotFound:
+        role = None
+    if role == "pi":
+        return job
+    raise NotFound(f"No job {job_id}.")
+
+
+def get_job(session: Session, *, principal: Principal, job_id: str) -> JobOut:
+    return job_out_loaded(session, _visible_job(session, principal, job_id))
+
+
+def cancel_job(session: Session, *, principal: Principal, registry: AdapterRegistry, job_id: str) -> JobOut:
+    """Ask the cluster to cancel; the tracker settles when the scheduler confirms."""
+    job = _visible_job(session, principal, job_id)
+    user = find_user(session, principal.name)
+    project = session.get(Project, job.project_id)
+    assert project is not None
+    if principal.is_quota_manager and not (user and user.id == job.user_id):
+        _, role = visible_project(session, principal, project.code)
+        if role != "pi":
+            raise Forbidden("Only the job's owner or the project's PI can cancel it.")
+    if job.state in {s.value for s in TERMINAL_STATES}:
+        return job_out_loaded(session, job)
+    if job.scheduler_job_id is None:
+        raise Conflict("The job is being submitted; try again in a few seconds.")
+    cluster = session.get(Cluster, job.cluster_id)
+    assert cluster is not None
+    try:
+        adapter_for(registry, cluster).cancel(
+            SchedulerJobRef(job_id=job.scheduler_job_id, username=job.username, tag=job.id))
+    except AdapterError as exc:
+        if exc.transient:
+            raise ClusterUnavailable(f"Cluster {cluster.name} cannot be reached: {exc}",
+                                     retry_after=30) from exc
+        raise SubmitFailed(f"The cluster refused to cancel the job: {exc}", code=exc.code) from exc
+    job.reason = f"cancel requested by {principal.name}"
+    session.add(job)
+    return job_out_loaded(session, job)
+
+
+# --- listing ------------------------------------------------------------------------------------
+
+def _encode_cursor(created: datetime, job_id: str) -> str:
+    return base64.urlsafe_b64encode(f"{created.isoformat()}|{job_id}".encode()).decode()
+
+
+def _decode_cursor(cursor: str) -> tuple[datetime, str]:
+    try:
+        created, job_id = base64.urlsafe_b64decode(cursor.encode()).decode().split("|", 1)
+        return datetime.fromisoformat(created), job_id
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidRequest("The cursor is not valid; start again without it.") from exc
+
+
+def list_jobs(
+    session: Session, *, principal: Principal, project: str | None, state: str | None,
+    cluster: str | None, user: str | None, limit: int, cursor: str | None,
+) -> JobPage:
+    """Jobs the caller may see, newest first. Members see their own jobs, PIs their
+    project's, quota managers all."""
+    q = (select(Job, Project.code, Cluster.name, User.name)
+         .join(Project, Project.id == Job.project_id)  # type: ignore[arg-type]
+         .join(Cluster, Cluster.id == Job.cluster_id)  # type: ignore[arg-type]
+         .join(User, User.id == Job.user_id))  # type: ignore[arg-type]
+    if not principal.is_quota_manager:
+        q = _restrict_to_caller(session, q, principal)
+    if project:
+        q = q.where(Project.code == project)
+    if state:
+        q = q.where(Job.state == state.upper())
+    if cluster:
+        q = q.where(Cluster.name == cluster)
+    if user:
+        q = q.where(User.name == user)
+    if cursor:
+        created, last_id = _decode_cursor(cursor)
+        q = q.where(sa.or_(col(Job.created_at) < created,
+                           sa.and_(col(Job.created_at) == created, col(Job.id) < last_id)))
+    rows = session.exec(q.order_by(col(Job.created_at).desc(), col(Job.id).desc()).limit(limit + 1)).all()
+    items = [job_out(j, project=p, cluster=c, user=u) for j, p, c, u in rows[:limit]]
+    nxt = _encode_cursor(rows[limit - 1][0].created_at, rows[limit - 1][0].id) if len(rows) > limit else None
+    return JobPage(items=items, next_cursor=nxt)
+
+
+def _restrict_to_caller(session: Session, q, principal: Principal):  # type: ignore[no-untyped-def]
+    from broker.models import Membership
+
+    me = find_user(session, principal.name)
+    if me is None:
+        return q.where(sa.false())
+    pi_projects = select(Membership.project_id).where(Membership.user_id == me.id, Membership.role == "pi")
+    return q.where(sa.or_(Job.user_id == me.id, col(Job.project_id).in_(pi_projects)))

@@ -1,0 +1,181 @@
+"""Projects, allocations and memberships (quota managers; PIs manage members)."""
+
+from __future__ import annotations
+
+from sqlmodel import Session, col, select
+
+from broker.auth import Principal
+from broker.errors import Conflict, Forbidden, InvalidRequest, NotFound
+from broker.models import Allocation, Cluster, Membership, Project, User
+from broker.schemas import (
+    AllocationIn,
+    AllocationOut,
+    AllocationPatch,
+    MemberIn,
+    MemberOut,
+    ProjectIn,
+    ProjectOut,
+    ProjectPatch,
+)
+from broker.services import ledger
+from broker.services.common import (
+    find_user,
+    get_cluster,
+    get_or_create_user,
+    require_role,
+    to_micro,
+    to_units,
+    visible_project,
+)
+
+
+def allocation_out(alloc: Allocation, cluster_name: str) -> AllocationOut:
+    remaining = alloc.granted - alloc.charged - alloc.reserved
+    return AllocationOut(
+        id=alloc.id or 0, cluster=cluster_name, unit=alloc.unit, account=alloc.account,
+        granted=to_units(alloc.granted) or 0.0, charged=to_units(alloc.charged) or 0.0,
+        reserved=to_units(alloc.reserved) or 0.0, remaining=to_units(remaining) or 0.0,
+        start_date=alloc.start_date, end_date=alloc.end_date, thresholds=list(alloc.thresholds),
+    )
+
+
+def project_out(session: Session, project: Project) -> ProjectOut:
+    allocs = session.exec(
+        select(Allocation, Cluster).join(Cluster, Cluster.id == Allocation.cluster_id)  # type: ignore[arg-type]
+        .where(Allocation.project_id == project.id).order_by(col(Allocation.id))
+    ).all()
+    members = session.exec(
+        select(Membership, User).join(User, User.id == Membership.user_id)  # type: ignore[arg-type]
+        .where(Membership.project_id == project.id).order_by(col(User.name))
+    ).all()
+    return ProjectOut(
+        code=project.code, title=project.title, status=project.status,
+        access_mode=project.access_mode, start_date=project.start_date, end_date=project.end_date,
+        attributes=project.attributes,
+        allocations=[allocation_out(a, c.name) for a, c in allocs],
+        members=[MemberOut(user=u.name, role=m.role) for m, u in members],
+    )
+
+
+def create_project(session: Session, *, principal: Principal | None, body: ProjectIn) -> Project:
+    if principal is not None:
+        require_role(principal, "quota_manager")
+    if session.exec(select(Project).where(Project.code == body.code)).first():
+        raise Conflict(f"Project {body.code} exists already.")
+    project = Project(**body.model_dump())
+    session.add(project)
+    session.flush()
+    return project
+
+
+def update_project(session: Session, *, principal: Principal, code: str, body: ProjectPatch) -> Project:
+    require_role(principal, "quota_manager")
+    project, _ = visible_project(session, principal, code)
+    for key, value in body.model_dump(exclude_unset=True).items():
+        setattr(project, key, value)
+    if project.start_date and project.end_date and project.end_date < project.start_date:
+        raise InvalidRequest("end_date is before start_date")
+    session.add(project)
+    return project
+
+
+def list_projects(session: Session, *, principal: Principal) -> list[Project]:
+    if principal.is_quota_manager:
+        return list(session.exec(select(Project).order_by(col(Project.code))).all())
+    user = find_user(session, principal.name)
+    if user is None:
+        return []
+    return list(session.exec(
+        select(Project).join(Membership, Membership.project_id == Project.id)  # type: ignore[arg-type]
+        .where(Membership.user_id == user.id).order_by(col(Project.code))
+    ).all())
+
+
+def grant_allocation(
+    session: Session, *, principal: Principal | None, code: str, body: AllocationIn, actor: str,
+) -> Allocation:
+    """Create an allocation and write its ``grant`` ledger entry."""
+    if principal is not None:
+        require_role(principal, "quota_manager")
+        project, _ = visible_project(session, principal, code)
+    else:
+        project = _project(session, code)
+    cluster = get_cluster(session, body.cluster)
+    alloc = Allocation(
+        project_id=project.id, cluster_id=cluster.id, unit=body.unit, granted=0,
+        start_date=body.start_date, end_date=body.end_date, account=body.account,
+        thresholds=body.thresholds if body.thresholds is not None else [80.0, 95.0, 100.0],
+    )
+    session.add(alloc)
+    session.flush()
+    ledger.apply(session, allocation=alloc, kind="grant", amount=to_micro(body.amount), actor=actor,
+                 reason="initial grant")
+    session.refresh(alloc)
+    return alloc
+
+
+def adjust_allocation(
+    session: Session, *, principal: Principal, code: str, allocation_id: int, body: AllocationPatch,
+) -> Allocation:
+    """Change an allocation; a new ``amount`` becomes an ``adjust`` entry of the difference.
+
+    The new amount may not go below what is already charged plus reserved."""
+    require_role(principal, "quota_manager")
+    project, _ = visible_project(session, principal, code)
+    alloc = session.get(Allocation, allocation_id)
+    if alloc is None or alloc.project_id != project.id:
+        raise NotFound(f"No allocation {allocation_id} in project {code}.")
+    changes = body.model_dump(exclude_unset=True, exclude={"amount", "reason"})
+    for key, value in changes.items():
+        setattr(alloc, key, value)
+    session.add(alloc)
+    session.flush()
+    if body.amount is not None:
+        new = to_micro(body.amount)
+        session.refresh(alloc, with_for_update=True)
+        if new < alloc.charged + alloc.reserved:
+            raise InvalidRequest("The new amount is below what is already charged and reserved.",
+                                 code="validation_error")
+        if new != alloc.granted:
+            ledger.apply(session, allocation=alloc, kind="adjust", amount=new - alloc.granted,
+                         actor=principal.name, reason=body.reason or "adjusted")
+    session.refresh(alloc)
+    return alloc
+
+
+def add_member(session: Session, *, principal: Principal | None, code: str, body: MemberIn) -> MemberOut:
+    """Add or update a membership (quota manager, or a PI of the project)."""
+    if principal is not None:
+        project, role = visible_project(session, principal, code)
+        if not principal.is_quota_manager and role != "pi":
+            raise Forbidden("Only a quota manager or the project's PI can manage members.")
+    else:
+        project = _project(session, code)
+    user = get_or_create_user(session, body.user)
+    member = session.exec(select(Membership).where(
+        Membership.project_id == project.id, Membership.user_id == user.id)).first()
+    if member is None:
+        member = Membership(project_id=project.id, user_id=user.id, role=body.role)
+    else:
+        member.role = body.role
+    session.add(member)
+    return MemberOut(user=user.name, role=body.role)
+
+
+def remove_member(session: Session, *, principal: Principal, code: str, user_name: str) -> None:
+    project, role = visible_project(session, principal, code)
+    if not principal.is_quota_manager and role != "pi":
+        raise Forbidden("Only a quota manager or the project's PI can manage members.")
+    user = find_user(session, user_name)
+    member = user and session.exec(select(Membership).where(
+        Membership.project_id == project.id, Membership.user_id == user.id)).first()
+    if not member:
+        raise NotFound(f"{user_name} is not a member of {code}.")
+    session.delete(member)
+
+
+def _project(session: Session, code: str) -> Project:
+    project = session.exec(select(Project).where(Project.code == code)).first()
+    if project is None:
+        raise NotFound(f"No project {code}.")
+    return project

@@ -1,0 +1,113 @@
+"""Built-in eligibility policies, registered under ``aifa_broker.policies``.
+
+Each returns ``None`` (allow) or a :class:`~broker.policy.Denial` with a stable code
+and a sentence. The chain order is set in the settings (``eligibility_chain``);
+membership is checked by the core before any policy runs (non-members get 404).
+"""
+
+from __future__ import annotations
+
+from broker.policy import Denial, EligibilityContext
+
+
+class ProjectActive:
+    """The project is active and today lies inside its dates."""
+
+    name = "project_active"
+
+    def check(self, ctx: EligibilityContext) -> Denial | None:
+        p = ctx.project
+        if p.status != "active":
+            return Denial("project_inactive", f"Project {p.code} is {p.status}, not active.")
+        if p.start_date and ctx.today < p.start_date:
+            return Denial("project_inactive", f"Project {p.code} starts on {p.start_date}.")
+        if p.end_date and ctx.today > p.end_date:
+            return Denial("project_inactive", f"Project {p.code} ended on {p.end_date}.")
+        return None
+
+
+class AllocationValid:
+    """An allocation exists for the cluster and is inside its validity window."""
+
+    name = "allocation_valid"
+
+    def check(self, ctx: EligibilityContext) -> Denial | None:
+        a = ctx.allocation
+        cluster = ctx.request.cluster
+        if a is None:
+            if ctx.allocations_on_cluster_exist:
+                return Denial("allocation_expired",
+                              f"The allocation of {ctx.project.code} on {cluster} is not valid today.")
+            return Denial("no_allocation", f"Project {ctx.project.code} has no allocation on {cluster}.")
+        if (a.start_date and ctx.today < a.start_date) or (a.end_date and ctx.today > a.end_date):
+            return Denial("allocation_expired",
+                          f"The allocation on {cluster} is valid {a.start_date} to {a.end_date}.")
+        return None
+
+
+class ClusterAccount:
+    """The user has a POSIX account mapped on the cluster."""
+
+    name = "cluster_account"
+
+    def check(self, ctx: EligibilityContext) -> Denial | None:
+        if not ctx.cluster_account:
+            return Denial("no_cluster_account",
+                          f"User {ctx.user} has no account on cluster {ctx.request.cluster}; "
+                          "ask a sysadmin to map one.")
+        return None
+
+
+class PartitionAllowed:
+    """The partition is allowed for the project's access mode."""
+
+    name = "partition_allowed"
+
+    def check(self, ctx: EligibilityContext) -> Denial | None:
+        allowed = ctx.limits.allowed_partitions
+        if allowed is not None and ctx.request.partition not in allowed:
+            return Denial("partition_not_allowed",
+                          f"Partition {ctx.request.partition} is not open to access mode "
+                          f"{ctx.project.access_mode} (allowed: {', '.join(allowed) or 'none'}).")
+        return None
+
+
+class JobLimits:
+    """Per-job limits of the access mode: nodes, GPUs, time."""
+
+    name = "job_limits"
+
+    def check(self, ctx: EligibilityContext) -> Denial | None:
+        lim, req = ctx.limits, ctx.request
+        gpus = req.nodes * req.gpus_per_node
+        checks = (
+            (lim.max_nodes, req.nodes, "nodes"),
+            (lim.max_gpus_per_job, gpus, "GPUs"),
+            (lim.max_time_minutes, req.time_limit_minutes, "minutes of time limit"),
+        )
+        for limit, asked, what in checks:
+            if limit is not None and asked > limit:
+                return Denial("limit_exceeded",
+                              f"The job asks for {asked} {what}; access mode "
+                              f"{ctx.project.access_mode} allows at most {limit}.")
+        return None
+
+
+class ConcurrencyLimits:
+    """At most N active jobs per user and per project."""
+
+    name = "concurrency_limits"
+
+    def check(self, ctx: EligibilityContext) -> Denial | None:
+        lim = ctx.limits
+        if lim.max_concurrent_jobs_per_user is not None and \
+                ctx.active_jobs_user >= lim.max_concurrent_jobs_per_user:
+            return Denial("limit_exceeded",
+                          f"You already have {ctx.active_jobs_user} active jobs in this project; "
+                          f"the limit is {lim.max_concurrent_jobs_per_user}.")
+        if lim.max_concurrent_jobs_per_project is not None and \
+                ctx.active_jobs_project >= lim.max_concurrent_jobs_per_project:
+            return Denial("limit_exceeded",
+                          f"Project {ctx.project.code} already has {ctx.active_jobs_project} active "
+                          f"jobs; the limit is {lim.max_concurrent_jobs_per_project}.")
+        return None
