@@ -1,0 +1,431 @@
+"""The ``slurm_rest`` adapter: Slurm through slurmrestd, jobs run as each user.
+
+Flow of a call: settings → identity (per-user JWT or proxy token) → the API
+version discovered from ``/openapi/v3`` (newest supported, optionally
+restricted by ``api_version``) → that version's translation layer → the
+version-neutral logic here. Every call is one or two HTTP requests:
+
+- ``submit``: one ``POST job/submit`` as the job's user; the broker tag goes into
+  the job name and the comment. A GPU request the chosen version would silently
+  drop (or any field its schema lacks) is refused before sending.
+- ``poll``: one ``GET jobs`` + at most one ``GET slurmdb/jobs`` per query user
+  (just one with ``query_username``), filtered client-side; a job is final only
+  when accounting shows a settled terminal record.
+- ``find_by_tag``/``usage``: one queue and/or one accounting query as
+  ``query_username``; one malformed record never aborts a batch.
+- ``read_output``: slurmrestd cannot read files → ``output_unavailable``.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import httpx
+
+from adapters.slurm_common.tags import comment_for_tag, job_name_with_tag
+from adapters.slurm_rest import convert
+from adapters.slurm_rest.auth import identity_from_settings
+from adapters.slurm_rest.client import JsonObject, RestClient
+from adapters.slurm_rest.discovery import Discovery, discover
+from adapters.slurm_rest.layers import LAYERS, ApiLayer
+from adapters.slurm_rest.model import AccountingQuery, SlurmJob, SubmitRequest
+from adapters.slurm_rest.settings import RestSettings
+from broker.adapter import (
+    AdapterConfigError,
+    AdapterError,
+    ClusterAdapter,
+    Health,
+    JobSpec,
+    JobStatus,
+    PartitionInfo,
+    SchedulerJobRef,
+    SubmitOutcomeUnknown,
+    SubmitRejected,
+    UsageRecord,
+)
+
+log = logging.getLogger("adapters.slurm_rest")
+
+_ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
+#: margin added to accounting look-backs (clock skew, submit-time rounding)
+_LOOKBACK_MARGIN = timedelta(minutes=5)
+#: cancel of a job that already ended (or is unknown) is not an error
+_CANCEL_OK_CODES = frozenset({"job_not_found", "job_already_done"})
+
+
+class SlurmRestAdapter(ClusterAdapter):
+    """Cluster adapter speaking to slurmrestd (Slurm 22.05, 24.11, 26.05)."""
+
+    def __init__(
+        self,
+        name: str,
+        settings: Mapping[str, Any],
+        *,
+        data_dir: str,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        """Check the settings; nothing is contacted until the first call.
+
+        ``transport`` replaces the network (unit tests only).
+        """
+        super().__init__(name, settings, data_dir=data_dir)
+        self.config = RestSettings.from_mapping(settings)
+        self._client = RestClient(self.config, identity_from_settings(self.config), transport=transport)
+        self._discovery: Discovery | None = None
+        self._layer: ApiLayer | None = None
+        self._discovery_lock = threading.Lock()
+
+    # ---- version -----------------------------------------------------------
+    def api(self, username: str) -> ApiLayer:
+        """The translation layer of the discovered version (discovered once)."""
+        if self._layer is not None:
+            return self._layer
+        with self._discovery_lock:
+            if self._layer is None:
+                doc = self._client.get("/openapi/v3", username=username, during="openapi")
+                found = discover(doc, LAYERS, self.config.api_versions)
+                log.info("slurm_rest %s: using %s (served: %s)", self.name, found.version, found.served)
+                self._discovery = found
+                self._layer = LAYERS[found.version]()
+            return self._layer
+
+    @property
+    def discovery(self) -> Discovery | None:
+        """What discovery found (None before the first call)."""
+        return self._discovery
+
+    def _query_user(self, purpose: str) -> str:
+        user = self.config.query_username
+        if not user:
+            raise AdapterConfigError(
+                f"slurm_rest {self.name}: {purpose} needs the query_username setting "
+                "(an account that may read every user's jobs)"
+            )
+        return user
+
+    # ---- submit ------------------------------------------------------------
+    def submit(self, spec: JobSpec) -> SchedulerJobRef:
+        """Submit as ``spec.username``; return the ref (job id from slurmrestd)."""
+        request = self._submit_request(spec)
+        layer = self.api(spec.username)
+        body = layer.submit_body(request)
+        self._check_fields(layer, body, spec)
+        submitted_at = datetime.now(tz=UTC)
+        answer = self._client.request(
+            "POST",
+            layer.submit_path,
+            username=spec.username,
+            body=body,
+            during="submit",
+            submitting=True,
+        )
+        job_id = layer.submitted_job_id(answer)
+        if job_id is None:
+            raise SubmitOutcomeUnknown(f"slurmrestd submit: no job id in the answer ({list(answer)})")
+        return SchedulerJobRef(job_id=job_id, username=spec.username, tag=spec.tag, submit_time=submitted_at)
+
+    def _submit_request(self, spec: JobSpec) -> SubmitRequest:
+        _check_spec(spec)
+        environment = dict(spec.environment)
+        home = self.config.home_template.format(username=spec.username)
+        environment.setdefault("PATH", _DEFAULT_PATH)
+        environment.setdefault("HOME", home)
+        environment.setdefault("USER", spec.username)
+        return SubmitRequest(
+            script=spec.script,
+            name=job_name_with_tag(spec.name, spec.tag),
+            account=spec.account,
+            comment=comment_for_tag(spec.tag),
+            time_limit_minutes=spec.time_limit_minutes,
+            working_directory=spec.working_directory or home,
+            environment=environment,
+            partition=spec.partition,
+            nodes=spec.nodes,
+            ntasks_per_node=spec.ntasks_per_node,
+            cpus_per_task=spec.cpus_per_task,
+            gpus_per_node=spec.gpus_per_node,
+            memory_per_node_mb=spec.memory_per_node_mb,
+        )
+
+    def _check_fields(self, layer: ApiLayer, body: Mapping[str, Any], spec: JobSpec) -> None:
+        """Refuse a body with fields the served schema lacks (they would be dropped)."""
+        allowed = self._discovery.job_fields if self._discovery else None
+        if allowed is None:
+            return
+        if spec.gpus_per_node and layer.gpu_request_field not in allowed:
+            raise SubmitRejected(
+                f"slurmrestd {layer.version} has no {layer.gpu_request_field!r} field: "
+                "the GPU request would be ignored",
+                code="unsupported_request",
+            )
+        unknown = sorted(set(layer.job_description(body)) - allowed)
+        if unknown:
+            raise SubmitRejected(
+                f"slurmrestd {layer.version} would ignore job fields {unknown}",
+                code="unsupported_request",
+            )
+
+    # ---- poll --------------------------------------------------------------
+    def poll(self, refs: Sequence[SchedulerJobRef]) -> list[JobStatus]:
+        """One queue query + at most one accounting query per query user."""
+        statuses: list[JobStatus] = []
+        for user, group in self._groups(refs).items():
+            statuses.extend(self._poll_group(user, group))
+        return statuses
+
+    def _groups(self, refs: Sequence[SchedulerJobRef]) -> dict[str, list[SchedulerJobRef]]:
+        groups: dict[str, list[SchedulerJobRef]] = {}
+        for ref in refs:
+            user = self.config.query_username or ref.username
+            groups.setdefault(user, []).append(ref)
+        return groups
+
+    def _poll_group(self, user: str, refs: list[SchedulerJobRef]) -> list[JobStatus]:
+        layer = self.api(user)
+        now = datetime.now(tz=UTC)
+        wanted = {ref.job_id for ref in refs}
+        queue = self._queue_jobs(layer, user, wanted)
+        need_accounting = [r for r in refs if r.job_id not in queue or convert.terminal(queue[r.job_id])]
+        accounted = self._accounted(layer, user, need_accounting, queue, now)
+        statuses: list[JobStatus] = []
+        for ref in refs:
+            status = _status_for(queue.get(ref.job_id), accounted.get(ref.job_id), now)
+            if status is not None:
+                statuses.append(status)
+        return statuses
+
+    def _queue_jobs(self, layer: ApiLayer, user: str, wanted: set[str] | None) -> dict[str, SlurmJob]:
+        body = self._client.get(layer.jobs_path, username=user, during="job list")
+        jobs: dict[str, SlurmJob] = {}
+        for item in layer.items(body, "jobs"):
+            job = _parse(layer.parse_queue_job, item)
+            if job is not None and (wanted is None or job.job_id in wanted):
+                jobs[job.job_id] = job
+        return jobs
+
+    def _accounted(
+        self,
+        layer: ApiLayer,
+        user: str,
+        refs: list[SchedulerJobRef],
+        queue: Mapping[str, SlurmJob],
+        now: datetime,
+    ) -> dict[str, SlurmJob]:
+        if not refs:
+            return {}
+        queued = [queue[r.job_id] for r in refs if r.job_id in queue]
+        since = _earliest(refs, queued, now - timedelta(hours=self.config.accounting_lookback_hours))
+        query = AccountingQuery(
+            lookback_seconds=_seconds_since(since, now),
+            users=sorted({r.username for r in refs}),
+        )
+        try:
+            records = self._accounting_jobs(layer, user, query)
+        except AdapterError as exc:
+            if not exc.transient:
+                raise
+            log.warning("slurm_rest %s: accounting unavailable during poll: %s", self.name, exc)
+            return {}
+        wanted = {r.job_id for r in refs}
+        by_id: dict[str, list[SlurmJob]] = {}
+        for record in records:
+            if record.job_id in wanted:
+                by_id.setdefault(record.job_id, []).append(record)
+        return {job_id: best for job_id, found in by_id.items() if (best := convert.newest(found))}
+
+    def _accounting_jobs(self, layer: ApiLayer, user: str, query: AccountingQuery) -> list[SlurmJob]:
+        params = layer.accounting_params(query)
+        body = self._client.get(layer.db_jobs_path, username=user, during="accounting", params=params)
+        records: list[SlurmJob] = []
+        for item in layer.items(body, "jobs"):
+            record = _parse(layer.parse_accounting_job, item)
+            if record is not None:
+                records.append(record)
+        return records
+
+    # ---- cancel ------------------------------------------------------------
+    def cancel(self, ref: SchedulerJobRef) -> None:
+        """``DELETE job/{id}`` as the job's user; an ended/unknown job is fine."""
+        layer = self.api(ref.username)
+        try:
+            self._client.request("DELETE", layer.job_path(ref.job_id), username=ref.username, during="cancel")
+        except AdapterError as exc:
+            if exc.code in _CANCEL_OK_CODES:
+                log.debug("slurm_rest %s: cancel %s: already ended (%s)", self.name, ref.job_id, exc.code)
+                return
+            raise
+
+    # ---- reconciliation ----------------------------------------------------
+    def find_by_tag(self, tags: Sequence[str], *, since: datetime | None = None) -> dict[str, SchedulerJobRef]:
+        """Jobs whose name (or comment) carries one of ``tags``: queue, then accounting."""
+        wanted = set(tags)
+        if not wanted:
+            return {}
+        user = self._query_user("find_by_tag")
+        layer = self.api(user)
+        now = datetime.now(tz=UTC)
+        found: dict[str, SlurmJob] = {}
+        for job in self._queue_jobs(layer, user, None).values():
+            _keep_tagged(found, job, wanted)
+        start = _aware(since) if since else now - timedelta(hours=self.config.accounting_lookback_hours)
+        query = AccountingQuery(lookback_seconds=_seconds_since(start - _LOOKBACK_MARGIN, now))
+        for job in self._accounting_jobs(layer, user, query):
+            _keep_tagged(found, job, wanted)
+        return {
+            tag: SchedulerJobRef(job_id=job.job_id, username=job.user or user, tag=tag, submit_time=job.submit_time)
+            for tag, job in found.items()
+        }
+
+    # ---- usage -------------------------------------------------------------
+    def usage(self, since: datetime, *, accounts: Sequence[str] | None = None) -> list[UsageRecord]:
+        """Settled jobs of ``accounts`` (all when None) that ended at or after ``since``.
+
+        Runs as ``query_username``; with ``PrivateData=jobs``/``usage`` that must
+        be an operator/admin account or ``SlurmUser`` to see every user's jobs.
+        """
+        user = self._query_user("usage")
+        layer = self.api(user)
+        now = datetime.now(tz=UTC)
+        since = _aware(since)
+        query = AccountingQuery(
+            lookback_seconds=_seconds_since(since - _LOOKBACK_MARGIN, now),
+            accounts=sorted(set(accounts)) if accounts else (),
+        )
+        records: list[UsageRecord] = []
+        for job in self._accounting_jobs(layer, user, query):
+            record = _usage_of(job, since, accounts)
+            if record is not None:
+                records.append(record)
+        return records
+
+    # ---- output ------------------------------------------------------------
+    def read_output(self, ref: SchedulerJobRef, stream: str = "stdout", tail: int = 65536) -> str:
+        """slurmrestd offers no file access: always ``output_unavailable``."""
+        raise AdapterError(
+            f"slurm_rest {self.name}: slurmrestd cannot read job output files",
+            transient=False,
+            code="output_unavailable",
+        )
+
+    # ---- health and discovery ----------------------------------------------
+    def health(self) -> Health:
+        """Ping slurmctld and slurmdbd through slurmrestd; never raises."""
+        from adapters.slurm_rest.health import check_health
+
+        return check_health(self)
+
+    def discover(self) -> list[PartitionInfo]:
+        """Partitions with per-node CPU/GPU/memory sizes taken from their nodes."""
+        from adapters.slurm_rest.inventory import partitions
+
+        user = self._query_user("discover")
+        layer = self.api(user)
+        parts = self._client.get(layer.partitions_path, username=user, during="partitions")
+        nodes = self._client.get(layer.nodes_path, username=user, during="nodes")
+        return partitions(layer, parts, nodes)
+
+    @property
+    def request_count(self) -> int:
+        """HTTP requests sent to slurmrestd so far (discovery included)."""
+        return self._client.calls
+
+    def probe(self) -> int:
+        """HTTP status of an unauthenticated request (reachability only)."""
+        return self._client.probe()
+
+    def get(self, path: str, *, username: str, during: str) -> JsonObject:
+        """A raw authenticated GET (used by the health check)."""
+        return self._client.get(path, username=username, during=during)
+
+    def close(self) -> None:
+        """Close the HTTP connection pool."""
+        self._client.close()
+
+
+# ---- helpers ---------------------------------------------------------------
+def _check_spec(spec: JobSpec) -> None:
+    problems: list[str] = []
+    for key in spec.environment:
+        if not _ENV_NAME_RE.match(key):
+            problems.append(f"environment name {key!r}")
+    for key, value in spec.environment.items():
+        if "\x00" in value:
+            problems.append(f"environment value of {key!r} contains NUL")
+    if "\x00" in spec.script:
+        problems.append("script contains NUL")
+    if spec.time_limit_minutes <= 0:
+        problems.append("time_limit_minutes must be > 0")
+    if min(spec.nodes, spec.ntasks_per_node, spec.cpus_per_task) < 1 or spec.gpus_per_node < 0:
+        problems.append("sizes must be positive")
+    if problems:
+        raise SubmitRejected("invalid job: " + "; ".join(problems), code="invalid_request")
+
+
+def _parse(parser: Any, item: Mapping[str, Any]) -> SlurmJob | None:
+    """One record through a layer parser; a malformed one is logged and skipped."""
+    try:
+        job: SlurmJob = parser(item)
+    except (TypeError, ValueError, KeyError, AttributeError) as exc:
+        log.warning("slurm_rest: skipping malformed job record: %s", exc)
+        return None
+    if job.job_id in ("None", "0", ""):
+        log.warning("slurm_rest: skipping a job record without a job id")
+        return None
+    return job
+
+
+def _status_for(queued: SlurmJob | None, accounted: SlurmJob | None, now: datetime) -> JobStatus | None:
+    """Accounting settles; the queue fills what accounting lacks (22.05's JSON
+    loses exit codes that its queue still has within MinJobAge)."""
+    if accounted is not None and convert.settled(accounted):
+        if accounted.exit_code is None and queued is not None and queued.exit_code is not None:
+            accounted = replace(accounted, exit_code=queued.exit_code)
+        return convert.to_status(accounted, final=True, now=now)
+    if queued is not None:
+        return convert.to_status(queued, final=False, now=now)
+    if accounted is not None:
+        return convert.to_status(accounted, final=False, now=now)
+    return None
+
+
+def _earliest(refs: Iterable[SchedulerJobRef], queued: Iterable[SlurmJob], default: datetime) -> datetime:
+    times = [r.submit_time for r in refs if r.submit_time is not None]
+    times += [q.submit_time for q in queued if q.submit_time is not None]
+    if not times:
+        return default
+    return min(_aware(t) for t in times) - _LOOKBACK_MARGIN
+
+
+def _seconds_since(start: datetime, now: datetime) -> int:
+    return max(60, int((now - start).total_seconds()))
+
+
+def _aware(moment: datetime) -> datetime:
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+def _keep_tagged(found: dict[str, SlurmJob], job: SlurmJob, wanted: set[str]) -> None:
+    tag = convert.job_tag(job)
+    if tag is None or tag not in wanted:
+        return
+    current = found.get(tag)
+    if current is None or convert.newest([current, job]) is job:
+        found[tag] = job
+
+
+def _usage_of(job: SlurmJob, since: datetime, accounts: Sequence[str] | None) -> UsageRecord | None:
+    if accounts and job.account not in accounts:
+        return None
+    if job.end_time is None or job.end_time < since:
+        return None
+    record = convert.to_usage(job)
+    if record is None and convert.terminal(job):
+        log.debug("slurm_rest: job %s not importable yet (placeholder or incomplete)", job.job_id)
+    return record

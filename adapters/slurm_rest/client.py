@@ -1,0 +1,180 @@
+"""HTTP transport to slurmrestd: one pooled, thread-safe ``httpx.Client`` per adapter.
+
+Every call names the POSIX user it acts as; the identity provider adds the
+authentication headers. Failures become adapter exceptions here, in one place:
+
+- connection refused / connect timeout / pool exhausted → ``ClusterUnreachable``;
+- a timeout or broken connection after a submit was sent → ``SubmitOutcomeUnknown``
+  (the job may exist: the broker reconciles by tag, never resubmits blindly);
+- ``errors`` in the body (HTTP 200, 500 or 422 alike) → classified Slurm errors;
+- 401/403 → ``AdapterConfigError`` (``auth_failed``), the cached token dropped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import httpx
+
+from adapters.slurm_rest import errors as slurm_errors
+from adapters.slurm_rest.auth import Identity
+from adapters.slurm_rest.settings import RestSettings
+from broker.adapter import (
+    AdapterConfigError,
+    AdapterError,
+    ClusterUnreachable,
+    SubmitOutcomeUnknown,
+    SubmitRejected,
+)
+
+log = logging.getLogger("adapters.slurm_rest")
+
+JsonObject = dict[str, Any]
+
+#: before the request could reach the server: nothing happened on the cluster
+_NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout, httpx.UnsupportedProtocol)
+#: after (part of) the request may have reached the server
+_MAYBE_SENT = (
+    httpx.ReadTimeout,
+    httpx.WriteTimeout,
+    httpx.ReadError,
+    httpx.WriteError,
+    httpx.RemoteProtocolError,
+)
+
+
+class RestClient:
+    """Thread-safe JSON calls to one slurmrestd."""
+
+    def __init__(
+        self,
+        settings: RestSettings,
+        identity: Identity,
+        *,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        self._settings = settings
+        self._identity = identity
+        self._http = httpx.Client(
+            base_url=settings.url,
+            timeout=httpx.Timeout(settings.timeout, connect=settings.connect_timeout),
+            limits=httpx.Limits(max_connections=16, max_keepalive_connections=8),
+            headers={"Accept": "application/json"},
+            transport=transport,
+            trust_env=False,
+        )
+        self._calls = 0
+        self._calls_lock = threading.Lock()
+
+    @property
+    def calls(self) -> int:
+        """How many HTTP requests this client has sent (for batching checks)."""
+        return self._calls
+
+    def close(self) -> None:
+        """Close pooled connections."""
+        self._http.close()
+
+    def probe(self) -> int:
+        """An unauthenticated GET of ``/openapi/v3``: the HTTP status proves the
+        daemon answers (401 is expected). Connection failures raise."""
+        try:
+            return self._http.get("/openapi/v3").status_code
+        except httpx.HTTPError as exc:
+            raise ClusterUnreachable(f"slurmrestd probe: {type(exc).__name__}: {exc}") from exc
+
+    def get(self, path: str, *, username: str, during: str, params: Mapping[str, str] | None = None) -> JsonObject:
+        """GET ``path`` as ``username``; retried once on a dropped keep-alive connection."""
+        try:
+            return self.request("GET", path, username=username, during=during, params=params)
+        except ClusterUnreachable as exc:
+            if not isinstance(exc.__cause__, httpx.RemoteProtocolError | httpx.ReadError):
+                raise
+            log.debug("slurm_rest: retrying GET %s after a dropped connection", path)
+            return self.request("GET", path, username=username, during=during, params=params)
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        username: str,
+        during: str,
+        params: Mapping[str, str] | None = None,
+        body: JsonObject | None = None,
+        submitting: bool = False,
+    ) -> JsonObject:
+        """One call; returns the JSON object body or raises an AdapterError."""
+        headers = self._identity.headers(username)
+        with self._calls_lock:
+            self._calls += 1
+        started = time.perf_counter()
+        try:
+            response = self._http.request(method, path, params=params, json=body, headers=headers)
+        except _NOT_SENT as exc:
+            raise ClusterUnreachable(f"slurmrestd {during}: cannot connect: {exc}") from exc
+        except _MAYBE_SENT as exc:
+            if submitting:
+                raise SubmitOutcomeUnknown(
+                    f"slurmrestd {during}: no answer after sending ({type(exc).__name__}); the job may exist"
+                ) from exc
+            raise ClusterUnreachable(f"slurmrestd {during}: {type(exc).__name__}: {exc}") from exc
+        except httpx.HTTPError as exc:
+            raise ClusterUnreachable(f"slurmrestd {during}: {exc}") from exc
+        elapsed_ms = (time.perf_counter() - started) * 1000
+        log.debug("slurm_rest %s %s -> %s in %.1f ms", method, path, response.status_code, elapsed_ms)
+        return self._interpret(response, username=username, during=during, submitting=submitting)
+
+    def _interpret(self, response: httpx.Response, *, username: str, during: str, submitting: bool) -> JsonObject:
+        status = response.status_code
+        body = _json_body(response)
+        found = slurm_errors.errors_in(body)
+        if status in (401, 403):
+            self._identity.forget(username)
+            if not found:
+                raise AdapterConfigError(
+                    f"slurmrestd {during}: HTTP {status}: credentials for {username!r} refused",
+                    code="auth_failed",
+                )
+        if found:
+            raise slurm_errors.to_exception(found, during=during, submitting=submitting, http_status=status)
+        if status >= 400:
+            raise _status_error(status, response, during=during, submitting=submitting)
+        if body is None:
+            raise AdapterError(
+                f"slurmrestd {during}: HTTP {status} without a JSON object body",
+                transient=True,
+                code="bad_response",
+            )
+        return body
+
+
+def _json_body(response: httpx.Response) -> JsonObject | None:
+    try:
+        body = response.json()
+    except (json.JSONDecodeError, UnicodeDecodeError, ValueError):
+        return None
+    return body if isinstance(body, dict) else None
+
+
+def _status_error(status: int, response: httpx.Response, *, during: str, submitting: bool) -> AdapterError:
+    snippet = response.text[:200].strip()
+    message = f"slurmrestd {during}: HTTP {status}" + (f": {snippet}" if snippet else "")
+    if status == 404:
+        return AdapterError(message, code="endpoint_not_found")
+    if status in (502, 503, 504):
+        if submitting and status == 504:
+            return SubmitOutcomeUnknown(message)
+        return ClusterUnreachable(message)
+    if status >= 500:
+        if submitting:
+            return SubmitOutcomeUnknown(message)
+        return AdapterError(message, transient=True, code="cluster_error")
+    if submitting:
+        return SubmitRejected(message, code="submit_rejected")
+    return AdapterError(message, code="bad_request")

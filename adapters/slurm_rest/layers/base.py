@@ -1,0 +1,170 @@
+"""The contract of a translation layer: one per slurmrestd API version.
+
+A layer knows its version's paths and JSON shapes, nothing else: it builds
+request bodies from :class:`~adapters.slurm_rest.model.SubmitRequest` and turns
+response items into :mod:`~adapters.slurm_rest.model` records. All decisions
+(which jobs, which state, what to charge) are made above it.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Mapping
+from datetime import datetime
+from typing import Any, ClassVar
+
+from adapters.slurm_common import shapes as fields
+from adapters.slurm_rest.model import (
+    AccountingQuery,
+    NodeRecord,
+    PartitionRecord,
+    PingResult,
+    SlurmJob,
+    SubmitRequest,
+)
+
+JsonObject = dict[str, Any]
+
+
+class ApiLayer(abc.ABC):
+    """Paths and JSON shapes of one slurmrestd API version."""
+
+    #: the version string as in the URL, e.g. ``"v0.0.38"``
+    version: ClassVar[str]
+    #: ``"/"`` where collection paths end with a slash (v0.0.40+)
+    collection_suffix: ClassVar[str] = "/"
+    #: the job description field (in the submit body) that requests GPUs per node
+    gpu_request_field: ClassVar[str]
+
+    # ---- paths -------------------------------------------------------------
+    def _slurm(self, tail: str) -> str:
+        return f"/slurm/{self.version}/{tail}"
+
+    def _slurmdb(self, tail: str) -> str:
+        return f"/slurmdb/{self.version}/{tail}"
+
+    @property
+    def submit_path(self) -> str:
+        """POST: submit a batch job."""
+        return self._slurm("job/submit")
+
+    @property
+    def jobs_path(self) -> str:
+        """GET: every job slurmctld holds."""
+        return self._slurm("jobs" + self.collection_suffix)
+
+    def job_path(self, job_id: str) -> str:
+        """DELETE: cancel one job."""
+        return self._slurm(f"job/{job_id}")
+
+    @property
+    def db_jobs_path(self) -> str:
+        """GET: jobs from accounting."""
+        return self._slurmdb("jobs" + self.collection_suffix)
+
+    @property
+    def ping_path(self) -> str:
+        """GET: ping the controllers."""
+        return self._slurm("ping" + self.collection_suffix)
+
+    @property
+    def db_health_path(self) -> str:
+        """GET: a cheap slurmdbd round trip (diag; ping where it exists)."""
+        return self._slurmdb("diag" + self.collection_suffix)
+
+    @property
+    def partitions_path(self) -> str:
+        """GET: all partitions."""
+        return self._slurm("partitions" + self.collection_suffix)
+
+    @property
+    def nodes_path(self) -> str:
+        """GET: all nodes."""
+        return self._slurm("nodes" + self.collection_suffix)
+
+    # ---- requests ----------------------------------------------------------
+    @abc.abstractmethod
+    def submit_body(self, request: SubmitRequest) -> JsonObject:
+        """The JSON body of ``POST job/submit``."""
+
+    @staticmethod
+    def job_description(body: Mapping[str, Any]) -> Mapping[str, Any]:
+        """The job description object inside a submit body."""
+        job = body.get("job")
+        return job if isinstance(job, Mapping) else {}
+
+    @abc.abstractmethod
+    def accounting_params(self, query: AccountingQuery) -> dict[str, str]:
+        """Query parameters of ``GET slurmdb/jobs``."""
+
+    # ---- responses ---------------------------------------------------------
+    @staticmethod
+    def submitted_job_id(body: Mapping[str, Any]) -> str | None:
+        """The new job's id in a submit response (top level, or ``result``)."""
+        for holder in (body, body.get("result")):
+            if isinstance(holder, Mapping):
+                job_id = fields.as_int(holder.get("job_id"))
+                if job_id:
+                    return str(job_id)
+        return None
+
+    @staticmethod
+    def items(body: Mapping[str, Any], key: str) -> list[Mapping[str, Any]]:
+        """The objects of list ``key`` of a response (non-objects skipped)."""
+        value = body.get(key)
+        if not isinstance(value, list):
+            return []
+        return [v for v in value if isinstance(v, Mapping)]
+
+    @abc.abstractmethod
+    def parse_queue_job(self, item: Mapping[str, Any]) -> SlurmJob:
+        """One item of ``GET jobs``."""
+
+    @abc.abstractmethod
+    def parse_accounting_job(self, item: Mapping[str, Any]) -> SlurmJob:
+        """One item of ``GET slurmdb/jobs``."""
+
+    @abc.abstractmethod
+    def parse_ping(self, item: Mapping[str, Any]) -> PingResult:
+        """One item of ``GET ping``'s ``pings``."""
+
+    @abc.abstractmethod
+    def parse_partition(self, item: Mapping[str, Any]) -> PartitionRecord:
+        """One item of ``GET partitions``."""
+
+    @abc.abstractmethod
+    def parse_node(self, item: Mapping[str, Any]) -> NodeRecord:
+        """One item of ``GET nodes``."""
+
+
+def relative_time(seconds_ago: int) -> str:
+    """A Slurm relative time (``now-3600seconds``): no time zone, no URL-encoding issue."""
+    return f"now-{max(0, int(seconds_ago))}seconds"
+
+
+def text(value: Any) -> str | None:
+    """A non-empty string or None."""
+    return fields.as_str(value)
+
+
+def environment_pairs(environment: Mapping[str, str]) -> list[str]:
+    """``{"K": "V"}`` → ``["K=V"]`` (names were validated by the adapter)."""
+    return [f"{k}={v}" for k, v in environment.items()]
+
+
+def mapping(value: Any) -> Mapping[str, Any]:
+    """``value`` when it is an object, else an empty one."""
+    return value if isinstance(value, Mapping) else {}
+
+
+def reason(value: Any) -> str | None:
+    """A pending/state reason; Slurm's ``"None"`` means none."""
+    found = text(value)
+    return None if found in (None, "None") else found
+
+
+def elapsed(start: datetime | None, end: datetime | None) -> int | None:
+    """Whole seconds from ``start`` to ``end`` when both are known."""
+    if start is None or end is None:
+        return None
+    return max(0, int((end - start).total_seconds()))

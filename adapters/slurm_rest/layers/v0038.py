@@ -1,0 +1,182 @@
+"""slurmrestd ``v0.0.38`` / ``dbv0.0.38`` (Slurm 22.05, no data_parser).
+
+Shapes: plain integers (0 = unset) for times and limits; ``job_state`` a string;
+queue ``exit_code`` a raw wait status; accounting ``exit_code`` ``{"status",
+"return_code"}`` and ``state.current`` a string; submit body ``{"script",
+"job": {...}}`` with ``environment`` a required object and GPUs as ``gres``.
+``slurmdb/jobs`` has no ``users`` filter (users are filtered client-side).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+from adapters.slurm_common import shapes as fields
+from adapters.slurm_common import tres
+from adapters.slurm_rest.layers.base import (
+    ApiLayer,
+    JsonObject,
+    elapsed,
+    mapping,
+    reason,
+    relative_time,
+    text,
+)
+from adapters.slurm_rest.model import (
+    AccountingQuery,
+    NodeRecord,
+    PartitionRecord,
+    PingResult,
+    SlurmJob,
+    SubmitRequest,
+)
+
+_INFINITE_32 = 0xFFFFFFFF
+_NO_VAL_32 = 0xFFFFFFFE
+
+
+def wait_status_exit_code(status: Any) -> int | None:
+    """Exit code from a raw wait status integer: ``256`` → 1; signal N → 128 + N."""
+    value = fields.as_int(status)
+    if value is None or value < 0:
+        return None
+    signal = value & 0x7F
+    return 128 + signal if signal else (value >> 8) & 0xFF
+
+
+def accounting_exit_code(value: Any, state: Any) -> int | None:
+    """22.05's accounting JSON reports ``{"status": "SUCCESS", "return_code": 0}``
+    even for jobs that exited non-zero (``sacct -P`` shows ``3:0`` for the same
+    job): a success code on a FAILED/NODE_FAIL/OUT_OF_MEMORY job is unknown, not 0."""
+    code = fields.exit_code(value)
+    words = {w.upper() for w in fields.state_words(state)}
+    if code == 0 and words & {"FAILED", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL"}:
+        return None
+    return code
+
+
+class V0038(ApiLayer):
+    """Slurm 22.05's ``v0.0.38``."""
+
+    version: ClassVar[str] = "v0.0.38"
+    collection_suffix: ClassVar[str] = ""
+    gpu_request_field: ClassVar[str] = "gres"
+
+    def submit_body(self, request: SubmitRequest) -> JsonObject:
+        """``{"script": ..., "job": {...}}``; environment as an object (required)."""
+        job: JsonObject = {
+            "name": request.name,
+            "account": request.account,
+            "comment": request.comment,
+            "time_limit": request.time_limit_minutes,
+            "nodes": [request.nodes, request.nodes],
+            "tasks": request.nodes * request.ntasks_per_node,
+            "tasks_per_node": request.ntasks_per_node,
+            "cpus_per_task": request.cpus_per_task,
+            "current_working_directory": request.working_directory,
+            "environment": dict(request.environment),
+        }
+        if request.partition:
+            job["partition"] = request.partition
+        if request.memory_per_node_mb is not None:
+            job["memory_per_node"] = request.memory_per_node_mb
+        if request.gpus_per_node:
+            job["gres"] = f"gpu:{request.gpus_per_node}"
+        return {"script": request.script, "job": job}
+
+    def accounting_params(self, query: AccountingQuery) -> dict[str, str]:
+        """No ``users`` filter exists in dbv0.0.38; the caller filters users itself."""
+        params = {"start_time": relative_time(query.lookback_seconds), "skip_steps": "true"}
+        if query.accounts:
+            params["account"] = ",".join(query.accounts)
+        if query.job_names:
+            params["job_name"] = ",".join(query.job_names)
+        return params
+
+    def parse_queue_job(self, item: Mapping[str, Any]) -> SlurmJob:
+        """One ``GET jobs`` item (22.05 also lists finished jobs within MinJobAge)."""
+        start = fields.epoch_to_datetime(item.get("start_time"))
+        end = fields.epoch_to_datetime(item.get("end_time"))
+        states = tuple(fields.state_words(item.get("job_state")))
+        return SlurmJob(
+            job_id=str(fields.as_int(item.get("job_id"))),
+            states=states,
+            name=text(item.get("name")),
+            user=text(item.get("user_name")),
+            account=text(item.get("account")),
+            partition=text(item.get("partition")),
+            reason=reason(item.get("state_reason")),
+            exit_code=wait_status_exit_code(item.get("exit_code")) if end else None,
+            submit_time=fields.epoch_to_datetime(item.get("submit_time")),
+            start_time=start,
+            end_time=end,
+            elapsed_seconds=elapsed(start, end),
+            time_limit_minutes=_limit(item.get("time_limit")),
+            alloc_tres=tres.parse_tres_string(text(item.get("tres_alloc_str"))),
+            comment=text(item.get("comment")),
+            stdout_path=text(item.get("standard_output")),
+        )
+
+    def parse_accounting_job(self, item: Mapping[str, Any]) -> SlurmJob:
+        """One ``GET slurmdb/jobs`` item."""
+        times = mapping(item.get("time"))
+        state = mapping(item.get("state"))
+        comment = item.get("comment")
+        return SlurmJob(
+            job_id=str(fields.as_int(item.get("job_id"))),
+            states=tuple(fields.state_words(state.get("current"))),
+            name=text(item.get("name")),
+            user=text(item.get("user")) or text(mapping(item.get("association")).get("user")),
+            account=text(item.get("account")),
+            partition=text(item.get("partition")),
+            reason=reason(state.get("reason")),
+            exit_code=accounting_exit_code(item.get("exit_code"), state.get("current")),
+            submit_time=fields.epoch_to_datetime(times.get("submission")),
+            start_time=fields.epoch_to_datetime(times.get("start")),
+            end_time=fields.epoch_to_datetime(times.get("end")),
+            elapsed_seconds=fields.as_int(times.get("elapsed")),
+            time_limit_minutes=_limit(times.get("limit")),
+            alloc_tres=tres.tres_list_to_map(mapping(item.get("tres")).get("allocated")),
+            comment=text(mapping(comment).get("job")) if isinstance(comment, Mapping) else None,
+            from_accounting=True,
+        )
+
+    def parse_ping(self, item: Mapping[str, Any]) -> PingResult:
+        """``{"hostname", "ping": "UP"|"DOWN", "mode", "status"}``."""
+        return PingResult(
+            hostname=text(item.get("hostname")) or "?",
+            up=str(item.get("ping", "")).upper() == "UP",
+        )
+
+    def parse_partition(self, item: Mapping[str, Any]) -> PartitionRecord:
+        """Flat 22.05 partition object; ``flags`` contains ``default``."""
+        flags = [str(f).lower() for f in item.get("flags") or [] if isinstance(f, str)]
+        return PartitionRecord(
+            name=text(item.get("name")) or "?",
+            default="default" in flags,
+            total_nodes=fields.as_int(item.get("total_nodes")) or 0,
+            total_cpus=fields.as_int(item.get("total_cpus")) or 0,
+            max_time_minutes=_limit(item.get("max_time_limit")),
+            tres=tres.parse_tres_string(text(item.get("tres"))),
+            up=str(item.get("state", "UP")).upper() == "UP",
+        )
+
+    def parse_node(self, item: Mapping[str, Any]) -> NodeRecord:
+        """Flat 22.05 node object; GPUs from its ``gres`` string."""
+        partitions = item.get("partitions") or []
+        return NodeRecord(
+            name=text(item.get("name")) or "?",
+            cpus=fields.as_int(item.get("cpus")) or 0,
+            real_memory_mb=fields.as_int(item.get("real_memory")) or 0,
+            gpus=tres.gpus_in_gres(text(item.get("gres"))),
+            partitions=tuple(str(p) for p in partitions if isinstance(p, str)),
+        )
+
+
+def _limit(value: Any) -> int | None:
+    """Minutes; unlimited/unset (0, INFINITE, NO_VAL) → None."""
+    minutes = fields.as_int(value)
+    if minutes is None or minutes <= 0 or minutes in (_INFINITE_32, _NO_VAL_32):
+        return None
+    return minutes

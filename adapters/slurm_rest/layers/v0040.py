@@ -1,0 +1,194 @@
+"""slurmrestd ``v0.0.40`` (data_parser, Slurm 24.11): the base of the newer layers.
+
+Shapes: numbers as ``{"set", "infinite", "number"}``; ``job_state`` and
+accounting ``state.current`` lists; ``exit_code`` ``{"status": [...],
+"return_code": {...}, "signal": {...}}``; submit body ``{"job": {"script", ...,
+"environment": ["K=V", ...]}}``; GPUs only through ``tres_per_node:
+"gres/gpu:N"`` — a ``gres`` field is silently ignored by these versions, so it
+is never sent. ``GET jobs`` leaves finished jobs out; ``slurmdb/jobs`` filters
+``users``. Collection paths end with ``/``. Partitions carry no DEFAULT flag
+before v0.0.45.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+from adapters.slurm_common import shapes as fields
+from adapters.slurm_common import tres
+from adapters.slurm_rest.layers.base import (
+    ApiLayer,
+    JsonObject,
+    elapsed,
+    environment_pairs,
+    mapping,
+    reason,
+    relative_time,
+    text,
+)
+from adapters.slurm_rest.model import (
+    AccountingQuery,
+    NodeRecord,
+    PartitionRecord,
+    PingResult,
+    SlurmJob,
+    SubmitRequest,
+)
+
+
+def no_val(number: int) -> JsonObject:
+    """``{"set": true, "infinite": false, "number": N}``."""
+    return {"set": True, "infinite": False, "number": number}
+
+
+class V0040(ApiLayer):
+    """Slurm 24.11's ``v0.0.40``."""
+
+    version: ClassVar[str] = "v0.0.40"
+    gpu_request_field: ClassVar[str] = "tres_per_node"
+
+    # ---- requests ----------------------------------------------------------
+    def submit_body(self, request: SubmitRequest) -> JsonObject:
+        """``{"job": {...}}`` with the script inside and environment as a list."""
+        job: JsonObject = {
+            "script": request.script,
+            "name": request.name,
+            "account": request.account,
+            "comment": request.comment,
+            "time_limit": no_val(request.time_limit_minutes),
+            "nodes": str(request.nodes),
+            "tasks": request.nodes * request.ntasks_per_node,
+            "tasks_per_node": request.ntasks_per_node,
+            "cpus_per_task": request.cpus_per_task,
+            "current_working_directory": request.working_directory,
+            "environment": environment_pairs(request.environment),
+        }
+        if request.partition:
+            job["partition"] = request.partition
+        if request.memory_per_node_mb is not None:
+            job["memory_per_node"] = no_val(request.memory_per_node_mb)
+        if request.gpus_per_node:
+            job["tres_per_node"] = f"gres/gpu:{request.gpus_per_node}"
+        return {"job": job}
+
+    def accounting_params(self, query: AccountingQuery) -> dict[str, str]:
+        """``start_time`` relative, filters by account/user/name, no steps."""
+        params = {"start_time": relative_time(query.lookback_seconds), "skip_steps": "true"}
+        if query.accounts:
+            params["account"] = ",".join(query.accounts)
+        if query.users:
+            params["users"] = ",".join(query.users)
+        if query.job_names:
+            params["job_name"] = ",".join(query.job_names)
+        return params
+
+    # ---- jobs --------------------------------------------------------------
+    def stdout_path(self, item: Mapping[str, Any]) -> str | None:
+        """Where the job's stdout goes (expanded where the version offers it)."""
+        return text(item.get("standard_output"))
+
+    def accounting_sluid(self, item: Mapping[str, Any]) -> str | None:
+        """The globally unique job id (v0.0.45+); None before."""
+        return None
+
+    def parse_queue_job(self, item: Mapping[str, Any]) -> SlurmJob:
+        """One ``GET jobs`` item."""
+        start = fields.epoch_to_datetime(item.get("start_time"))
+        end = fields.epoch_to_datetime(item.get("end_time"))
+        states = tuple(fields.state_words(item.get("job_state")))
+        return SlurmJob(
+            job_id=str(fields.as_int(item.get("job_id"))),
+            states=states,
+            name=text(item.get("name")),
+            user=text(item.get("user_name")),
+            account=text(item.get("account")),
+            partition=text(item.get("partition")),
+            reason=reason(item.get("state_reason")),
+            exit_code=fields.exit_code(item.get("exit_code")) if end else None,
+            submit_time=fields.epoch_to_datetime(item.get("submit_time")),
+            start_time=start,
+            end_time=end,
+            elapsed_seconds=elapsed(start, end),
+            time_limit_minutes=_minutes(item.get("time_limit")),
+            alloc_tres=tres.parse_tres_string(text(item.get("tres_alloc_str"))),
+            comment=text(item.get("comment")),
+            stdout_path=self.stdout_path(item),
+        )
+
+    def parse_accounting_job(self, item: Mapping[str, Any]) -> SlurmJob:
+        """One ``GET slurmdb/jobs`` item."""
+        times = mapping(item.get("time"))
+        state = mapping(item.get("state"))
+        return SlurmJob(
+            job_id=str(fields.as_int(item.get("job_id"))),
+            states=tuple(fields.state_words(state.get("current"))),
+            name=text(item.get("name")),
+            user=text(item.get("user")) or text(mapping(item.get("association")).get("user")),
+            account=text(item.get("account")),
+            partition=text(item.get("partition")),
+            reason=reason(state.get("reason")),
+            exit_code=fields.exit_code(item.get("exit_code")),
+            submit_time=fields.epoch_to_datetime(times.get("submission")),
+            start_time=fields.epoch_to_datetime(times.get("start")),
+            end_time=fields.epoch_to_datetime(times.get("end")),
+            elapsed_seconds=fields.as_int(times.get("elapsed")),
+            time_limit_minutes=_minutes(times.get("limit")),
+            alloc_tres=tres.tres_list_to_map(mapping(item.get("tres")).get("allocated")),
+            comment=text(mapping(item.get("comment")).get("job")),
+            stdout_path=self.stdout_path_accounting(item),
+            sluid=self.accounting_sluid(item),
+            from_accounting=True,
+        )
+
+    def stdout_path_accounting(self, item: Mapping[str, Any]) -> str | None:
+        """Accounting has no stdout path before v0.0.42 on 26.05."""
+        return text(item.get("stdout_expanded")) or text(item.get("stdout"))
+
+    # ---- controller --------------------------------------------------------
+    def parse_ping(self, item: Mapping[str, Any]) -> PingResult:
+        """``{"hostname", "pinged": "UP", "latency", "mode"}``."""
+        return PingResult(
+            hostname=text(item.get("hostname")) or "?",
+            up=str(item.get("pinged", "")).upper() == "UP",
+            latency_us=fields.as_int(item.get("latency")),
+        )
+
+    def partition_is_default(self, item: Mapping[str, Any]) -> bool:
+        """v0.0.40-44 do not report the DEFAULT flag."""
+        return False
+
+    def parse_partition(self, item: Mapping[str, Any]) -> PartitionRecord:
+        """Nested partition object (``nodes.total``, ``maximums.time``...)."""
+        nodes = mapping(item.get("nodes"))
+        cpus = mapping(item.get("cpus"))
+        maximums = mapping(item.get("maximums"))
+        states = fields.state_words(mapping(item.get("partition")).get("state")) or ["UP"]
+        return PartitionRecord(
+            name=text(item.get("name")) or "?",
+            default=self.partition_is_default(item),
+            total_nodes=fields.as_int(nodes.get("total")) or 0,
+            total_cpus=fields.as_int(cpus.get("total")) or 0,
+            max_time_minutes=_minutes(maximums.get("time")),
+            tres=tres.parse_tres_string(text(mapping(item.get("tres")).get("configured"))),
+            up="UP" in [s.upper() for s in states],
+        )
+
+    def parse_node(self, item: Mapping[str, Any]) -> NodeRecord:
+        """Node object; GPUs from its ``gres`` string."""
+        partitions = item.get("partitions") or []
+        return NodeRecord(
+            name=text(item.get("name")) or "?",
+            cpus=fields.as_int(item.get("cpus")) or 0,
+            real_memory_mb=fields.as_int(item.get("real_memory")) or 0,
+            gpus=tres.gpus_in_gres(text(item.get("gres"))),
+            partitions=tuple(str(p) for p in partitions if isinstance(p, str)),
+        )
+
+
+def _minutes(value: Any) -> int | None:
+    """Minutes from a number object; unset, infinite or 0 → None."""
+    if fields.is_infinite(value):
+        return None
+    minutes = fields.as_int(value)
+    return minutes if minutes and minutes > 0 else None

@@ -1,0 +1,37 @@
+"""slurmrestd ``v0.0.42`` (Slurm 24.11 and 26.05 — the only version both serve).
+
+Changes from v0.0.41: ping items gain ``responding`` (bool) and ``primary``;
+``slurmdb/ping`` exists (used for the accounting health check); the submit
+response no longer has ``result``; 26.05's accounting adds ``stdout_expanded``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+from adapters.slurm_common import shapes as fields
+from adapters.slurm_rest.layers.base import text
+from adapters.slurm_rest.layers.v0041 import V0041
+from adapters.slurm_rest.model import PingResult
+
+
+class V0042(V0041):
+    """``v0.0.42``."""
+
+    version: ClassVar[str] = "v0.0.42"
+
+    @property
+    def db_health_path(self) -> str:
+        """``slurmdb/ping/`` (cheaper than diag)."""
+        return self._slurmdb("ping/")
+
+    def parse_ping(self, item: Mapping[str, Any]) -> PingResult:
+        """``responding`` (bool) is authoritative; ``pinged`` is the fallback."""
+        responding = item.get("responding")
+        up = responding if isinstance(responding, bool) else (str(item.get("pinged", "")).upper() == "UP")
+        return PingResult(
+            hostname=text(item.get("hostname")) or "?",
+            up=up,
+            latency_us=fields.as_int(item.get("latency")),
+        )

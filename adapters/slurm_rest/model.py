@@ -1,0 +1,98 @@
+"""Version-neutral records the translation layers produce and consume.
+
+Each API version has its own translation layer (``adapters.slurm_rest.layers``)
+turning its JSON into these records and these records into its JSON; the
+adapter's logic above works on these records only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+
+
+@dataclass(frozen=True)
+class SubmitRequest:
+    """A job to submit, already tagged and validated by the adapter."""
+
+    script: str
+    name: str
+    account: str
+    comment: str
+    time_limit_minutes: int
+    working_directory: str
+    environment: Mapping[str, str]
+    partition: str | None = None
+    nodes: int = 1
+    ntasks_per_node: int = 1
+    cpus_per_task: int = 1
+    gpus_per_node: int = 0
+    memory_per_node_mb: int | None = None
+
+
+@dataclass(frozen=True)
+class SlurmJob:
+    """A job as the queue (slurmctld) or accounting (slurmdbd) reports it."""
+
+    job_id: str
+    states: tuple[str, ...]
+    name: str | None = None
+    user: str | None = None
+    account: str | None = None
+    partition: str | None = None
+    reason: str | None = None
+    exit_code: int | None = None
+    submit_time: datetime | None = None
+    start_time: datetime | None = None
+    end_time: datetime | None = None
+    elapsed_seconds: int | None = None
+    time_limit_minutes: int | None = None
+    alloc_tres: Mapping[str, float] = field(default_factory=dict)
+    comment: str | None = None
+    stdout_path: str | None = None
+    sluid: str | None = None
+    from_accounting: bool = False
+
+
+@dataclass(frozen=True)
+class AccountingQuery:
+    """One slurmdb ``jobs`` query: jobs active after ``lookback_seconds`` ago."""
+
+    lookback_seconds: int
+    accounts: Sequence[str] = ()
+    users: Sequence[str] = ()
+    job_names: Sequence[str] = ()
+
+
+@dataclass(frozen=True)
+class PartitionRecord:
+    """A partition as the controller reports it."""
+
+    name: str
+    default: bool
+    total_nodes: int
+    total_cpus: int
+    max_time_minutes: int | None
+    tres: Mapping[str, float]
+    up: bool = True
+
+
+@dataclass(frozen=True)
+class NodeRecord:
+    """A node as the controller reports it."""
+
+    name: str
+    cpus: int
+    real_memory_mb: int
+    gpus: int
+    partitions: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class PingResult:
+    """One controller's answer to ``ping``."""
+
+    hostname: str
+    up: bool
+    latency_us: int | None = None
