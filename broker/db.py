@@ -9,7 +9,6 @@ not blocked by the writer.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -53,10 +52,14 @@ def _configure_sqlite(engine: Engine) -> None:
         conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
-@functools.cache
+_engines: dict[str, Engine] = {}
+
+
 def get_engine(url: str) -> Engine:
     """One engine per URL per process."""
-    return make_engine(url)
+    if url not in _engines:
+        _engines[url] = make_engine(url)
+    return _engines[url]
 
 
 @contextmanager
@@ -69,3 +72,10 @@ def session_scope(engine: Engine) -> Iterator[Session]:
         except BaseException:
             session.rollback()
             raise
+
+
+def dispose_engines() -> None:
+    """Close every cached engine's pool (tests, CLI shutdown)."""
+    for engine in list(_engines.values()):
+        engine.dispose()
+    _engines.clear()

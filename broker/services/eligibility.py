@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import sqlalchemy as sa
-from sqlmodel import Session, select
+from sqlmodel import Session, col, select
 
 from broker import plugins
 from broker.config import Settings
@@ -60,10 +60,8 @@ def _allocation_today(session: Session, project: Project, cluster: Cluster | Non
 def _resolve_cluster(session: Session, project: Project, body: JobRequest) -> tuple[Cluster | None, str]:
     if body.cluster is not None:
         return session.exec(select(Cluster).where(Cluster.name == body.cluster)).first(), body.cluster
-    clusters = session.exec(
-        select(Cluster).join(Allocation, Allocation.cluster_id == Cluster.id)  # type: ignore[arg-type]
-        .where(Allocation.project_id == project.id).distinct()
-    ).all()
+    cluster_ids = select(Allocation.cluster_id).where(Allocation.project_id == project.id)
+    clusters = session.exec(select(Cluster).where(col(Cluster.id).in_(cluster_ids))).all()
     if len(clusters) == 1:
         return clusters[0], clusters[0].name
     if not clusters:
