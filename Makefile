@@ -6,7 +6,7 @@ PIP := $(VENV)/bin/pip
 SLURM_RELEASE ?= 22.05
 export AIFA_BROKER_DATA_DIR ?= $(CURDIR)/.data
 
-.PHONY: run test venv lint typecheck slurm-up slurm-down test-unit clean
+.PHONY: run test venv web test-deps lint typecheck slurm-up slurm-down test-unit clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,11 +16,26 @@ $(VENV)/.installed: pyproject.toml
 
 venv: $(VENV)/.installed
 
-run: venv
+# dashboard browser assets: installed from the npm registry, copied into a
+# git-ignored directory served by the broker itself (no CDN at run time)
+WEB_VENDOR := broker/dashboard/static/vendor
+web: $(WEB_VENDOR)/chart.umd.min.js
+
+$(WEB_VENDOR)/chart.umd.min.js: web/package.json web/package-lock.json
+	cd web && npm ci --no-audit --no-fund --loglevel=error
+	mkdir -p $(WEB_VENDOR)
+	cp web/node_modules/chart.js/dist/chart.umd.min.js web/node_modules/chart.js/LICENSE.md $(WEB_VENDOR)/
+	touch $@
+
+# what the dashboard/browser/observability tests need (chromium, promtool, test IdP)
+test-deps: venv web
+	./scripts/setup-test-deps.sh
+
+run: venv web
 	$(VENV)/bin/aifa-broker demo
 	$(VENV)/bin/aifa-broker serve
 
-test: venv
+test: venv web
 	./scripts/test.sh
 
 test-unit: venv
@@ -37,4 +52,4 @@ slurm-down:
 	deploy/slurm-dev/down.sh $(SLURM_RELEASE)
 
 clean:
-	rm -rf $(VENV) .data .pytest_cache
+	rm -rf $(VENV) .data .pytest_cache .tools web/node_modules $(WEB_VENDOR)

@@ -71,6 +71,20 @@ class DashboardOIDC(BaseModel):
     client_secret: str = ""
     scope: str = "openid profile email roles"
     roles_claim: str = "roles"
+    #: map an entitlement/claim value to a broker role (AARC-style entitlements)
+    role_map: dict[str, str] = Field(default_factory=dict)
+    #: claim giving the broker user name (as in bearer tokens of the same IdP)
+    username_claim: str = "sub"
+
+
+class WebhookEndpoint(BaseModel):
+    """A URL receiving notifications as HMAC-signed JSON webhooks (see broker/notifications.py)."""
+
+    #: short name shown in the dashboard and the API (never the secret)
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    url: str = Field(pattern=r"^https?://", max_length=2000)
+    secret: str = Field(min_length=16)
+    kinds: list[Literal["threshold", "expiry"]] = Field(default_factory=lambda: ["threshold", "expiry"])
 
 
 class Settings(BaseSettings):
@@ -95,6 +109,17 @@ class Settings(BaseSettings):
     oidc_issuers: list[OIDCIssuer] = Field(default_factory=list)
     dashboard_oidc: DashboardOIDC | None = None
     session_secret: str | None = None
+    dashboard_session_hours: float = 8.0
+
+    #: notifications: webhook endpoints, expiry warnings (days before an allocation's
+    #: end), how often the notifier scans/delivers, retry policy
+    webhooks: list[WebhookEndpoint] = Field(default_factory=list)
+    expiry_warning_days: list[int] = Field(default_factory=lambda: [30, 7])
+    notification_interval_seconds: float = 15.0
+    webhook_timeout_seconds: float = 10.0
+    webhook_max_attempts: int = 8
+    webhook_backoff_seconds: float = 10.0
+    webhook_backoff_max_seconds: float = 3600.0
 
     #: allow the ``local`` adapter (runs jobs as the broker's own user) in production
     allow_local_adapter_in_production: bool = False
@@ -145,6 +170,8 @@ class Settings(BaseSettings):
                 raise ValueError("production mode refuses a missing or placeholder session_secret")
             if self.dashboard_oidc and self.dashboard_oidc.client_secret.lower() in PLACEHOLDER_SECRETS:
                 raise ValueError("production mode refuses a placeholder dashboard client_secret")
+            if any(w.secret.lower() in PLACEHOLDER_SECRETS for w in self.webhooks):
+                raise ValueError("production mode refuses a placeholder webhook secret")
         return self
 
     @property

@@ -222,3 +222,46 @@ class LedgerEntry(SQLModel, table=True):
     created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
     #: when the usage happened (job end) — what usage reports group by
     occurred_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime, index=True)
+
+
+class Notification(SQLModel, table=True):
+    """One threshold crossing or expiry warning of an allocation — recorded once.
+
+    ``kind`` is ``threshold`` (``level`` = percent used crossed) or ``expiry``
+    (``level`` = days before the allocation's end date). The unique constraint makes
+    each crossing exist once, whatever the number of replicas noticing it.
+    """
+
+    __tablename__ = "notifications"
+    __table_args__ = (sa.UniqueConstraint("allocation_id", "kind", "level", name="uq_notification_crossing"),)
+    id: int | None = Field(default=None, primary_key=True)
+    allocation_id: int = Field(foreign_key="allocations.id", index=True)
+    project_id: int = Field(foreign_key="projects.id", index=True)
+    kind: str = Field(max_length=16)
+    level: float
+    message: str = Field(max_length=2000)
+    payload: dict[str, Any] = Field(default_factory=dict, sa_type=JSON)
+    created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime, index=True)
+
+
+class WebhookDelivery(SQLModel, table=True):
+    """A notification sent to one configured webhook URL, with its retry state."""
+
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (
+        sa.UniqueConstraint("notification_id", "endpoint", name="uq_delivery_endpoint"),
+        sa.Index("ix_deliveries_status_due", "status", "next_attempt_at"),
+    )
+    id: int | None = Field(default=None, primary_key=True)
+    notification_id: int = Field(foreign_key="notifications.id", index=True)
+    #: the endpoint's configured name (never its secret)
+    endpoint: str = Field(max_length=64)
+    url: str = Field(max_length=2000)
+    #: pending → delivered | failed (gave up after the configured attempts)
+    status: str = Field(default="pending", max_length=16)
+    attempts: int = 0
+    next_attempt_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+    last_status_code: int | None = None
+    last_error: str | None = Field(default=None, max_length=2000)
+    delivered_at: datetime | None = _ts()
+    created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
