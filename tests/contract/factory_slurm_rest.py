@@ -48,9 +48,7 @@ def _runner(release: str) -> Callable[[list[str]], str] | None:
         return None
 
     def run(argv: list[str]) -> str:
-        done = subprocess.run(
-            [str(run_in), release, *argv], capture_output=True, text=True, timeout=60, check=False
-        )
+        done = subprocess.run([str(run_in), release, *argv], capture_output=True, text=True, timeout=60, check=False)
         return done.stdout + done.stderr
 
     return run
@@ -68,9 +66,7 @@ def make_target(release: str) -> ContractTarget:
         pytest.skip(f"slurm_rest {release} dev cluster not healthy: {health.detail}")
 
     def unreachable() -> ClusterAdapter:
-        return SlurmRestAdapter(
-            f"dev{release}-rest-down", {**settings, "url": UNREACHABLE_URL}, data_dir="/tmp"
-        )
+        return SlurmRestAdapter(f"dev{release}-rest-down", {**settings, "url": UNREACHABLE_URL}, data_dir="/tmp")
 
     return ContractTarget(
         adapter=adapter,
@@ -89,7 +85,5 @@ def targets() -> list[object]:
         if not definition_path(release).exists():
             reason = f"no generated slurm_rest.toml for {release} (make slurm-up)"
             marks.append(pytest.mark.skip(reason=reason))
-        params.append(
-            pytest.param(lambda r=release: make_target(r), id=f"slurm_rest-{release}", marks=marks)
-        )
+        params.append(pytest.param(lambda r=release: make_target(r), id=f"slurm_rest-{release}", marks=marks))
     return params

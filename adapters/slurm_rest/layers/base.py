@@ -14,6 +14,7 @@ from datetime import datetime
 from typing import Any, ClassVar
 
 from adapters.slurm_common import shapes as fields
+from adapters.slurm_common.states import is_terminal
 from adapters.slurm_rest.model import (
     AccountingQuery,
     NodeRecord,
@@ -168,3 +169,11 @@ def elapsed(start: datetime | None, end: datetime | None) -> int | None:
     if start is None or end is None:
         return None
     return max(0, int((end - start).total_seconds()))
+
+
+def ended_at(states: tuple[str, ...], value: Any) -> datetime | None:
+    """A queue record's end time, only once it has ended: for pending and running
+    jobs slurmctld reports the *expected* end (start + time limit) there."""
+    if not states or not is_terminal(states):
+        return None
+    return fields.epoch_to_datetime(value)

@@ -18,6 +18,7 @@ from adapters.slurm_rest.layers.base import (
     ApiLayer,
     JsonObject,
     elapsed,
+    ended_at,
     mapping,
     reason,
     relative_time,
@@ -45,15 +46,13 @@ def wait_status_exit_code(status: Any) -> int | None:
     return 128 + signal if signal else (value >> 8) & 0xFF
 
 
-def accounting_exit_code(value: Any, state: Any) -> int | None:
+def accounting_exit_code(state: Any) -> int | None:
     """22.05's accounting JSON reports ``{"status": "SUCCESS", "return_code": 0}``
-    even for jobs that exited non-zero (``sacct -P`` shows ``3:0`` for the same
-    job): a success code on a FAILED/NODE_FAIL/OUT_OF_MEMORY job is unknown, not 0."""
-    code = fields.exit_code(value)
+    for every job, even one that exited 3 or timed out (``sacct -P`` shows
+    ``3:0``/``0:15`` for the same jobs). Only a COMPLETED job's 0 is certain;
+    otherwise the code is unknown here (the queue's wait status fills it in)."""
     words = {w.upper() for w in fields.state_words(state)}
-    if code == 0 and words & {"FAILED", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL"}:
-        return None
-    return code
+    return 0 if words == {"COMPLETED"} else None
 
 
 class V0038(ApiLayer):
@@ -97,8 +96,8 @@ class V0038(ApiLayer):
     def parse_queue_job(self, item: Mapping[str, Any]) -> SlurmJob:
         """One ``GET jobs`` item (22.05 also lists finished jobs within MinJobAge)."""
         start = fields.epoch_to_datetime(item.get("start_time"))
-        end = fields.epoch_to_datetime(item.get("end_time"))
         states = tuple(fields.state_words(item.get("job_state")))
+        end = ended_at(states, item.get("end_time"))
         return SlurmJob(
             job_id=str(fields.as_int(item.get("job_id"))),
             states=states,
@@ -131,7 +130,7 @@ class V0038(ApiLayer):
             account=text(item.get("account")),
             partition=text(item.get("partition")),
             reason=reason(state.get("reason")),
-            exit_code=accounting_exit_code(item.get("exit_code"), state.get("current")),
+            exit_code=accounting_exit_code(state.get("current")),
             submit_time=fields.epoch_to_datetime(times.get("submission")),
             start_time=fields.epoch_to_datetime(times.get("start")),
             end_time=fields.epoch_to_datetime(times.get("end")),

@@ -21,6 +21,7 @@ from adapters.slurm_rest.layers.base import (
     ApiLayer,
     JsonObject,
     elapsed,
+    ended_at,
     environment_pairs,
     mapping,
     reason,
@@ -95,8 +96,8 @@ class V0040(ApiLayer):
     def parse_queue_job(self, item: Mapping[str, Any]) -> SlurmJob:
         """One ``GET jobs`` item."""
         start = fields.epoch_to_datetime(item.get("start_time"))
-        end = fields.epoch_to_datetime(item.get("end_time"))
         states = tuple(fields.state_words(item.get("job_state")))
+        end = ended_at(states, item.get("end_time"))
         return SlurmJob(
             job_id=str(fields.as_int(item.get("job_id"))),
             states=states,
