@@ -160,6 +160,11 @@ def _comment(value: Any) -> str | None:
     return as_str(value)
 
 
+def _reason(state: Any) -> str | None:
+    reason = as_str(state.get("reason")) if isinstance(state, Mapping) else None
+    return None if reason in {None, "None"} else reason
+
+
 def _time_limit(value: Any) -> int | None:
     if is_infinite(value):
         return None
@@ -194,7 +199,7 @@ def accounting_job_from_json(job: Mapping[str, Any]) -> AccountingJob:
         user=as_str(job.get("user")) or as_str(association.get("user")),
         account=as_str(job.get("account")) or as_str(association.get("account")),
         partition=as_str(job.get("partition")),
-        reason=as_str(state_obj.get("reason")) if isinstance(state_obj, Mapping) else None,
+        reason=_reason(state_obj),
         start_time=epoch_to_datetime(times.get("start")),
         end_time=epoch_to_datetime(times.get("end")),
         elapsed_seconds=as_int(times.get("elapsed")),

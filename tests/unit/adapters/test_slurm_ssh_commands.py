@@ -141,8 +141,15 @@ def test_submit_runs_exactly_as_given_through_a_real_shell(fake_cluster):
     assert f"--output={home}/.aifa-broker/output/aifa-%j.out" in record["argv"]
     assert (home / ".aifa-broker" / "output").is_dir()
     records = record["env"].split("\0")
-    assert records[:-1] == [f"A={NASTY}", "B_2=x,y,z", "EMPTY=", "MULTI=l1\nl2"]
-    assert records[-1] == ""
+    assert f"HOME={home}" in records, "the login environment comes first"
+    assert records[-6:] == [
+        f"A={NASTY}",
+        "B_2=x,y,z",
+        "EMPTY=",
+        "MULTI=l1\nl2",
+        f"SLURM_JOB_NAME=-{ONE_LINE}.aifa-{TAG}",
+        "",
+    ]
 
 
 def test_submit_without_environment_has_no_export_file(fake_cluster):
@@ -210,7 +217,9 @@ def test_home_path_rendering():
 def test_queries():
     assert commands.build_squeue(["1", "2"], filters_honoured=False) == "squeue --json"
     assert commands.build_squeue(["1", "2"], filters_honoured=True) == "squeue --json --jobs=1,2"
-    assert commands.build_sacct_jobs(["7", "8"]) == "sacct --json --allusers --jobs=7,8"
+    jobs = shlex.split(commands.build_sacct_jobs(["7", "8"]))
+    assert jobs[:3] == ["env", "SLURM_TIME_FORMAT=%s", "sacct"]
+    assert "--jobs=7,8" in jobs and "--allusers" in jobs and "--parsable2" in jobs
     assert commands.build_cancel("12") == "scancel 12"
     window = shlex.split(
         commands.build_sacct_window(3600, accounts=["proj-a", "proj-b"], terminal_only=True)

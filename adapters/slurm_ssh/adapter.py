@@ -1,0 +1,450 @@
+"""The ``slurm_ssh`` adapter: Slurm's command line over pooled SSH connections.
+
+Which account runs what:
+
+- ``submit``, ``cancel``, ``read_output`` run as the job's own POSIX user
+  (``auth = "certificate"``), or as ``service_username`` (``auth = "key"``).
+- Cluster-wide reads (``squeue``, ``sacct --allusers``, ``scontrol``, health)
+  run as ``query_username``. ``poll`` falls back to the first ref's user when it
+  is not set; ``usage``, ``find_by_tag`` and ``discover`` require it (or the
+  service account). Slurm's ``PrivateData`` is off by default, so any user sees
+  every job; a site that sets it must give ``query_username`` operator rights.
+
+Scheduler calls per operation: ``poll`` = one ``squeue --json`` + at most one
+``sacct -P`` for the jobs that left the queue (text, not JSON: 22.05's JSON
+reports exit code 0 for failed jobs); ``find_by_tag`` = one
+``squeue`` + one ``sacct``; ``usage`` = one ``sacct``. Slurm 22.05 ignores
+``squeue --json`` filters: the whole queue is read and filtered here; 23.02+
+gets ``--jobs``. The release comes from ``sinfo --version`` once per adapter
+(``slurm_release`` is only a fallback).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterable, Sequence
+from datetime import datetime, timedelta
+from typing import Any
+
+import paramiko
+
+from adapters.slurm_common.accounting import AccountingJob, MalformedRecord
+from adapters.slurm_common.queue import QueueJob
+from adapters.slurm_common.shapes import now_utc
+from adapters.slurm_common.tags import tag_from_job_name
+from adapters.slurm_ssh import commands, errors, parse
+from adapters.slurm_ssh.certs import CertificateAuthority, load_private_key
+from adapters.slurm_ssh.settings import SSHSettings
+from adapters.slurm_ssh.transport import CommandResult, SSHPool
+from broker.adapter import (
+    AdapterConfigError,
+    AdapterError,
+    ClusterAdapter,
+    Health,
+    JobSpec,
+    JobStatus,
+    PartitionInfo,
+    SchedulerJobRef,
+    SubmitOutcomeUnknown,
+    UsageRecord,
+)
+from broker.states import JobState
+
+__all__ = ["SlurmSSHAdapter"]
+
+log = logging.getLogger(__name__)
+
+#: First release whose ``squeue --json`` honours filters.
+FILTERING_RELEASE = (23, 2)
+_USAGE_SLACK_SECONDS = 300
+
+
+class SlurmSSHAdapter(ClusterAdapter):
+    """Slurm through ``sbatch``/``squeue``/``sacct``/``scancel`` over SSH."""
+
+    def __init__(self, name: str, settings: Any, *, data_dir: str) -> None:
+        super().__init__(name, settings, data_dir=data_dir)
+        self.config = SSHSettings.from_mapping(self.settings)
+        self._service_key: paramiko.PKey | None = None
+        self._ca: CertificateAuthority | None = None
+        if self.config.auth == "certificate" and self.config.ssh_ca_key_file:
+            self._ca = CertificateAuthority(
+                self.config.ssh_ca_key_file,
+                self.config.certificate_validity_seconds,
+                self.config.certificate_backdate_seconds,
+            )
+        self._lock = threading.Lock()
+        self._pool = SSHPool(self.config, self._identity)
+        self._release: tuple[int, int] | None = None
+        self._calls = 0
+
+    # ------------------------------------------------------------- identity
+
+    def _identity(self, login: str) -> paramiko.PKey:
+        if self._ca is not None:
+            return self._ca.issue(login)
+        with self._lock:
+            if self._service_key is None:
+                if not self.config.key_file:
+                    raise AdapterConfigError("slurm_ssh: no key_file configured")
+                self._service_key = load_private_key(self.config.key_file)
+            return self._service_key
+
+    def _query_user(self, refs: Sequence[SchedulerJobRef] = ()) -> str:
+        user = self.config.query_username or self.config.service_username
+        if user:
+            return user
+        if refs:
+            return refs[0].username
+        raise AdapterConfigError(
+            f"cluster {self.name}: set connection.query_username for cluster-wide queries",
+            code="no_query_username",
+        )
+
+    # ------------------------------------------------------------- plumbing
+
+    def scheduler_calls(self) -> int:
+        """How many Slurm commands (not ``sinfo --version``) this adapter ran."""
+        with self._lock:
+            return self._calls
+
+    def _run(self, user: str, command: str, **kwargs: Any) -> CommandResult:
+        with self._lock:
+            self._calls += 1
+        return self._pool.run(user, command, **kwargs)
+
+    def _slurm_release(self, user: str) -> tuple[int, int] | None:
+        with self._lock:
+            if self._release is not None:
+                return self._release
+        try:
+            result = self._pool.run(user, commands.build_version())
+            release = parse.parse_version(result.stdout) if result.ok else None
+        except (AdapterError, ValueError) as exc:
+            log.warning("cluster %s: sinfo --version failed: %s", self.name, exc)
+            release = None
+        if release is None and self.config.slurm_release:
+            try:
+                release = parse.parse_version(self.config.slurm_release)
+            except ValueError:
+                release = None
+        if release is not None:
+            with self._lock:
+                self._release = release
+        return release
+
+    def _filters_honoured(self, user: str) -> bool:
+        release = self._slurm_release(user)
+        return release is not None and release >= FILTERING_RELEASE
+
+    def _query(self, user: str, command: str, what: str) -> str:
+        result = self._run(user, command)
+        if not result.ok:
+            raise errors.query_failure(what, result.exit_status, result.stderr)
+        return result.stdout
+
+    # --------------------------------------------------------------- submit
+
+    def submit(self, spec: JobSpec) -> SchedulerJobRef:
+        """``sbatch --parsable`` as ``spec.username``, script on stdin."""
+        cmd = commands.build_submit(spec, self.config.output_dir)
+        submitted_at = now_utc()
+        result = self._run(spec.username, cmd.command, stdin=cmd.stdin, idempotent=False)
+        if not result.ok:
+            raise errors.submit_failure(result.exit_status, result.stderr)
+        try:
+            job_id = parse.parse_sbatch_job_id(result.stdout)
+        except ValueError as exc:
+            raise SubmitOutcomeUnknown(f"sbatch succeeded without a job id: {exc}") from exc
+        log.info(
+            "cluster %s: submitted %s as job %s (%.0f ms)",
+            self.name,
+            spec.tag,
+            job_id,
+            result.seconds * 1000,
+        )
+        return SchedulerJobRef(
+            job_id=job_id, username=spec.username, tag=spec.tag, submit_time=submitted_at
+        )
+
+    # ----------------------------------------------------------------- poll
+
+    def poll(self, refs: Sequence[SchedulerJobRef]) -> list[JobStatus]:
+        """One ``squeue`` + at most one ``sacct`` for every ref together."""
+        valid = [r for r in refs if commands.JOB_ID_RE.match(r.job_id or "")]
+        if not valid:
+            return []
+        user = self._query_user(valid)
+        queue = self._queue_jobs(user, {r.job_id for r in valid})
+        statuses: dict[str, JobStatus] = {}
+        left = []
+        for ref in valid:
+            job = queue.get(ref.job_id)
+            if job is not None and not job.terminal:
+                statuses[ref.job_id] = _status_from_queue(job)
+            else:
+                left.append(ref)
+        if left:
+            statuses.update(self._accounted(user, left, queue))
+        return [statuses[r.job_id] for r in valid if r.job_id in statuses]
+
+    def _queue_jobs(self, user: str, wanted: set[str]) -> dict[str, QueueJob]:
+        honoured = self._filters_honoured(user)
+        result = self._run(
+            user, commands.build_squeue(sorted(wanted, key=int), filters_honoured=honoured)
+        )
+        if not result.ok:
+            if "invalid job id" in result.stderr.lower():
+                return {}
+            raise errors.query_failure("squeue", result.exit_status, result.stderr)
+        try:
+            jobs = parse.parse_squeue_json(result.stdout)
+        except ValueError as exc:
+            raise AdapterError(str(exc), code="scheduler_output_invalid", transient=True) from exc
+        return {j.job_id: j for j in jobs if j.job_id in wanted}
+
+    def _accounted(
+        self, user: str, refs: Sequence[SchedulerJobRef], queue: dict[str, QueueJob]
+    ) -> dict[str, JobStatus]:
+        ids = sorted({r.job_id for r in refs}, key=int)
+        try:
+            text = self._query(user, commands.build_sacct_jobs(ids), "sacct")
+            records, _ = parse.parse_sacct_parsable(text)
+        except AdapterError as exc:
+            log.warning("cluster %s: sacct failed, ended jobs stay unconfirmed: %s", self.name, exc)
+            records = []
+        by_id: dict[str, list[AccountingJob]] = {}
+        for record in records:
+            by_id.setdefault(record.job_id, []).append(record)
+        now = now_utc()
+        out: dict[str, JobStatus] = {}
+        for ref in refs:
+            picked = _pick(by_id.get(ref.job_id, []), ref)
+            status = self._status_after_queue(picked, queue.get(ref.job_id), now)
+            if status is not None:
+                out[ref.job_id] = status
+        return out
+
+    def _status_after_queue(
+        self, rec: AccountingJob | None, job: QueueJob | None, now: datetime
+    ) -> JobStatus | None:
+        if rec is not None and rec.is_settled(now, self.config.accounting_lag_seconds):
+            return _status_from_accounting(rec, final=True)
+        if rec is not None and not rec.terminal and not rec.placeholder:
+            return _status_from_accounting(rec, final=False)
+        if rec is None and job is None:
+            return None
+        raw = rec.raw_state if rec is not None else (job.raw_state if job else "UNKNOWN")
+        job_id = rec.job_id if rec is not None else (job.job_id if job else "")
+        tag = (rec.tag if rec is not None else None) or (job.tag if job else None)
+        return JobStatus(
+            job_id=job_id,
+            state=JobState.COMPLETING,
+            raw_state=raw,
+            final=False,
+            reason="waiting for accounting",
+            tag=tag,
+        )
+
+    # --------------------------------------------------------------- cancel
+
+    def cancel(self, ref: SchedulerJobRef) -> None:
+        """``scancel`` as the job's user; a finished or unknown job is fine."""
+        result = self._run(ref.username, commands.build_cancel(_job_id(ref)))
+        if result.ok:
+            return
+        error = errors.cancel_failure(result.exit_status, result.stderr)
+        if error is not None:
+            raise error
+
+    # ---------------------------------------------------------- find_by_tag
+
+    def find_by_tag(
+        self, tags: Sequence[str], *, since: datetime | None = None
+    ) -> dict[str, SchedulerJobRef]:
+        """Jobs whose **name** carries a tag (comments may not be stored), from
+        the queue and from accounting since ``since`` (default
+        ``find_by_tag_days``). With duplicates the first submitted job wins."""
+        wanted = {t for t in tags if t}
+        if not wanted:
+            return {}
+        user = self._query_user()
+        now = now_utc()
+        start = since or now - timedelta(days=self.config.find_by_tag_days)
+        seconds = int((now - start).total_seconds()) + _USAGE_SLACK_SECONDS
+        queue = parse.parse_queue_text(self._query(user, commands.build_find_queue(), "squeue"))
+        acct, _ = parse.parse_sacct_parsable(
+            self._query(user, commands.build_sacct_window(seconds), "sacct")
+        )
+        candidates: Iterable[tuple[str, str, datetime | None, str | None]] = [
+            *((q.job_id, q.user, q.submit_time, q.name) for q in queue),
+            *((a.job_id, a.user or "", a.submit_time, a.name) for a in acct),
+        ]
+        return _first_per_tag(candidates, wanted)
+
+    # ---------------------------------------------------------------- usage
+
+    def usage(self, since: datetime, *, accounts: Sequence[str] | None = None) -> list[UsageRecord]:
+        """Every finished job (any submitter) of ``accounts`` that ended after
+        ``since``, from one ``sacct --allusers -X -P``. Malformed rows and
+        not-yet-settled records are skipped."""
+        user = self._query_user()
+        now = now_utc()
+        seconds = int((now - since).total_seconds()) + _USAGE_SLACK_SECONDS
+        try:
+            command = commands.build_sacct_window(seconds, accounts=accounts, terminal_only=True)
+        except ValueError as exc:
+            raise AdapterError(str(exc), code="invalid_request") from exc
+        jobs, skipped = parse.parse_sacct_parsable(self._query(user, command, "sacct"))
+        records: list[UsageRecord] = []
+        for job in jobs:
+            if not job.is_settled(now, self.config.accounting_lag_seconds):
+                continue
+            if job.end_time is None or job.end_time < since:
+                continue
+            try:
+                records.append(job.to_usage_record())
+            except MalformedRecord as exc:
+                skipped += 1
+                log.warning("cluster %s: skipping accounting record: %s", self.name, exc)
+        if skipped:
+            log.warning("cluster %s: usage import skipped %d malformed rows", self.name, skipped)
+        return records
+
+    # ---------------------------------------------------------- read_output
+
+    def read_output(self, ref: SchedulerJobRef, stream: str = "stdout", tail: int = 65536) -> str:
+        """``tail -c`` of the job's ``--output``/``--error`` file, as its user."""
+        if stream not in {"stdout", "stderr"}:
+            raise AdapterError(f"unknown stream {stream!r}", code="invalid_request")
+        out, err = commands.output_paths(self.config.output_dir, _job_id(ref))
+        limit = max(0, min(int(tail), self.config.max_output_bytes - 4096))
+        result = self._pool.run(
+            ref.username, commands.build_tail(out if stream == "stdout" else err, limit)
+        )
+        if not result.ok:
+            detail = errors.slurm_message(result.stderr, "tail failed")
+            raise AdapterError(
+                f"output of job {ref.job_id} unavailable: {detail}", code="output_unavailable"
+            )
+        return result.stdout
+
+    # ------------------------------------------------------ health/discover
+
+    def health(self) -> Health:
+        """TCP connect, host key, login and ``sinfo`` on a fresh connection."""
+        started = time.monotonic()
+        try:
+            login: str | None = self.config.login_for(self._query_user())
+        except AdapterConfigError:
+            login = None
+        try:
+            probe = self._pool.probe(login, commands.build_health())
+        except Exception as exc:  # health never raises
+            return Health(ok=False, detail=f"health check crashed: {exc}")
+        latency = (time.monotonic() - started) * 1000
+        checks: dict[str, Any] = dict(probe.checks)
+        failed = probe.failed
+        if failed is not None:
+            return Health(ok=False, detail=failed, latency_ms=latency, checks=checks)
+        if probe.result is None:
+            detail = "reachable, host key ok; set query_username to check login and Slurm"
+            return Health(ok=False, detail=detail, latency_ms=latency, checks=checks)
+        lines = probe.result.stdout.splitlines()
+        version = lines[0].strip() if lines else "?"
+        partitions = ",".join(sorted({ln.strip() for ln in lines[1:] if ln.strip()}))
+        checks["version"] = version
+        return Health(
+            ok=True, detail=f"{version}; partitions {partitions}", latency_ms=latency, checks=checks
+        )
+
+    def discover(self) -> list[PartitionInfo]:
+        """Partitions from ``scontrol show partition`` and ``show node``."""
+        user = self._query_user()
+        parts = parse.parse_scontrol_oneliner(
+            self._query(user, commands.build_discover_partitions(), "scontrol show partition")
+        )
+        nodes = parse.parse_scontrol_oneliner(
+            self._query(user, commands.build_discover_nodes(), "scontrol show node")
+        )
+        return parse.partitions_from_scontrol(parts, nodes)
+
+    def close(self) -> None:
+        """Close pooled connections."""
+        self._pool.close()
+
+
+# ------------------------------------------------------------------ helpers
+
+
+def _job_id(ref: SchedulerJobRef) -> str:
+    try:
+        return commands.validate_job_id(ref.job_id)
+    except ValueError as exc:
+        raise AdapterError(str(exc), code="invalid_job_id") from exc
+
+
+def _pick(records: list[AccountingJob], ref: SchedulerJobRef) -> AccountingJob | None:
+    """The accounting record of ``ref`` when a job id appears more than once
+    (requeues, id wrap-around): same tag first, then the latest submission."""
+    if not records:
+        return None
+    if ref.tag:
+        tagged = [r for r in records if r.tag == ref.tag]
+        records = tagged or records
+    return max(records, key=lambda r: r.submit_time.timestamp() if r.submit_time else 0.0)
+
+
+def _first_per_tag(
+    candidates: Iterable[tuple[str, str, datetime | None, str | None]], wanted: set[str]
+) -> dict[str, SchedulerJobRef]:
+    found: dict[str, SchedulerJobRef] = {}
+    seen: dict[str, set[str]] = {}
+    for job_id, user, submit, name in candidates:
+        tag = tag_from_job_name(name)
+        if tag is None or tag not in wanted:
+            continue
+        seen.setdefault(tag, set()).add(job_id)
+        current = found.get(tag)
+        if current is None or int(job_id) < int(current.job_id):
+            found[tag] = SchedulerJobRef(job_id=job_id, username=user, tag=tag, submit_time=submit)
+    for tag, ids in seen.items():
+        if len(ids) > 1:
+            log.warning(
+                "tag %s is on several jobs %s; reporting the first", tag, sorted(ids, key=int)
+            )
+    return found
+
+
+def _status_from_queue(job: QueueJob) -> JobStatus:
+    return JobStatus(
+        job_id=job.job_id,
+        state=job.state,
+        raw_state=job.raw_state,
+        final=False,
+        reason=job.reason,
+        submit_time=job.submit_time,
+        start_time=job.start_time,
+        end_time=None,
+        alloc_tres=dict(job.alloc_tres),
+        tag=job.tag,
+    )
+
+
+def _status_from_accounting(rec: AccountingJob, *, final: bool) -> JobStatus:
+    return JobStatus(
+        job_id=rec.job_id,
+        state=rec.state,
+        raw_state=rec.raw_state,
+        final=final,
+        exit_code=rec.exit_code if final else None,
+        reason=rec.reason,
+        submit_time=rec.submit_time,
+        start_time=rec.start_time,
+        end_time=rec.end_time if final else None,
+        elapsed_seconds=rec.elapsed_seconds,
+        alloc_tres=dict(rec.alloc_tres),
+        tag=rec.tag,
+    )
