@@ -84,7 +84,7 @@ class WebhookEndpoint(BaseModel):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
     url: str = Field(pattern=r"^https?://", max_length=2000)
     secret: str = Field(min_length=16)
-    kinds: list[Literal["threshold", "expiry"]] = Field(default_factory=lambda: ["threshold", "expiry"])
+    kinds: list[Literal["threshold", "expiry"]] = ["threshold", "expiry"]  # pydantic copies defaults
 
 
 class Settings(BaseSettings):

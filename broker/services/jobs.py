@@ -18,6 +18,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
 
+from broker import notifications
 from broker.adapter import (
     AdapterError,
     JobSpec,
@@ -241,6 +242,7 @@ def settle(session: Session, *, job: Job, status: JobStatus, cost_model: dict[st
                  reason=f"{seconds}s × allocated TRES", job_id=job.id, user_id=job.user_id,
                  occurred_at=occurred)
     SETTLEMENTS.labels(status.state.value).inc()
+    notifications.on_settled(session, alloc.id or 0)  # threshold crossings, recorded once
     session.expire(job)
     return True
 

@@ -1,17 +1,32 @@
 """Usage reports from the ledger (``charge`` and ``import`` entries).
 
 Usage is attributed to when it happened (``occurred_at`` = the job's end), grouped
-by any of user, cluster, partition, day, month. Amounts are per unit (an
-allocation's unit), so every row carries its unit.
+by any of user, cluster, partition, day, month, for any date range. Amounts are
+per unit (an allocation's unit), so every row carries its unit. Grouping happens
+in the database (one ``GROUP BY`` query over the ``occurred_at`` index), so reports
+stay fast on long histories.
+
+The portfolio (:func:`allocation_summaries`) adds, per allocation: used, reserved
+(live jobs at their estimate), remaining, burn rate over a window, projected
+exhaustion date, days left, and whether the allocation is *under-used* for the
+share of its validity that has elapsed. Rules (kept simple so that anyone can
+recompute them):
+
+- burn rate = usage in the last ``window_days`` days (up to and including today) /
+  the number of those days the allocation existed (at least 1);
+- projected exhaustion = today + remaining / burn rate (none when nothing burns);
+- elapsed = (today − start) / (end − start), from the allocation's dates or else
+  the project's; under-used when elapsed ≥ 25 % and used < ``underuse_ratio`` ×
+  elapsed (default: used less than half of what a linear burn would have used).
 """
 
 from __future__ import annotations
 
 import csv
 import io
-from collections import defaultdict
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
+from typing import Any
 
 import sqlalchemy as sa
 from sqlmodel import Session, col, select
@@ -23,10 +38,16 @@ from broker.services.common import require_role, to_units, today, visible_projec
 
 GROUP_KEYS = ("user", "cluster", "partition", "day", "month")
 USAGE_KINDS = ("charge", "import")
+GRANT_KINDS = ("grant", "adjust")
+UNDERUSE_MIN_ELAPSED = 0.25
+SORT_KEYS = ("project", "cluster", "status", "percent_used", "used", "remaining", "reserved",
+             "days_left", "burn_rate_per_day", "projected_exhaustion", "elapsed_percent")
 
 
 @dataclass(frozen=True)
 class UsageRow:
+    """One group of usage: its keys (always ``project``), unit, amount and job count."""
+
     keys: dict[str, str]
     unit: str
     amount: float
@@ -34,6 +55,7 @@ class UsageRow:
 
 
 def parse_group_by(raw: str | None) -> list[str]:
+    """``"user,day"`` → ``["user", "day"]``; unknown keys are a 422."""
     if not raw:
         return []
     keys = [k.strip() for k in raw.split(",") if k.strip()]
@@ -51,10 +73,23 @@ def _bounds(start: date | None, end: date | None) -> tuple[datetime | None, date
     return lo, hi
 
 
+def _naive(value: datetime | None) -> datetime | None:
+    """Bind value for raw column comparisons (timestamps are stored as naive UTC)."""
+    return None if value is None else value.astimezone(UTC).replace(tzinfo=None)
+
+
+def _period(session: Session, column: Any, fmt: str) -> Any:
+    """SQL expression formatting a timestamp as ``YYYY-MM-DD`` (day) or ``YYYY-MM`` (month)."""
+    if session.get_bind().dialect.name == "postgresql":
+        return sa.func.to_char(column, "YYYY-MM-DD" if fmt == "day" else "YYYY-MM")
+    return sa.func.strftime("%Y-%m-%d" if fmt == "day" else "%Y-%m", column)
+
+
 def project_usage(
     session: Session, *, principal: Principal, code: str, group_by: list[str],
     start: date | None, end: date | None,
 ) -> list[UsageRow]:
+    """Usage of one project the caller may see (member or quota manager)."""
     project, _ = visible_project(session, principal, code)
     return usage_rows(session, project_ids=[project.id or 0], group_by=group_by, start=start, end=end)
 
@@ -63,40 +98,49 @@ def usage_rows(
     session: Session, *, project_ids: list[int] | None, group_by: list[str],
     start: date | None, end: date | None,
 ) -> list[UsageRow]:
-    """Charged usage grouped by ``group_by`` (+ unit), from the ledger."""
+    """Charged usage grouped by project + ``group_by`` + unit, aggregated in SQL."""
     lo, hi = _bounds(start, end)
-    q = (select(LedgerEntry.amount, LedgerEntry.occurred_at, Allocation.unit, Cluster.name,
-                User.name, Job.partition, ImportedJob.partition, ImportedJob.username, Project.code)
-         .join(Allocation, Allocation.id == LedgerEntry.allocation_id)  # type: ignore[arg-type]
-         .join(Cluster, Cluster.id == Allocation.cluster_id)  # type: ignore[arg-type]
-         .join(Project, Project.id == LedgerEntry.project_id)  # type: ignore[arg-type]
-         .outerjoin(User, User.id == LedgerEntry.user_id)  # type: ignore[arg-type]
-         .outerjoin(Job, Job.id == LedgerEntry.job_id)  # type: ignore[arg-type]
-         .outerjoin(ImportedJob, ImportedJob.id == LedgerEntry.imported_job_id)  # type: ignore[arg-type]
-         .where(col(LedgerEntry.kind).in_(USAGE_KINDS)))
+    le = LedgerEntry.__table__.c  # type: ignore[attr-defined]
+    exprs: dict[str, Any] = {
+        "project": col(Project.code),
+        "user": sa.func.coalesce(col(User.name), col(ImportedJob.username).concat(" (unmapped)"), "-"),
+        "cluster": col(Cluster.name),
+        "partition": sa.func.coalesce(col(Job.partition), col(ImportedJob.partition), "-"),
+        "day": _period(session, le.occurred_at, "day"),
+        "month": _period(session, le.occurred_at, "month"),
+    }
+    keys = ["project", *group_by]
+    labelled = [exprs[k].label(f"k_{k}") for k in keys]
+    q = (sa.select(*labelled, col(Allocation.unit).label("unit"), sa.func.sum(le.amount), sa.func.count())
+         .select_from(LedgerEntry.__table__)  # type: ignore[attr-defined]
+         .join(Allocation, col(Allocation.id) == le.allocation_id)
+         .join(Project, col(Project.id) == le.project_id)
+         .where(le.kind.in_(USAGE_KINDS)))
+    if "cluster" in keys:
+        q = q.join(Cluster, col(Cluster.id) == col(Allocation.cluster_id))
+    if "user" in keys:
+        q = q.outerjoin(User, col(User.id) == le.user_id)
+    if "user" in keys or "partition" in keys:
+        q = q.outerjoin(ImportedJob, col(ImportedJob.id) == le.imported_job_id)
+    if "partition" in keys:
+        q = q.outerjoin(Job, col(Job.id) == le.job_id)
     if project_ids is not None:
-        q = q.where(col(LedgerEntry.project_id).in_(project_ids))
+        q = q.where(le.project_id.in_(project_ids))
     if lo:
-        q = q.where(col(LedgerEntry.occurred_at) >= lo)
+        q = q.where(le.occurred_at >= _naive(lo))
     if hi:
-        q = q.where(col(LedgerEntry.occurred_at) < hi)
-    totals: dict[tuple[tuple[str, str], ...], list[int]] = defaultdict(lambda: [0, 0])
-    for amount, occurred, unit, cluster, user, part, ipart, iuser, code in session.exec(q).all():
-        values = {"user": user or (f"{iuser} (unmapped)" if iuser else "-"), "cluster": cluster,
-                  "partition": part or ipart or "-", "day": occurred.date().isoformat(),
-                  "month": occurred.strftime("%Y-%m"), "project": code}
-        key = (*((k, values[k]) for k in ["project", *group_by]), ("unit", unit))
-        totals[key][0] += amount
-        totals[key][1] += 1
-    rows = []
-    for key, (amount, jobs) in sorted(totals.items()):
-        keys = dict(key)
-        unit = keys.pop("unit")
-        rows.append(UsageRow(keys, unit, to_units(amount) or 0.0, jobs))
+        q = q.where(le.occurred_at < _naive(hi))
+    q = q.group_by(*(exprs[k] for k in keys), col(Allocation.unit))
+    rows: list[UsageRow] = []
+    for *values, unit, amount, jobs in session.execute(q).all():
+        rows.append(UsageRow(dict(zip(keys, (str(v) for v in values), strict=True)), unit,
+                             to_units(int(amount or 0)) or 0.0, int(jobs)))
+    rows.sort(key=lambda r: (*(r.keys[k] for k in keys), r.unit))
     return rows
 
 
 def rows_to_csv(rows: list[UsageRow], group_by: list[str]) -> str:
+    """CSV with a header: project, the group keys, unit, amount, jobs."""
     out = io.StringIO()
     writer = csv.writer(out)
     writer.writerow(["project", *group_by, "unit", "amount", "jobs"])
@@ -105,34 +149,236 @@ def rows_to_csv(rows: list[UsageRow], group_by: list[str]) -> str:
     return out.getvalue()
 
 
+def totals_by_unit(rows: list[UsageRow]) -> dict[str, float]:
+    """Sum of ``rows`` per unit."""
+    totals: dict[str, float] = {}
+    for r in rows:
+        totals[r.unit] = round(totals.get(r.unit, 0.0) + r.amount, 6)
+    return totals
+
+
+# --- portfolio: balances, burn rate, projections --------------------------------------------
+
 def portfolio(session: Session, *, principal: Principal, window_days: int = 14) -> list[dict[str, object]]:
-    """All allocations with used/reserved/remaining, burn rate and projected exhaustion."""
+    """Quota managers: every allocation with balances, burn rate and projected exhaustion."""
     require_role(principal, "quota_manager")
-    since = datetime.combine(today() - timedelta(days=window_days), time.min, UTC)
-    burned = dict(session.exec(
-        select(LedgerEntry.allocation_id, sa.func.sum(LedgerEntry.amount))
-        .where(col(LedgerEntry.kind).in_(USAGE_KINDS), col(LedgerEntry.occurred_at) >= since)
-        .group_by(col(LedgerEntry.allocation_id))
-    ).all())
+    return allocation_summaries(session, project_ids=None, window_days=window_days)
+
+
+def allocation_summaries(
+    session: Session, *, project_ids: list[int] | None, window_days: int = 14,
+    as_of: date | None = None, underuse_ratio: float = 0.5,
+) -> list[dict[str, Any]]:
+    """One summary per allocation (of ``project_ids``, or all); see the module docstring."""
+    day = as_of or today()
+    since = datetime.combine(day - timedelta(days=window_days - 1), time.min, UTC)
+    until = datetime.combine(day + timedelta(days=1), time.min, UTC)
+    le = LedgerEntry.__table__.c  # type: ignore[attr-defined]
+    burned_q = (sa.select(le.allocation_id, sa.func.sum(le.amount))
+                .where(le.kind.in_(USAGE_KINDS), le.occurred_at >= _naive(since), le.occurred_at < _naive(until))
+                .group_by(le.allocation_id))
+    if project_ids is not None:
+        burned_q = burned_q.where(le.project_id.in_(project_ids))
+    burned = {int(a): int(s or 0) for a, s in session.execute(burned_q).all()}
+    q = (select(Allocation, Project, Cluster)
+         .join(Project, col(Project.id) == col(Allocation.project_id))
+         .join(Cluster, col(Cluster.id) == col(Allocation.cluster_id))
+         .order_by(col(Project.code), col(Allocation.id)))
+    if project_ids is not None:
+        q = q.where(col(Allocation.project_id).in_(project_ids))
+    return [_summary(alloc, project, cluster, burned.get(alloc.id or 0, 0), day, window_days, underuse_ratio)
+            for alloc, project, cluster in session.exec(q).all()]
+
+
+def _summary(alloc: Allocation, project: Project, cluster: Cluster, burned: int, day: date,
+             window_days: int, underuse_ratio: float) -> dict[str, Any]:
+    remaining = alloc.granted - alloc.charged - alloc.reserved
+    start = alloc.start_date or project.start_date
+    end = alloc.end_date or project.end_date
+    existed = window_days if start is None else min(window_days, max(1, (day - start).days + 1))
+    per_day = burned / existed
+    exhaustion = day + timedelta(days=int(remaining / per_day)) if per_day > 0 and remaining > 0 else None
+    if remaining <= 0 and alloc.granted > 0:
+        exhaustion = day
+    elapsed: float | None = None
+    if start and end and end > start:
+        elapsed = min(1.0, max(0.0, (day - start).days / (end - start).days))
+    used_fraction = alloc.charged / alloc.granted if alloc.granted else None
+    underused = (elapsed is not None and used_fraction is not None and elapsed >= UNDERUSE_MIN_ELAPSED
+                 and used_fraction < underuse_ratio * elapsed)
+    return {
+        "project": project.code, "title": project.title, "status": project.status,
+        "access_mode": project.access_mode, "cluster": cluster.name,
+        "allocation_id": alloc.id, "account": alloc.account, "unit": alloc.unit,
+        "granted": to_units(alloc.granted), "used": to_units(alloc.charged),
+        "reserved": to_units(alloc.reserved), "remaining": to_units(remaining),
+        "percent_used": round(100 * alloc.charged / alloc.granted, 2) if alloc.granted else None,
+        "percent_committed": round(100 * (alloc.charged + alloc.reserved) / alloc.granted, 2)
+        if alloc.granted else None,
+        "window_days": window_days, "used_in_window": to_units(burned),
+        "burn_rate_per_day": to_units(round(per_day)),
+        "projected_exhaustion": exhaustion.isoformat() if exhaustion else None,
+        "runs_out_before_end": bool(exhaustion and end and exhaustion < end),
+        "start_date": start, "end_date": end,
+        "days_left": (end - day).days if end else None,
+        "elapsed_percent": None if elapsed is None else round(100 * elapsed, 1),
+        "underused": underused, "thresholds": list(alloc.thresholds),
+    }
+
+
+def filter_portfolio(
+    rows: list[dict[str, Any]], *, status: str | None = None, cluster: str | None = None,
+    q: str | None = None, min_used: float | None = None, max_used: float | None = None,
+    max_days_left: int | None = None, underused: bool | None = None,
+    sort: str = "project", descending: bool = False,
+) -> list[dict[str, Any]]:
+    """Filter and sort portfolio rows (server side: the dashboard works without JavaScript).
+
+    Rows without a value for the sort key (e.g. no end date → no ``days_left``) come last.
+    """
+    if sort not in SORT_KEYS:
+        raise InvalidRequest(f"Unknown sort key {sort!r} (use {', '.join(SORT_KEYS)}).")
+    needle = (q or "").strip().lower()
+    out = []
+    for r in rows:
+        pct = r["percent_used"]
+        if status and r["status"] != status:
+            continue
+        if cluster and r["cluster"] != cluster:
+            continue
+        if needle and needle not in r["project"].lower() and needle not in r["title"].lower():
+            continue
+        if min_used is not None and (pct is None or pct < min_used):
+            continue
+        if max_used is not None and (pct is None or pct > max_used):
+            continue
+        if max_days_left is not None and (r["days_left"] is None or r["days_left"] > max_days_left):
+            continue
+        if underused is not None and r["underused"] != underused:
+            continue
+        out.append(r)
+    present = [r for r in out if r[sort] is not None]
+    missing = [r for r in out if r[sort] is None]
+    present.sort(key=lambda r: (r[sort], r["project"], r["allocation_id"]), reverse=descending)
+    return present + missing
+
+
+def portfolio_csv(rows: list[dict[str, Any]]) -> str:
+    """The portfolio as CSV (one line per allocation)."""
+    columns = ["project", "title", "status", "cluster", "account", "unit", "granted", "used", "reserved",
+               "remaining", "percent_used", "burn_rate_per_day", "projected_exhaustion", "start_date",
+               "end_date", "days_left", "elapsed_percent", "underused"]
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(columns)
+    for r in rows:
+        writer.writerow(["" if r[c] is None else r[c] for c in columns])
+    return out.getvalue()
+
+
+# --- burn-down of one allocation --------------------------------------------------------------
+
+MAX_SERIES_DAYS = 1100
+
+
+def burndown(session: Session, alloc: Allocation, *, window_days: int = 14,
+             as_of: date | None = None, project: Project | None = None) -> dict[str, Any]:
+    """Daily series for a burn-down chart: granted, cumulative used, projected.
+
+    ``used[i]`` is the cumulative usage at the end of ``labels[i]``; ``projected``
+    continues from today at the window's burn rate until the end date (or 90 days),
+    capped at the granted amount; it is ``None`` before today.
+    """
+    day = as_of or today()
+    le = LedgerEntry.__table__.c  # type: ignore[attr-defined]
+    per_day: dict[str, dict[str, int]] = {"used": {}, "granted": {}}
+    for series, kinds, column in (("used", USAGE_KINDS, le.occurred_at), ("granted", GRANT_KINDS, le.created_at)):
+        label = _period(session, column, "day")
+        for d, total in session.execute(
+            sa.select(label, sa.func.sum(le.amount)).where(le.allocation_id == alloc.id, le.kind.in_(kinds))
+            .group_by(label)
+        ).all():
+            per_day[series][str(d)] = int(total or 0)
+    known = sorted({*per_day["used"], *per_day["granted"]})
+    start = alloc.start_date or (project.start_date if project else None) \
+        or (date.fromisoformat(known[0]) if known else day)
+    end = alloc.end_date or (project.end_date if project else None)
+    last = max(day, end or day + timedelta(days=90))
+    if known:
+        start = min(start, date.fromisoformat(known[0]))
+        last = max(last, date.fromisoformat(known[-1]))
+    if (last - start).days > MAX_SERIES_DAYS:
+        start = last - timedelta(days=MAX_SERIES_DAYS)
+    labels: list[str] = []
+    used: list[float | None] = []
+    granted: list[float] = []
+    projected: list[float | None] = []
+    before = {s: sum(v for d, v in per_day[s].items() if d < start.isoformat()) for s in per_day}
+    cum_used, cum_granted = before["used"], before["granted"]
+    declared_start = alloc.start_date or (project.start_date if project else None)
+    rate = _window_rate(session, alloc, day, window_days, declared_start)
+    used_today = before["used"] + sum(v for d, v in per_day["used"].items()
+                                      if start.isoformat() <= d <= day.isoformat())
+    d = start
+    while d <= last:
+        key = d.isoformat()
+        cum_granted += per_day["granted"].get(key, 0)
+        cum_used += per_day["used"].get(key, 0)
+        labels.append(key)
+        granted.append(to_units(cum_granted) or 0.0)
+        used.append(to_units(cum_used) if d <= day else None)
+        if d < day:
+            projected.append(None)
+        else:
+            future = used_today + rate * (d - day).days
+            projected.append(to_units(min(int(future), max(cum_granted, 0))))
+        d += timedelta(days=1)
+    remaining = alloc.granted - alloc.charged - alloc.reserved
+    exhaustion = day + timedelta(days=int(remaining / rate)) if rate > 0 and remaining > 0 else None
+    return {"allocation_id": alloc.id, "unit": alloc.unit, "labels": labels, "granted": granted,
+            "used": used, "projected": projected, "today": day.isoformat(),
+            "burn_rate_per_day": to_units(round(rate)),
+            "projected_exhaustion": exhaustion.isoformat() if exhaustion else None}
+
+
+def _window_rate(session: Session, alloc: Allocation, day: date, window_days: int, start: date | None) -> float:
+    since = datetime.combine(day - timedelta(days=window_days - 1), time.min, UTC)
+    until = datetime.combine(day + timedelta(days=1), time.min, UTC)
+    le = LedgerEntry.__table__.c  # type: ignore[attr-defined]
+    burned = session.execute(
+        sa.select(sa.func.sum(le.amount)).where(le.allocation_id == alloc.id, le.kind.in_(USAGE_KINDS),
+                                                le.occurred_at >= _naive(since), le.occurred_at < _naive(until))
+    ).scalar()
+    existed = window_days if start is None else min(window_days, max(1, (day - start).days + 1))
+    return int(burned or 0) / existed
+
+
+# --- project detail: recent jobs and ledger ---------------------------------------------------------
+
+def recent_jobs(session: Session, project_id: int, limit: int = 20) -> list[dict[str, Any]]:
+    """The project's newest jobs (broker-submitted)."""
     rows = session.exec(
-        select(Allocation, Project, Cluster)
-        .join(Project, Project.id == Allocation.project_id)  # type: ignore[arg-type]
-        .join(Cluster, Cluster.id == Allocation.cluster_id)  # type: ignore[arg-type]
-        .order_by(col(Project.code), col(Allocation.id))
+        select(Job, User.name, Cluster.name)
+        .join(User, col(User.id) == col(Job.user_id))
+        .join(Cluster, col(Cluster.id) == col(Job.cluster_id))
+        .where(Job.project_id == project_id).order_by(col(Job.created_at).desc()).limit(limit)
     ).all()
-    out: list[dict[str, object]] = []
-    for alloc, project, cluster in rows:
-        remaining = alloc.granted - alloc.charged - alloc.reserved
-        per_day = int(burned.get(alloc.id) or 0) / window_days
-        exhaustion = (today() + timedelta(days=int(remaining / per_day))).isoformat() \
-            if per_day > 0 and remaining > 0 else None
-        out.append({
-            "project": project.code, "status": project.status, "cluster": cluster.name,
-            "allocation_id": alloc.id, "unit": alloc.unit, "granted": to_units(alloc.granted),
-            "used": to_units(alloc.charged), "reserved": to_units(alloc.reserved),
-            "remaining": to_units(remaining),
-            "percent_used": round(100 * alloc.charged / alloc.granted, 2) if alloc.granted else None,
-            "burn_rate_per_day": to_units(round(per_day)), "projected_exhaustion": exhaustion,
-            "start_date": alloc.start_date, "end_date": alloc.end_date,
-        })
-    return out
+    return [{"id": j.id, "name": j.name, "user": u, "cluster": c, "partition": j.partition, "state": j.state,
+             "unit": j.unit, "estimated": to_units(j.estimated), "charged": to_units(j.charged),
+             "created_at": j.created_at, "ended_at": j.ended_at} for j, u, c in rows]
+
+
+def ledger_entries(session: Session, project_id: int, *, kinds: tuple[str, ...] | None = None,
+                   limit: int = 50) -> list[dict[str, Any]]:
+    """The project's newest ledger entries (``kinds`` to restrict, e.g. grants and adjustments)."""
+    q = (select(LedgerEntry, Allocation.unit, Cluster.name)
+         .join(Allocation, col(Allocation.id) == col(LedgerEntry.allocation_id))
+         .join(Cluster, col(Cluster.id) == col(Allocation.cluster_id))
+         .where(LedgerEntry.project_id == project_id))
+    if kinds:
+        q = q.where(col(LedgerEntry.kind).in_(kinds))
+    rows = session.exec(q.order_by(col(LedgerEntry.created_at).desc(), col(LedgerEntry.id).desc())
+                        .limit(limit)).all()
+    return [{"id": e.id, "kind": e.kind, "amount": to_units(e.amount), "unit": unit, "cluster": cluster,
+             "allocation_id": e.allocation_id, "job_id": e.job_id, "actor": e.actor, "reason": e.reason,
+             "created_at": e.created_at, "occurred_at": e.occurred_at} for e, unit, cluster in rows]

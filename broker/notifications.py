@@ -1,0 +1,406 @@
+"""Threshold notifications, expiry warnings and HMAC-signed webhooks.
+
+Three steps, each safe with any number of broker replicas:
+
+1. **Detect** — :func:`record_crossings` inserts one :class:`~broker.models.Notification`
+   per threshold of an allocation (``Allocation.thresholds``, default 80/95/100 %
+   of the granted amount *charged*) that has been reached and has no row yet. It
+   runs in the settlement transaction (hook in ``services.jobs.settle``) and in the
+   notifier's periodic scan (which also catches usage imports and grant
+   adjustments). :func:`record_expiry_warnings` does the same for "the allocation
+   ends in ≤ N days" (``Settings.expiry_warning_days``). The unique constraint
+   (allocation, kind, level) makes each crossing exist exactly once; a crossing is
+   never re-announced (lowering usage by raising the grant does not re-arm it).
+2. **Fan out** — :func:`plan_deliveries` creates one
+   :class:`~broker.models.WebhookDelivery` per notification and configured
+   endpoint (``Settings.webhooks``), unique per (notification, endpoint).
+3. **Deliver** — :func:`deliver_due` claims due deliveries with a conditional
+   UPDATE (so one replica sends each attempt), POSTs the JSON body and records
+   the outcome; failures are retried with exponential backoff
+   (``webhook_backoff_seconds`` × 2^(attempt−1), capped) up to
+   ``webhook_max_attempts``, then marked ``failed``.
+
+Webhook request (receivers verify it; :func:`verify_signature` shows how)::
+
+    POST <url>
+    Content-Type: application/json
+    X-Aifa-Event: allocation.threshold_crossed | allocation.expiring
+    X-Aifa-Delivery: <delivery id, stable across retries: deduplicate on it>
+    X-Aifa-Timestamp: <unix seconds of this attempt>
+    X-Aifa-Signature: sha256=<hex HMAC-SHA256(secret, "<timestamp>." + raw body)>
+
+Delivery is at-least-once on the wire (a receiver that answered 2xx after the
+broker died mid-request may see the same delivery id again) and exactly-once per
+crossing in the broker's records.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+import threading
+import time
+from datetime import date, timedelta
+from typing import Any
+
+import httpx
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import Session, col, select
+
+from broker.auth import Principal
+from broker.config import Settings, WebhookEndpoint
+from broker.db import session_scope
+from broker.models import (
+    Allocation,
+    Cluster,
+    Membership,
+    Notification,
+    Project,
+    WebhookDelivery,
+    utcnow,
+)
+from broker.services.common import find_user, to_units, today, visible_project
+
+log = logging.getLogger(__name__)
+
+EVENTS = {"threshold": "allocation.threshold_crossed", "expiry": "allocation.expiring"}
+#: how long a claimed attempt is reserved for the replica sending it
+CLAIM_SECONDS = 120.0
+_wakeup = threading.Event()
+
+
+# --- detection ------------------------------------------------------------------------------
+
+def _allocation_view(session: Session, allocation_id: int) -> tuple[Allocation, Project, Cluster] | None:
+    row = session.exec(
+        select(Allocation, Project, Cluster)
+        .join(Project, col(Project.id) == col(Allocation.project_id))
+        .join(Cluster, col(Cluster.id) == col(Allocation.cluster_id))
+        .where(Allocation.id == allocation_id)
+        .execution_options(populate_existing=True)  # balances move by UPDATE statements
+    ).first()
+    return None if row is None else (row[0], row[1], row[2])
+
+
+def _payload(alloc: Allocation, project: Project, cluster: Cluster) -> dict[str, Any]:
+    remaining = alloc.granted - alloc.charged - alloc.reserved
+    return {
+        "project": project.code, "cluster": cluster.name, "allocation_id": alloc.id, "unit": alloc.unit,
+        "account": alloc.account, "granted": to_units(alloc.granted), "used": to_units(alloc.charged),
+        "reserved": to_units(alloc.reserved), "remaining": to_units(remaining),
+        "percent_used": round(100 * alloc.charged / alloc.granted, 4) if alloc.granted else None,
+        "end_date": (alloc.end_date or project.end_date).isoformat()
+        if (alloc.end_date or project.end_date) else None,
+    }
+
+
+def _insert_once(session: Session, note: Notification) -> bool:
+    """Insert ``note`` unless its (allocation, kind, level) exists; True if inserted."""
+    try:
+        with session.begin_nested():
+            session.add(note)
+            session.flush()
+    except IntegrityError:
+        return False  # recorded concurrently by another transaction
+    return True
+
+
+def _existing_levels(session: Session, allocation_id: int, kind: str) -> set[float]:
+    return set(session.exec(select(Notification.level).where(
+        Notification.allocation_id == allocation_id, Notification.kind == kind)).all())
+
+
+def record_crossings(session: Session, allocation_id: int) -> list[Notification]:
+    """Record every threshold of the allocation that is reached and not yet recorded."""
+    view = _allocation_view(session, allocation_id)
+    if view is None:
+        return []
+    alloc, project, cluster = view
+    if alloc.granted <= 0:
+        return []
+    percent = 100 * alloc.charged / alloc.granted
+    reached = sorted(float(t) for t in alloc.thresholds if percent >= float(t))
+    if not reached:
+        return []
+    missing = [t for t in reached if t not in _existing_levels(session, allocation_id, "threshold")]
+    created = []
+    for level in missing:
+        payload = {**_payload(alloc, project, cluster), "threshold_percent": level}
+        note = Notification(
+            allocation_id=allocation_id, project_id=project.id or 0, kind="threshold", level=level,
+            message=f"{project.code} on {cluster.name} has used {percent:.1f} % of its {alloc.unit} "
+                    f"allocation (threshold {level:g} %).", payload=payload)
+        if _insert_once(session, note):
+            created.append(note)
+    if created:
+        _wakeup.set()
+    return created
+
+
+def on_settled(session: Session, allocation_id: int) -> None:
+    """Settlement hook: record threshold crossings in the settling transaction.
+
+    Never lets a notification problem undo a settlement: errors are logged and the
+    periodic scan records the crossing later."""
+    try:
+        with session.begin_nested():
+            record_crossings(session, allocation_id)
+    except Exception:
+        log.exception("threshold check after settling on allocation %s failed; the scan will retry",
+                      allocation_id)
+
+
+def record_expiry_warnings(session: Session, settings: Settings, *, as_of: date | None = None) -> list[Notification]:
+    """Record "ends in ≤ N days" for each allocation and each N of ``expiry_warning_days``."""
+    day = as_of or today()
+    levels = sorted({int(d) for d in settings.expiry_warning_days if d >= 0})
+    if not levels:
+        return []
+    created = []
+    rows = session.exec(
+        select(Allocation, Project, Cluster)
+        .join(Project, col(Project.id) == col(Allocation.project_id))
+        .join(Cluster, col(Cluster.id) == col(Allocation.cluster_id))
+        .where(col(Project.status).in_(["active", "pending"]))
+    ).all()
+    for alloc, project, cluster in rows:
+        end = alloc.end_date or project.end_date
+        if end is None or end < day:
+            continue
+        days_left = (end - day).days
+        due = [lv for lv in levels if days_left <= lv]
+        if not due:
+            continue
+        have = _existing_levels(session, alloc.id or 0, "expiry")
+        # only the tightest level not yet announced: a late start does not send 30 and 7 at once
+        fresh = [lv for lv in due if float(lv) not in have]
+        if not fresh:
+            continue
+        for level in fresh:
+            announce = level == min(fresh)
+            payload = {**_payload(alloc, project, cluster), "days_left": days_left, "warn_days": level}
+            note = Notification(
+                allocation_id=alloc.id or 0, project_id=project.id or 0, kind="expiry", level=float(level),
+                message=f"{project.code} on {cluster.name}: the {alloc.unit} allocation ends on "
+                        f"{end.isoformat()} ({days_left} days left).",
+                payload={**payload, "superseded": not announce})
+            if _insert_once(session, note):
+                created.append(note)
+    return created
+
+
+def scan(session: Session, settings: Settings) -> int:
+    """Periodic detection over every allocation; returns the number of new notifications."""
+    count = 0
+    for alloc_id in session.exec(select(Allocation.id).where(Allocation.granted > 0)).all():
+        count += len(record_crossings(session, alloc_id or 0))
+    count += len(record_expiry_warnings(session, settings))
+    return count
+
+
+# --- fan-out and delivery ----------------------------------------------------------------------
+
+def plan_deliveries(session: Session, settings: Settings) -> int:
+    """One delivery row per (notification, endpoint) for notifications not yet planned."""
+    created = 0
+    for endpoint in settings.webhooks:
+        planned = select(WebhookDelivery.notification_id).where(WebhookDelivery.endpoint == endpoint.name)
+        notes = session.exec(select(Notification).where(
+            col(Notification.kind).in_(endpoint.kinds), col(Notification.id).not_in(planned))
+            .order_by(col(Notification.id))).all()
+        for note in notes:
+            if note.payload.get("superseded"):
+                continue
+            try:
+                with session.begin_nested():
+                    session.add(WebhookDelivery(notification_id=note.id or 0, endpoint=endpoint.name,
+                                                url=endpoint.url))
+                    session.flush()
+                created += 1
+            except IntegrityError:
+                continue
+    return created
+
+
+def sign(secret: str, timestamp: int, body: bytes) -> str:
+    """The ``X-Aifa-Signature`` value for ``body`` sent at ``timestamp``."""
+    mac = hmac.new(secret.encode(), f"{timestamp}.".encode() + body, hashlib.sha256)
+    return "sha256=" + mac.hexdigest()
+
+
+def verify_signature(secret: str, timestamp: str, body: bytes, signature: str, *,
+                     tolerance_seconds: int = 300, now: float | None = None) -> bool:
+    """What a receiver does: recompute the HMAC and check the timestamp is recent."""
+    try:
+        ts = int(timestamp)
+    except ValueError:
+        return False
+    if abs((now if now is not None else time.time()) - ts) > tolerance_seconds:
+        return False
+    return hmac.compare_digest(sign(secret, ts, body), signature)
+
+
+def _body(note: Notification, delivery: WebhookDelivery) -> bytes:
+    doc = {"event": EVENTS.get(note.kind, note.kind), "delivery_id": delivery.id,
+           "notification": {"id": note.id, "kind": note.kind, "level": note.level, "message": note.message,
+                            "created_at": note.created_at.isoformat(), **note.payload}}
+    return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
+
+
+def backoff_seconds(settings: Settings, attempts: int) -> float:
+    """Delay before the next attempt after ``attempts`` failed ones."""
+    return float(min(settings.webhook_backoff_max_seconds,
+                     settings.webhook_backoff_seconds * 2 ** max(0, attempts - 1)))
+
+
+def _claim(engine: Engine, delivery: WebhookDelivery) -> bool:
+    table = WebhookDelivery.__table__  # type: ignore[attr-defined]
+    now = utcnow()
+    with session_scope(engine) as session:
+        result = session.execute(
+            sa.update(table).where(table.c.id == delivery.id, table.c.status == "pending",
+                                   table.c.attempts == delivery.attempts)
+            .values(attempts=delivery.attempts + 1, next_attempt_at=now + timedelta(seconds=CLAIM_SECONDS))
+        )
+        return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
+def deliver_due(engine: Engine, settings: Settings, http: httpx.Client, *, limit: int = 50) -> int:
+    """Send every delivery that is due; returns how many were delivered now."""
+    endpoints: dict[str, WebhookEndpoint] = {e.name: e for e in settings.webhooks}
+    with session_scope(engine) as session:
+        due = list(session.exec(
+            select(WebhookDelivery, Notification)
+            .join(Notification, col(Notification.id) == col(WebhookDelivery.notification_id))
+            .where(WebhookDelivery.status == "pending", col(WebhookDelivery.next_attempt_at) <= utcnow())
+            .order_by(col(WebhookDelivery.next_attempt_at)).limit(limit)).all())
+    delivered = 0
+    for delivery, note in due:
+        if not _claim(engine, delivery):
+            continue
+        attempt = delivery.attempts + 1
+        endpoint = endpoints.get(delivery.endpoint)
+        if endpoint is None:
+            _finish(engine, delivery.id or 0, ok=False, attempt=attempt, code=None, settings=settings,
+                    error="endpoint no longer configured", give_up=True)
+            continue
+        body = _body(note, delivery)
+        ts = int(time.time())
+        headers = {"Content-Type": "application/json", "User-Agent": "aifa-broker-webhook/1",
+                   "X-Aifa-Event": EVENTS.get(note.kind, note.kind), "X-Aifa-Delivery": str(delivery.id),
+                   "X-Aifa-Timestamp": str(ts), "X-Aifa-Signature": sign(endpoint.secret, ts, body)}
+        code: int | None = None
+        error: str | None = None
+        try:
+            response = http.post(endpoint.url, content=body, headers=headers)
+            code = response.status_code
+            if not 200 <= code < 300:
+                error = f"HTTP {code}"
+        except httpx.HTTPError as exc:
+            error = f"{type(exc).__name__}: {str(exc)[:300]}"
+        ok = error is None
+        delivered += ok
+        if not ok:
+            log.warning("webhook %s delivery %s attempt %d failed: %s", endpoint.name, delivery.id, attempt, error)
+        _finish(engine, delivery.id or 0, ok=ok, attempt=attempt, code=code, settings=settings, error=error,
+                give_up=attempt >= settings.webhook_max_attempts)
+    return delivered
+
+
+def _finish(engine: Engine, delivery_id: int, *, ok: bool, attempt: int, code: int | None,
+            settings: Settings, error: str | None, give_up: bool) -> None:
+    with session_scope(engine) as session:
+        row = session.get(WebhookDelivery, delivery_id)
+        if row is None:
+            return
+        now = utcnow()
+        row.last_status_code, row.last_error = code, None if ok else (error or "failed")[:2000]
+        if ok:
+            row.status, row.delivered_at = "delivered", now
+        elif give_up:
+            row.status = "failed"
+        else:
+            row.next_attempt_at = now + timedelta(seconds=backoff_seconds(settings, attempt))
+        session.add(row)
+
+
+# --- background worker -----------------------------------------------------------------------
+
+class Notifier:
+    """Background thread: scan for crossings/expiry, plan and deliver webhooks."""
+
+    def __init__(self, engine: Engine, settings: Settings, http: httpx.Client | None = None) -> None:
+        self.engine = engine
+        self.settings = settings
+        self.http = http or httpx.Client(timeout=settings.webhook_timeout_seconds, follow_redirects=False)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="aifa-notifier", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        _wakeup.set()
+        if self._thread:
+            self._thread.join(timeout)
+        self.http.close()
+
+    def run_once(self) -> int:
+        """One pass; returns the number of webhooks delivered."""
+        with session_scope(self.engine) as session:
+            scan(session, self.settings)
+            plan_deliveries(session, self.settings)
+        if not self.settings.webhooks:
+            return 0
+        return deliver_due(self.engine, self.settings, self.http)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.run_once()
+            except Exception:  # the loop must survive any single failure
+                log.exception("notifier pass failed")
+            _wakeup.wait(self.settings.notification_interval_seconds)
+            _wakeup.clear()
+
+
+# --- reading ---------------------------------------------------------------------------------
+
+def list_notifications(session: Session, *, principal: Principal, project: str | None = None,
+                       kind: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
+    """Notifications the caller may see (quota managers: all; others: their projects')."""
+    q = (select(Notification, Project.code, Cluster.name, Allocation.unit)
+         .join(Project, col(Project.id) == col(Notification.project_id))
+         .join(Allocation, col(Allocation.id) == col(Notification.allocation_id))
+         .join(Cluster, col(Cluster.id) == col(Allocation.cluster_id)))
+    if project is not None:
+        p, _ = visible_project(session, principal, project)
+        q = q.where(Notification.project_id == p.id)
+    elif not principal.is_quota_manager:
+        user = find_user(session, principal.name)
+        mine = select(Membership.project_id).where(Membership.user_id == (user.id if user else -1))
+        q = q.where(col(Notification.project_id).in_(mine))
+    if kind:
+        q = q.where(Notification.kind == kind)
+    rows = session.exec(q.order_by(col(Notification.created_at).desc(), col(Notification.id).desc())
+                        .limit(limit)).all()
+    ids = [n.id for n, *_ in rows]
+    deliveries: dict[int, list[dict[str, Any]]] = {}
+    if ids:
+        for d in session.exec(select(WebhookDelivery).where(col(WebhookDelivery.notification_id).in_(ids))
+                              .order_by(col(WebhookDelivery.id))).all():
+            deliveries.setdefault(d.notification_id, []).append({
+                "endpoint": d.endpoint, "status": d.status, "attempts": d.attempts,
+                "last_status_code": d.last_status_code, "last_error": d.last_error,
+                "delivered_at": d.delivered_at, "next_attempt_at": d.next_attempt_at if d.status == "pending"
+                else None})
+    return [{"id": n.id, "kind": n.kind, "level": n.level, "project": code, "cluster": cluster, "unit": unit,
+             "allocation_id": n.allocation_id, "message": n.message, "created_at": n.created_at,
+             "payload": n.payload, "deliveries": deliveries.get(n.id or 0, [])}
+            for n, code, cluster, unit in rows]
