@@ -320,7 +320,7 @@ class SlurmSSHAdapter(ClusterAdapter):
         if stream not in {"stdout", "stderr"}:
             raise AdapterError(f"unknown stream {stream!r}", code="invalid_request")
         out, err = commands.output_paths(self.config.output_dir, _job_id(ref))
-        limit = max(0, min(int(tail), self.config.max_output_bytes - 4096))
+        limit = max(0, min(int(tail), max(1, self.config.max_output_bytes - 4096)))
         result = self._pool.run(
             ref.username, commands.build_tail(out if stream == "stdout" else err, limit)
         )
