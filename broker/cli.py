@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 import tomllib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -308,9 +307,5 @@ Then: curl -s {base}/v1/jobs -H "Authorization: Bearer $TOKEN"   (API docs: {bas
 """)
 
 
-def main() -> None:
-    app()
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    app()

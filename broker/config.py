@@ -51,7 +51,8 @@ class OIDCIssuer(BaseModel):
     role_map: dict[str, str] = Field(default_factory=dict)
     #: claim giving the broker user name
     username_claim: str = "sub"
-    algorithms: list[Literal["RS256", "ES256"]] = Field(default_factory=lambda: ["RS256", "ES256"])
+    algorithms: list[Literal["RS256", "ES256"]] = Field(
+        default_factory=lambda: ["RS256", "ES256"])  # type: ignore[arg-type]
 
 
 class AccessModeLimitsConfig(BaseModel):

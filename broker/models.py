@@ -22,6 +22,14 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+def pk(row: Any) -> int:
+    """The primary key of a flushed row (SQLModel types ids as optional)."""
+    value = row.id
+    if value is None:
+        raise ValueError(f"{type(row).__name__} has no id yet: flush it first")
+    return int(value)
+
+
 class UTCDateTime(TypeDecorator[datetime]):
     """Timestamps stored as naive UTC, returned timezone-aware (SQLite keeps no zone)."""
 

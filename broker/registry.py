@@ -48,7 +48,8 @@ class AdapterRegistry:
                 f"adapter {adapter!r} runs jobs as the broker's own OS user (development only); "
                 "it is refused in production unless allow_local_adapter_in_production is set")
         instance: ClusterAdapter = cls(name, connection, data_dir=str(self.settings.data_dir))
-        return timed_adapter_call(instance, ADAPTER_LATENCY)
+        timed_adapter_call(instance, ADAPTER_LATENCY)
+        return instance
 
     def forget(self, name: str) -> None:
         with self._lock:

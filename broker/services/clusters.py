@@ -13,7 +13,7 @@ from broker.adapter import AdapterConfigError, AdapterError, ClusterAdapter, Hea
 from broker.auth import Principal
 from broker.cost import CostModelError, validate_cost_model
 from broker.errors import Conflict, InvalidRequest, NotFound
-from broker.models import Allocation, Cluster, ClusterAccount, Job, User, utcnow
+from broker.models import Allocation, Cluster, ClusterAccount, Job, User, pk, utcnow
 from broker.registry import AdapterRegistry
 from broker.schemas import AccountOut, ClusterIn, ClusterOut, ClusterPatch
 from broker.services.common import get_cluster, get_or_create_user, require_role
@@ -160,7 +160,7 @@ def map_account(
                                      ClusterAccount.cluster_id == cluster.id)
     ).first()
     if acct is None:
-        acct = ClusterAccount(user_id=user.id, cluster_id=cluster.id, username=username)
+        acct = ClusterAccount(user_id=pk(user), cluster_id=pk(cluster), username=username)
     else:
         active = session.exec(select(Job).where(Job.user_id == user.id, Job.cluster_id == cluster.id,
                                                 Job.state.in_([s.value for s in ACTIVE_STATES]))).first()  # type: ignore[attr-defined]

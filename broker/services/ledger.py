@@ -18,7 +18,7 @@ import sqlalchemy as sa
 from sqlmodel import Session, col, select
 
 from broker.errors import QuotaExceeded
-from broker.models import Allocation, Job, LedgerEntry, utcnow
+from broker.models import Allocation, Job, LedgerEntry, pk, utcnow
 
 KIND_COLUMN = {
     "grant": "granted", "adjust": "granted", "reserve": "reserved",
@@ -40,7 +40,7 @@ def apply(
         sa.update(table).where(table.c.id == allocation.id).values({column: table.c[column] + delta})
     )
     entry = LedgerEntry(
-        allocation_id=allocation.id, project_id=allocation.project_id, kind=kind, amount=amount,
+        allocation_id=pk(allocation), project_id=allocation.project_id, kind=kind, amount=amount,
         job_id=job_id, imported_job_id=imported_job_id, user_id=user_id, actor=actor,
         reason=reason, occurred_at=occurred_at or utcnow(),
     )
@@ -68,7 +68,7 @@ def reserve(
     if result.rowcount != 1:  # type: ignore[attr-defined]
         raise QuotaExceeded("The allocation has less budget left than this job's estimate.")
     entry = LedgerEntry(
-        allocation_id=allocation.id, project_id=allocation.project_id, kind="reserve",
+        allocation_id=pk(allocation), project_id=allocation.project_id, kind="reserve",
         amount=amount, job_id=job_id, user_id=user_id, actor=actor, reason="job estimate",
     )
     session.add(entry)

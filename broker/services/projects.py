@@ -6,7 +6,7 @@ from sqlmodel import Session, col, select
 
 from broker.auth import Principal
 from broker.errors import Conflict, Forbidden, InvalidRequest, NotFound
-from broker.models import Allocation, Cluster, Membership, Project, User
+from broker.models import Allocation, Cluster, Membership, Project, User, pk
 from broker.schemas import (
     AllocationIn,
     AllocationOut,
@@ -102,7 +102,7 @@ def grant_allocation(
         project = _project(session, code)
     cluster = get_cluster(session, body.cluster)
     alloc = Allocation(
-        project_id=project.id, cluster_id=cluster.id, unit=body.unit, granted=0,
+        project_id=pk(project), cluster_id=pk(cluster), unit=body.unit, granted=0,
         start_date=body.start_date, end_date=body.end_date, account=body.account,
         thresholds=body.thresholds if body.thresholds is not None else [80.0, 95.0, 100.0],
     )
@@ -155,7 +155,7 @@ def add_member(session: Session, *, principal: Principal | None, code: str, body
     member = session.exec(select(Membership).where(
         Membership.project_id == project.id, Membership.user_id == user.id)).first()
     if member is None:
-        member = Membership(project_id=project.id, user_id=user.id, role=body.role)
+        member = Membership(project_id=pk(project), user_id=pk(user), role=body.role)
     else:
         member.role = body.role
     session.add(member)

@@ -75,7 +75,7 @@ class _IdP:
         idp = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802
+            def do_GET(self) -> None:
                 if self.path == "/.well-known/openid-configuration":
                     body = {"issuer": idp.issuer, "jwks_uri": idp.issuer + "/jwks"}
                 elif self.path == "/jwks":
