@@ -354,4 +354,4 @@ def _restrict_to_caller(session: Session, q, principal: Principal):  # type: ign
     if me is None:
         return q.where(sa.false())
     pi_projects = select(Membership.project_id).where(Membership.user_id == me.id, Membership.role == "pi")
-    return q.where(sa.or_(Job.user_id == me.id, col(Job.project_id).in_(pi_projects)))
+    return q.where(sa.or_(col(Job.user_id) == me.id, col(Job.project_id).in_(pi_projects)))
