@@ -20,6 +20,7 @@ from broker.bootstrap import engine_for, ensure_local_cluster
 from broker.config import Settings, get_settings
 from broker.metrics import REGISTRY, DatabaseCollector
 from broker.migrate import is_up_to_date
+from broker.ratelimit import RateLimiter
 from broker.registry import AdapterRegistry
 from broker.tracker import Tracker
 
@@ -51,6 +52,7 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
     app.state.settings, app.state.engine, app.state.registry = settings, engine, registry
     app.state.tracker, app.state.provisioned = tracker, set()
     app.state.authenticator = Authenticator(settings)
+    app.state.rate_limiter = RateLimiter(settings.rate_limit_per_minute)
     db_metrics = CollectorRegistry(auto_describe=False)
     db_metrics.register(DatabaseCollector(engine))
     problems.install(app)

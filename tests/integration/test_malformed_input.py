@@ -116,3 +116,18 @@ def test_nothing_was_created_by_bad_requests(env: BrokerEnv) -> None:
     assert env.call("GET", "/v1/jobs", env.auth("alice")).json()["items"] == []
     alloc = env.call("GET", "/v1/projects/EHPC-TEST-001", env.auth("alice")).json()["allocations"][0]
     assert alloc["reserved"] == 0
+
+
+def test_rate_limit_gives_429_with_retry_after(db_url: str, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from tests.support.env import broker_env
+
+    with broker_env(tmp_path, db_url, rate_limit_per_minute=3) as env:
+        env.setup_project(amount=1000)
+        codes = [env.call("POST", "/v1/jobs", env.auth("alice"), json=GOOD).status_code for _ in range(3)]
+        assert codes == [201, 201, 201]
+        r = env.call("POST", "/v1/jobs", env.auth("alice"), json=GOOD)
+        body = _problem(r, 429, "rate_limited")
+        assert 1 <= int(r.headers["Retry-After"]) <= 60 and body["detail"]
+        # other users are not affected
+        env.setup_project("EHPC-TEST-002", members=("bob",))
+        assert env.call("POST", "/v1/jobs", env.auth("bob"), json={**GOOD, "project": "EHPC-TEST-002"}).status_code == 201

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, Query
+from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import JSONResponse
 
 from broker.api.deps import EngineDep, PrincipalDep, RegistryDep, SessionDep, SettingsDep
@@ -21,10 +21,11 @@ router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 @router.post("", status_code=201, response_model=JobOut,
              responses={202: {"model": JobOut, "description": "accepted; the cluster outcome is being reconciled"}})
 def submit_job(
-    body: JobRequest, principal: PrincipalDep, engine: EngineDep, settings: SettingsDep,
+    request: Request, body: JobRequest, principal: PrincipalDep, engine: EngineDep, settings: SettingsDep,
     registry: RegistryDep, idempotency_key: Annotated[str | None, Header()] = None,
 ) -> JSONResponse:
     """Submit a job. Honors ``Idempotency-Key`` (per user)."""
+    request.app.state.rate_limiter.check(principal.name)
     if idempotency_key is None:
         result = job_service.submit(engine=engine, settings=settings, registry=registry,
                                     principal=principal, body=body)
