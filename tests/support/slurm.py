@@ -1,0 +1,83 @@
+"""Dev Slurm clusters for tests: which are up, their definitions, running commands.
+
+A release's tests skip with the reason (and the command that fixes it) when its
+cluster is not up — unless CI requires it (``AIFA_REQUIRE_SLURM=1`` and the release
+is listed in ``AIFA_REQUIRED_SLURM_RELEASES``), where a missing cluster fails."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+DEV = ROOT / "deploy" / "slurm-dev"
+RELEASES = ("22.05", "24.11", "26.05")
+ADAPTERS = ("slurm_ssh", "slurm_rest")
+
+
+def definition(release: str, adapter: str) -> dict[str, Any]:
+    path = DEV / "generated" / release / f"{adapter}.toml"
+    with path.open("rb") as fh:
+        data = tomllib.load(fh)
+    data.pop("slurm_release", None)
+    return data
+
+
+def require_cluster(release: str) -> None:
+    """Skip (or fail in CI) unless the ``release`` dev cluster answers."""
+    reason = None
+    if not (DEV / "generated" / release / "slurm_ssh.toml").exists():
+        reason = f"Slurm {release} dev cluster was never brought up (make slurm-up SLURM_RELEASE={release})"
+    else:
+        done = subprocess.run([str(DEV / "status.sh"), release], capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            reason = f"Slurm {release} dev cluster is not running (make slurm-up SLURM_RELEASE={release})"
+    if reason is None:
+        return
+    required = os.environ.get("AIFA_REQUIRED_SLURM_RELEASES", "22.05 24.11 26.05").split()
+    if os.environ.get("AIFA_REQUIRE_SLURM") == "1" and release in required:
+        pytest.fail(reason)
+    pytest.skip(reason)
+
+
+def run_in(release: str, *argv: str, check: bool = True) -> str:
+    """Run a Slurm command as root against the release's cluster."""
+    done = subprocess.run([str(DEV / "run-in"), release, *argv], capture_output=True, text=True,
+                          check=False, timeout=60)
+    if check and done.returncode != 0:
+        raise AssertionError(f"{argv} failed ({done.returncode}): {done.stderr.strip()}")
+    return done.stdout
+
+
+def ctl(release: str, action: str) -> None:
+    subprocess.run([str(DEV / "ctl.sh"), release, action], check=True, capture_output=True, timeout=120)
+
+
+def sacct_job(release: str, job_id: str) -> dict[str, str]:
+    """One job's allocation line from sacct (-X: the job, not its steps)."""
+    fields = "JobID,User,Account,State,ExitCode,ElapsedRaw,AllocTRES,Partition"
+    out = run_in(release, "sacct", "-X", "-n", "-P", "-j", job_id, "-o", fields)
+    lines = [ln for ln in out.splitlines() if ln.strip()]
+    if not lines:
+        return {}
+    return dict(zip(fields.split(","), lines[0].split("|"), strict=True))
+
+
+def tres(alloc_tres: str) -> dict[str, float]:
+    """``cpu=2,mem=100M,node=1,billing=2,gres/gpu=1`` → counts (mem in MB)."""
+    out: dict[str, float] = {}
+    for part in filter(None, alloc_tres.split(",")):
+        name, _, value = part.partition("=")
+        scale = {"K": 1 / 1024, "M": 1, "G": 1024, "T": 1024 * 1024}.get(value[-1:], None)
+        out[name] = float(value[:-1]) * scale if scale is not None else float(value)
+    return out
+
+
+def params() -> list[Any]:
+    """(release, adapter) pairs as pytest params with the ``slurm`` marker."""
+    return [pytest.param((r, a), id=f"{a}-{r}", marks=pytest.mark.slurm) for r in RELEASES for a in ADAPTERS]
