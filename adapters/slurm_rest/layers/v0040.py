@@ -6,12 +6,13 @@ accounting ``state.current`` lists; ``exit_code`` ``{"status": [...],
 "environment": ["K=V", ...]}}``; GPUs only through ``tres_per_node:
 "gres/gpu:N"`` — a ``gres`` field is silently ignored by these versions, so it
 is never sent. ``GET jobs`` leaves finished jobs out; ``slurmdb/jobs`` filters
-``users``. Collection paths end with ``/``. Partitions carry no DEFAULT flag
-before v0.0.45.
+``users`` and takes ``start_time`` as a UNIX timestamp. Collection paths end
+with ``/``. Partitions carry no DEFAULT flag before v0.0.45.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
@@ -25,7 +26,6 @@ from adapters.slurm_rest.layers.base import (
     environment_pairs,
     mapping,
     reason,
-    relative_time,
     text,
 )
 from adapters.slurm_rest.model import (
@@ -74,8 +74,10 @@ class V0040(ApiLayer):
         return {"job": job}
 
     def accounting_params(self, query: AccountingQuery) -> dict[str, str]:
-        """``start_time`` relative, filters by account/user/name, no steps."""
-        params = {"start_time": relative_time(query.lookback_seconds), "skip_steps": "true"}
+        """``start_time`` as a UNIX timestamp (as these versions document it),
+        filters by account/user/name, no steps."""
+        start = int(time.time()) - max(0, query.lookback_seconds)
+        params = {"start_time": str(start), "skip_steps": "true"}
         if query.accounts:
             params["account"] = ",".join(query.accounts)
         if query.users:
