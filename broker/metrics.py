@@ -69,7 +69,13 @@ def _timer(fn: Callable[..., Any], child: Any) -> Callable[..., Any]:
 
 
 class DatabaseCollector(Collector):
-    """Allocation balances, jobs by state and cluster health, read from the database."""
+    """Allocation balances, jobs by state, cluster health and tracker lag, notifications
+    and webhook deliveries — all read from the database at scrape time (a few
+    aggregate queries; never a scheduler call), so every replica reports the same.
+
+    Allocation gauges are summed per (project, cluster, unit): a project with two
+    allocations of one unit on one cluster (e.g. successive periods) is one series.
+    """
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
@@ -80,39 +86,73 @@ class DatabaseCollector(Collector):
             name: GaugeMetricFamily(f"aifa_allocation_{name}", f"Allocation {name} (units)", labels=labels)
             for name in ("granted", "used", "reserved", "remaining")
         }
+        ends = GaugeMetricFamily("aifa_allocation_end_timestamp_seconds",
+                                 "Latest end date of the allocations (Unix time, 00:00 UTC after the last day)",
+                                 labels=labels)
         jobs = GaugeMetricFamily("aifa_jobs", "Jobs by state and cluster", labels=["cluster", "state"])
-        up = GaugeMetricFamily("aifa_cluster_up", "1 when the last health check passed", labels=["cluster"])
-        lag = GaugeMetricFamily("aifa_tracker_lag_seconds", "Seconds since the cluster was last polled",
-                                labels=["cluster"])
+        up = GaugeMetricFamily("aifa_cluster_up", "1 when the last health check or poll succeeded",
+                               labels=["cluster"])
+        online = GaugeMetricFamily("aifa_cluster_online", "1 when the cluster is administratively online "
+                                   "(0: draining or offline)", labels=["cluster"])
+        unreachable = GaugeMetricFamily("aifa_cluster_unreachable_seconds",
+                                        "Seconds since the cluster stopped answering (0 when reachable)",
+                                        labels=["cluster"])
+        lag = GaugeMetricFamily("aifa_tracker_lag_seconds", "Seconds since the cluster was last polled "
+                                "(clusters not offline)", labels=["cluster"])
+        notes = GaugeMetricFamily("aifa_notifications", "Threshold crossings and expiry warnings recorded",
+                                  labels=["kind"])
+        deliveries = GaugeMetricFamily("aifa_webhook_deliveries", "Webhook deliveries by status",
+                                       labels=["status"])
         with self.engine.connect() as conn:
-            for code, cluster, unit, granted, charged, reserved in conn.execute(sa.text(
-                "SELECT p.code, c.name, a.unit, a.granted, a.charged, a.reserved FROM allocations a "
-                "JOIN projects p ON p.id = a.project_id JOIN clusters c ON c.id = a.cluster_id"
+            for code, cluster, unit, granted, charged, reserved, end in conn.execute(sa.text(
+                "SELECT p.code, c.name, a.unit, SUM(a.granted), SUM(a.charged), SUM(a.reserved), MAX(a.end_date) "
+                "FROM allocations a JOIN projects p ON p.id = a.project_id JOIN clusters c ON c.id = a.cluster_id "
+                "GROUP BY p.code, c.name, a.unit"
             )):
+                granted, charged, reserved = int(granted or 0), int(charged or 0), int(reserved or 0)
                 values = {"granted": granted, "used": charged, "reserved": reserved,
                           "remaining": granted - charged - reserved}
                 for name, value in values.items():
                     fams[name].add_metric([code, cluster, unit], value / 1_000_000)
+                if end is not None:
+                    ends.add_metric([code, cluster, unit], _day_end_epoch(end))
             for cluster, state, count in conn.execute(sa.text(
                 "SELECT c.name, j.state, COUNT(*) FROM jobs j JOIN clusters c ON c.id = j.cluster_id "
                 "GROUP BY c.name, j.state"
             )):
                 jobs.add_metric([cluster, state], count)
             now = time.time()
-            for name, ok, last_poll in conn.execute(sa.text(
-                "SELECT name, health_ok, last_poll_at FROM clusters"
+            for name, state, ok, last_poll, down_since in conn.execute(sa.text(
+                "SELECT name, state, health_ok, last_poll_at, unreachable_since FROM clusters"
             )):
                 up.add_metric([name], 1.0 if ok else 0.0)
-                if last_poll is not None:
-                    ts = last_poll if isinstance(last_poll, (int, float)) else _epoch(last_poll)
-                    lag.add_metric([name], max(0.0, now - ts))
+                online.add_metric([name], 1.0 if state == "online" else 0.0)
+                unreachable.add_metric([name], max(0.0, now - _epoch(down_since)) if down_since else 0.0)
+                if last_poll is not None and state != "offline":
+                    lag.add_metric([name], max(0.0, now - _epoch(last_poll)))
+            for kind, count in conn.execute(sa.text("SELECT kind, COUNT(*) FROM notifications GROUP BY kind")):
+                notes.add_metric([kind], count)
+            for status, count in conn.execute(sa.text(
+                "SELECT status, COUNT(*) FROM webhook_deliveries GROUP BY status"
+            )):
+                deliveries.add_metric([status], count)
         yield from fams.values()
-        yield from (jobs, up, lag)
+        yield from (ends, jobs, up, online, unreachable, lag, notes, deliveries)
+
+
+def _day_end_epoch(value: Any) -> float:
+    """A DATE column value (date or ISO string) → Unix time of the following midnight UTC."""
+    from datetime import UTC, date, datetime, time, timedelta
+
+    day = date.fromisoformat(value[:10]) if isinstance(value, str) else value
+    return datetime.combine(day + timedelta(days=1), time.min, UTC).timestamp()
 
 
 def _epoch(value: Any) -> float:
     from datetime import UTC, datetime
 
+    if isinstance(value, (int, float)):
+        return float(value)
     if isinstance(value, str):
         value = datetime.fromisoformat(value)
     if value.tzinfo is None:

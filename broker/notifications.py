@@ -88,13 +88,13 @@ def _allocation_view(session: Session, allocation_id: int) -> tuple[Allocation, 
 
 def _payload(alloc: Allocation, project: Project, cluster: Cluster) -> dict[str, Any]:
     remaining = alloc.granted - alloc.charged - alloc.reserved
+    end = alloc.end_date or project.end_date
     return {
         "project": project.code, "cluster": cluster.name, "allocation_id": alloc.id, "unit": alloc.unit,
         "account": alloc.account, "granted": to_units(alloc.granted), "used": to_units(alloc.charged),
         "reserved": to_units(alloc.reserved), "remaining": to_units(remaining),
         "percent_used": round(100 * alloc.charged / alloc.granted, 4) if alloc.granted else None,
-        "end_date": (alloc.end_date or project.end_date).isoformat()
-        if (alloc.end_date or project.end_date) else None,
+        "end_date": end.isoformat() if end else None,
     }
 
 
@@ -336,7 +336,7 @@ class Notifier:
     def __init__(self, engine: Engine, settings: Settings, http: httpx.Client | None = None) -> None:
         self.engine = engine
         self.settings = settings
-        self.http = http or httpx.Client(timeout=settings.webhook_timeout_seconds, follow_redirects=False)
+        self._http = http
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -349,7 +349,16 @@ class Notifier:
         _wakeup.set()
         if self._thread:
             self._thread.join(timeout)
-        self.http.close()
+        if self._http is not None:
+            self._http.close()
+            self._http = None
+
+    @property
+    def http(self) -> httpx.Client:
+        """The HTTP client for webhooks (created on first use)."""
+        if self._http is None:
+            self._http = httpx.Client(timeout=self.settings.webhook_timeout_seconds, follow_redirects=False)
+        return self._http
 
     def run_once(self) -> int:
         """One pass; returns the number of webhooks delivered."""
@@ -375,17 +384,26 @@ class Notifier:
 def list_notifications(session: Session, *, principal: Principal, project: str | None = None,
                        kind: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
     """Notifications the caller may see (quota managers: all; others: their projects')."""
+    ids: list[int] | None = None
+    if project is not None:
+        p, _ = visible_project(session, principal, project)
+        ids = [p.id or 0]
+    elif not principal.is_quota_manager:
+        user = find_user(session, principal.name)
+        ids = [] if user is None else list(session.exec(
+            select(Membership.project_id).where(Membership.user_id == user.id)).all())
+    return notifications_for(session, project_ids=ids, kind=kind, limit=limit)
+
+
+def notifications_for(session: Session, *, project_ids: list[int] | None, kind: str | None = None,
+                      limit: int = 100) -> list[dict[str, Any]]:
+    """Newest notifications of ``project_ids`` (None: all) with their webhook deliveries."""
     q = (select(Notification, Project.code, Cluster.name, Allocation.unit)
          .join(Project, col(Project.id) == col(Notification.project_id))
          .join(Allocation, col(Allocation.id) == col(Notification.allocation_id))
          .join(Cluster, col(Cluster.id) == col(Allocation.cluster_id)))
-    if project is not None:
-        p, _ = visible_project(session, principal, project)
-        q = q.where(Notification.project_id == p.id)
-    elif not principal.is_quota_manager:
-        user = find_user(session, principal.name)
-        mine = select(Membership.project_id).where(Membership.user_id == (user.id if user else -1))
-        q = q.where(col(Notification.project_id).in_(mine))
+    if project_ids is not None:
+        q = q.where(col(Notification.project_id).in_(project_ids))
     if kind:
         q = q.where(Notification.kind == kind)
     rows = session.exec(q.order_by(col(Notification.created_at).desc(), col(Notification.id).desc())

@@ -12,14 +12,16 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from sqlalchemy.engine import Engine
 
+from broker import dashboard
 from broker.api import problems
 from broker.api.middleware import BodyLimit
-from broker.api.routers import clusters, jobs, projects
+from broker.api.routers import clusters, jobs, projects, reports
 from broker.auth import Authenticator
 from broker.bootstrap import engine_for, ensure_local_cluster
 from broker.config import Settings, get_settings
 from broker.metrics import REGISTRY, DatabaseCollector
 from broker.migrate import is_up_to_date
+from broker.notifications import Notifier
 from broker.ratelimit import RateLimiter
 from broker.registry import AdapterRegistry
 from broker.tracker import Tracker
@@ -35,29 +37,34 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
     ensure_local_cluster(engine, settings)
     registry = AdapterRegistry(settings)
     tracker = Tracker(engine, settings, registry)
+    notifier = Notifier(engine, settings)
     start_tracker = settings.run_tracker if run_tracker is None else run_tracker
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         if start_tracker:
             tracker.start()
+            notifier.start()
         try:
             yield
         finally:
             tracker.stop()
+            notifier.stop()
             registry.close()
 
     app = FastAPI(title="aifa-broker", version="0.1.0", lifespan=lifespan,
                   description="Compute-access broker for EuroHPC AI Factory allocations.")
     app.state.settings, app.state.engine, app.state.registry = settings, engine, registry
     app.state.tracker, app.state.provisioned = tracker, set()
+    app.state.notifier = notifier
     app.state.authenticator = Authenticator(settings)
     app.state.rate_limiter = RateLimiter(settings.rate_limit_per_minute)
     db_metrics = CollectorRegistry(auto_describe=False)
     db_metrics.register(DatabaseCollector(engine))
     problems.install(app)
-    for router in (jobs.router, projects.router, clusters.router):
+    for router in (jobs.router, projects.router, clusters.router, reports.router):
         app.include_router(router)
+    dashboard.install(app, settings)
     _add_probes(app, engine, db_metrics)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     return app

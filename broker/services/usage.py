@@ -73,11 +73,6 @@ def _bounds(start: date | None, end: date | None) -> tuple[datetime | None, date
     return lo, hi
 
 
-def _naive(value: datetime | None) -> datetime | None:
-    """Bind value for raw column comparisons (timestamps are stored as naive UTC)."""
-    return None if value is None else value.astimezone(UTC).replace(tzinfo=None)
-
-
 def _period(session: Session, column: Any, fmt: str) -> Any:
     """SQL expression formatting a timestamp as ``YYYY-MM-DD`` (day) or ``YYYY-MM`` (month)."""
     if session.get_bind().dialect.name == "postgresql":
@@ -127,9 +122,9 @@ def usage_rows(
     if project_ids is not None:
         q = q.where(le.project_id.in_(project_ids))
     if lo:
-        q = q.where(le.occurred_at >= _naive(lo))
+        q = q.where(le.occurred_at >= lo)
     if hi:
-        q = q.where(le.occurred_at < _naive(hi))
+        q = q.where(le.occurred_at < hi)
     q = q.group_by(*(exprs[k] for k in keys), col(Allocation.unit))
     rows: list[UsageRow] = []
     for *values, unit, amount, jobs in session.execute(q).all():
@@ -175,7 +170,7 @@ def allocation_summaries(
     until = datetime.combine(day + timedelta(days=1), time.min, UTC)
     le = LedgerEntry.__table__.c  # type: ignore[attr-defined]
     burned_q = (sa.select(le.allocation_id, sa.func.sum(le.amount))
-                .where(le.kind.in_(USAGE_KINDS), le.occurred_at >= _naive(since), le.occurred_at < _naive(until))
+                .where(le.kind.in_(USAGE_KINDS), le.occurred_at >= since, le.occurred_at < until)
                 .group_by(le.allocation_id))
     if project_ids is not None:
         burned_q = burned_q.where(le.project_id.in_(project_ids))
@@ -347,7 +342,7 @@ def _window_rate(session: Session, alloc: Allocation, day: date, window_days: in
     le = LedgerEntry.__table__.c  # type: ignore[attr-defined]
     burned = session.execute(
         sa.select(sa.func.sum(le.amount)).where(le.allocation_id == alloc.id, le.kind.in_(USAGE_KINDS),
-                                                le.occurred_at >= _naive(since), le.occurred_at < _naive(until))
+                                                le.occurred_at >= since, le.occurred_at < until)
     ).scalar()
     existed = window_days if start is None else min(window_days, max(1, (day - start).days + 1))
     return int(burned or 0) / existed
