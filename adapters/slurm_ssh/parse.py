@@ -24,7 +24,7 @@ from adapters.slurm_common.accounting import (
 from adapters.slurm_common.queue import QueueJob, queue_job_from_json
 from adapters.slurm_common.shapes import epoch_to_datetime
 from adapters.slurm_common.tres import gres_counts, parse_tres_string
-from broker.adapter import PartitionInfo
+from broker.adapter import ClusterUnreachable, PartitionInfo
 
 __all__ = [
     "QueueLine",
@@ -70,7 +70,18 @@ def _load_jobs(text: str, what: str) -> list[Any]:
         raise ValueError(f"{what}: output is not JSON ({exc})") from exc
     if not isinstance(doc, Mapping) or not isinstance(doc.get("jobs"), list):
         raise ValueError(f"{what}: no 'jobs' list in the output")
+    _raise_reported_errors(doc, what)
     return list(doc["jobs"])
+
+
+def _raise_reported_errors(doc: Mapping[str, Any], what: str) -> None:
+    """Slurm 22.05 exits 0 with ``errors[]`` and no jobs when slurmctld is down:
+    that is an unreachable scheduler, never "every job left the queue"."""
+    errors = [e for e in doc.get("errors") or [] if isinstance(e, Mapping)]
+    texts = [str(e.get("description") or e.get("error") or "error") for e in errors]
+    if not texts or all("invalid job id" in t.lower() for t in texts):
+        return
+    raise ClusterUnreachable(f"{what}: {'; '.join(texts)[:500]}", code="scheduler_error")
 
 
 def parse_squeue_json(text: str) -> list[QueueJob]:

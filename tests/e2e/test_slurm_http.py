@@ -70,17 +70,24 @@ def test_direct_sbatch_under_the_project_account_shows_in_usage(slurm_env) -> No
                        "--gres=gpu:1", "--time=2", "--wrap=sleep 3", "-o", "/dev/null")
     job_id = out.strip().split(";")[0]
     deadline = time.monotonic() + 120
-    while True:
-        usage = env.call("GET", "/v1/projects/EHPC-SLURM-001/usage", env.auth("alice"),
-                         params={"group_by": "user"}).json()
-        if usage["rows"] or time.monotonic() > deadline:
-            break
+    row = None
+    while row is None and time.monotonic() < deadline:
+        with env.engine.connect() as conn:
+            row = conn.execute(sa.text("SELECT id, charged, username FROM imported_jobs WHERE scheduler_job_id=:j"),
+                               {"j": job_id}).first()
         time.sleep(1)
+    assert row is not None, "the directly submitted job was never imported"
     acct = slurm.sacct_job(release, job_id)
     expected = slurm.tres(acct["AllocTRES"]).get("gres/gpu", 0) * int(acct["ElapsedRaw"]) / 3600
-    assert [r["jobs"] for r in usage["rows"]] == [1], usage
-    assert abs(usage["totals"]["gpu_hours"] - expected) < 2e-6
+    assert expected > 0 and abs(row.charged / 1e6 - expected) < 2e-6 and row.username == "bob"
+    # the charge is in the project's usage, attributed to bob (mapped on this cluster), exactly once
+    usage = env.call("GET", "/v1/projects/EHPC-SLURM-001/usage", env.auth("alice"),
+                     params={"group_by": "user"}).json()
+    assert "bob" in {r["user"] for r in usage["rows"]}
+    time.sleep(3)  # another import cycle must not charge it again
     with env.engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT COUNT(*) FROM ledger_entries WHERE imported_job_id=:i"),
+                            {"i": row.id}).scalar() == 1
         assert conn.execute(sa.text("SELECT COUNT(*) FROM imported_jobs WHERE scheduler_job_id=:j"),
                             {"j": job_id}).scalar() == 1
 

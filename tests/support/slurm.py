@@ -25,6 +25,8 @@ def definition(release: str, adapter: str) -> dict[str, Any]:
     with path.open("rb") as fh:
         data = tomllib.load(fh)
     data.pop("slurm_release", None)
+    # cluster-wide queries (poll, discovery, usage import) need a reader account
+    data.setdefault("connection", {}).setdefault("query_username", "alice")
     return data
 
 
