@@ -11,6 +11,10 @@ quotes, newlines and ``$( )`` in values arrive intact.
 The only shell syntax in a rendered command is fixed text written here:
 ``&&`` between steps, the ``"$HOME"`` prefix of a home-relative path, and the
 file-descriptor plumbing that feeds ``--export-file``.
+
+Requirements on the login node: a POSIX login shell (sh, bash, dash, ksh,
+zsh; not csh/tcsh) for the users, and GNU ``env`` (``env -0``) when jobs carry
+an environment.
 """
 
 from __future__ import annotations
