@@ -1,0 +1,3 @@
+"""``pyslurm.constants`` (the part used)."""
+
+UNLIMITED = "UNLIMITED"
