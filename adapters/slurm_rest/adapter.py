@@ -30,6 +30,7 @@ import httpx
 
 from adapters.slurm_common.tags import comment_for_tag, job_name_with_tag
 from adapters.slurm_rest import convert
+from adapters.slurm_rest import errors as slurm_errors
 from adapters.slurm_rest.auth import identity_from_settings
 from adapters.slurm_rest.client import JsonObject, RestClient
 from adapters.slurm_rest.discovery import Discovery, discover
@@ -255,10 +256,13 @@ class SlurmRestAdapter(ClusterAdapter):
         """``DELETE job/{id}`` as the job's user; an ended/unknown job is fine."""
         layer = self.api(ref.username)
         try:
-            self._client.request("DELETE", layer.job_path(ref.job_id), username=ref.username, during="cancel")
+            answer = self._client.request("DELETE", layer.job_path(ref.job_id), username=ref.username, during="cancel")
+            failures = slurm_errors.errors_in({"errors": layer.cancel_failures(answer)})
+            if failures:
+                raise slurm_errors.to_exception(failures, during="cancel")
         except AdapterError as exc:
             if exc.code in _CANCEL_OK_CODES:
-                log.debug("slurm_rest %s: cancel %s: already ended (%s)", self.name, ref.job_id, exc.code)
+                log.debug("slurm_rest %s: cancel %s: %s", self.name, ref.job_id, exc.code)
                 return
             raise
 

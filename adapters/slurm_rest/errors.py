@@ -97,7 +97,13 @@ _RULES: tuple[tuple[frozenset[int], tuple[str, ...], ErrorKind], ...] = (
     ),
     (
         frozenset({1000, 1001, 1800, 1801, 1803}),
-        ("unable to contact slurm controller", "connect failure", "communication connection"),
+        (
+            "unable to contact slurm controller",
+            "connect failure",
+            "communication connection",
+            # 22.05 GET jobs while slurmctld is down: "[-1] Failed while looking for jobs"
+            "failed while looking for",
+        ),
         ErrorKind("cluster_unavailable", "unreachable"),
     ),
     (

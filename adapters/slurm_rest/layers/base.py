@@ -117,6 +117,11 @@ class ApiLayer(abc.ABC):
             return []
         return [v for v in value if isinstance(v, Mapping)]
 
+    def cancel_failures(self, body: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+        """Per-job failures inside a successful ``DELETE job`` answer, as
+        ``errors``-style items (none before v0.0.42)."""
+        return []
+
     @abc.abstractmethod
     def parse_queue_job(self, item: Mapping[str, Any]) -> SlurmJob:
         """One item of ``GET jobs``."""

@@ -2,7 +2,9 @@
 
 Changes from v0.0.41: ping items gain ``responding`` (bool) and ``primary``;
 ``slurmdb/ping`` exists (used for the accounting health check); the submit
-response no longer has ``result``; 26.05's accounting adds ``stdout_expanded``.
+response no longer has ``result``; ``DELETE job`` answers carry a ``status``
+list whose items report per-job signal failures (``error.code``/``message``);
+26.05's accounting adds ``stdout_expanded``.
 """
 
 from __future__ import annotations
@@ -25,6 +27,19 @@ class V0042(V0041):
     def db_health_path(self) -> str:
         """``slurmdb/ping/`` (cheaper than diag)."""
         return self._slurmdb("ping/")
+
+    def cancel_failures(self, body: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+        """``status[].error`` items with a non-zero code, as ``errors`` items."""
+        failures: list[Mapping[str, Any]] = []
+        for item in self.items(body, "status"):
+            error = item.get("error")
+            if not isinstance(error, Mapping):
+                continue
+            code = fields.as_int(error.get("code"))
+            if code:
+                message = text(error.get("message")) or text(error.get("string")) or ""
+                failures.append({"error_number": code, "error": message})
+        return failures
 
     def parse_ping(self, item: Mapping[str, Any]) -> PingResult:
         """``responding`` (bool) is authoritative; ``pinged`` is the fallback."""

@@ -80,6 +80,7 @@ class FakeSlurmrestd:
     accounting: list[dict[str, Any]] = field(default_factory=list)
     accounting_error: dict[str, Any] | None = None
     delete_errors: list[dict[str, Any]] = field(default_factory=list)
+    delete_status: list[dict[str, Any]] = field(default_factory=list)
     doc: dict[str, Any] | None = None
     requests: list[httpx.Request] = field(default_factory=list)
     submitted: list[dict[str, Any]] = field(default_factory=list)
@@ -93,7 +94,8 @@ class FakeSlurmrestd:
             self.submitted.append(json.loads(request.content))
             return httpx.Response(200, json={"job_id": 4242, "step_id": "batch", "errors": [], "warnings": []})
         if request.method == "DELETE":
-            return httpx.Response(500 if self.delete_errors else 200, json={"errors": self.delete_errors})
+            body = {"errors": self.delete_errors, "status": self.delete_status}
+            return httpx.Response(500 if self.delete_errors else 200, json=body)
         if path.startswith("/slurmdb/") and path.rstrip("/").endswith("/jobs"):
             if self.accounting_error is not None:
                 return httpx.Response(500, json={"errors": [self.accounting_error]})
@@ -351,6 +353,39 @@ def test_cancel(fake: FakeSlurmrestd, make: Any) -> None:
     with pytest.raises(AdapterError) as info:
         adapter.cancel(ref(1, "bob"))
     assert info.value.code == "permission_denied"
+
+
+def _kill_status(code: int, message: str) -> dict[str, Any]:
+    return {
+        "error": {"string": message, "code": code, "message": message},
+        "step_id": "batch",
+        "job_id": nv(1),
+        "federation": {"sibling": ""},
+    }
+
+
+@pytest.mark.parametrize(
+    ("status", "raised"),
+    [
+        ([], None),
+        ([_kill_status(0, "No error")], None),
+        ([_kill_status(2021, "Job/step already completing or completed")], None),
+        ([_kill_status(2017, "Invalid job id specified")], None),
+        ([_kill_status(2002, "Access/permission denied")], "permission_denied"),
+    ],
+)
+def test_cancel_status_list_v0042(
+    fake: FakeSlurmrestd, make: Any, status: list[dict[str, Any]], raised: str | None
+) -> None:
+    """v0.0.42+ report per-job signal failures in a 200 answer's ``status`` list."""
+    fake.delete_status = status
+    adapter = make(fake)
+    if raised is None:
+        adapter.cancel(ref(1))
+    else:
+        with pytest.raises(AdapterError) as info:
+            adapter.cancel(ref(1))
+        assert info.value.code == raised
 
 
 def test_read_output_unavailable(fake: FakeSlurmrestd, make: Any) -> None:

@@ -68,6 +68,11 @@ def live(name: str) -> dict[str, Any]:
             "unreachable",
         ),
         ({"error_number": 7000, "error": "Unable to connect to database"}, "accounting_unavailable", "unreachable"),
+        (
+            {"error_number": -1, "error": "Unspecified error", "description": "Failed while looking for jobs"},
+            "cluster_unavailable",
+            "unreachable",
+        ),
         ({"error_number": 11, "error": "Resource temporarily unavailable"}, "scheduler_busy", "busy"),
         ({"error": "Protocol authentication error"}, "auth_failed", "config"),
         ({"error_number": 9999, "error": "something new"}, "cluster_error", "other"),
