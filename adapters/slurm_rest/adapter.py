@@ -386,10 +386,11 @@ def _parse(parser: Any, item: Mapping[str, Any]) -> SlurmJob | None:
 
 
 def _status_for(queued: SlurmJob | None, accounted: SlurmJob | None, now: datetime) -> JobStatus | None:
-    """Accounting settles; the queue fills what accounting lacks (22.05's JSON
-    loses exit codes that its queue still has within MinJobAge)."""
+    """Accounting settles. The exit code comes from the queue while it still holds
+    the ended job (its wait status is exact on every release; 22.05's accounting
+    JSON loses exit codes, 24.11's reports 0 for TIMEOUT/CANCELLED)."""
     if accounted is not None and convert.settled(accounted):
-        if accounted.exit_code is None and queued is not None and queued.exit_code is not None:
+        if queued is not None and queued.exit_code is not None and convert.terminal(queued):
             accounted = replace(accounted, exit_code=queued.exit_code)
         return convert.to_status(accounted, final=True, now=now)
     if queued is not None:

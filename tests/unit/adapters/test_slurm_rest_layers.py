@@ -178,33 +178,68 @@ def test_queue_job_2205_sample() -> None:
     assert job.elapsed_seconds == 2 and job.time_limit_minutes == 5
 
 
-LIVE_2205 = {
-    # job id: (state, exit code from the queue's wait status, accounting exit code, gpus)
-    "2": (JobState.COMPLETED, 0, 0, None),
-    "3": (JobState.FAILED, 3, None, None),
-    "4": (JobState.TIMEOUT, 143, None, None),
-    "5": (JobState.CANCELLED, 143, None, None),
-    "6": (JobState.COMPLETED, 0, 0, 1.0),
-    "24": (JobState.RUNNING, None, None, None),
+# Recorded from the dev clusters: role -> job id per (release, version).
+LIVE_IDS = {
+    ("22.05", "v0.0.38"): {"ok": "2", "fail": "3", "timeout": "4", "cancel": "5", "gpu": "6", "running": "24"},
+    ("24.11", "v0.0.40"): {"ok": "2", "fail": "3", "timeout": "4", "cancel": "5", "gpu": "6", "running": "57"},
+    ("24.11", "v0.0.42"): {"ok": "2", "fail": "3", "timeout": "4", "cancel": "5", "gpu": "6", "running": "57"},
+}
+# role: (state, queue exit code, accounting exit code per release, gpus)
+LIVE_ROLES = {
+    "ok": (JobState.COMPLETED, 0, {"22.05": 0, "24.11": 0}, None),
+    "fail": (JobState.FAILED, 3, {"22.05": None, "24.11": 3}, None),
+    "timeout": (JobState.TIMEOUT, 143, {"22.05": None, "24.11": 0}, None),
+    "cancel": (JobState.CANCELLED, 143, {"22.05": None, "24.11": 0}, None),
+    "gpu": (JobState.COMPLETED, 0, {"22.05": 0, "24.11": 0}, 1.0),
+    "running": (JobState.RUNNING, None, {"22.05": None, "24.11": 0}, None),
 }
 
 
-@pytest.mark.parametrize(("job_id", "expected"), sorted(LIVE_2205.items()))
-def test_live_2205_queue_and_accounting(job_id: str, expected: tuple[Any, ...]) -> None:
-    state, queue_exit, db_exit, gpus = expected
-    api = layer("v0.0.38")
-    queue = {j.job_id: j for j in map(api.parse_queue_job, load("22.05", "v0.0.38", "live_jobs.json")["body"]["jobs"])}
+@pytest.mark.parametrize(("release", "version"), sorted(LIVE_IDS))
+@pytest.mark.parametrize("role", sorted(LIVE_ROLES))
+def test_live_queue_and_accounting(release: str, version: str, role: str) -> None:
+    state, queue_exit, db_exits, gpus = LIVE_ROLES[role]
+    job_id = LIVE_IDS[(release, version)][role]
+    api = layer(version)
+    queue = {j.job_id: j for j in map(api.parse_queue_job, load(release, version, "live_jobs.json")["body"]["jobs"])}
     db = {
         j.job_id: j
-        for j in map(api.parse_accounting_job, load("22.05", "v0.0.38", "live_slurmdb_jobs.json")["body"]["jobs"])
+        for j in map(api.parse_accounting_job, load(release, version, "live_slurmdb_jobs.json")["body"]["jobs"])
     }
     assert convert.to_status(queue[job_id], final=False).state is state
     assert queue[job_id].exit_code == queue_exit
-    assert db[job_id].exit_code == db_exit
+    assert (queue[job_id].end_time is None) is (state is JobState.RUNNING), "expected end is not an end"
+    if role != "running":
+        assert db[job_id].exit_code == db_exits[release]
     assert convert.settled(db[job_id]) is (state is not JobState.RUNNING)
     assert db[job_id].alloc_tres.get("gres/gpu") == gpus
+    assert queue[job_id].alloc_tres.get("gres/gpu") == gpus
     assert convert.job_tag(db[job_id]) is not None, "tag read from the name, no comment needed"
-    assert db[job_id].comment is None
+    assert not db[job_id].comment, "the dev clusters do not store comments in accounting"
+
+
+@pytest.mark.parametrize(("release", "version"), sorted(LIVE_IDS))
+def test_live_errors_and_controller(release: str, version: str) -> None:
+    from adapters.slurm_rest.errors import classify, errors_in
+
+    def first_error(name: str) -> str:
+        return classify(errors_in(load(release, version, f"live_{name}.json")["body"])[0]).code
+
+    assert first_error("submit_bad_account") == "invalid_account"
+    assert first_error("submit_bad_partition") == "invalid_partition"
+    assert first_error("delete_unknown") == "job_not_found"
+    api = layer(version)
+    (ping,) = [api.parse_ping(p) for p in load(release, version, "live_ping.json")["body"]["pings"]]
+    assert ping.up
+    nodes = [api.parse_node(n) for n in load(release, version, "live_nodes.json")["body"]["nodes"]]
+    assert nodes[0].gpus == 4 and set(nodes[0].partitions) == {"cpu", "gpu"}
+    parts = {
+        p.name: p
+        for p in map(api.parse_partition, load(release, version, "live_partitions.json")["body"]["partitions"])
+    }
+    assert parts["cpu"].tres["cpu"] > 0 and parts["gpu"].tres["gres/gpu"] == 4
+    assert parts["cpu"].max_time_minutes is None and parts["cpu"].up
+    assert parts["cpu"].default is (version == "v0.0.38"), "v0.0.40-44 do not report the default flag"
 
 
 # ---------------------------------------------------------------- accounting records
@@ -329,18 +364,6 @@ def test_every_path_is_served(release: str, version: str) -> None:
 )
 def test_ping(version: str, item: dict[str, Any], up: bool) -> None:
     assert layer(version).parse_ping(item).up is up
-
-
-def test_live_2205_partitions_and_nodes() -> None:
-    api = layer("v0.0.38")
-    parts = {
-        p.name: p
-        for p in map(api.parse_partition, load("22.05", "v0.0.38", "live_partitions.json")["body"]["partitions"])
-    }
-    assert parts["cpu"].default and not parts["gpu"].default
-    assert parts["cpu"].tres["cpu"] > 0 and parts["cpu"].max_time_minutes is None
-    nodes = [api.parse_node(n) for n in load("22.05", "v0.0.38", "live_nodes.json")["body"]["nodes"]]
-    assert nodes and nodes[0].gpus == 4 and set(nodes[0].partitions) == {"cpu", "gpu"}
 
 
 NEW_PARTITION = {
