@@ -21,7 +21,7 @@ os_id=$( (. /etc/os-release 2>/dev/null && echo "${ID:-}") || true)
     v=$(cut -d. -f1 /etc/debian_version 2>/dev/null || true)
     [[ $v == 12 ]] || why "Slurm 22.05 comes from Debian 12 (bookworm); this is Debian '$(cat /etc/debian_version 2>/dev/null)'"
 }
-command -v apt-get >/dev/null && command -v dpkg-query >/dev/null || why "no apt-get/dpkg"
+if ! command -v apt-get >/dev/null || ! command -v dpkg-query >/dev/null; then why "no apt-get/dpkg"; fi
 
 # Capabilities: mknod (fake GPU devices) and, for chroots, mount.
 cap_eff=$(awk '/^CapEff:/ {print $2}' /proc/self/status)

@@ -1,4 +1,5 @@
 # shellcheck shell=bash
+# shellcheck disable=SC2034  # variables are used by the scripts that source this file
 # Shared helpers for the dev Slurm clusters (sourced by up.sh, down.sh, status.sh,
 # ctl.sh, run-in, can-run.sh). Not meant to be executed on its own.
 #

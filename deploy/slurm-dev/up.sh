@@ -10,6 +10,7 @@
 # idle and accounting answers, then writes the cluster definitions to
 # deploy/slurm-dev/generated/<release>/.
 set -euo pipefail
+# shellcheck disable=SC2016  # dpkg-query ${...} formats are literal on purpose
 # shellcheck source=lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
@@ -21,7 +22,7 @@ SLURM_PKGS=(slurmctld slurmd slurm-client slurmdbd slurmrestd slurm-wlm-jwt-plug
 MIRROR=${AIFA_DEBIAN_MIRROR:-http://deb.debian.org/debian}
 HOST_SHORT=$(hostname -s)
 
-mkdir -p "$AIFA_DEV_BASE" "$STATE"
+mkdir -p "$AIFA_DEV_BASE" "$STATE" "$STATE/log"
 chmod 0755 "$AIFA_DEV_BASE" "$STATE"
 # One up/down at a time per release.
 exec 9>"$STATE/.lock"
@@ -44,14 +45,17 @@ apt_in_root() {  # apt_in_root PKG...: install with apt inside the root
     fi
     local apt=(env DEBIAN_FRONTEND=noninteractive apt-get -q -y
                -o DPkg::Lock::Timeout=300 -o Dpkg::Options::=--force-confold)
+    local alog=$STATE/log/apt.log
+    : >"$alog"
     # Empty package lists (fresh debootstrap) need an update first.
     if ! compgen -G "$RP/var/lib/apt/lists/*_Packages*" >/dev/null; then
-        rt "${apt[@]}" update >&2
+        rt "${apt[@]}" update >>"$alog" 2>&1 || { tail -n 20 "$alog" >&2; die "apt-get update failed (log $alog)"; }
     fi
-    if ! rt "${apt[@]}" install --no-install-recommends "$@" >&2; then
+    if ! rt "${apt[@]}" install --no-install-recommends "$@" >>"$alog" 2>&1; then
         log "apt-get install failed; refreshing package lists and retrying"
-        rt "${apt[@]}" update >&2
-        rt "${apt[@]}" install --no-install-recommends "$@" >&2
+        rt "${apt[@]}" update >>"$alog" 2>&1 || true
+        rt "${apt[@]}" install --no-install-recommends "$@" >>"$alog" 2>&1 \
+            || { tail -n 20 "$alog" >&2; die "apt-get install $* failed (log $alog)"; }
     fi
     if ((ours)) && [[ $MODE == host ]]; then rm -f "$policy"; fi
 }
@@ -62,7 +66,9 @@ ensure_packages() {
     mapfile -t missing < <(missing_pkgs "${need[@]}")
     if ((${#missing[@]})); then
         log "installing ${missing[*]}"
+        local t=$SECONDS
         apt_in_root "${missing[@]}"
+        log "apt took $((SECONDS - t))s (log $STATE/log/apt.log)"
     fi
     local v
     v=$(rt dpkg-query -W -f='${Version}' slurmctld)
@@ -89,11 +95,13 @@ ensure_chroot() {
         fi
         log "debootstrap --variant=minbase $SUITE $ROOT (cached for next time)"
         mkdir -p "$(dirname "$ROOT")"
+        local t=$SECONDS
         debootstrap --variant=minbase "$SUITE" "$ROOT" "$MIRROR" >"$AIFA_DEV_BASE/debootstrap-$SUITE.log" 2>&1 \
             || { tail -n 30 "$AIFA_DEV_BASE/debootstrap-$SUITE.log" >&2; die "debootstrap $SUITE failed"; }
         printf '#!/bin/sh\nexit 101\n' >"$ROOT/usr/sbin/policy-rc.d"
         chmod 0755 "$ROOT/usr/sbin/policy-rc.d"
         touch "$marker"
+        log "debootstrap took $((SECONDS - t))s"
     fi
     # Name resolution inside the chroot (apt, and the host name in slurm.conf).
     cp -f /etc/resolv.conf "$ROOT/etc/resolv.conf" 2>/dev/null || true

@@ -74,7 +74,8 @@ def cluster(request: pytest.FixtureRequest) -> Iterator[Cluster]:
         [str(SLURM_DEV / "status.sh"), release], capture_output=True, text=True, timeout=60, check=False
     )
     if status.returncode != 0:
-        pytest.skip(f"Slurm {release} dev cluster is not up: {status.stdout.strip()} ({hint})")
+        problems = [ln.strip() for ln in status.stdout.splitlines() if " ok " not in ln]
+        pytest.skip(f"Slurm {release} dev cluster is not up: {'; '.join(problems)} ({hint})")
     yield Cluster(release, json.loads(info_path.read_text()))
 
 
