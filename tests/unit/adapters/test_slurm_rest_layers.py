@@ -183,20 +183,28 @@ LIVE_IDS = {
     ("22.05", "v0.0.38"): {"ok": "2", "fail": "3", "timeout": "4", "cancel": "5", "gpu": "6", "running": "24"},
     ("24.11", "v0.0.40"): {"ok": "2", "fail": "3", "timeout": "4", "cancel": "5", "gpu": "6", "running": "57"},
     ("24.11", "v0.0.42"): {"ok": "2", "fail": "3", "timeout": "4", "cancel": "5", "gpu": "6", "running": "57"},
+    ("26.05", "v0.0.42"): {"ok": "1", "fail": "2", "timeout": "3", "running": "4", "gpu": "5"},
+    ("26.05", "v0.0.45"): {"ok": "1", "fail": "2", "timeout": "3", "running": "4", "gpu": "5"},
 }
 # role: (state, queue exit code, accounting exit code per release, gpus)
 LIVE_ROLES = {
-    "ok": (JobState.COMPLETED, 0, {"22.05": 0, "24.11": 0}, None),
-    "fail": (JobState.FAILED, 3, {"22.05": None, "24.11": 3}, None),
-    "timeout": (JobState.TIMEOUT, 143, {"22.05": None, "24.11": 0}, None),
+    "ok": (JobState.COMPLETED, 0, {"22.05": 0, "24.11": 0, "26.05": 0}, None),
+    "fail": (JobState.FAILED, 3, {"22.05": None, "24.11": 3, "26.05": 3}, None),
+    # what Slurm reports for a job killed at its limit differs by release
+    "timeout": (
+        JobState.TIMEOUT,
+        {"22.05": 143, "24.11": 143, "26.05": 0},
+        {"22.05": None, "24.11": 0, "26.05": 0},
+        None,
+    ),
     "cancel": (JobState.CANCELLED, 143, {"22.05": None, "24.11": 0}, None),
-    "gpu": (JobState.COMPLETED, 0, {"22.05": 0, "24.11": 0}, 1.0),
-    "running": (JobState.RUNNING, None, {"22.05": None, "24.11": 0}, None),
+    "gpu": (JobState.COMPLETED, 0, {"22.05": 0, "24.11": 0, "26.05": 0}, 1.0),
+    "running": (JobState.RUNNING, None, {}, None),
 }
+LIVE_CASES = [(rel, ver, role) for (rel, ver), roles in sorted(LIVE_IDS.items()) for role in sorted(roles)]
 
 
-@pytest.mark.parametrize(("release", "version"), sorted(LIVE_IDS))
-@pytest.mark.parametrize("role", sorted(LIVE_ROLES))
+@pytest.mark.parametrize(("release", "version", "role"), LIVE_CASES)
 def test_live_queue_and_accounting(release: str, version: str, role: str) -> None:
     state, queue_exit, db_exits, gpus = LIVE_ROLES[role]
     job_id = LIVE_IDS[(release, version)][role]
@@ -207,7 +215,7 @@ def test_live_queue_and_accounting(release: str, version: str, role: str) -> Non
         for j in map(api.parse_accounting_job, load(release, version, "live_slurmdb_jobs.json")["body"]["jobs"])
     }
     assert convert.to_status(queue[job_id], final=False).state is state
-    assert queue[job_id].exit_code == queue_exit
+    assert queue[job_id].exit_code == (queue_exit[release] if isinstance(queue_exit, dict) else queue_exit)
     assert (queue[job_id].end_time is None) is (state is JobState.RUNNING), "expected end is not an end"
     if role != "running":
         assert db[job_id].exit_code == db_exits[release]
@@ -216,6 +224,13 @@ def test_live_queue_and_accounting(release: str, version: str, role: str) -> Non
     assert queue[job_id].alloc_tres.get("gres/gpu") == gpus
     assert convert.job_tag(db[job_id]) is not None, "tag read from the name, no comment needed"
     assert not db[job_id].comment, "the dev clusters do not store comments in accounting"
+    assert (db[job_id].sluid is not None) is (version == "v0.0.45")
+    if version in ("v0.0.43", "v0.0.44", "v0.0.45"):
+        assert queue[job_id].stdout_path and "%" not in queue[job_id].stdout_path
+
+
+def api_failures(version: str, body: dict[str, Any]) -> list[Any]:
+    return list(layer(version).cancel_failures(body))
 
 
 @pytest.mark.parametrize(("release", "version"), sorted(LIVE_IDS))
@@ -228,6 +243,13 @@ def test_live_errors_and_controller(release: str, version: str) -> None:
     assert first_error("submit_bad_account") == "invalid_account"
     assert first_error("submit_bad_partition") == "invalid_partition"
     assert first_error("delete_unknown") == "job_not_found"
+    if version not in ("v0.0.38", "v0.0.40", "v0.0.41"):  # 200 answers, failures in status[]
+        for name, code in (
+            ("delete_permission_denied", "permission_denied"),
+            ("delete_already_done", "job_already_done"),
+        ):
+            failures = errors_in({"errors": api_failures(version, load(release, version, f"live_{name}.json")["body"])})
+            assert classify(failures[0]).code == code
     api = layer(version)
     (ping,) = [api.parse_ping(p) for p in load(release, version, "live_ping.json")["body"]["pings"]]
     assert ping.up
@@ -239,7 +261,7 @@ def test_live_errors_and_controller(release: str, version: str) -> None:
     }
     assert parts["cpu"].tres["cpu"] > 0 and parts["gpu"].tres["gres/gpu"] == 4
     assert parts["cpu"].max_time_minutes is None and parts["cpu"].up
-    assert parts["cpu"].default is (version == "v0.0.38"), "v0.0.40-44 do not report the default flag"
+    assert parts["cpu"].default is (version in ("v0.0.38", "v0.0.45")), "v0.0.40-44 have no default flag"
 
 
 # ---------------------------------------------------------------- accounting records
