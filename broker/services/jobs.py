@@ -303,6 +303,30 @@ def cancel_job(session: Session, *, principal: Principal, registry: AdapterRegis
     return job_out_loaded(session, job)
 
 
+def read_output(
+    session: Session, *, principal: Principal, registry: AdapterRegistry, job_id: str, stream: str, tail: int,
+) -> str:
+    """The tail of the job's stdout/stderr where the adapter can read it (owner or PI)."""
+    job = _visible_job(session, principal, job_id)
+    if principal.is_quota_manager:
+        user = find_user(session, principal.name)
+        project = session.get(Project, job.project_id)
+        assert project is not None
+        if not (user and user.id == job.user_id) and visible_project(session, principal, project.code)[1] != "pi":
+            raise Forbidden("Only the job's owner or the project's PI can read its output.")
+    if job.scheduler_job_id is None:
+        raise Conflict("The job has not reached the cluster yet.")
+    cluster = session.get(Cluster, job.cluster_id)
+    assert cluster is not None
+    ref = SchedulerJobRef(job_id=job.scheduler_job_id, username=job.username, tag=job.id)
+    try:
+        return adapter_for(registry, cluster).read_output(ref, stream, tail)
+    except AdapterError as exc:
+        if exc.transient:
+            raise ClusterUnavailable(f"Cluster {cluster.name} cannot be reached: {exc}", retry_after=30) from exc
+        raise Conflict(f"The output cannot be read: {exc}", code=exc.code) from exc
+
+
 # --- listing ------------------------------------------------------------------------------------
 
 def _encode_cursor(created: datetime, job_id: str) -> str:

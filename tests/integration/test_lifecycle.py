@@ -160,3 +160,17 @@ def test_ledger_check_cli_reports_drift(env: BrokerEnv, monkeypatch) -> None:  #
         assert bad.exit_code == 1 and "charged stored 5" in bad.output
     finally:
         config.get_settings.cache_clear()
+
+
+def test_output_tail_for_owner_only(env: BrokerEnv) -> None:
+    env.setup_project(members=("alice", "bob"))
+    alice = env.auth("alice")
+    job = env.call("POST", "/v1/jobs", alice, json={
+        "project": "EHPC-TEST-001", "script": "#!/bin/sh\necho out-line\necho err-line >&2\n",
+        "time_limit_minutes": 1}).json()
+    env.wait_settled(job["id"], alice)
+    assert env.call("GET", f"/v1/jobs/{job['id']}/output", alice).text == "out-line\n"
+    assert env.call("GET", f"/v1/jobs/{job['id']}/output", alice, params={"stream": "stderr"}).text == "err-line\n"
+    assert env.call("GET", f"/v1/jobs/{job['id']}/output", alice, params={"tail": 4}).text == "ine\n"
+    assert env.call("GET", f"/v1/jobs/{job['id']}/output", env.auth("bob")).status_code == 404
+    assert env.call("GET", f"/v1/jobs/{job['id']}/output", alice, params={"stream": "x"}).status_code == 422

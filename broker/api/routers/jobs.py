@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 
 from broker.api.deps import EngineDep, PrincipalDep, RegistryDep, SessionDep, SettingsDep
 from broker.db import session_scope
@@ -84,6 +84,18 @@ def list_jobs(
 @router.get("/{job_id}", response_model=JobOut)
 def get_job(job_id: str, principal: PrincipalDep, session: SessionDep) -> JobOut:
     return job_service.get_job(session, principal=principal, job_id=job_id)
+
+
+@router.get("/{job_id}/output", response_class=PlainTextResponse)
+def job_output(
+    job_id: str, principal: PrincipalDep, session: SessionDep, registry: RegistryDep,
+    stream: Annotated[str, Query(pattern="^(stdout|stderr)$")] = "stdout",
+    tail: Annotated[int, Query(ge=1, le=1_048_576)] = 65_536,
+) -> PlainTextResponse:
+    """The last ``tail`` bytes of the job's stdout or stderr (owner, project PI)."""
+    text = job_service.read_output(session, principal=principal, registry=registry, job_id=job_id,
+                                   stream=stream, tail=tail)
+    return PlainTextResponse(text)
 
 
 @router.delete("/{job_id}", response_model=JobOut, status_code=202)
