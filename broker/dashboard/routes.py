@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import urlencode
 
-from fastapi import APIRouter, Form, Query, Request
+from fastapi import APIRouter, Depends, Form, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 from sqlmodel import Session, col, select
@@ -99,16 +99,30 @@ def _portfolio_rows(session: Session, ids: list[int] | None, f: dict[str, Any]) 
         underused=True if f["underused"] else None, sort=f["sort"], descending=f["order"] == "desc")
 
 
-def _filters(
-    status: str = "", cluster: str = "", q: str = "", min_used: float | None = None,
-    max_used: float | None = None, max_days_left: int | None = None, underused: bool = False,
-    sort: str = "project", order: str = "asc", window_days: int = 14,
-) -> dict[str, Any]:
-    if sort not in usage_svc.SORT_KEYS:
-        sort = "project"
-    return {"status": status, "cluster": cluster, "q": q, "min_used": min_used, "max_used": max_used,
-            "max_days_left": max_days_left, "underused": underused, "sort": sort,
-            "order": "desc" if order == "desc" else "asc", "window_days": max(1, min(365, window_days))}
+def _number(raw: str | None, kind: type[float] | type[int]) -> float | int | None:
+    """A form field as a number; empty or malformed input means "no filter"."""
+    try:
+        return kind(raw) if raw not in (None, "") else None
+    except ValueError:
+        return None
+
+
+def portfolio_filters(request: Request) -> dict[str, Any]:
+    """The portfolio's filter/sort query parameters, leniently parsed (an empty
+    field of the HTML form is no filter, never an error)."""
+    qp = request.query_params
+    sort = qp.get("sort", "project")
+    window = _number(qp.get("window_days"), int)
+    return {"status": qp.get("status", "")[:16], "cluster": qp.get("cluster", "")[:64], "q": qp.get("q", "")[:100],
+            "min_used": _number(qp.get("min_used"), float), "max_used": _number(qp.get("max_used"), float),
+            "max_days_left": _number(qp.get("max_days_left"), int),
+            "underused": qp.get("underused", "").lower() in ("1", "true", "on", "yes"),
+            "sort": sort if sort in usage_svc.SORT_KEYS else "project",
+            "order": "desc" if qp.get("order") == "desc" else "asc",
+            "window_days": max(1, min(365, int(window or 14)))}
+
+
+Filters = Annotated[dict[str, Any], Depends(portfolio_filters)]
 
 
 def _query(f: dict[str, Any], **override: Any) -> str:
@@ -117,17 +131,9 @@ def _query(f: dict[str, Any], **override: Any) -> str:
 
 
 @router.get("", response_class=HTMLResponse)
-def portfolio(
-    request: Request,
-    status: Annotated[str, Query(max_length=16)] = "", cluster: Annotated[str, Query(max_length=64)] = "",
-    q: Annotated[str, Query(max_length=100)] = "", min_used: Annotated[float | None, Query(ge=0)] = None,
-    max_used: Annotated[float | None, Query(ge=0)] = None, max_days_left: int | None = None,
-    underused: bool = False, sort: Annotated[str, Query(max_length=32)] = "project",
-    order: Annotated[str, Query(max_length=4)] = "asc", window_days: Annotated[int, Query(ge=1, le=365)] = 14,
-) -> Response:
+def portfolio(request: Request, f: Filters) -> Response:
     """The portfolio: every visible allocation, filterable and sortable."""
     principal = _require(request)
-    f = _filters(status, cluster, q, min_used, max_used, max_days_left, underused, sort, order, window_days)
     with session_scope(_engine(request)) as session:
         ids = _scope(session, principal)
         if ids == []:
@@ -142,17 +148,9 @@ def portfolio(
 
 
 @router.get("/portfolio.csv")
-def portfolio_csv(
-    request: Request,
-    status: Annotated[str, Query(max_length=16)] = "", cluster: Annotated[str, Query(max_length=64)] = "",
-    q: Annotated[str, Query(max_length=100)] = "", min_used: Annotated[float | None, Query(ge=0)] = None,
-    max_used: Annotated[float | None, Query(ge=0)] = None, max_days_left: int | None = None,
-    underused: bool = False, sort: Annotated[str, Query(max_length=32)] = "project",
-    order: Annotated[str, Query(max_length=4)] = "asc", window_days: Annotated[int, Query(ge=1, le=365)] = 14,
-) -> Response:
+def portfolio_csv(request: Request, f: Filters) -> Response:
     """The portfolio as shown (same filters), as CSV."""
     principal = _require(request)
-    f = _filters(status, cluster, q, min_used, max_used, max_days_left, underused, sort, order, window_days)
     with session_scope(_engine(request)) as session:
         ids = _scope(session, principal)
         if ids == []:
@@ -175,10 +173,12 @@ def _visible(session: Session, principal: Principal, code: str) -> Project | Non
 
 
 @router.get("/projects/{code}", response_class=HTMLResponse)
-def project_page(request: Request, code: str, from_: Annotated[date | None, Query(alias="from")] = None,
-                 to: date | None = None, window_days: Annotated[int, Query(ge=1, le=365)] = 14) -> Response:
+def project_page(request: Request, code: str, from_raw: Annotated[str, Query(alias="from", max_length=10)] = "",
+                 to_raw: Annotated[str, Query(alias="to", max_length=10)] = "",
+                 window_days: Annotated[int, Query(ge=1, le=365)] = 14) -> Response:
     """Burn-down per allocation, usage by user and cluster, recent jobs, ledger, notifications."""
     principal = _require(request)
+    from_, to = _date(from_raw), _date(to_raw)
     with session_scope(_engine(request)) as session:
         if _scope(session, principal) == []:
             return _forbidden(request)
@@ -214,6 +214,14 @@ def project_page(request: Request, code: str, from_: Annotated[date | None, Quer
                   totals=usage_svc.totals_by_unit(by_user))
 
 
+def _date(raw: str) -> date | None:
+    """A date field of a form; empty or malformed means "open-ended"."""
+    try:
+        return date.fromisoformat(raw) if raw else None
+    except ValueError:
+        return None
+
+
 def _chart_view(chart: dict[str, Any]) -> dict[str, Any]:
     """The chart data plus a short text table (month ends and today) for non-visual readers."""
     labels: list[str] = chart["labels"]
@@ -227,9 +235,11 @@ def _chart_view(chart: dict[str, Any]) -> dict[str, Any]:
 @router.get("/projects/{code}/usage.csv")
 def project_usage_csv(request: Request, code: str,
                       group_by: Annotated[str, Query(max_length=100)] = "user",
-                      from_: Annotated[date | None, Query(alias="from")] = None, to: date | None = None) -> Response:
+                      from_raw: Annotated[str, Query(alias="from", max_length=10)] = "",
+                      to_raw: Annotated[str, Query(alias="to", max_length=10)] = "") -> Response:
     """A project's usage as CSV, grouped as asked."""
     principal = _require(request)
+    from_, to = _date(from_raw), _date(to_raw)
     with session_scope(_engine(request)) as session:
         if _scope(session, principal) == []:
             return _forbidden(request)

@@ -38,7 +38,6 @@ from broker.services.common import require_role, to_units, today, visible_projec
 
 GROUP_KEYS = ("user", "cluster", "partition", "day", "month")
 USAGE_KINDS = ("charge", "import")
-GRANT_KINDS = ("grant", "adjust")
 UNDERUSE_MIN_ELAPSED = 0.25
 SORT_KEYS = ("project", "cluster", "status", "percent_used", "used", "remaining", "reserved",
              "days_left", "burn_rate_per_day", "projected_exhaustion", "elapsed_percent")
@@ -287,7 +286,8 @@ def burndown(session: Session, alloc: Allocation, *, window_days: int = 14,
     day = as_of or today()
     le = LedgerEntry.__table__.c  # type: ignore[attr-defined]
     per_day: dict[str, dict[str, int]] = {"used": {}, "granted": {}}
-    for series, kinds, column in (("used", USAGE_KINDS, le.occurred_at), ("granted", GRANT_KINDS, le.created_at)):
+    # the initial grant counts from the first day of the series; adjustments from the day they were made
+    for series, kinds, column in (("used", USAGE_KINDS, le.occurred_at), ("granted", ("adjust",), le.created_at)):
         label = _period(session, column, "day")
         for d, total in session.execute(
             sa.select(label, sa.func.sum(le.amount)).where(le.allocation_id == alloc.id, le.kind.in_(kinds))
@@ -309,6 +309,9 @@ def burndown(session: Session, alloc: Allocation, *, window_days: int = 14,
     granted: list[float] = []
     projected: list[float | None] = []
     before = {s: sum(v for d, v in per_day[s].items() if d < start.isoformat()) for s in per_day}
+    before["granted"] += int(session.execute(
+        sa.select(sa.func.coalesce(sa.func.sum(le.amount), 0)).where(le.allocation_id == alloc.id,
+                                                                     le.kind == "grant")).scalar() or 0)
     cum_used, cum_granted = before["used"], before["granted"]
     declared_start = alloc.start_date or (project.start_date if project else None)
     rate = _window_rate(session, alloc, day, window_days, declared_start)
