@@ -92,8 +92,10 @@ def make_target(release: str) -> ContractTarget:
 
 
 def targets() -> list[object]:
-    """One target per dev Slurm release."""
+    """One target per dev Slurm release, marked ``slurm`` (``-m "not slurm"`` drops them)."""
     return [
-        pytest.param(lambda r=release: make_target(r), id=f"slurm_ssh-{release}")
+        pytest.param(
+            lambda r=release: make_target(r), id=f"slurm_ssh-{release}", marks=[pytest.mark.slurm]
+        )
         for release in RELEASES
     ]
