@@ -36,7 +36,8 @@ else
     # processes) keeps its mounts busy.
     mapfile -t rest < <(all_pids_in_root)
     if ((${#rest[@]})); then
-        log "stopping ${#rest[@]} remaining process(es) in $ROOT"
+        names=$(for p in "${rest[@]}"; do cat "/proc/$p/comm" 2>/dev/null; done | sort | uniq -c | xargs)
+        log "stopping ${#rest[@]} remaining process(es) in $ROOT: $names"
         kill_and_wait 5 "${rest[@]}"
     fi
     # Unmount in reverse order. Never delete anything here: $ROOT/dev is the

@@ -116,6 +116,7 @@ kill_and_wait() {
         [[ ${#alive[@]} -eq 0 ]] && return 0
         sleep 0.1
     done
+    log "still alive after ${timeout}s, killing: $(for p in "${alive[@]}"; do printf '%s(%s) ' "$(cat "/proc/$p/comm" 2>/dev/null)" "$p"; done)"
     kill -KILL "${alive[@]}" 2>/dev/null || true
 }
 

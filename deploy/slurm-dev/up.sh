@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# shellcheck disable=SC2016  # dpkg-query ${...} formats are literal on purpose
 # Bring up a single-node dev Slurm cluster of the given release (idempotent).
 #
 #   deploy/slurm-dev/up.sh 22.05   # on the host, Debian 12 packages
@@ -10,7 +11,6 @@
 # idle and accounting answers, then writes the cluster definitions to
 # deploy/slurm-dev/generated/<release>/.
 set -euo pipefail
-# shellcheck disable=SC2016  # dpkg-query ${...} formats are literal on purpose
 # shellcheck source=lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
@@ -151,9 +151,17 @@ ensure_mariadb() {
 }
 
 ensure_database() {
+    local h sql=""
     [[ -s $STATE/db_password ]] || (umask 077; openssl rand -hex 16 >"$STATE/db_password")
+    if [[ ! -e $STATE/spool/ctld/job_state && ! -e $STATE/spool/ctld/job_state.old ]] \
+        && ! is_running slurmdbd; then
+        # slurmctld has no saved state (new or wiped state dir): its job ids
+        # restart at 1, so accounting from an earlier life would give duplicate
+        # job ids. Start accounting afresh too.
+        sql+="DROP DATABASE IF EXISTS \`$DB_NAME\`;"
+    fi
     DB_PASS=$(cat "$STATE/db_password")
-    local h sql="CREATE DATABASE IF NOT EXISTS \`$DB_NAME\`;"
+    sql+="CREATE DATABASE IF NOT EXISTS \`$DB_NAME\`;"
     for h in 127.0.0.1 localhost; do
         sql+="CREATE USER IF NOT EXISTS '$DB_USER'@'$h' IDENTIFIED BY '$DB_PASS';"
         sql+="ALTER USER '$DB_USER'@'$h' IDENTIFIED BY '$DB_PASS';"
