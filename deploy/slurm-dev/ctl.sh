@@ -13,13 +13,19 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 load_release "${1:-}"
 action=${2:-}
-[[ $(id -u) -eq 0 ]] || die "must run as root"
 verb=${action%%-*}
 name=${action#*-}
-case " ${DAEMONS[*]} " in *" $name "*) ;; *) verb=bad ;; esac
+usage() { echo "usage: $(basename "$0") RELEASE stop-|start-|restart-{${DAEMONS[*]}}" >&2; exit 2; }
+case " ${DAEMONS[*]} " in *" $name "*) ;; *) usage ;; esac
+case $verb in stop|start|restart) ;; *) usage ;; esac
+[[ $(id -u) -eq 0 ]] || die "must run as root"
+[[ -d $STATE ]] || die "the $RELEASE cluster was never brought up (run up.sh $RELEASE)"
 if [[ $MODE == chroot ]] && ! is_mounted "$ROOT/proc"; then
     die "the $RELEASE cluster is not up (run up.sh $RELEASE)"
 fi
+# Not while up.sh/down.sh of this release runs (launch closes this fd for daemons).
+exec 9>"$STATE/.lock"
+flock -w 120 9 || die "another up/down of $RELEASE holds $STATE/.lock"
 
 do_start() {
     if "healthy_$name"; then log "$name already running"; return 0; fi
@@ -33,5 +39,4 @@ case $verb in
     stop)    stop_daemon "$name" ;;
     start)   do_start ;;
     restart) stop_daemon "$name"; do_start ;;
-    *) echo "usage: $(basename "$0") RELEASE stop-|start-|restart-{${DAEMONS[*]}}" >&2; exit 2 ;;
 esac

@@ -189,12 +189,15 @@ anything_mounted_under() {
 write_info() {
     local up=$1
     mkdir -p "$GEN_DIR"
+    # shellcheck disable=SC2016  # a dpkg-query format, not a shell expansion
+    : "${SLURM_VERSION:=$(rt dpkg-query -W -f='${Version}' slurmctld 2>/dev/null || true)}"
     cat >"$GEN_DIR/info.json.tmp" <<EOF
 {
   "release": "$RELEASE",
   "cluster_name": "$CLUSTER",
   "mode": "$MODE",
   "suite": "$SUITE",
+  "slurm_version": "${SLURM_VERSION:-}",
   "root": "$ROOT",
   "state_dir": "$STATE",
   "node": "$NODE",

@@ -132,6 +132,11 @@ mysql_root() {
 }
 
 ensure_mariadb() {
+    if ! command -v mysql >/dev/null; then
+        log "installing mariadb-client on the host (to create the accounting database)"
+        DEBIAN_FRONTEND=noninteractive apt-get -q -y -o DPkg::Lock::Timeout=300 \
+            install --no-install-recommends mariadb-client >&2
+    fi
     if port_open 3306; then return 0; fi
     # Not running: start our own, and remember that we did (down.sh stops only
     # a MariaDB that up.sh started, and only when no dev cluster uses it).
