@@ -466,3 +466,16 @@ def test_discover(make: Any) -> None:
     assert set(parts) == {"cpu", "gpu"}
     assert parts["gpu"].gpus_per_node == 4 and parts["cpu"].cpus_per_node > 0
     assert parts["cpu"].default and not parts["gpu"].default
+
+
+def test_threads_share_one_discovery_and_pool(fake: FakeSlurmrestd, make: Any) -> None:
+    """Several threads may call one adapter: discovery happens once, every call works."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    fake.queue = [queue_item(1, "RUNNING")]
+    adapter = make(fake)
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        results = list(pool.map(lambda _: adapter.poll([ref(1)]), range(32)))
+    assert all(len(r) == 1 and r[0].state is JobState.RUNNING for r in results)
+    assert len(fake.calls("/openapi/v3")) == 1
+    assert len(fake.calls("/slurm/v0.0.42/jobs")) == 32
