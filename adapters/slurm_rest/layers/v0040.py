@@ -6,13 +6,12 @@ accounting ``state.current`` lists; ``exit_code`` ``{"status": [...],
 "environment": ["K=V", ...]}}``; GPUs only through ``tres_per_node:
 "gres/gpu:N"`` — a ``gres`` field is silently ignored by these versions, so it
 is never sent. ``GET jobs`` leaves finished jobs out; ``slurmdb/jobs`` filters
-``users`` and takes ``start_time`` as a UNIX timestamp. Collection paths end
-with ``/``. Partitions carry no DEFAULT flag before v0.0.45.
+``users`` (``start_time`` is sent relative: see ``accounting_params``).
+Collection paths end with ``/``. Partitions carry no DEFAULT flag before v0.0.45.
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
@@ -26,6 +25,7 @@ from adapters.slurm_rest.layers.base import (
     environment_pairs,
     mapping,
     reason,
+    relative_time,
     text,
 )
 from adapters.slurm_rest.model import (
@@ -74,10 +74,10 @@ class V0040(ApiLayer):
         return {"job": job}
 
     def accounting_params(self, query: AccountingQuery) -> dict[str, str]:
-        """``start_time`` as a UNIX timestamp (as these versions document it),
-        filters by account/user/name, no steps."""
-        start = int(time.time()) - max(0, query.lookback_seconds)
-        params = {"start_time": str(start), "skip_steps": "true"}
+        """``start_time`` relative (``now-Nseconds``), filters by account/user/name,
+        no steps. The schema says "UNIX timestamp", but v0.0.40/41 on 24.11
+        reject a bare timestamp (error 9202) while every version takes this."""
+        params = {"start_time": relative_time(query.lookback_seconds), "skip_steps": "true"}
         if query.accounts:
             params["account"] = ",".join(query.accounts)
         if query.users:
