@@ -403,6 +403,9 @@ host_key = "$host_key"
 auth = "certificate"
 ssh_ca_key_file = "$STATE/ssh_ca"
 certificate_validity_seconds = 300
+# cluster-wide reads (poll, usage import, discovery) run as this account; the dev
+# clusters keep PrivateData off, so any user sees all jobs (a site uses a reader account)
+query_username = "alice"
 slurm_release = "$RELEASE"
 EOF
     cat >"$GEN_DIR/slurm_rest.toml" <<EOF
@@ -419,6 +422,7 @@ url = "http://127.0.0.1:$REST_PORT"
 auth = "jwt_key"
 jwt_key_file = "$STATE/jwt_hs256.key"
 token_lifetime_seconds = 300
+query_username = "alice"
 slurm_release = "$RELEASE"
 EOF
     write_info true
