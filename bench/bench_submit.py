@@ -24,8 +24,8 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.support.env import broker_env, fresh_database  # noqa: E402
-from tests.support.server import live_server  # noqa: E402
+from tests.support.env import broker_env, fresh_database
+from tests.support.server import live_server
 
 
 def run(db: str, n: int, concurrency: int) -> dict[str, float]:

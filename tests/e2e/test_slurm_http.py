@@ -65,7 +65,7 @@ def test_gpu_job_charged_exactly_what_sacct_accounted(slurm_env) -> None:  # typ
 
 
 def test_direct_sbatch_under_the_project_account_shows_in_usage(slurm_env) -> None:  # type: ignore[no-untyped-def]
-    env, release, cluster = slurm_env
+    env, release, _cluster = slurm_env
     out = slurm.run_in(release, "sbatch", "--parsable", "--uid=bob", "--account=proj-a", "--partition=gpu",
                        "--gres=gpu:1", "--time=2", "--wrap=sleep 3", "-o", "/dev/null")
     job_id = out.strip().split(";")[0]
