@@ -260,11 +260,26 @@ class SlurmRestAdapter(ClusterAdapter):
             failures = slurm_errors.errors_in({"errors": layer.cancel_failures(answer)})
             if failures:
                 raise slurm_errors.to_exception(failures, during="cancel")
+            if layer.cancel_needs_check:
+                self._check_cancelled(layer, ref)
         except AdapterError as exc:
             if exc.code in _CANCEL_OK_CODES:
                 log.debug("slurm_rest %s: cancel %s: %s", self.name, ref.job_id, exc.code)
                 return
             raise
+
+    def _check_cancelled(self, layer: ApiLayer, ref: SchedulerJobRef) -> None:
+        """Where a refused cancel looks like success, the job must have left the
+        active states (slurmctld marks a cancelled job at once)."""
+        body = self._client.get(layer.job_path(ref.job_id), username=ref.username, during="cancel check")
+        for item in layer.items(body, "jobs"):
+            job = _parse(layer.parse_queue_job, item)
+            if job is not None and job.job_id == ref.job_id and not _cancel_applied(job):
+                raise AdapterError(
+                    f"slurmrestd cancel: job {ref.job_id} is still {convert.raw_state(job)} "
+                    f"after cancelling as {ref.username} (refused, e.g. not the job's owner)",
+                    code="cancel_refused",
+                )
 
     # ---- reconciliation ----------------------------------------------------
     def find_by_tag(self, tags: Sequence[str], *, since: datetime | None = None) -> dict[str, SchedulerJobRef]:
@@ -398,6 +413,11 @@ def _status_for(queued: SlurmJob | None, accounted: SlurmJob | None, now: dateti
     if accounted is not None:
         return convert.to_status(accounted, final=False, now=now)
     return None
+
+
+def _cancel_applied(job: SlurmJob) -> bool:
+    words = {w.upper() for w in job.states}
+    return convert.terminal(job) or bool(words & {"CANCELLED", "COMPLETING"})
 
 
 def _earliest(refs: Iterable[SchedulerJobRef], queued: Iterable[SlurmJob], default: datetime) -> datetime:

@@ -36,6 +36,9 @@ class ApiLayer(abc.ABC):
     collection_suffix: ClassVar[str] = "/"
     #: the job description field (in the submit body) that requests GPUs per node
     gpu_request_field: ClassVar[str]
+    #: ``DELETE job`` answers success even when the signal was refused (v0.0.40/41):
+    #: the adapter must look at the job afterwards
+    cancel_needs_check: ClassVar[bool] = False
 
     # ---- paths -------------------------------------------------------------
     def _slurm(self, tail: str) -> str:

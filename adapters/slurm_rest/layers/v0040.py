@@ -7,7 +7,9 @@ accounting ``state.current`` lists; ``exit_code`` ``{"status": [...],
 "gres/gpu:N"`` — a ``gres`` field is silently ignored by these versions, so it
 is never sent. ``GET jobs`` leaves finished jobs out; ``slurmdb/jobs`` filters
 ``users`` (``start_time`` is sent relative: see ``accounting_params``).
-Collection paths end with ``/``. Partitions carry no DEFAULT flag before v0.0.45.
+Collection paths end with ``/``. Partitions carry no DEFAULT flag before v0.0.45. ``DELETE job``
+answers 200 without errors even when the signal was refused (checked live on
+24.11): the adapter looks at the job afterwards.
 """
 
 from __future__ import annotations
@@ -48,6 +50,8 @@ class V0040(ApiLayer):
 
     version: ClassVar[str] = "v0.0.40"
     gpu_request_field: ClassVar[str] = "tres_per_node"
+    #: a refused cancel (another user's job) answers 200 without errors here
+    cancel_needs_check: ClassVar[bool] = True
 
     # ---- requests ----------------------------------------------------------
     def submit_body(self, request: SubmitRequest) -> JsonObject:

@@ -22,6 +22,7 @@ class V0042(V0041):
     """``v0.0.42``."""
 
     version: ClassVar[str] = "v0.0.42"
+    cancel_needs_check: ClassVar[bool] = False
 
     @property
     def db_health_path(self) -> str:

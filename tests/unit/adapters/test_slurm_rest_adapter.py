@@ -93,6 +93,14 @@ class FakeSlurmrestd:
         if "/job/submit" in path:
             self.submitted.append(json.loads(request.content))
             return httpx.Response(200, json={"job_id": 4242, "step_id": "batch", "errors": [], "warnings": []})
+        if request.method == "GET" and "/job/" in path:
+            wanted = path.rstrip("/").rsplit("/", 1)[1]
+            jobs = [j for j in self.queue if str(j["job_id"]) == wanted]
+            if not jobs:
+                return httpx.Response(
+                    404, json={"errors": [{"error_number": 2017, "error": "Invalid job id specified"}]}
+                )
+            return httpx.Response(200, json={"jobs": jobs, "errors": []})
         if request.method == "DELETE":
             body = {"errors": self.delete_errors, "status": self.delete_status}
             return httpx.Response(500 if self.delete_errors else 200, json=body)
@@ -386,6 +394,35 @@ def test_cancel_status_list_v0042(
         with pytest.raises(AdapterError) as info:
             adapter.cancel(ref(1))
         assert info.value.code == raised
+
+
+@pytest.mark.parametrize(
+    ("after", "raised"),
+    [
+        ("CANCELLED", None),
+        ("COMPLETED", None),
+        ("RUNNING", "cancel_refused"),
+        ("PENDING", "cancel_refused"),
+        (None, None),
+    ],
+)
+def test_cancel_v0040_checks_the_job(make: Any, after: str | None, raised: str | None) -> None:
+    """v0.0.40/41 answer 200 without errors when the signal was refused (live-checked)."""
+    server = FakeSlurmrestd(release="24.11", queue=[queue_item(1, after)] if after else [])
+    adapter = make(server, api_version="v0.0.40")
+    if raised is None:
+        adapter.cancel(ref(1))
+    else:
+        with pytest.raises(AdapterError) as info:
+            adapter.cancel(ref(1, "bob"))
+        assert info.value.code == raised
+    checks = [r for r in server.calls("/slurm/v0.0.40/job/1") if r.method == "GET"]
+    assert len(checks) == 1
+
+
+def test_cancel_v0042_needs_no_check(fake: FakeSlurmrestd, make: Any) -> None:
+    make(fake).cancel(ref(1))
+    assert [r.method for r in fake.calls("/job/1")] == ["DELETE"]
 
 
 def test_read_output_unavailable(fake: FakeSlurmrestd, make: Any) -> None:
