@@ -7,13 +7,21 @@ version-neutral logic here. Every call is one or two HTTP requests:
 
 - ``submit``: one ``POST job/submit`` as the job's user; the broker tag goes into
   the job name and the comment. A GPU request the chosen version would silently
-  drop (or any field its schema lacks) is refused before sending.
+  drop (or any field its served schema lacks) is refused before sending.
 - ``poll``: one ``GET jobs`` + at most one ``GET slurmdb/jobs`` per query user
   (just one with ``query_username``), filtered client-side; a job is final only
-  when accounting shows a settled terminal record.
+  when accounting shows a settled terminal record (not slurmdbd's placeholder).
+  The exit code is taken from the queue's exact wait status while the queue
+  still holds the ended job (22.05's accounting JSON reports 0 for every job).
+- ``cancel``: ``DELETE job/{id}`` as the job's user; ended/unknown jobs are fine;
+  refusals are read from ``errors``, v0.0.42+'s ``status`` list, or (v0.0.40/41,
+  which answer 200 regardless) from the job's state afterwards.
 - ``find_by_tag``/``usage``: one queue and/or one accounting query as
   ``query_username``; one malformed record never aborts a batch.
 - ``read_output``: slurmrestd cannot read files → ``output_unavailable``.
+
+Accounting start times are sent relative (``now-Nseconds``): 22.05 and
+v0.0.40/41 reject bare UNIX timestamps, and relative times need no time zone.
 """
 
 from __future__ import annotations
