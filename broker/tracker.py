@@ -63,9 +63,10 @@ class Tracker:
         self.engine = engine
         self.settings = settings
         self.registry = registry
+        # per cluster: when its next poll / reconciliation / usage import is due
         self._next_poll: dict[str, float] = {}
-        self._next_reconcile = 0.0
-        self._next_import = time.monotonic() + 5.0
+        self._next_reconcile: dict[str, float] = {}
+        self._next_import: dict[str, float] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -88,20 +89,22 @@ class Tracker:
             self._stop.wait(self.settings.tracker_interval_seconds)
 
     def run_cycle(self, *, force: bool = False) -> None:
-        """One pass: every due cluster is polled; reconcile/import when due."""
+        """One pass: every due cluster is polled, and reconciled / imported when due."""
         now = time.monotonic()
-        reconcile = force or now >= self._next_reconcile
-        do_import = force or now >= self._next_import
         with session_scope(self.engine) as session:
             clusters = list(session.exec(select(Cluster).where(Cluster.state != "offline")).all())
         for cluster in clusters:
-            if force or now >= self._next_poll.get(cluster.name, 0.0):
-                self._next_poll[cluster.name] = now + cluster.poll_interval_seconds
-                self._cluster_cycle(cluster, reconcile=reconcile, do_import=do_import)
-        if reconcile:
-            self._next_reconcile = now + self.settings.reconcile_interval_seconds
-        if do_import:
-            self._next_import = now + self.settings.usage_import_interval_seconds
+            name = cluster.name
+            if not (force or now >= self._next_poll.get(name, 0.0)):
+                continue
+            self._next_poll[name] = now + cluster.poll_interval_seconds
+            reconcile = force or now >= self._next_reconcile.get(name, 0.0)
+            do_import = force or now >= self._next_import.setdefault(name, now + 5.0)
+            if reconcile:
+                self._next_reconcile[name] = now + self.settings.reconcile_interval_seconds
+            if do_import:
+                self._next_import[name] = now + self.settings.usage_import_interval_seconds
+            self._cluster_cycle(cluster, reconcile=reconcile, do_import=do_import)
 
     def _cluster_cycle(self, cluster: Cluster, *, reconcile: bool, do_import: bool) -> None:
         assert cluster.id is not None
