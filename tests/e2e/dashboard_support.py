@@ -12,16 +12,15 @@ import json
 import os
 import subprocess
 import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
-import uvicorn
 from fastapi import FastAPI
 
+from tests.support.server import live_server
 from tests.support.tools import ROOT, SETUP_HINT, chromium, node
 
 IDP_DIR = ROOT / "tests" / "e2e" / "idp"
@@ -81,19 +80,8 @@ def identity_provider(port: int, *, client_id: str, client_secret: str, redirect
 @contextmanager
 def serve(app: FastAPI, port: int) -> Iterator[str]:
     """The app under uvicorn on 127.0.0.1:``port`` (lifespan handled by the caller)."""
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        if time.monotonic() > deadline:
-            raise RuntimeError("uvicorn did not start")
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
+    with live_server(app, port) as base:
+        yield base
 
 
 def loopback_only(route: Any) -> None:

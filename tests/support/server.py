@@ -19,9 +19,9 @@ def free_port() -> int:
 
 
 @contextmanager
-def live_server(app: FastAPI) -> Iterator[str]:
-    """Yield the base URL of ``app`` served by uvicorn; stop it afterwards."""
-    port = free_port()
+def live_server(app: FastAPI, port: int | None = None) -> Iterator[str]:
+    """Yield the base URL of ``app`` served by uvicorn (lifespan left to the caller)."""
+    port = port or free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
                                            lifespan="off", limit_concurrency=1000, backlog=2048))
     thread = threading.Thread(target=server.run, daemon=True)
