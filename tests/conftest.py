@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,3 +21,20 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
 def env(db_url: str, tmp_path: Path) -> Iterator[BrokerEnv]:
     with broker_env(tmp_path, db_url) as e:
         yield e
+
+
+_CLUSTER_DOWN_WORDS = ("not healthy", "not running", "never brought up", "make slurm-up", "not (fully) up")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  # type: ignore[no-untyped-def]
+    """In CI (``AIFA_REQUIRE_SLURM=1``) a Slurm test skipped because its dev cluster
+    is missing or unhealthy is a failure, never a silent skip."""
+    outcome = yield
+    report = outcome.get_result()
+    if not report.skipped or os.environ.get("AIFA_REQUIRE_SLURM") != "1" or not item.get_closest_marker("slurm"):
+        return
+    reason = str(report.longrepr[-1]) if isinstance(report.longrepr, tuple) else str(report.longrepr)
+    if any(word in reason for word in _CLUSTER_DOWN_WORDS):
+        report.outcome = "failed"
+        report.longrepr = f"required Slurm cluster unavailable: {reason}"

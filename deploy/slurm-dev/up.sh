@@ -422,7 +422,8 @@ url = "http://127.0.0.1:$REST_PORT"
 auth = "jwt_key"
 jwt_key_file = "$STATE/jwt_hs256.key"
 token_lifetime_seconds = 300
-query_username = "alice"
+# cluster-wide reads and the slurmdbd health check: the dev SlurmUser (an operator-level reader)
+query_username = "slurm"
 slurm_release = "$RELEASE"
 EOF
     write_info true
