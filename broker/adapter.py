@@ -154,7 +154,9 @@ class JobStatus:
 class UsageRecord:
     """One finished job from the cluster's accounting, for usage import.
 
-    Keyed for exactly-once import by (cluster, ``job_id``, ``submit_time``).
+    Keyed for exactly-once import by (cluster, ``job_id``, ``submit_time``), and by
+    ``global_id`` where the scheduler has a cluster-wide unique id (Slurm 26.05+
+    ``sluid``), which stays unique even when job ids restart.
     """
 
     job_id: str
@@ -170,6 +172,7 @@ class UsageRecord:
     alloc_tres: Mapping[str, float]
     tag: str | None = None
     name: str | None = None
+    global_id: str | None = None
 
 
 @dataclass(frozen=True)

@@ -176,11 +176,14 @@ class ImportedJob(SQLModel, table=True):
     __tablename__ = "imported_jobs"
     __table_args__ = (
         sa.UniqueConstraint("cluster_id", "scheduler_job_id", "submit_time", name="uq_imported_job"),
+        # Slurm 26.05+ sluid: unique over the cluster's whole history (NULL elsewhere)
+        sa.UniqueConstraint("cluster_id", "global_id", name="uq_imported_job_global_id"),
     )
     id: int | None = Field(default=None, primary_key=True)
     cluster_id: int = Field(foreign_key="clusters.id")
     allocation_id: int = Field(foreign_key="allocations.id", index=True)
     scheduler_job_id: str = Field(max_length=64)
+    global_id: str | None = Field(default=None, max_length=64)
     submit_time: datetime = Field(sa_type=UTCDateTime)
     account: str = Field(max_length=64)
     username: str = Field(max_length=64)

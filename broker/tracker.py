@@ -252,16 +252,14 @@ class Tracker:
             alloc = _allocation_for(allocs, record)
             if alloc is None:
                 return 0
-            exists = session.exec(select(ImportedJob.id).where(
-                ImportedJob.cluster_id == cluster.id, ImportedJob.scheduler_job_id == record.job_id,
-                ImportedJob.submit_time == record.submit_time)).first()
-            if exists is not None:
+            if _already_imported(session, cluster, record):
                 return 0
             charge = cost_micro(cluster.cost_model, partition=record.partition, unit=alloc.unit,
                                 tres=record.alloc_tres, seconds=record.elapsed_seconds)
             user_id = _user_for_posix(session, cluster, record.username)
             row = ImportedJob(cluster_id=cluster.id or 0, allocation_id=alloc.id or 0,
-                              scheduler_job_id=record.job_id, submit_time=record.submit_time,
+                              scheduler_job_id=record.job_id, global_id=record.global_id,
+                              submit_time=record.submit_time,
                               account=record.account, username=record.username, user_id=user_id,
                               partition=record.partition, state=record.state.value,
                               elapsed_seconds=record.elapsed_seconds, alloc_tres=dict(record.alloc_tres),
@@ -276,6 +274,15 @@ class Tracker:
                          reason=f"{cluster.name} job {record.job_id} (not submitted via the broker)",
                          imported_job_id=row.id, user_id=user_id, occurred_at=record.end_time)
             return 1
+
+
+def _already_imported(session: Session, cluster: Cluster, record: UsageRecord) -> bool:
+    """Imported before: same (job id, submit time), or the same globally unique id."""
+    same_key = (col(ImportedJob.scheduler_job_id) == record.job_id) & \
+        (col(ImportedJob.submit_time) == record.submit_time)
+    match = same_key | (col(ImportedJob.global_id) == record.global_id) if record.global_id else same_key
+    return session.exec(select(ImportedJob.id).where(
+        ImportedJob.cluster_id == cluster.id, match)).first() is not None
 
 
 def _is_broker_job(session: Session, cluster: Cluster, record: UsageRecord) -> bool:

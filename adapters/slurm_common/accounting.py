@@ -36,6 +36,7 @@ from broker.states import JobState
 __all__ = [
     "PLACEHOLDER_JOB_NAME",
     "SACCT_PARSABLE_FIELDS",
+    "SACCT_PARSABLE_FIELDS_SLUID",
     "AccountingJob",
     "MalformedRecord",
     "accounting_job_from_json",
@@ -64,6 +65,9 @@ SACCT_PARSABLE_FIELDS: tuple[str, ...] = (
     "JobName",
 )
 
+#: The same with Slurm 26.05's globally unique job id (``SLUID``), before the name.
+SACCT_PARSABLE_FIELDS_SLUID: tuple[str, ...] = (*SACCT_PARSABLE_FIELDS[:-1], "SLUID", "JobName")
+
 _COMMENT_PREFIX = "aifa-broker:"
 
 
@@ -91,6 +95,8 @@ class AccountingJob:
     alloc_tres: Mapping[str, float] = field(default_factory=dict)
     exit_code: int | None = None
     comment: str | None = None
+    #: Slurm 26.05+ ``sluid``: unique across the cluster's whole history
+    global_id: str | None = None
 
     @property
     def tag(self) -> str | None:
@@ -137,6 +143,7 @@ class AccountingJob:
             alloc_tres=dict(self.alloc_tres),
             tag=self.tag,
             name=self.name,
+            global_id=self.global_id,
         )
 
 
@@ -232,4 +239,5 @@ def accounting_job_from_parsable(values: Mapping[str, str]) -> AccountingJob:
         time_limit_minutes=_time_limit(values.get("TimelimitRaw")),
         alloc_tres=parse_tres_string(values.get("AllocTRES")),
         exit_code=exit_code(values.get("ExitCode")),
+        global_id=as_str(values.get("SLUID")),
     )

@@ -91,6 +91,7 @@ def to_usage(job: SlurmJob) -> UsageRecord | None:
         alloc_tres=dict(job.alloc_tres),
         tag=job_tag(job),
         name=job.name,
+        global_id=job.sluid,
     )
 
 

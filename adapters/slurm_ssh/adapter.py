@@ -30,7 +30,12 @@ from typing import Any
 
 import paramiko
 
-from adapters.slurm_common.accounting import AccountingJob, MalformedRecord
+from adapters.slurm_common.accounting import (
+    SACCT_PARSABLE_FIELDS,
+    SACCT_PARSABLE_FIELDS_SLUID,
+    AccountingJob,
+    MalformedRecord,
+)
 from adapters.slurm_common.queue import QueueJob
 from adapters.slurm_common.shapes import now_utc
 from adapters.slurm_common.tags import tag_from_job_name
@@ -58,6 +63,8 @@ log = logging.getLogger(__name__)
 
 #: First release whose ``squeue --json`` honours filters.
 FILTERING_RELEASE = (23, 2)
+#: First release whose accounting has globally unique job ids (``SLUID``).
+SLUID_RELEASE = (26, 5)
 _USAGE_SLACK_SECONDS = 300
 
 
@@ -134,6 +141,12 @@ class SlurmSSHAdapter(ClusterAdapter):
             with self._lock:
                 self._release = release
         return release
+
+    def _usage_fields(self, user: str) -> tuple[str, ...]:
+        """sacct fields for usage import: with ``SLUID`` where the release has it (26.05+)."""
+        release = self._slurm_release(user)
+        return SACCT_PARSABLE_FIELDS_SLUID if release is not None and release >= SLUID_RELEASE \
+            else SACCT_PARSABLE_FIELDS
 
     def _filters_honoured(self, user: str) -> bool:
         release = self._slurm_release(user)
@@ -294,10 +307,11 @@ class SlurmSSHAdapter(ClusterAdapter):
         now = now_utc()
         seconds = int((now - since).total_seconds()) + _USAGE_SLACK_SECONDS
         try:
-            command = commands.build_sacct_window(seconds, accounts=accounts, terminal_only=True)
+            fields = self._usage_fields(user)
+            command = commands.build_sacct_window(seconds, accounts=accounts, terminal_only=True, fields=fields)
         except ValueError as exc:
             raise AdapterError(str(exc), code="invalid_request") from exc
-        jobs, skipped = parse.parse_sacct_parsable(self._query(user, command, "sacct"))
+        jobs, skipped = parse.parse_sacct_parsable(self._query(user, command, "sacct"), fields)
         records: list[UsageRecord] = []
         for job in jobs:
             if not job.is_settled(now, self.config.accounting_lag_seconds):

@@ -283,6 +283,7 @@ def build_sacct_window(
     *,
     accounts: Sequence[str] | None = None,
     terminal_only: bool = False,
+    fields: Sequence[str] = SACCT_PARSABLE_FIELDS,
 ) -> str:
     """``sacct -P`` of allocations (``-X``) in the last ``seconds_back`` seconds,
     all users, times as epoch seconds. The window is relative (``now-N``) so the
@@ -297,7 +298,7 @@ def build_sacct_window(
         "--noheader",
         f"--starttime=now-{max(int(seconds_back), 1)}",
         "--endtime=now",
-        f"--format={','.join(SACCT_PARSABLE_FIELDS)}",
+        f"--format={','.join(fields)}",
     ]
     if terminal_only:
         argv.append(f"--state={','.join(TERMINAL_STATE_CODES)}")

@@ -73,13 +73,15 @@ def test_direct_sbatch_under_the_project_account_shows_in_usage(slurm_env) -> No
     row = None
     while row is None and time.monotonic() < deadline:
         with env.engine.connect() as conn:
-            row = conn.execute(sa.text("SELECT id, charged, username FROM imported_jobs WHERE scheduler_job_id=:j"),
-                               {"j": job_id}).first()
+            row = conn.execute(sa.text("SELECT id, charged, username, global_id FROM imported_jobs "
+                                       "WHERE scheduler_job_id=:j"), {"j": job_id}).first()
         time.sleep(1)
     assert row is not None, "the directly submitted job was never imported"
     acct = slurm.sacct_job(release, job_id)
     expected = slurm.tres(acct["AllocTRES"]).get("gres/gpu", 0) * int(acct["ElapsedRaw"]) / 3600
     assert expected > 0 and abs(row.charged / 1e6 - expected) < 2e-6 and row.username == "bob"
+    # 26.05 accounting has globally unique job ids: the import keeps (and keys on) them
+    assert (row.global_id is not None) == (release >= "26.05"), row
     # the charge is in the project's usage, attributed to bob (mapped on this cluster), exactly once
     usage = env.call("GET", "/v1/projects/EHPC-SLURM-001/usage", env.auth("alice"),
                      params={"group_by": "user"}).json()
