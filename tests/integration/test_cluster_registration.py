@@ -22,7 +22,7 @@ FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "slurm_rest"
 
 def _serve(openapi: dict[str, Any]) -> tuple[HTTPServer, str]:
     class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+        def do_GET(self) -> None:
             raw = json.dumps(openapi if self.path.startswith("/openapi/v3") else {"errors": [], "pings": []})
             self.send_response(200)
             self.send_header("Content-Type", "application/json")
