@@ -18,6 +18,7 @@ from pydantic import ValidationError
 from broker.adapter import AdapterError
 from broker.auth import issue_token
 from broker.bootstrap import engine_for, ensure_local_cluster
+from broker.cli_jobs import job_app
 from broker.config import Settings, get_settings
 from broker.db import session_scope
 from broker.errors import BrokerError
@@ -37,7 +38,7 @@ allocation_app = typer.Typer(help="Allocations (quota manager).", no_args_is_hel
 member_app = typer.Typer(help="Project membership.", no_args_is_help=True)
 account_app = typer.Typer(help="Cluster accounts (sysadmin).", no_args_is_help=True)
 ledger_app = typer.Typer(help="The budget ledger.", no_args_is_help=True)
-for sub, name in ((db_app, "db"), (cluster_app, "cluster"), (project_app, "project"),
+for sub, name in ((job_app, "job"), (db_app, "db"), (cluster_app, "cluster"), (project_app, "project"),
                   (allocation_app, "allocation"), (member_app, "member"), (account_app, "account"),
                   (ledger_app, "ledger")):
     app.add_typer(sub, name=name)

@@ -1,0 +1,152 @@
+"""``aifa-broker job ...``: the user's side of the CLI, over HTTP with a token.
+
+The broker's address and the token come from ``--url``/``--token`` or
+``AIFA_BROKER_URL``/``AIFA_BROKER_TOKEN``. Output is JSON (``--json``) or a short
+human summary. Errors print the problem's code and sentence and exit 1.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+
+from broker.client import BrokerAPIError, BrokerClient
+
+job_app = typer.Typer(help="Submit and follow jobs through a broker (users).", no_args_is_help=True)
+T = TypeVar("T")
+
+Url = Annotated[str, typer.Option(envvar="AIFA_BROKER_URL", help="broker base URL")]
+Token = Annotated[str, typer.Option(envvar="AIFA_BROKER_TOKEN", help="bearer token", show_default=False)]
+AsJson = Annotated[bool, typer.Option("--json", help="print the API's JSON")]
+
+
+@contextmanager
+def _client(url: str, token: str) -> Iterator[BrokerClient]:
+    if not token:
+        typer.secho("error: no token: pass --token or set AIFA_BROKER_TOKEN", fg=typer.colors.RED, err=True)
+        raise typer.Exit(1)
+    with BrokerClient(url, token) as client:
+        try:
+            yield client
+        except BrokerAPIError as exc:
+            typer.secho(f"error: {exc.detail} [{exc.code}]", fg=typer.colors.RED, err=True)
+            for problem in exc.problem.get("errors", [])[:20]:
+                typer.secho(f"  {problem.get('field')}: {problem.get('message')}", err=True)
+            raise typer.Exit(1) from exc
+
+
+def _show(job: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        typer.echo(json.dumps(job, indent=2))
+        return
+    cost = job["estimated_cost"]
+    charged = job.get("charged")
+    typer.echo(f"{job['id']}  {job['state']:<13} {job['project']} on {job['cluster']}/{job.get('partition') or '-'}"
+               f"  scheduler id {job.get('scheduler_job_id') or '-'}  estimate {cost['amount']} {cost['unit']}"
+               + (f"  charged {charged['amount']}" if charged else "")
+               + (f"  exit {job['exit_code']}" if job.get("exit_code") is not None else ""))
+
+
+def _environment(pairs: list[str]) -> dict[str, str]:
+    env: dict[str, str] = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep:
+            raise typer.BadParameter(f"--env {pair!r}: expected NAME=VALUE")
+        env[name] = value
+    return env
+
+
+def _request(script: Path, project: str, time_limit: int, cluster: str | None, partition: str | None,
+             name: str | None, nodes: int, cpus: int, gpus: int, mem: int | None, env: list[str]) -> dict[str, Any]:
+    body: dict[str, Any] = {"project": project, "script": script.read_text(), "time_limit_minutes": time_limit,
+                            "nodes": nodes, "cpus_per_task": cpus, "gpus_per_node": gpus,
+                            "environment": _environment(env), "name": name or script.stem or "job"}
+    optional = {"cluster": cluster, "partition": partition, "memory_per_node_mb": mem}
+    body.update({k: v for k, v in optional.items() if v is not None})
+    return body
+
+
+Script = Annotated[Path, typer.Argument(exists=True, dir_okay=False, readable=True, help="job script")]
+Project = Annotated[str, typer.Option("--project", "-p")]
+Time = Annotated[int, typer.Option("--time", "-t", help="time limit in minutes")]
+
+
+@job_app.command("submit")
+def submit(script: Script, project: Project, url: Url = "http://127.0.0.1:8080", token: Token = "",
+           time: Time = 60, cluster: Annotated[str | None, typer.Option()] = None,
+           partition: Annotated[str | None, typer.Option()] = None,
+           name: Annotated[str | None, typer.Option()] = None, nodes: Annotated[int, typer.Option()] = 1,
+           cpus: Annotated[int, typer.Option(help="CPUs per task")] = 1,
+           gpus: Annotated[int, typer.Option(help="GPUs per node")] = 0,
+           mem: Annotated[int | None, typer.Option(help="memory per node, MB")] = None,
+           env: Annotated[list[str] | None, typer.Option(help="NAME=VALUE, repeatable")] = None,
+           wait: Annotated[bool, typer.Option(help="wait until the job is settled")] = False,
+           as_json: AsJson = False) -> None:
+    """Submit SCRIPT (retried safely with an idempotency key)."""
+    body = _request(script, project, time, cluster, partition, name, nodes, cpus, gpus, mem, env or [])
+    with _client(url, token) as client:
+        job = client.submit(**body)
+        _show(client.wait(job["id"]) if wait else job, as_json)
+
+
+@job_app.command("estimate")
+def estimate(script: Script, project: Project, url: Url = "http://127.0.0.1:8080", token: Token = "",
+             time: Time = 60, cluster: Annotated[str | None, typer.Option()] = None,
+             partition: Annotated[str | None, typer.Option()] = None, nodes: Annotated[int, typer.Option()] = 1,
+             cpus: Annotated[int, typer.Option()] = 1, gpus: Annotated[int, typer.Option()] = 0) -> None:
+    """Would SCRIPT be accepted, and what would it cost? Exit 1 when it would be refused."""
+    body = _request(script, project, time, cluster, partition, None, nodes, cpus, gpus, None, [])
+    with _client(url, token) as client:
+        verdict = client.estimate(**body)
+    typer.echo(json.dumps(verdict, indent=2))
+    if not verdict["allowed"]:
+        raise typer.Exit(1)
+
+
+@job_app.command("list")
+def list_jobs(url: Url = "http://127.0.0.1:8080", token: Token = "",
+              project: Annotated[str | None, typer.Option()] = None,
+              state: Annotated[str | None, typer.Option()] = None,
+              limit: Annotated[int, typer.Option(help="at most this many")] = 50, as_json: AsJson = False) -> None:
+    """Your jobs (a PI: the project's; a quota manager: all), newest first."""
+    filters = {k: v for k, v in {"project": project, "state": state}.items() if v}
+    with _client(url, token) as client:
+        jobs = [j for _, j in zip(range(limit), client.jobs(page_size=min(limit, 500), **filters), strict=False)]
+    if as_json:
+        typer.echo(json.dumps(jobs, indent=2))
+        return
+    for job in jobs:
+        _show(job, False)
+
+
+def _one(fn: Callable[[BrokerClient], T], url: str, token: str) -> T:
+    with _client(url, token) as client:
+        return fn(client)
+    raise AssertionError("unreachable")
+
+
+@job_app.command("show")
+def show(job_id: str, url: Url = "http://127.0.0.1:8080", token: Token = "", as_json: AsJson = False) -> None:
+    """One job."""
+    _show(_one(lambda c: c.job(job_id), url, token), as_json)
+
+
+@job_app.command("cancel")
+def cancel(job_id: str, url: Url = "http://127.0.0.1:8080", token: Token = "") -> None:
+    """Cancel a job (it becomes CANCELLED when the scheduler confirms)."""
+    _show(_one(lambda c: c.cancel(job_id), url, token), False)
+
+
+@job_app.command("output")
+def output(job_id: str, url: Url = "http://127.0.0.1:8080", token: Token = "",
+           stderr: Annotated[bool, typer.Option("--stderr")] = False,
+           tail: Annotated[int, typer.Option(help="bytes")] = 65536) -> None:
+    """The tail of the job's stdout (or stderr)."""
+    typer.echo(_one(lambda c: c.output(job_id, stream="stderr" if stderr else "stdout", tail=tail), url, token),
+               nl=False)

@@ -1,0 +1,144 @@
+"""A small Python client for the broker's HTTP API (what users script against).
+
+    from broker.client import BrokerClient
+    with BrokerClient("https://broker.example.eu", token) as broker:
+        job = broker.submit(project="EHPC-AIF-2026A01-042", script=open("train.sh").read(),
+                            time_limit_minutes=120, partition="gpu", gpus_per_node=4)
+        done = broker.wait(job["id"])
+
+Submissions always carry an ``Idempotency-Key`` (generated unless given), so the
+client retries them safely after a lost connection or a 503 (honouring
+``Retry-After``): the broker returns the first job, never a second one.
+Errors raise :class:`BrokerAPIError` with the problem's ``status``, ``code``
+and ``detail``.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterator
+from types import TracebackType
+from typing import Any
+
+import httpx
+
+RETRYABLE_STATUS = frozenset({502, 503, 504})
+
+
+class BrokerAPIError(Exception):
+    """A problem+json answer (or a transport failure after retries)."""
+
+    def __init__(self, status: int, code: str, detail: str, problem: dict[str, Any] | None = None) -> None:
+        super().__init__(f"{status} {code}: {detail}")
+        self.status, self.code, self.detail = status, code, detail
+        self.problem = problem or {}
+
+
+class BrokerClient:
+    """Synchronous client; thread-safe like the underlying ``httpx.Client``."""
+
+    def __init__(self, base_url: str, token: str, *, timeout: float = 30.0, retries: int = 4,
+                 transport: httpx.BaseTransport | None = None) -> None:
+        self._http = httpx.Client(base_url=base_url.rstrip("/"), timeout=timeout, transport=transport,
+                                  headers={"Authorization": f"Bearer {token}", "User-Agent": "aifa-broker-client"})
+        self.retries = retries
+
+    def __enter__(self) -> BrokerClient:
+        return self
+
+    def __exit__(self, *exc: object | TracebackType) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._http.close()
+
+    # --- jobs ------------------------------------------------------------------------
+    def submit(self, *, idempotency_key: str | None = None, **job: Any) -> dict[str, Any]:
+        """Submit a job (fields as in the API's job request); retried safely."""
+        key = idempotency_key or uuid.uuid4().hex
+        return dict(self._request("POST", "/v1/jobs", json=job, headers={"Idempotency-Key": key}, retry=True))
+
+    def estimate(self, **job: Any) -> dict[str, Any]:
+        """Eligibility verdict, cost and remaining budget; submits nothing."""
+        return dict(self._request("POST", "/v1/jobs/estimate", json=job, retry=True))
+
+    def job(self, job_id: str) -> dict[str, Any]:
+        return dict(self._request("GET", f"/v1/jobs/{job_id}", retry=True))
+
+    def jobs(self, *, page_size: int = 100, **filters: str) -> Iterator[dict[str, Any]]:
+        """Every visible job matching ``filters`` (project, state, cluster, user), newest first."""
+        cursor: str | None = None
+        while True:
+            params: dict[str, Any] = {"limit": page_size, **filters, **({"cursor": cursor} if cursor else {})}
+            page = self._request("GET", "/v1/jobs", params=params, retry=True)
+            yield from page["items"]
+            cursor = page["next_cursor"]
+            if not cursor:
+                return
+
+    def cancel(self, job_id: str) -> dict[str, Any]:
+        return dict(self._request("DELETE", f"/v1/jobs/{job_id}"))
+
+    def output(self, job_id: str, *, stream: str = "stdout", tail: int = 65536) -> str:
+        response = self._send("GET", f"/v1/jobs/{job_id}/output", params={"stream": stream, "tail": tail},
+                              retry=True)
+        return response.text
+
+    def wait(self, job_id: str, *, timeout: float = 3600.0, interval: float = 2.0) -> dict[str, Any]:
+        """Poll until the job is settled (charged); raises TimeoutError after ``timeout``."""
+        deadline = time.monotonic() + timeout
+        while True:
+            job = self.job(job_id)
+            if job.get("charged") is not None:
+                return job
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"job {job_id} still {job['state']} after {timeout:.0f} s")
+            time.sleep(interval)
+
+    # --- projects ------------------------------------------------------------------------
+    def projects(self) -> list[dict[str, Any]]:
+        return list(self._request("GET", "/v1/projects", retry=True))
+
+    def usage(self, project: str, **params: str) -> dict[str, Any]:
+        return dict(self._request("GET", f"/v1/projects/{project}/usage", params=params, retry=True))
+
+    # --- transport ------------------------------------------------------------------------
+    def _request(self, method: str, path: str, **kwargs: Any) -> Any:
+        return self._send(method, path, **kwargs).json()
+
+    def _send(self, method: str, path: str, *, retry: bool = False, **kwargs: Any) -> httpx.Response:
+        attempts = self.retries + 1 if retry else 1
+        for attempt in range(attempts):
+            try:
+                response = self._http.request(method, path, **kwargs)
+            except httpx.TransportError as exc:
+                if attempt + 1 >= attempts:
+                    raise BrokerAPIError(0, "connection_failed", str(exc)) from exc
+                time.sleep(min(2**attempt, 30))
+                continue
+            if response.status_code in RETRYABLE_STATUS and attempt + 1 < attempts:
+                time.sleep(_retry_after(response, attempt))
+                continue
+            if response.status_code >= 400:
+                raise _error(response)
+            return response
+        raise AssertionError("unreachable")
+
+
+def _retry_after(response: httpx.Response, attempt: int) -> float:
+    try:
+        return min(float(response.headers.get("Retry-After", "")), 60.0)
+    except ValueError:
+        return float(min(2**attempt, 30))
+
+
+def _error(response: httpx.Response) -> BrokerAPIError:
+    try:
+        problem = response.json()
+    except ValueError:
+        problem = {}
+    if not isinstance(problem, dict):
+        problem = {}
+    return BrokerAPIError(response.status_code, str(problem.get("code", "http_error")),
+                          str(problem.get("detail", response.text[:500])), problem)
