@@ -339,6 +339,13 @@ StorageUser=$DB_USER
 StoragePass=$DB_PASS
 StorageLoc=$DB_NAME
 EOF
+    # OpenSSH >= 9.8 penalises a source address after connections that never try to
+    # log in (health probes, "unreachable" tests) — on loopback that would lock the
+    # broker itself out for a while. Older sshd rejects the option: add it only if known.
+    local penalties="# PerSourcePenalties: not supported by this sshd"
+    if rt /usr/sbin/sshd -G -f /dev/null -o PerSourcePenalties=no >/dev/null 2>&1; then
+        penalties="PerSourcePenalties no"
+    fi
     put_file "$STATE/ssh/sshd_config" 0644 root:root <<EOF && CHANGED_SSHD=1
 # Written by deploy/slurm-dev/up.sh $RELEASE — the dev cluster's own sshd.
 Port $SSH_PORT
@@ -357,6 +364,7 @@ LogLevel VERBOSE
 # The broker multiplexes many channels over one pooled connection.
 MaxSessions 64
 MaxStartups 64:30:256
+$penalties
 Subsystem sftp internal-sftp
 EOF
     return 0

@@ -69,7 +69,7 @@ def spec(**kw: object) -> JobSpec:
     return JobSpec(**base)  # type: ignore[arg-type]
 
 
-def wait_final(adapter: SlurmSSHAdapter, ref: SchedulerJobRef, timeout: float = 60) -> object:
+def wait_final(adapter: SlurmSSHAdapter, ref: SchedulerJobRef, timeout: float = 120) -> object:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         for status in adapter.poll([ref]):

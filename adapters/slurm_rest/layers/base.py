@@ -14,6 +14,7 @@ from datetime import datetime
 from typing import Any, ClassVar
 
 from adapters.slurm_common import shapes as fields
+from adapters.slurm_common import tres
 from adapters.slurm_common.states import is_terminal
 from adapters.slurm_rest.model import (
     AccountingQuery,
@@ -125,13 +126,80 @@ class ApiLayer(abc.ABC):
         ``errors``-style items (none before v0.0.42)."""
         return []
 
-    @abc.abstractmethod
-    def parse_queue_job(self, item: Mapping[str, Any]) -> SlurmJob:
-        """One item of ``GET jobs``."""
+    # ---- jobs: one shape of reading, the version differences in the hooks below ----
 
-    @abc.abstractmethod
+    def parse_queue_job(self, item: Mapping[str, Any]) -> SlurmJob:
+        """One item of ``GET jobs`` (22.05 also lists finished jobs within MinJobAge)."""
+        start = fields.epoch_to_datetime(item.get("start_time"))
+        states = tuple(fields.state_words(item.get("job_state")))
+        end = ended_at(states, item.get("end_time"))
+        return SlurmJob(
+            job_id=str(fields.as_int(item.get("job_id"))),
+            states=states,
+            name=text(item.get("name")),
+            user=text(item.get("user_name")),
+            account=text(item.get("account")),
+            partition=text(item.get("partition")),
+            reason=reason(item.get("state_reason")),
+            exit_code=self.queue_exit_code(item.get("exit_code")) if end else None,
+            submit_time=fields.epoch_to_datetime(item.get("submit_time")),
+            start_time=start,
+            end_time=end,
+            elapsed_seconds=elapsed(start, end),
+            time_limit_minutes=self.limit_minutes(item.get("time_limit")),
+            alloc_tres=tres.parse_tres_string(text(item.get("tres_alloc_str"))),
+            comment=text(item.get("comment")),
+            stdout_path=self.stdout_path(item),
+        )
+
     def parse_accounting_job(self, item: Mapping[str, Any]) -> SlurmJob:
         """One item of ``GET slurmdb/jobs``."""
+        times = mapping(item.get("time"))
+        state = mapping(item.get("state"))
+        return SlurmJob(
+            job_id=str(fields.as_int(item.get("job_id"))),
+            states=tuple(fields.state_words(state.get("current"))),
+            name=text(item.get("name")),
+            user=text(item.get("user")) or text(mapping(item.get("association")).get("user")),
+            account=text(item.get("account")),
+            partition=text(item.get("partition")),
+            reason=reason(state.get("reason")),
+            exit_code=self.accounting_exit_code(item),
+            submit_time=fields.epoch_to_datetime(times.get("submission")),
+            start_time=fields.epoch_to_datetime(times.get("start")),
+            end_time=fields.epoch_to_datetime(times.get("end")),
+            elapsed_seconds=fields.as_int(times.get("elapsed")),
+            time_limit_minutes=self.limit_minutes(times.get("limit")),
+            alloc_tres=tres.tres_list_to_map(mapping(item.get("tres")).get("allocated")),
+            comment=text(mapping(item.get("comment")).get("job")),
+            stdout_path=self.stdout_path_accounting(item),
+            sluid=self.accounting_sluid(item),
+            from_accounting=True,
+        )
+
+    @abc.abstractmethod
+    def queue_exit_code(self, value: Any) -> int | None:
+        """The exit code from a queue job's ``exit_code`` field."""
+
+    @abc.abstractmethod
+    def accounting_exit_code(self, item: Mapping[str, Any]) -> int | None:
+        """The exit code of an accounting job (None when this version cannot tell)."""
+
+    @abc.abstractmethod
+    def limit_minutes(self, value: Any) -> int | None:
+        """A time limit in minutes; unlimited or unset → None."""
+
+    def stdout_path(self, item: Mapping[str, Any]) -> str | None:
+        """The queue job's stdout path."""
+        return text(item.get("standard_output"))
+
+    def stdout_path_accounting(self, item: Mapping[str, Any]) -> str | None:
+        """The accounting job's stdout path (none in older versions)."""
+        return None
+
+    def accounting_sluid(self, item: Mapping[str, Any]) -> str | None:
+        """The globally unique job id (v0.0.45+); None before."""
+        return None
 
     @abc.abstractmethod
     def parse_ping(self, item: Mapping[str, Any]) -> PingResult:

@@ -17,10 +17,7 @@ from adapters.slurm_common import tres
 from adapters.slurm_rest.layers.base import (
     ApiLayer,
     JsonObject,
-    elapsed,
-    ended_at,
     mapping,
-    reason,
     relative_time,
     text,
 )
@@ -29,7 +26,6 @@ from adapters.slurm_rest.model import (
     NodeRecord,
     PartitionRecord,
     PingResult,
-    SlurmJob,
     SubmitRequest,
 )
 
@@ -93,53 +89,17 @@ class V0038(ApiLayer):
             params["job_name"] = ",".join(query.job_names)
         return params
 
-    def parse_queue_job(self, item: Mapping[str, Any]) -> SlurmJob:
-        """One ``GET jobs`` item (22.05 also lists finished jobs within MinJobAge)."""
-        start = fields.epoch_to_datetime(item.get("start_time"))
-        states = tuple(fields.state_words(item.get("job_state")))
-        end = ended_at(states, item.get("end_time"))
-        return SlurmJob(
-            job_id=str(fields.as_int(item.get("job_id"))),
-            states=states,
-            name=text(item.get("name")),
-            user=text(item.get("user_name")),
-            account=text(item.get("account")),
-            partition=text(item.get("partition")),
-            reason=reason(item.get("state_reason")),
-            exit_code=wait_status_exit_code(item.get("exit_code")) if end else None,
-            submit_time=fields.epoch_to_datetime(item.get("submit_time")),
-            start_time=start,
-            end_time=end,
-            elapsed_seconds=elapsed(start, end),
-            time_limit_minutes=_limit(item.get("time_limit")),
-            alloc_tres=tres.parse_tres_string(text(item.get("tres_alloc_str"))),
-            comment=text(item.get("comment")),
-            stdout_path=text(item.get("standard_output")),
-        )
+    def queue_exit_code(self, value: Any) -> int | None:
+        """The queue's ``exit_code`` is a raw wait status."""
+        return wait_status_exit_code(value)
 
-    def parse_accounting_job(self, item: Mapping[str, Any]) -> SlurmJob:
-        """One ``GET slurmdb/jobs`` item."""
-        times = mapping(item.get("time"))
-        state = mapping(item.get("state"))
-        comment = item.get("comment")
-        return SlurmJob(
-            job_id=str(fields.as_int(item.get("job_id"))),
-            states=tuple(fields.state_words(state.get("current"))),
-            name=text(item.get("name")),
-            user=text(item.get("user")) or text(mapping(item.get("association")).get("user")),
-            account=text(item.get("account")),
-            partition=text(item.get("partition")),
-            reason=reason(state.get("reason")),
-            exit_code=accounting_exit_code(state.get("current")),
-            submit_time=fields.epoch_to_datetime(times.get("submission")),
-            start_time=fields.epoch_to_datetime(times.get("start")),
-            end_time=fields.epoch_to_datetime(times.get("end")),
-            elapsed_seconds=fields.as_int(times.get("elapsed")),
-            time_limit_minutes=_limit(times.get("limit")),
-            alloc_tres=tres.tres_list_to_map(mapping(item.get("tres")).get("allocated")),
-            comment=text(mapping(comment).get("job")) if isinstance(comment, Mapping) else None,
-            from_accounting=True,
-        )
+    def accounting_exit_code(self, item: Mapping[str, Any]) -> int | None:
+        """Only what ``state.current`` proves (see :func:`accounting_exit_code`)."""
+        return accounting_exit_code(mapping(item.get("state")).get("current"))
+
+    def limit_minutes(self, value: Any) -> int | None:
+        """Plain integers, 0/INFINITE/NO_VAL meaning none."""
+        return _limit(value)
 
     def parse_ping(self, item: Mapping[str, Any]) -> PingResult:
         """``{"hostname", "ping": "UP"|"DOWN", "mode", "status"}``."""

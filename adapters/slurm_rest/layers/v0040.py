@@ -22,11 +22,8 @@ from adapters.slurm_common import tres
 from adapters.slurm_rest.layers.base import (
     ApiLayer,
     JsonObject,
-    elapsed,
-    ended_at,
     environment_pairs,
     mapping,
-    reason,
     relative_time,
     text,
 )
@@ -35,7 +32,6 @@ from adapters.slurm_rest.model import (
     NodeRecord,
     PartitionRecord,
     PingResult,
-    SlurmJob,
     SubmitRequest,
 )
 
@@ -95,58 +91,17 @@ class V0040(ApiLayer):
         """Where the job's stdout goes (expanded where the version offers it)."""
         return text(item.get("standard_output"))
 
-    def accounting_sluid(self, item: Mapping[str, Any]) -> str | None:
-        """The globally unique job id (v0.0.45+); None before."""
-        return None
+    def queue_exit_code(self, value: Any) -> int | None:
+        """``{"status": [...], "return_code": {...}, "signal": {...}}``."""
+        return fields.exit_code(value)
 
-    def parse_queue_job(self, item: Mapping[str, Any]) -> SlurmJob:
-        """One ``GET jobs`` item."""
-        start = fields.epoch_to_datetime(item.get("start_time"))
-        states = tuple(fields.state_words(item.get("job_state")))
-        end = ended_at(states, item.get("end_time"))
-        return SlurmJob(
-            job_id=str(fields.as_int(item.get("job_id"))),
-            states=states,
-            name=text(item.get("name")),
-            user=text(item.get("user_name")),
-            account=text(item.get("account")),
-            partition=text(item.get("partition")),
-            reason=reason(item.get("state_reason")),
-            exit_code=fields.exit_code(item.get("exit_code")) if end else None,
-            submit_time=fields.epoch_to_datetime(item.get("submit_time")),
-            start_time=start,
-            end_time=end,
-            elapsed_seconds=elapsed(start, end),
-            time_limit_minutes=_minutes(item.get("time_limit")),
-            alloc_tres=tres.parse_tres_string(text(item.get("tres_alloc_str"))),
-            comment=text(item.get("comment")),
-            stdout_path=self.stdout_path(item),
-        )
+    def accounting_exit_code(self, item: Mapping[str, Any]) -> int | None:
+        """The same object shape as the queue's."""
+        return fields.exit_code(item.get("exit_code"))
 
-    def parse_accounting_job(self, item: Mapping[str, Any]) -> SlurmJob:
-        """One ``GET slurmdb/jobs`` item."""
-        times = mapping(item.get("time"))
-        state = mapping(item.get("state"))
-        return SlurmJob(
-            job_id=str(fields.as_int(item.get("job_id"))),
-            states=tuple(fields.state_words(state.get("current"))),
-            name=text(item.get("name")),
-            user=text(item.get("user")) or text(mapping(item.get("association")).get("user")),
-            account=text(item.get("account")),
-            partition=text(item.get("partition")),
-            reason=reason(state.get("reason")),
-            exit_code=fields.exit_code(item.get("exit_code")),
-            submit_time=fields.epoch_to_datetime(times.get("submission")),
-            start_time=fields.epoch_to_datetime(times.get("start")),
-            end_time=fields.epoch_to_datetime(times.get("end")),
-            elapsed_seconds=fields.as_int(times.get("elapsed")),
-            time_limit_minutes=_minutes(times.get("limit")),
-            alloc_tres=tres.tres_list_to_map(mapping(item.get("tres")).get("allocated")),
-            comment=text(mapping(item.get("comment")).get("job")),
-            stdout_path=self.stdout_path_accounting(item),
-            sluid=self.accounting_sluid(item),
-            from_accounting=True,
-        )
+    def limit_minutes(self, value: Any) -> int | None:
+        """A number object; unset, infinite or 0 → None."""
+        return _minutes(value)
 
     def stdout_path_accounting(self, item: Mapping[str, Any]) -> str | None:
         """Accounting has no stdout path before v0.0.42 on 26.05."""
