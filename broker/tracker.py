@@ -128,9 +128,7 @@ class Tracker:
     def poll_cluster(self, cluster: Cluster, adapter: ClusterAdapter) -> None:
         """One batched poll; settle what accounting confirms; UNKNOWN when unreachable."""
         with session_scope(self.engine) as session:
-            jobs = list(session.exec(select(Job).where(
-                Job.cluster_id == cluster.id, col(Job.state).in_(POLLED_STATES),
-                col(Job.scheduler_job_id).is_not(None))).all())
+            jobs = list(session.exec(self._live_jobs(cluster)).all())
         refs = [SchedulerJobRef(job_id=j.scheduler_job_id or "", username=j.username, tag=j.id,
                                 submit_time=j.submitted_at) for j in jobs]
         try:
@@ -141,15 +139,18 @@ class Tracker:
         by_id = {s.job_id: s for s in statuses}
         with session_scope(self.engine) as session:
             self._mark_reachable(session, cluster)
-            for job in jobs:
-                status = by_id.get(job.scheduler_job_id or "")
+            # one query for the current rows (not one per job); unchanged jobs are not written
+            for live in session.exec(self._live_jobs(cluster)).all():
+                status = by_id.get(live.scheduler_job_id or "")
                 if status is not None:
-                    self._apply_status(session, cluster, job, status)
+                    self._apply_status(session, cluster, live, status)
 
-    def _apply_status(self, session: Session, cluster: Cluster, job: Job, status: JobStatus) -> None:
-        live = session.get(Job, job.id)
-        if live is None or live.settled_at is not None:
-            return
+    @staticmethod
+    def _live_jobs(cluster: Cluster):  # type: ignore[no-untyped-def]
+        return select(Job).where(Job.cluster_id == cluster.id, col(Job.state).in_(POLLED_STATES),
+                                 col(Job.scheduler_job_id).is_not(None), col(Job.settled_at).is_(None))
+
+    def _apply_status(self, session: Session, cluster: Cluster, live: Job, status: JobStatus) -> None:
         if status.final and status.state in TERMINAL_STATES:
             settle(session, job=live, status=status, cost_model=cluster.cost_model)
             return
@@ -157,10 +158,12 @@ class Tracker:
         new_state = JobState.COMPLETING if status.state in TERMINAL_STATES else status.state
         if new_state == JobState.UNKNOWN:
             return
+        started = live.started_at or status.start_time
+        if (live.state, live.raw_state, live.unknown_since, live.started_at) == \
+                (new_state.value, status.raw_state[:64], None, started):
+            return
         live.state, live.raw_state, live.unknown_since = new_state.value, status.raw_state[:64], None
-        live.last_polled_at = utcnow()
-        if status.start_time and live.started_at is None:
-            live.started_at = status.start_time
+        live.last_polled_at, live.started_at = utcnow(), started
         session.add(live)
 
     def _mark_unreachable(self, cluster: Cluster, jobs: list[Job], exc: AdapterError) -> None:
