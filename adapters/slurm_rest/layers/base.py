@@ -209,9 +209,16 @@ class ApiLayer(abc.ABC):
     def parse_partition(self, item: Mapping[str, Any]) -> PartitionRecord:
         """One item of ``GET partitions``."""
 
-    @abc.abstractmethod
     def parse_node(self, item: Mapping[str, Any]) -> NodeRecord:
-        """One item of ``GET nodes``."""
+        """One item of ``GET nodes`` (same shape in every version); GPUs from ``gres``."""
+        partitions = item.get("partitions") or []
+        return NodeRecord(
+            name=text(item.get("name")) or "?",
+            cpus=fields.as_int(item.get("cpus")) or 0,
+            real_memory_mb=fields.as_int(item.get("real_memory")) or 0,
+            gpus=tres.gpus_in_gres(text(item.get("gres"))),
+            partitions=tuple(str(p) for p in partitions if isinstance(p, str)),
+        )
 
 
 def relative_time(seconds_ago: int) -> str:

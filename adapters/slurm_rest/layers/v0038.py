@@ -23,7 +23,6 @@ from adapters.slurm_rest.layers.base import (
 )
 from adapters.slurm_rest.model import (
     AccountingQuery,
-    NodeRecord,
     PartitionRecord,
     PingResult,
     SubmitRequest,
@@ -120,18 +119,6 @@ class V0038(ApiLayer):
             tres=tres.parse_tres_string(text(item.get("tres"))),
             up=str(item.get("state", "UP")).upper() == "UP",
         )
-
-    def parse_node(self, item: Mapping[str, Any]) -> NodeRecord:
-        """Flat 22.05 node object; GPUs from its ``gres`` string."""
-        partitions = item.get("partitions") or []
-        return NodeRecord(
-            name=text(item.get("name")) or "?",
-            cpus=fields.as_int(item.get("cpus")) or 0,
-            real_memory_mb=fields.as_int(item.get("real_memory")) or 0,
-            gpus=tres.gpus_in_gres(text(item.get("gres"))),
-            partitions=tuple(str(p) for p in partitions if isinstance(p, str)),
-        )
-
 
 def _limit(value: Any) -> int | None:
     """Minutes; unlimited/unset (0, INFINITE, NO_VAL) → None."""

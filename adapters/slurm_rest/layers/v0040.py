@@ -29,7 +29,6 @@ from adapters.slurm_rest.layers.base import (
 )
 from adapters.slurm_rest.model import (
     AccountingQuery,
-    NodeRecord,
     PartitionRecord,
     PingResult,
     SubmitRequest,
@@ -135,18 +134,6 @@ class V0040(ApiLayer):
             tres=tres.parse_tres_string(text(mapping(item.get("tres")).get("configured"))),
             up="UP" in [s.upper() for s in states],
         )
-
-    def parse_node(self, item: Mapping[str, Any]) -> NodeRecord:
-        """Node object; GPUs from its ``gres`` string."""
-        partitions = item.get("partitions") or []
-        return NodeRecord(
-            name=text(item.get("name")) or "?",
-            cpus=fields.as_int(item.get("cpus")) or 0,
-            real_memory_mb=fields.as_int(item.get("real_memory")) or 0,
-            gpus=tres.gpus_in_gres(text(item.get("gres"))),
-            partitions=tuple(str(p) for p in partitions if isinstance(p, str)),
-        )
-
 
 def _minutes(value: Any) -> int | None:
     """Minutes from a number object; unset, infinite or 0 → None."""
