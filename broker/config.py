@@ -133,6 +133,10 @@ class Settings(BaseSettings):
     max_script_bytes: int = 512 * 1024
     max_time_limit_minutes: int = 60 * 24 * 14
     idempotency_ttl_hours: int = 48
+    #: how long an in-progress Idempotency-Key claim is held before a retry may take
+    #: it over (its holder is presumed dead); the job row is linked to the key before
+    #: the scheduler call, so a takeover answers that job and never submits twice
+    idempotency_lease_seconds: float = Field(default=30.0, gt=0, le=3600)
     rate_limit_per_minute: int = 0
     run_tracker: bool = True
     tracker_interval_seconds: float = 1.0

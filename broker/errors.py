@@ -12,6 +12,8 @@ Hierarchy (all carry ``status``, a stable ``code`` and a human ``detail``)::
     ├── InvalidRequest         422 validation_error / idempotency_conflict / ...
     ├── RateLimited            429 rate_limited
     └── ClusterUnavailable     503 cluster_unavailable
+
+``Replayed`` carries a stored error answer of an ``Idempotency-Key`` (any status).
 """
 
 from __future__ import annotations
@@ -70,3 +72,11 @@ class RateLimited(BrokerError):
 
 class ClusterUnavailable(BrokerError):
     status, code, title = 503, "cluster_unavailable", "Cluster unavailable"
+
+
+class Replayed(BrokerError):
+    """An error answer stored for an ``Idempotency-Key``, given again as it was first given."""
+
+    def __init__(self, *, status: int, code: str, title: str, detail: str, **extra: Any) -> None:
+        super().__init__(detail, code=code, **extra)
+        self.status, self.title = status, title

@@ -205,6 +205,13 @@ class IdempotencyRecord(SQLModel, table=True):
     key: str = Field(max_length=255)
     request_hash: str = Field(max_length=64)
     state: str = Field(default="in_progress", max_length=16)
+    #: the request holding an in-progress claim, and until when: a claim whose lease
+    #: ran out (its holder crashed) is taken over by the next retry
+    owner: str | None = Field(default=None, max_length=64)
+    lease_until: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    #: the job this key created, written in the same transaction as the job row
+    #: (before the scheduler sees anything), so a retry can answer it
+    job_id: str | None = Field(default=None, max_length=64)
     response_status: int | None = None
     response_body: dict[str, Any] | None = Field(default=None, sa_type=JSON)
     created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)

@@ -10,7 +10,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from broker.errors import BrokerError
+from broker.errors import BrokerError, Replayed
 
 log = logging.getLogger(__name__)
 PROBLEM = "application/problem+json"
@@ -19,8 +19,9 @@ _HTTP_CODES = {401: "unauthenticated", 403: "forbidden", 404: "not_found", 405: 
                422: "validation_error", 429: "rate_limited"}
 
 
-def problem(status: int, code: str, title: str, detail: str, **extra: Any) -> JSONResponse:
-    headers = {}
+def problem(status: int, code: str, title: str, detail: str, *, headers: dict[str, str] | None = None,
+            **extra: Any) -> JSONResponse:
+    headers = dict(headers or {})
     if "retry_after" in extra:
         headers["Retry-After"] = str(int(extra.pop("retry_after")))
     if status == 401:
@@ -39,7 +40,8 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(BrokerError)
     async def _broker(_: Request, exc: BrokerError) -> JSONResponse:
-        return problem(exc.status, exc.code, exc.title, exc.detail, **exc.extra)
+        headers = {"Idempotent-Replayed": "true"} if isinstance(exc, Replayed) else None
+        return problem(exc.status, exc.code, exc.title, exc.detail, headers=headers, **exc.extra)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import logging
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -107,6 +108,10 @@ def estimate(session: Session, *, settings: Settings, principal: Principal, body
     return EstimateOut(allowed=False, denials=denials, estimated_cost=None, remaining=None)
 
 
+#: called with the session and job id inside the transaction that writes the job row
+LinkIntent = Callable[[Session, str], None]
+
+
 @dataclass(frozen=True)
 class SubmitResult:
     status: int
@@ -114,7 +119,7 @@ class SubmitResult:
 
 
 def _reserve(
-    engine: Engine, settings: Settings, principal: Principal, body: JobRequest,
+    engine: Engine, settings: Settings, principal: Principal, body: JobRequest, link: LinkIntent | None,
 ) -> tuple[Job, JobSpec, Cluster]:
     with session_scope(engine) as session:
         user, prep = _prepare_for(session, settings, principal, body)
@@ -134,6 +139,8 @@ def _reserve(
                   reserved=prep.estimate, submit_attempted_at=utcnow())
         session.add(job)
         session.flush()
+        if link is not None:
+            link(session, job.id)  # same transaction: the job exists iff its key knows it
         try:
             ledger.reserve(session, allocation=alloc, amount=prep.estimate, job_id=job.id,
                            user_id=user.id, actor=user.name)
@@ -151,10 +158,13 @@ def _reserve(
 
 def submit(
     *, engine: Engine, settings: Settings, registry: AdapterRegistry, principal: Principal,
-    body: JobRequest,
+    body: JobRequest, link: LinkIntent | None = None,
 ) -> SubmitResult:
-    """Check, reserve, submit and record one job. See the module docstring."""
-    job, spec, cluster = _reserve(engine, settings, principal, body)
+    """Check, reserve, submit and record one job. See the module docstring.
+
+    ``link(session, job_id)`` runs in the transaction that writes the job row (the
+    idempotency claim records the job there); raising from it writes nothing."""
+    job, spec, cluster = _reserve(engine, settings, principal, body, link)
     try:
         ref = adapter_for(registry, cluster).submit(spec)
     except SubmitOutcomeUnknown as exc:
@@ -177,6 +187,12 @@ def submit(
     record_submitted(engine, job_id=job.id, ref=ref)
     SUBMISSIONS.labels(cluster.name).inc()
     return SubmitResult(201, _load_out(engine, job.id))
+
+
+def answer_for(engine: Engine, *, job_id: str) -> SubmitResult:
+    """The submission answer for an existing job: 201 once the scheduler has it, else 202."""
+    out = _load_out(engine, job_id)
+    return SubmitResult(201 if out.scheduler_job_id is not None else 202, out)
 
 
 def _load_out(engine: Engine, job_id: str) -> JobOut:

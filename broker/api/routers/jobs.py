@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 
 from broker.api.deps import EngineDep, PrincipalDep, RegistryDep, SessionDep, SettingsDep
-from broker.db import session_scope
-from broker.errors import BrokerError
 from broker.schemas import EstimateOut, JobOut, JobPage, JobRequest
 from broker.services import idempotency
 from broker.services import jobs as job_service
-from broker.services.common import get_or_create_user
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
@@ -22,41 +19,14 @@ router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
              responses={202: {"model": JobOut, "description": "accepted; the cluster outcome is being reconciled"}})
 def submit_job(
     request: Request, body: JobRequest, principal: PrincipalDep, engine: EngineDep, settings: SettingsDep,
-    registry: RegistryDep, idempotency_key: Annotated[str | None, Header()] = None,
+    registry: RegistryDep, idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
 ) -> JSONResponse:
-    """Submit a job. Honors ``Idempotency-Key`` (per user)."""
+    """Submit a job. Honors ``Idempotency-Key`` (per user): a retry gets the first answer."""
     request.app.state.rate_limiter.check(principal.name)
-    if idempotency_key is None:
-        result = job_service.submit(engine=engine, settings=settings, registry=registry,
-                                    principal=principal, body=body)
-        return JSONResponse(result.job.model_dump(mode="json"), status_code=result.status)
-    idempotency.validate_key(idempotency_key)
-    with session_scope(engine) as session:
-        user_id = get_or_create_user(session, principal.name).id or 0
-    digest = idempotency.request_hash(body.model_dump(mode="json"))
-    replay = idempotency.begin(engine, user_id=user_id, key=idempotency_key, digest=digest,
-                               ttl_hours=settings.idempotency_ttl_hours)
-    if replay is not None:
-        return JSONResponse(replay.body, status_code=replay.status, headers={"Idempotent-Replayed": "true"})
-    try:
-        result = job_service.submit(engine=engine, settings=settings, registry=registry,
-                                    principal=principal, body=body)
-    except BrokerError as exc:
-        if exc.status >= 500:
-            idempotency.abandon(engine, user_id=user_id, key=idempotency_key)
-        else:
-            body_out: dict[str, Any] = {"type": f"https://aifa-broker.eu/problems/{exc.code}",
-                                        "title": exc.title, "status": exc.status, "code": exc.code,
-                                        "detail": exc.detail, **exc.extra}
-            idempotency.finish(engine, user_id=user_id, key=idempotency_key, status=exc.status,
-                               body=body_out)
-        raise
-    except Exception:
-        idempotency.abandon(engine, user_id=user_id, key=idempotency_key)
-        raise
-    payload = result.job.model_dump(mode="json")
-    idempotency.finish(engine, user_id=user_id, key=idempotency_key, status=result.status, body=payload)
-    return JSONResponse(payload, status_code=result.status)
+    answer = idempotency.submit_once(engine=engine, settings=settings, registry=registry, principal=principal,
+                                     body=body, key=idempotency_key)
+    headers = {"Idempotent-Replayed": "true"} if answer.replayed else None
+    return JSONResponse(answer.body, status_code=answer.status, headers=headers)
 
 
 @router.post("/estimate", response_model=EstimateOut)
