@@ -6,7 +6,8 @@ authentication headers. Failures become adapter exceptions here, in one place:
 - connection refused / connect timeout / pool exhausted → ``ClusterUnreachable``;
 - a timeout or broken connection after a submit was sent → ``SubmitOutcomeUnknown``
   (the job may exist: the broker reconciles by tag, never resubmits blindly);
-- ``errors`` in the body (HTTP 200, 500 or 422 alike) → classified Slurm errors;
+- ``errors`` in the body (HTTP 200, 500 or 422 alike) → classified Slurm errors,
+  except 22.05's ``[9003] Nothing found`` in a 200 answer, which is an empty result;
 - 401/403 → ``AdapterConfigError`` (``auth_failed``), the cached token dropped.
 """
 
@@ -134,6 +135,8 @@ class RestClient:
         status = response.status_code
         body = _json_body(response)
         found = slurm_errors.errors_in(body)
+        if status < 400:  # "nothing found" in a 200 answer is an empty result (22.05)
+            found = slurm_errors.without_empty_results(found)
         if status in (401, 403):
             self._identity.forget(username)
             if not found:

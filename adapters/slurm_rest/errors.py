@@ -41,13 +41,18 @@ class ErrorKind:
     """How one class of Slurm error is reported to the broker."""
 
     code: str
-    kind: str  # "reject" | "unreachable" | "busy" | "config" | "gone" | "other"
+    kind: str  # "reject" | "unreachable" | "busy" | "config" | "gone" | "empty" | "other"
     #: a timeout/receive failure after the request left: a submit may have happened
     maybe_done: bool = False
 
 
 # (error numbers, lower-case text fragments, kind). Numbers from slurm_errno.h.
 _RULES: tuple[tuple[frozenset[int], tuple[str, ...], ErrorKind], ...] = (
+    # ESLURM_REST_EMPTY_RESULT: 22.05 answers a query that matches nothing (a new
+    # accounting database, a job slurmdbd has not recorded yet) with this *error* in a
+    # 200 answer; 24.11/26.05 answer the same query with a *warning* ("... found
+    # nothing"). Both mean: no records.
+    (frozenset({9003}), ("nothing found",), ErrorKind("empty_result", "empty")),
     (frozenset({2045}), ("invalid account",), ErrorKind("invalid_account", "reject")),
     (
         frozenset({2000, 2001}),
@@ -145,6 +150,11 @@ def _one_error(item: Mapping[str, Any]) -> SlurmError:
     text = "; ".join(dict.fromkeys(t for t in texts if isinstance(t, str) and t))
     source = item.get("source")
     return SlurmError(number, text, source if isinstance(source, str) else None)
+
+
+def without_empty_results(errors: Sequence[SlurmError]) -> list[SlurmError]:
+    """``errors`` minus the "nothing found" reports (an empty result, not a failure)."""
+    return [e for e in errors if classify(e).kind != "empty"]
 
 
 def classify(error: SlurmError) -> ErrorKind:

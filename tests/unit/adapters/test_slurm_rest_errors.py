@@ -76,6 +76,8 @@ def live(name: str) -> dict[str, Any]:
         ({"error_number": 11, "error": "Resource temporarily unavailable"}, "scheduler_busy", "busy"),
         ({"error": "Protocol authentication error"}, "auth_failed", "config"),
         ({"error_number": 9999, "error": "something new"}, "cluster_error", "other"),
+        ({"error_number": 9003, "error": "Nothing found with query", "description": "Nothing found"},
+         "empty_result", "empty"),
     ],
 )
 def test_classify(item: dict[str, Any], code: str, kind: str) -> None:
@@ -290,4 +292,20 @@ def test_headers_sent() -> None:
     assert seen[0].headers["X-SLURM-USER-NAME"] == "bob"
     assert seen[0].headers["X-SLURM-USER-TOKEN"] == SECRET
     assert seen[0].url.params["a"] == "now-60seconds"
+    rest.close()
+
+
+def test_nothing_found_in_a_200_answer_is_an_empty_result() -> None:
+    """22.05's answer (recorded live) to an accounting query that matches nothing."""
+    body = {"meta": {}, "errors": [{"description": "Nothing found", "error_number": 9003,
+                                    "error": "Nothing found with query", "source": "slurmdb_jobs_get"}],
+            "jobs": []}
+    rest, _ = client(respond(200, body))
+    assert rest.get("/slurmdb/v0.0.38/jobs", username="slurm", during="accounting")["jobs"] == []
+    rest.close()
+    # alongside a real error, the real error still counts
+    rest, _ = client(respond(200, {**body, "errors": [*body["errors"], {"error_number": 7000,
+                                                                        "error": "Unable to connect to database"}]}))
+    with pytest.raises(ClusterUnreachable):
+        rest.get("/slurmdb/v0.0.38/jobs", username="slurm", during="accounting")
     rest.close()
