@@ -30,6 +30,9 @@ from broker.services import usage as usage_svc
 
 log = logging.getLogger(__name__)
 TEMPLATES = Jinja2Templates(directory=str(Path(__file__).parent / "templates"))
+#: the "Runs out" cell when there is no date (see broker.services.usage.forecast)
+TEMPLATES.env.globals["forecast_words"] = {
+    "not_before_end": "not before the end", "not_burning": "–", "beyond_horizon": "not within 10 years"}
 router = APIRouter(prefix="/dashboard", include_in_schema=False)
 
 SECURITY_HEADERS = {

@@ -14,7 +14,12 @@ recompute them):
 
 - burn rate = usage in the last ``window_days`` days (up to and including today) /
   the number of those days the allocation existed (at least 1);
-- projected exhaustion = today + remaining / burn rate (none when nothing burns);
+- projected exhaustion = today + remaining / burn rate, when that falls before the
+  allocation's end (``forecast`` = ``before_end``); a projection at or past the end is
+  ``not_before_end`` (no date: no date arithmetic that can overflow, however large the
+  grant or small the burn), ``not_burning`` when nothing burns, ``beyond_horizon``
+  past ten years when the allocation has no end, ``exhausted`` when nothing remains;
+- overdrawn = charged more than granted (e.g. after an import of direct jobs);
 - elapsed = (today − start) / (end − start), from the allocation's dates or else
   the project's; under-used when elapsed ≥ 25 % and used < ``underuse_ratio`` ×
   elapsed (default: used less than half of what a linear burn would have used).
@@ -184,6 +189,32 @@ def allocation_summaries(
             for alloc, project, cluster in session.exec(q).all()]
 
 
+FORECAST_HORIZON_DAYS = 3653  # ten years: "when" beyond that is not a useful date
+
+
+@dataclass(frozen=True)
+class Forecast:
+    """When an allocation runs out at the current burn rate (see the module docstring)."""
+
+    exhaustion: date | None
+    status: str  # exhausted | before_end | not_before_end | not_burning | beyond_horizon
+
+
+def forecast(*, day: date, granted: int, remaining: int, per_day: float, end: date | None) -> Forecast:
+    """Project the exhaustion date without date arithmetic that can overflow: the
+    number of days is compared with the days left before any date is built."""
+    if remaining <= 0:
+        return Forecast(day if granted > 0 else None, "exhausted")
+    if not per_day > 0:  # also catches NaN
+        return Forecast(None, "not_burning")
+    days_needed = remaining / per_day  # may be astronomically large (tiny burn rate)
+    if end is not None and days_needed >= (end - day).days:
+        return Forecast(None, "not_before_end")
+    if days_needed > min(FORECAST_HORIZON_DAYS, (date.max - day).days):
+        return Forecast(None, "beyond_horizon")
+    return Forecast(day + timedelta(days=int(days_needed)), "before_end")
+
+
 def _summary(alloc: Allocation, project: Project, cluster: Cluster, burned: int, day: date,
              window_days: int, underuse_ratio: float) -> dict[str, Any]:
     remaining = alloc.granted - alloc.charged - alloc.reserved
@@ -191,9 +222,8 @@ def _summary(alloc: Allocation, project: Project, cluster: Cluster, burned: int,
     end = alloc.end_date or project.end_date
     existed = window_days if start is None else min(window_days, max(1, (day - start).days + 1))
     per_day = burned / existed
-    exhaustion = day + timedelta(days=int(remaining / per_day)) if per_day > 0 and remaining > 0 else None
-    if remaining <= 0 and alloc.granted > 0:
-        exhaustion = day
+    outlook = forecast(day=day, granted=alloc.granted, remaining=remaining, per_day=per_day, end=end)
+    exhaustion = outlook.exhaustion
     elapsed: float | None = None
     if start and end and end > start:
         elapsed = min(1.0, max(0.0, (day - start).days / (end - start).days))
@@ -212,7 +242,9 @@ def _summary(alloc: Allocation, project: Project, cluster: Cluster, burned: int,
         "window_days": window_days, "used_in_window": to_units(burned),
         "burn_rate_per_day": to_units(round(per_day)),
         "projected_exhaustion": exhaustion.isoformat() if exhaustion else None,
+        "forecast": outlook.status,
         "runs_out_before_end": bool(exhaustion and end and exhaustion < end),
+        "overdrawn": alloc.charged > alloc.granted,
         "start_date": start, "end_date": end,
         "days_left": (end - day).days if end else None,
         "elapsed_percent": None if elapsed is None else round(100 * elapsed, 1),
@@ -302,6 +334,8 @@ def burndown(session: Session, alloc: Allocation, *, window_days: int = 14,
     if known:
         start = min(start, date.fromisoformat(known[0]))
         last = max(last, date.fromisoformat(known[-1]))
+    # the series always shows today; a far end date is cut (and never reaches date.max)
+    last = min(last, day + timedelta(days=MAX_SERIES_DAYS))
     if (last - start).days > MAX_SERIES_DAYS:
         start = last - timedelta(days=MAX_SERIES_DAYS)
     labels: list[str] = []
@@ -332,11 +366,12 @@ def burndown(session: Session, alloc: Allocation, *, window_days: int = 14,
             projected.append(to_units(min(int(future), max(cum_granted, 0))))
         d += timedelta(days=1)
     remaining = alloc.granted - alloc.charged - alloc.reserved
-    exhaustion = day + timedelta(days=int(remaining / rate)) if rate > 0 and remaining > 0 else None
+    outlook = forecast(day=day, granted=alloc.granted, remaining=remaining, per_day=rate, end=end)
     return {"allocation_id": alloc.id, "unit": alloc.unit, "labels": labels, "granted": granted,
             "used": used, "projected": projected, "today": day.isoformat(),
             "burn_rate_per_day": to_units(round(rate)),
-            "projected_exhaustion": exhaustion.isoformat() if exhaustion else None}
+            "projected_exhaustion": outlook.exhaustion.isoformat() if outlook.exhaustion else None,
+            "forecast": outlook.status}
 
 
 def _window_rate(session: Session, alloc: Allocation, day: date, window_days: int, start: date | None) -> float:

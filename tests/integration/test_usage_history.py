@@ -257,10 +257,14 @@ def test_usage_reports_match_an_independent_computation(history_env: tuple[Broke
         existed = min(14, max(1, (day - start_day).days + 1))
         assert abs(row["burn_rate_per_day"] * M - burned / existed) <= 1
         remaining = a["granted"] - a["charged"] - a["reserved"]
-        if burned and remaining > 0:
-            expected_day = day + timedelta(days=int(remaining / (burned / existed)))
-            assert row["projected_exhaustion"] == expected_day.isoformat()
         end_day = a["end"]
+        if burned and remaining > 0:
+            days_needed = remaining / (burned / existed)
+            if days_needed < (end_day - day).days:
+                expected_day = day + timedelta(days=int(days_needed))
+                assert row["projected_exhaustion"] == expected_day.isoformat()
+            else:  # a projection at or past the end: "not before the end", no date
+                assert (row["projected_exhaustion"], row["forecast"]) == (None, "not_before_end")
         elapsed = (day - start_day).days / (end_day - start_day).days if end_day > start_day else None
         if elapsed is not None:
             elapsed = min(1.0, max(0.0, elapsed))
