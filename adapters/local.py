@@ -9,11 +9,13 @@ broker's data directory.
 How it works: each job gets a directory ``<data_dir>/local-jobs/<job_id>/``
 holding the script, ``spec.json`` (what to run, the job's TRES), ``state.json``
 (kept by the supervisor), ``stdout``, ``stderr``. :meth:`LocalAdapter.submit`
-starts a detached supervisor (:mod:`adapters.local_supervisor`) per job, which
-runs the script in its own process group, enforces the time limit and cancels,
-and records the end. Jobs therefore outlive the broker process; a new adapter on
-the same data directory sees them (a supervisor that vanished, e.g. after a
-reboot, makes its job ``FAILED`` with raw state ``NODE_FAIL``). Jobs start at
+hands the job to the data directory's one long-lived, detached supervisor
+(:mod:`adapters.local_supervisor`, started on demand, exits when idle) over a
+Unix socket; it runs the script in its own process group, enforces the time
+limit and cancels, and records the end. No process starts per job on the submit
+path but the job itself. Jobs outlive the broker process; a new adapter on the
+same data directory sees them (a supervisor that vanished, e.g. after a reboot,
+makes its jobs ``FAILED`` with raw state ``NODE_FAIL``). Jobs start at
 once: there is no queue, and CPU/memory counts are not enforced, only checked
 against the partition and charged.
 
@@ -38,6 +40,9 @@ Settings (the cluster definition's ``connection`` table), all optional:
     suite sets 1 so a "1 minute" limit fires after one second.
 ``python``
     interpreter for the supervisor (default: the broker's ``sys.executable``).
+``supervisor_idle_seconds``
+    the supervisor exits after this long without jobs or requests (default 30);
+    the next submission starts it again.
 
 Job ids are increasing integers (as strings) from a counter file under an
 ``fcntl.flock`` lock: unique across threads and processes sharing the data dir.
@@ -51,6 +56,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -201,6 +207,8 @@ class LocalAdapter(ClusterAdapter):
         self._grace = _float_setting(self.settings, "kill_grace_seconds", 5.0)
         self._enforce = bool(self.settings.get("enforce_limits", True))
         self._python = str(self.settings.get("python") or sys.executable)
+        self._idle = _float_setting(self.settings, "supervisor_idle_seconds",
+                                    sup.DEFAULT_IDLE_SECONDS)
         self._root = Path(data_dir) / JOBS_DIR
         self._id_lock = threading.Lock()
         self._spec_cache: dict[str, dict[str, Any]] = {}
@@ -219,7 +227,7 @@ class LocalAdapter(ClusterAdapter):
         except OSError as exc:
             raise AdapterError(f"local adapter: cannot create the job: {exc}",
                                transient=True) from exc
-        self._launch(jobdir)
+        self._launch(job_id, jobdir)
         return SchedulerJobRef(job_id=job_id, username=spec.username, tag=spec.tag,
                                submit_time=_ts(record["submit_time"]))
 
@@ -264,24 +272,28 @@ class LocalAdapter(ClusterAdapter):
         return dict(env)
 
     def _new_job_dir(self) -> tuple[str, Path]:
-        """Allocate the next job id (flock'ed counter file) and create its directory."""
-        with self._id_lock, open(self._root / COUNTER_FILE, "a+", encoding="ascii") as fh:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
-            fh.seek(0)
-            text = fh.read().strip()
-            next_id = int(text) if text.isdigit() else 1
-            while True:
-                jobdir = self._root / str(next_id)
-                try:
-                    jobdir.mkdir(mode=0o700)
-                    break
-                except FileExistsError:
-                    next_id += 1
-            fh.seek(0)
-            fh.truncate()
-            fh.write(str(next_id + 1))
-            fh.flush()
-            os.fsync(fh.fileno())
+        """Allocate the next job id (flock'ed counter file) and create its directory.
+
+        ``mkdir`` is what makes an id unique (across threads and processes); the
+        counter only saves the search. It is overwritten in place, fixed width, not
+        fsynced: after a host crash every local job is gone anyway and an id whose
+        directory survived is skipped."""
+        with self._id_lock:
+            fd = os.open(self._root / COUNTER_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                text = os.pread(fd, 64, 0).decode("ascii", "replace").strip()
+                next_id = int(text) if text.isdigit() else 1
+                while True:
+                    jobdir = self._root / str(next_id)
+                    try:
+                        jobdir.mkdir(mode=0o700)
+                        break
+                    except FileExistsError:
+                        next_id += 1
+                os.pwrite(fd, str(next_id + 1).rjust(20).encode("ascii"), 0)
+            finally:
+                os.close(fd)
         return str(next_id), jobdir
 
     def _write_job(self, job_id: str, jobdir: Path, spec: JobSpec, part: _Partition,
@@ -301,7 +313,7 @@ class LocalAdapter(ClusterAdapter):
             "env": self._job_environment(job_id, spec, part, cwd, env_extra),
             "alloc_tres": self._alloc_tres(spec, part),
         }
-        sup.atomic_write_json(jobdir / sup.SPEC_FILE, record)
+        sup.atomic_write_json(jobdir / sup.SPEC_FILE, record)  # not fsynced: see the module doc
         return record
 
     @staticmethod
@@ -329,23 +341,67 @@ class LocalAdapter(ClusterAdapter):
         })
         return env
 
-    def _launch(self, jobdir: Path) -> None:
-        """Run the supervisor's launcher; it returns once the job has started."""
-        argv = [self._python, "-m", "adapters.local_supervisor", str(jobdir)]
+    def _launch(self, job_id: str, jobdir: Path) -> None:
+        """Ask the supervisor to start the job; it answers once the job runs.
+
+        The supervisor is started when there is none (first job, after it went
+        idle or was killed). A request that meets a supervisor just going away
+        is repeated: the job directory's claim file says whether it was started."""
+        for _ in range(3):
+            try:
+                reply = self._ask(f"start {job_id}")
+            except ConnectionRefusedError:
+                self._start_supervisor()
+                continue
+            except ConnectionResetError:
+                reply = ""
+            except TimeoutError as exc:
+                raise AdapterError(f"local adapter: no start confirmation for job {job_id}",
+                                   transient=True, code="submit_outcome_unknown") from exc
+            except OSError as exc:
+                raise AdapterError(f"local adapter: cannot reach the supervisor: {exc}",
+                                   transient=True) from exc
+            if reply == "ok":
+                return
+            if reply:
+                raise AdapterError(f"local adapter: job {job_id} did not start: {reply[:500]}",
+                                   transient=True)
+            if (jobdir / sup.STARTED_FILE).exists():
+                if (jobdir / sup.STATE_FILE).exists():
+                    return
+                raise AdapterError(f"local adapter: no start confirmation for job {job_id}",
+                                   transient=True, code="submit_outcome_unknown")
+        raise AdapterError("local adapter: the supervisor does not answer", transient=True)
+
+    def _ask(self, line: str) -> str:
+        """One request to the supervisor; its one-line answer ('' if it hung up)."""
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+            conn.settimeout(LAUNCH_TIMEOUT)
+            conn.connect(sup.socket_address(self._root))
+            conn.sendall(line.encode("utf-8") + b"\n")
+            reply = b""
+            while not reply.endswith(b"\n"):
+                chunk = conn.recv(4096)
+                if not chunk:
+                    break
+                reply += chunk
+        return reply.decode("utf-8", "replace").strip()
+
+    def _start_supervisor(self) -> None:
+        """Start this data directory's supervisor (a no-op when one already listens)."""
+        argv = [self._python, "-m", "adapters.local_supervisor", "--serve", str(self._root),
+                "--idle", str(self._idle)]
         try:
             done = subprocess.run(  # noqa: S603 - fixed argv, no shell
                 argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                 start_new_session=True, close_fds=True, timeout=LAUNCH_TIMEOUT, check=False,
             )
-        except subprocess.TimeoutExpired as exc:
-            raise AdapterError(f"local adapter: no start confirmation for job {jobdir.name}",
-                               transient=True, code="submit_outcome_unknown") from exc
-        except OSError as exc:
+        except (subprocess.TimeoutExpired, OSError) as exc:
             raise AdapterError(f"local adapter: cannot start the supervisor: {exc}",
                                transient=True) from exc
         if done.returncode != 0:
             detail = done.stderr.decode("utf-8", "replace").strip()[-500:]
-            raise AdapterError(f"local adapter: job {jobdir.name} did not start: {detail}",
+            raise AdapterError(f"local adapter: the supervisor did not start: {detail}",
                                transient=True)
 
     # ------------------------------------------------------------------ reading records
@@ -417,18 +473,18 @@ class LocalAdapter(ClusterAdapter):
         return [s for s in statuses if s is not None]
 
     def cancel(self, ref: SchedulerJobRef) -> None:
-        """Ask the job's supervisor to cancel (file + SIGTERM); finished jobs are left alone."""
+        """Ask the supervisor to cancel (file + request); finished jobs are left alone."""
         jobdir = self._jobdir(ref.job_id)
         if jobdir is None:
             raise AdapterError(f"local adapter: no job {ref.job_id!r}", code="not_found")
         state = self._state(ref.job_id)
         if state is not None and state.get("state") in sup.TERMINAL_RAW:
             return
-        (jobdir / sup.CANCEL_FILE).touch()
+        (jobdir / sup.CANCEL_FILE).touch()  # the supervisor also finds it within a second
         if state is not None and sup.same_process_alive(state.get("supervisor_pid"),
                                                         state.get("supervisor_start")):
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(int(state["supervisor_pid"]), signal.SIGTERM)
+            with contextlib.suppress(OSError):
+                self._ask(f"cancel {ref.job_id}")
 
     def find_by_tag(
         self, tags: Sequence[str], *, since: datetime | None = None

@@ -104,6 +104,50 @@ def test_vanished_supervisor_fails_job_and_kills_it(make_adapter: Make) -> None:
     assert not sup.same_process_alive(state["pid"], state["pid_start"])
 
 
+def _state_of(adapter: LocalAdapter, ref: SchedulerJobRef) -> dict[str, object]:
+    state = sup.read_json(Path(adapter.data_dir) / "local-jobs" / ref.job_id / sup.STATE_FILE)
+    assert state is not None
+    return state
+
+
+def test_one_supervisor_runs_every_job_and_cancels_only_one(make_adapter: Make) -> None:
+    adapter = make_adapter()
+    refs = [adapter.submit(spec("sleep 30", tag=f"s{i}")) for i in range(3)]
+    for ref in refs:
+        wait_running(adapter, ref)
+    supervisors = {_state_of(adapter, r)["supervisor_pid"] for r in refs}
+    assert len(supervisors) == 1  # no process per job besides the job itself
+    adapter.cancel(refs[0])
+    assert wait_final(adapter, refs[0]).state is JobState.CANCELLED
+    assert [s.state for s in adapter.poll(refs[1:])] == [JobState.RUNNING, JobState.RUNNING]
+
+
+def test_a_new_supervisor_starts_after_the_old_one_vanished(make_adapter: Make) -> None:
+    adapter = make_adapter()
+    old = adapter.submit(spec("sleep 30", tag="old"))
+    wait_running(adapter, old)
+    old_state = _state_of(adapter, old)
+    os.kill(int(old_state["supervisor_pid"]), signal.SIGKILL)  # type: ignore[call-overload]
+    assert wait_final(adapter, old).raw_state == "NODE_FAIL"
+    new = adapter.submit(spec("echo again", tag="new"))
+    assert wait_final(adapter, new).state is JobState.COMPLETED
+    assert _state_of(adapter, new)["supervisor_pid"] != old_state["supervisor_pid"]
+    assert adapter.read_output(new) == "again\n"
+
+
+def test_idle_supervisor_exits_and_comes_back(make_adapter: Make) -> None:
+    adapter = make_adapter(supervisor_idle_seconds=0.3)
+    first = adapter.submit(spec("true", tag="a"))
+    wait_final(adapter, first)
+    pid = int(_state_of(adapter, first)["supervisor_pid"])  # type: ignore[call-overload]
+    deadline = time.monotonic() + 10
+    while sup.process_start_ticks(pid) is not None:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    second = adapter.submit(spec("echo back", tag="b"))
+    assert wait_final(adapter, second).state is JobState.COMPLETED
+
+
 def test_cancel_finished_job_is_no_error(make_adapter: Make) -> None:
     adapter = make_adapter()
     ref = adapter.submit(spec("true"))
