@@ -25,9 +25,12 @@ import abc
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from broker.states import JobState
+
+if TYPE_CHECKING:
+    from broker.accounting import AccountingManager
 
 __all__ = [
     "AdapterConfigError",
@@ -249,6 +252,14 @@ class ClusterAdapter(abc.ABC):
     @abc.abstractmethod
     def discover(self) -> list[PartitionInfo]:
         """Partitions and their TRES."""
+
+    def accounting(self) -> AccountingManager:
+        """The cluster's accounting manager (Slurm-native enforcement, account import).
+
+        Optional: adapters that cannot reach the scheduler's accounting keep this
+        default, which refuses with ``AdapterConfigError`` (``enforcement_unsupported``)."""
+        raise AdapterConfigError(f"adapter of cluster {self.name} cannot manage scheduler accounting",
+                                 code="enforcement_unsupported")
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections and pools."""

@@ -310,3 +310,7 @@ Then: curl -s {base}/v1/jobs -H "Authorization: Bearer $TOKEN"   (API docs: {bas
 
 if __name__ == "__main__":
     app()
+
+
+# operator commands live in their own module; importing it registers them on the apps above
+from broker import cli_ops  # noqa: E402, F401

@@ -149,6 +149,8 @@ class Settings(BaseSettings):
     reconcile_absent_seconds: float = 120.0
     usage_lookback_hours: float = 48.0
     usage_import_interval_seconds: float = 300.0
+    #: Slurm-native enforcement: the tracker syncs each enforcing cluster this often
+    enforcement_interval_seconds: float = 300.0
     log_level: str = "INFO"
 
     @classmethod

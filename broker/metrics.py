@@ -99,6 +99,11 @@ class DatabaseCollector(Collector):
                                         labels=["cluster"])
         lag = GaugeMetricFamily("aifa_tracker_lag_seconds", "Seconds since the cluster was last polled "
                                 "(clusters not offline)", labels=["cluster"])
+        drift = GaugeMetricFamily("aifa_enforcement_drift", "Changes the last Slurm enforcement check found "
+                                  "between the broker's allocations and Slurm's accounting (0: in sync)",
+                                  labels=["cluster"])
+        sync_err = GaugeMetricFamily("aifa_enforcement_sync_failed", "1 when the last enforcement sync failed",
+                                     labels=["cluster"])
         notes = GaugeMetricFamily("aifa_notifications", "Threshold crossings and expiry warnings recorded",
                                   labels=["kind"])
         deliveries = GaugeMetricFamily("aifa_webhook_deliveries", "Webhook deliveries by status",
@@ -130,6 +135,12 @@ class DatabaseCollector(Collector):
                 unreachable.add_metric([name], max(0.0, now - _epoch(down_since)) if down_since else 0.0)
                 if last_poll is not None and state != "offline":
                     lag.add_metric([name], max(0.0, now - _epoch(last_poll)))
+            for name, status in conn.execute(sa.text(
+                "SELECT name, enforcement_status FROM clusters WHERE enforce_budgets"
+            )):
+                info = _json(status)
+                drift.add_metric([name], float(info.get("drift") or 0))
+                sync_err.add_metric([name], 1.0 if info.get("error") else 0.0)
             for kind, count in conn.execute(sa.text("SELECT kind, COUNT(*) FROM notifications GROUP BY kind")):
                 notes.add_metric([kind], count)
             for status, count in conn.execute(sa.text(
@@ -137,7 +148,16 @@ class DatabaseCollector(Collector):
             )):
                 deliveries.add_metric([status], count)
         yield from fams.values()
-        yield from (ends, jobs, up, online, unreachable, lag, notes, deliveries)
+        yield from (ends, jobs, up, online, unreachable, lag, drift, sync_err, notes, deliveries)
+
+
+def _json(value: Any) -> dict[str, Any]:
+    """A JSON column read through plain SQL: a dict (PostgreSQL) or its text (SQLite)."""
+    import json
+
+    if isinstance(value, str):
+        value = json.loads(value)
+    return value if isinstance(value, dict) else {}
 
 
 def _day_end_epoch(value: Any) -> float:

@@ -77,6 +77,10 @@ class Cluster(SQLModel, table=True):
     health_checked_at: datetime | None = _ts()
     unreachable_since: datetime | None = _ts()
     last_poll_at: datetime | None = _ts()
+    #: Slurm-native enforcement: the tracker mirrors allocations into Slurm's accounting
+    enforce_budgets: bool = Field(default=False, sa_column_kwargs={"server_default": sa.false()})
+    #: the last sync / drift check (plan size, when applied, last error)
+    enforcement_status: dict[str, Any] | None = Field(default=None, sa_type=JSON)
     created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
 
 

@@ -11,6 +11,7 @@ Exceptions: :class:`PluginNotFound` (no such name), :class:`PluginLoadError`
 from __future__ import annotations
 
 import threading
+from dataclasses import asdict, dataclass
 from importlib.metadata import EntryPoint, entry_points
 from typing import Any
 
@@ -72,3 +73,39 @@ def load_adapter_class(name: str) -> Any:
 def load_policy_class(name: str) -> Any:
     """The eligibility policy class registered as ``name``."""
     return load(POLICY_GROUP, name)
+
+
+@dataclass(frozen=True)
+class PluginInfo:
+    """One installed plugin as ``aifa-broker plugins`` reports it."""
+
+    kind: str
+    name: str
+    target: str
+    distribution: str
+    version: str
+    ok: bool
+    error: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def inventory() -> list[PluginInfo]:
+    """Every adapter and policy entry point, imported once to learn its status.
+
+    A plugin whose import fails is listed with the error (never raised)."""
+    out: list[PluginInfo] = []
+    for kind, group in (("adapter", ADAPTER_GROUP), ("policy", POLICY_GROUP)):
+        for name, ep in sorted(_entry_points(group).items()):
+            dist = getattr(ep, "dist", None)
+            error: str | None = None
+            try:
+                load(group, name)
+            except PluginError as exc:
+                cause = exc.__cause__
+                error = f"{type(cause).__name__}: {cause}" if cause else str(exc)
+            out.append(PluginInfo(kind=kind, name=name, target=ep.value,
+                                  distribution=dist.metadata["Name"] if dist else "?",
+                                  version=dist.version if dist else "?", ok=error is None, error=error))
+    return out

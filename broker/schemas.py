@@ -219,6 +219,7 @@ class ClusterIn(Strict):
     cost_model: dict[str, Any] = Field(default_factory=dict)
     default_partition: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.\-]{1,64}$")] | None = None
     poll_interval_seconds: Annotated[float, Field(ge=0.2, le=3600)] | None = None
+    enforce_budgets: bool = False
 
 
 class ClusterPatch(Strict):
@@ -228,6 +229,7 @@ class ClusterPatch(Strict):
     default_partition: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.\-]{1,64}$")] | None = None
     poll_interval_seconds: Annotated[float, Field(ge=0.2, le=3600)] | None = None
     state: Literal["online", "draining", "offline"] | None = None
+    enforce_budgets: bool | None = None
 
 
 class ClusterOut(BaseModel):
@@ -245,6 +247,8 @@ class ClusterOut(BaseModel):
     health_checked_at: datetime | None
     unreachable_since: datetime | None
     dev_only: bool
+    enforce_budgets: bool = False
+    enforcement_status: dict[str, Any] | None = None
 
 
 class AccountIn(Strict):

@@ -67,6 +67,7 @@ class Tracker:
         self._next_poll: dict[str, float] = {}
         self._next_reconcile: dict[str, float] = {}
         self._next_import: dict[str, float] = {}
+        self._next_enforce: dict[str, float] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -104,9 +105,13 @@ class Tracker:
                 self._next_reconcile[name] = now + self.settings.reconcile_interval_seconds
             if do_import:
                 self._next_import[name] = now + self.settings.usage_import_interval_seconds
-            self._cluster_cycle(cluster, reconcile=reconcile, do_import=do_import)
+            interval = self.settings.enforcement_interval_seconds
+            enforce = cluster.enforce_budgets and (force or now >= self._next_enforce.setdefault(name, now + interval))
+            if enforce:
+                self._next_enforce[name] = now + interval
+            self._cluster_cycle(cluster, reconcile=reconcile, do_import=do_import, enforce=enforce)
 
-    def _cluster_cycle(self, cluster: Cluster, *, reconcile: bool, do_import: bool) -> None:
+    def _cluster_cycle(self, cluster: Cluster, *, reconcile: bool, do_import: bool, enforce: bool = False) -> None:
         assert cluster.id is not None
         with cluster_lease(self.engine, cluster.id, "tracker") as held:
             if not held:
@@ -122,6 +127,8 @@ class Tracker:
                 self.reconcile_cluster(cluster, adapter)
             if do_import:
                 self.import_usage(cluster, adapter)
+            if enforce:
+                self.enforce(cluster)
             TRACKER_CYCLE.labels(cluster.name).observe(time.perf_counter() - start)
 
     # --- polling ---------------------------------------------------------------------
@@ -189,6 +196,23 @@ class Tracker:
             c.health_ok, c.health_detail, c.health_checked_at = True, "answering polls", now
         c.unreachable_since = None
         c.last_poll_at = now
+
+    # --- Slurm-native enforcement ------------------------------------------------------
+    def enforce(self, cluster: Cluster) -> None:
+        """Sync the cluster's allocations into Slurm (on this replica's lease); a failure
+        is kept on the cluster for the drift report and metrics, never raised."""
+        from broker.errors import BrokerError
+        from broker.services.enforcement import record_failure, sync_cluster
+
+        try:
+            with session_scope(self.engine) as session:
+                sync_cluster(session, principal=None, registry=self.registry, name=cluster.name, dry_run=False)
+        except BrokerError as exc:
+            log.warning("cluster %s: enforcement sync failed: %s", cluster.name, exc.detail)
+            with session_scope(self.engine) as session:
+                c = session.get(Cluster, cluster.id)
+                if c is not None:
+                    record_failure(session, cluster=c, error=exc.detail)
 
     # --- reconciliation -------------------------------------------------------------
     def _has_stale_accepted(self, cluster: Cluster) -> bool:

@@ -41,6 +41,7 @@ from adapters.slurm_common.shapes import now_utc
 from adapters.slurm_common.tags import tag_from_job_name
 from adapters.slurm_ssh import commands, errors, parse
 from adapters.slurm_ssh.certs import CertificateAuthority, load_private_key
+from adapters.slurm_ssh.sacctmgr import SacctmgrManager
 from adapters.slurm_ssh.settings import SSHSettings
 from adapters.slurm_ssh.transport import CommandResult, SSHPool
 from broker.adapter import (
@@ -86,6 +87,7 @@ class SlurmSSHAdapter(ClusterAdapter):
         self._pool = SSHPool(self.config, self._identity)
         self._release: tuple[int, int] | None = None
         self._calls = 0
+        self._accounting: SacctmgrManager | None = None
 
     # ------------------------------------------------------------- identity
 
@@ -157,6 +159,17 @@ class SlurmSSHAdapter(ClusterAdapter):
         if not result.ok:
             raise errors.query_failure(what, result.exit_status, result.stderr)
         return result.stdout
+
+    # ----------------------------------------------------------- accounting
+
+    def accounting(self) -> SacctmgrManager:
+        """``sacctmgr`` as ``admin_username`` (reads fall back to ``query_username``)."""
+        with self._lock:
+            if self._accounting is None:
+                self._accounting = SacctmgrManager(
+                    cluster=self.name, run=self._run, admin_username=self.config.admin_username,
+                    reader=self.config.query_username or self.config.service_username)
+            return self._accounting
 
     # --------------------------------------------------------------- submit
 

@@ -22,6 +22,8 @@ keepalive_seconds               15        SSH keepalive on pooled connections
 max_channels_per_connection     8         concurrent commands per connection (< sshd MaxSessions)
 query_username                  (none)    account for cluster-wide reads (squeue, sacct -a,
                                           sinfo, health); default: the first ref's user
+admin_username                  (none)    Slurm operator (AdminLevel=Operator) the budget-enforcement
+                                          sync and account import run ``sacctmgr`` as
 slurm_release                   (none)    hint (``"22.05"``) used only if ``sinfo --version`` fails
 accounting_lag_seconds          0         extra wait after a job's end before settling it
 output_dir                      .aifa-broker/output   job stdout/stderr files (home-relative
@@ -105,6 +107,7 @@ class SSHSettings:
     keepalive_seconds: int
     max_channels_per_connection: int
     query_username: str | None
+    admin_username: str | None
     slurm_release: str | None
     accounting_lag_seconds: float
     output_dir: str
@@ -135,6 +138,7 @@ class SSHSettings:
             keepalive_seconds=int(_number(settings, "keepalive_seconds", 15)),
             max_channels_per_connection=int(_number(settings, "max_channels_per_connection", 8, 1)),
             query_username=_optional(settings, "query_username"),
+            admin_username=_optional(settings, "admin_username"),
             slurm_release=_optional(settings, "slurm_release"),
             accounting_lag_seconds=_number(settings, "accounting_lag_seconds", 0),
             output_dir=_optional(settings, "output_dir") or ".aifa-broker/output",

@@ -15,7 +15,7 @@ from sqlalchemy.engine import Engine
 from broker import dashboard
 from broker.api import problems
 from broker.api.middleware import BodyLimit
-from broker.api.routers import clusters, jobs, projects, reports
+from broker.api.routers import clusters, enforcement, jobs, projects, reports
 from broker.auth import Authenticator
 from broker.bootstrap import engine_for, ensure_local_cluster
 from broker.config import Settings, get_settings
@@ -62,7 +62,7 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
     db_metrics = CollectorRegistry(auto_describe=False)
     db_metrics.register(DatabaseCollector(engine))
     problems.install(app)
-    for router in (jobs.router, projects.router, clusters.router, reports.router):
+    for router in (jobs.router, projects.router, clusters.router, enforcement.router, reports.router):
         app.include_router(router)
     dashboard.install(app, settings)
     _add_probes(app, engine, db_metrics)

@@ -40,6 +40,7 @@ def cluster_out(cluster: Cluster, *, dev_only: bool = False) -> ClusterOut:
         health_ok=cluster.health_ok, health_detail=cluster.health_detail,
         health_checked_at=cluster.health_checked_at, unreachable_since=cluster.unreachable_since,
         dev_only=dev_only or cluster.adapter == "local",
+        enforce_budgets=cluster.enforce_budgets, enforcement_status=cluster.enforcement_status,
     )
 
 
@@ -67,6 +68,7 @@ def register_cluster(
         connection=body.connection, cost_model=body.cost_model,
         default_partition=body.default_partition,
         poll_interval_seconds=body.poll_interval_seconds or default_poll,
+        enforce_budgets=body.enforce_budgets,
     )
     _discover_into(cluster, registry, fail_on_config=True)
     session.add(cluster)
@@ -102,9 +104,11 @@ def _discover_into(cluster: Cluster, registry: AdapterRegistry, *, fail_on_confi
 
 
 def update_cluster(
-    session: Session, *, principal: Principal, registry: AdapterRegistry, name: str, body: ClusterPatch,
+    session: Session, *, principal: Principal | None, registry: AdapterRegistry, name: str, body: ClusterPatch,
 ) -> Cluster:
-    require_role(principal, "sysadmin")
+    """Change a cluster (``principal`` None: the operator CLI on the broker host)."""
+    if principal is not None:
+        require_role(principal, "sysadmin")
     cluster = get_cluster(session, name)
     changes = body.model_dump(exclude_unset=True)
     if "cost_model" in changes:
@@ -121,9 +125,10 @@ def update_cluster(
     return cluster
 
 
-def delete_cluster(session: Session, *, principal: Principal, registry: AdapterRegistry, name: str) -> None:
+def delete_cluster(session: Session, *, principal: Principal | None, registry: AdapterRegistry, name: str) -> None:
     """Remove a cluster that has no allocations and no jobs (else 409: drain it instead)."""
-    require_role(principal, "sysadmin")
+    if principal is not None:
+        require_role(principal, "sysadmin")
     cluster = get_cluster(session, name)
     if session.exec(select(Allocation).where(Allocation.cluster_id == cluster.id)).first() or \
             session.exec(select(Job).where(Job.cluster_id == cluster.id)).first():

@@ -115,13 +115,18 @@ def grant_allocation(
 
 
 def adjust_allocation(
-    session: Session, *, principal: Principal, code: str, allocation_id: int, body: AllocationPatch,
+    session: Session, *, principal: Principal | None, code: str, allocation_id: int, body: AllocationPatch,
+    actor: str | None = None,
 ) -> Allocation:
     """Change an allocation; a new ``amount`` becomes an ``adjust`` entry of the difference.
 
-    The new amount may not go below what is already charged plus reserved."""
-    require_role(principal, "quota_manager")
-    project, _ = visible_project(session, principal, code)
+    The new amount may not go below what is already charged plus reserved.
+    ``principal`` None: the operator CLI (``actor`` names it in the ledger)."""
+    if principal is not None:
+        require_role(principal, "quota_manager")
+        project, _ = visible_project(session, principal, code)
+    else:
+        project = _project(session, code)
     alloc = session.get(Allocation, allocation_id)
     if alloc is None or alloc.project_id != project.id:
         raise NotFound(f"No allocation {allocation_id} in project {code}.")
@@ -138,7 +143,7 @@ def adjust_allocation(
                                  code="validation_error")
         if new != alloc.granted:
             ledger.apply(session, allocation=alloc, kind="adjust", amount=new - alloc.granted,
-                         actor=principal.name, reason=body.reason or "adjusted")
+                         actor=actor or (principal.name if principal else "cli"), reason=body.reason or "adjusted")
     session.refresh(alloc)
     return alloc
 

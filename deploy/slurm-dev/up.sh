@@ -196,6 +196,8 @@ ensure_user() {  # ensure_user NAME PREFERRED_UID
 ensure_users() {
     ensure_user alice 2001
     ensure_user bob 2002
+    # the broker's Slurm operator for budget enforcement (sacctmgr writes over SSH)
+    ensure_user aifa-admin 2003
     # slurmrestd refuses to run as root or SlurmUser: a dedicated system user.
     rt getent passwd slurmrestd >/dev/null \
         || rt useradd -r -M -d /nonexistent -s /usr/sbin/nologin -U slurmrestd
@@ -388,6 +390,10 @@ ensure_accounts() {
             | grep -qx "$acct" \
             || rt sacctmgr -i add user "$user" account="$acct" cluster="$CLUSTER" >/dev/null
     done
+    # AdminLevel=Operator may add/modify/remove accounts, users and limits: what the
+    # broker's enforcement sync needs (connection.admin_username = "aifa-admin").
+    sacctmgr_q show user aifa-admin format=adminlevel | grep -qx Operator \
+        || rt sacctmgr -i add user aifa-admin account=root adminlevel=Operator cluster="$CLUSTER" >/dev/null
 }
 
 # ------------------------------------------------------ generated files --
@@ -414,6 +420,8 @@ certificate_validity_seconds = 300
 # cluster-wide reads (poll, usage import, discovery) run as this account; the dev
 # clusters keep PrivateData off, so any user sees all jobs (a site uses a reader account)
 query_username = "alice"
+# Slurm operator (AdminLevel=Operator) for budget enforcement: sacctmgr writes
+admin_username = "aifa-admin"
 slurm_release = "$RELEASE"
 EOF
     cat >"$GEN_DIR/slurm_rest.toml" <<EOF

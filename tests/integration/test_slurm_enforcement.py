@@ -1,0 +1,149 @@
+"""Slurm-native enforcement against the real dev clusters (slurm_ssh, sacctmgr as the
+dev operator ``aifa-admin``): dry run changes nothing → enabling creates the account,
+the members' associations and the GrpTRESMins limit → a second sync is a no-op →
+the grant used up through the broker makes Slurm itself hold a DIRECT sbatch under
+that account (AssocGrp* reason) → a membership that ends loses its association → an
+allocation that ends loses its account. Every test uses its own ``aifa-t-<random>``
+account and removes it; proj-a/proj-b are never touched."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from datetime import date, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.support import slurm
+from tests.support.env import BrokerEnv, broker_env
+
+ENFORCE_RELEASES = ("22.05", "24.11", "26.05")
+CODE = "EHPC-ENF-001"
+
+
+def _assoc(release: str, account: str) -> dict[str | None, str]:
+    """user (None = the account row) → GrpTRESMins, straight from sacctmgr."""
+    out = slurm.run_in(release, "sacctmgr", "-nP", "show", "assoc", "where", f"account={account}",
+                       "format=account,user,grptresmins")
+    rows: dict[str | None, str] = {}
+    for line in out.splitlines():
+        acct, user, limit = ([*line.split("|"), "", "", ""])[:3]
+        if acct == account:
+            rows[user or None] = limit
+    return rows
+
+
+def _cleanup(release: str, account: str) -> None:
+    """Safety net if a test failed half-way: no job, association or account left behind."""
+    slurm.run_in(release, "scancel", f"--account={account}", check=False)
+    if _assoc(release, account):
+        slurm.run_in(release, "sacctmgr", "-i", "remove", "user", "where", f"account={account}", check=False)
+        slurm.run_in(release, "sacctmgr", "-i", "remove", "account", "where", f"name={account}", check=False)
+
+
+@pytest.fixture(params=[pytest.param(r, id=f"enforcement-ssh-{r}", marks=pytest.mark.slurm)
+                        for r in ENFORCE_RELEASES])
+def enforced(request: pytest.FixtureRequest, tmp_path: Path):  # type: ignore[no-untyped-def]
+    release = request.param
+    slurm.require_cluster(release)
+    account = f"aifa-t-{uuid.uuid4().hex[:8]}"
+    url = f"sqlite:///{tmp_path / 'broker.sqlite3'}"
+    # the tracker's own sync is tested separately: here every sync is called explicitly
+    with broker_env(tmp_path, url, enforcement_interval_seconds=3600, usage_import_interval_seconds=3600) as env:
+        definition = slurm.definition(release, "slurm_ssh")
+        definition["poll_interval_seconds"] = 1
+        definition["connection"].setdefault("admin_username", "aifa-admin")
+        r = env.call("POST", "/v1/clusters", env.qm, json=definition)
+        assert r.status_code == 201, r.text
+        cluster = definition["name"]
+        # 0.05 GPU-hours = exactly 3 GPU-minutes
+        alloc = env.setup_project(CODE, amount=0.05, unit="gpu_hours", members=("alice", "bob"),
+                                  cluster=cluster, account=account)
+        try:
+            yield env, release, cluster, account, alloc
+        finally:
+            _cleanup(release, account)
+
+
+def _sync(env: BrokerEnv, cluster: str, *, dry_run: bool = False) -> dict[str, Any]:
+    r = env.call("POST", f"/v1/clusters/{cluster}/enforcement/sync", env.qm, params={"dry_run": dry_run})
+    assert r.status_code == 200, r.text
+    return dict(r.json())
+
+
+def test_enforcement_lifecycle_on_real_slurm(enforced) -> None:  # type: ignore[no-untyped-def]
+    env, release, cluster, account, alloc = enforced
+
+    # off by default: a real sync is refused, the drift report (a dry run) changes nothing
+    r = env.call("POST", f"/v1/clusters/{cluster}/enforcement/sync", env.qm)
+    assert r.status_code == 409 and r.json()["code"] == "enforcement_disabled"
+    drift = env.call("GET", f"/v1/clusters/{cluster}/enforcement", env.qm).json()
+    assert [(c["action"], c["user"]) for c in drift["changes"]] == [
+        ("add_account", None), ("add_association", "alice"), ("add_association", "bob")]
+    assert drift["changes"][0]["grp_tres_mins"] == {"gres/gpu": 3}
+    assert _assoc(release, account) == {}, "a dry run must not change Slurm"
+    assert env.call("GET", f"/v1/clusters/{cluster}/enforcement", env.auth("alice")).status_code == 403
+
+    # enable → account, associations and the limit appear in sacctmgr
+    r = env.call("PATCH", f"/v1/clusters/{cluster}", env.qm, json={"enforce_budgets": True})
+    assert r.status_code == 200 and r.json()["enforce_budgets"] is True
+    first = _sync(env, cluster)
+    assert first["applied"] and len(first["changes"]) == 3
+    assert _assoc(release, account) == {None: "gres/gpu=3", "alice": "", "bob": ""}
+    # a second sync is a no-op
+    again = _sync(env, cluster)
+    assert again["changes"] == [] and again["applied"] is False
+    metrics = env.call("GET", "/metrics").text
+    assert f'aifa_enforcement_drift{{cluster="{cluster}"}} 0.0' in metrics
+
+    # use the grant up through the broker: one GPU for 3 minutes reserves all 3 GPU-minutes
+    alice = env.auth("alice")
+    r = env.call("POST", "/v1/jobs", alice, json={
+        "project": CODE, "cluster": cluster, "partition": "gpu", "gpus_per_node": 1,
+        "script": "#!/bin/bash\nsleep 170\n", "time_limit_minutes": 3})
+    assert r.status_code == 201, r.text
+    broker_job = r.json()["id"]
+    env.wait_job(broker_job, alice, lambda j: j["state"] == "RUNNING", timeout=60)
+    assert env.call("GET", f"/v1/projects/{CODE}", alice).json()["allocations"][0]["remaining"] == 0
+    r = env.call("POST", "/v1/jobs", alice, json={
+        "project": CODE, "cluster": cluster, "partition": "gpu", "gpus_per_node": 1,
+        "script": "#!/bin/bash\ntrue\n", "time_limit_minutes": 1})
+    assert r.status_code == 409 and r.json()["code"] == "quota_exceeded"
+    # ...and Slurm itself holds a job submitted directly, bypassing the broker
+    out = slurm.run_in(release, "sbatch", "--parsable", "--uid=alice", f"--account={account}",
+                       "--partition=gpu", "--gres=gpu:1", "--time=1", "--wrap=true", "-o", "/dev/null")
+    direct = out.strip().split(";")[0]
+    try:
+        reason, state = "", ""
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not reason.startswith("AssocGrp"):
+            line = slurm.run_in(release, "squeue", "-h", "-j", direct, "-o", "%T|%r").strip()
+            state, _, reason = line.partition("|")
+            time.sleep(1)
+        assert state == "PENDING" and reason.startswith("AssocGrp"), (state, reason)
+    finally:
+        slurm.run_in(release, "scancel", direct, check=False)
+    assert env.call("DELETE", f"/v1/jobs/{broker_job}", alice).status_code in (200, 202, 204)
+    done = env.wait_settled(broker_job, alice, timeout=90)
+    assert done["state"] == "CANCELLED" and 0 < done["charged"]["amount"] <= 0.05
+    assert _sync(env, cluster)["changes"] == []  # still in sync after real usage
+
+    # a membership ends → its association goes, the others stay
+    r = env.call("DELETE", f"/v1/projects/{CODE}/members/bob", env.qm)
+    assert r.status_code == 204
+    plan = _sync(env, cluster)
+    assert [(c["action"], c["user"]) for c in plan["changes"]] == [("remove_association", "bob")]
+    assert _assoc(release, account) == {None: "gres/gpu=3", "alice": ""}
+
+    # the allocation ends → its associations and then its account go
+    yesterday = (date.today() - timedelta(days=1)).isoformat()
+    r = env.call("PATCH", f"/v1/projects/{CODE}/allocations/{alloc['id']}", env.qm,
+                 json={"start_date": (date.today() - timedelta(days=30)).isoformat(), "end_date": yesterday})
+    assert r.status_code == 200, r.text
+    plan = _sync(env, cluster)
+    assert [(c["action"], c["user"]) for c in plan["changes"]] == [
+        ("remove_association", "alice"), ("remove_account", None)]
+    assert _assoc(release, account) == {}
+    assert _sync(env, cluster)["changes"] == []
