@@ -83,16 +83,16 @@ def _unit(fn: Callable[[Any], T]) -> T:
 
 @app.command()
 def serve(host: Annotated[str | None, typer.Option()] = None,
-          port: Annotated[int | None, typer.Option()] = None) -> None:
+          port: Annotated[int | None, typer.Option()] = None,
+          workers: Annotated[int | None, typer.Option(
+              min=1, help="API worker processes (default: the CPUs available); with more than one, "
+                          "the tracker runs in one extra process")] = None) -> None:
     """Run the API and the tracker."""
-    import uvicorn
-
-    from broker.api.app import create_app
+    from broker import server
 
     settings = _settings()
-    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    uvicorn.run(create_app(settings), host=host or settings.host, port=port or settings.port,
-                log_level=settings.log_level.lower())
+    server.run(settings, host=host or settings.host, port=port or settings.port,
+               workers=workers or server.default_workers())
 
 
 @app.command()

@@ -7,12 +7,13 @@ API replica reports the same values and a scrape never calls a scheduler.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import sqlalchemy as sa
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Histogram, multiprocess
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 from sqlalchemy.engine import Engine
@@ -41,6 +42,17 @@ SETTLEMENTS = Counter(
     "aifa_jobs_settled_total", "Jobs settled (reservation released, usage charged)", ["state"],
     registry=REGISTRY,
 )
+
+def process_registry() -> CollectorRegistry:
+    """What ``/metrics`` exposes of this process's counters: :data:`REGISTRY`, or in
+    prometheus-client's multiprocess mode (``serve --workers N``) the sums over
+    every process's files."""
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        return REGISTRY
+    merged = CollectorRegistry(auto_describe=True)
+    multiprocess.MultiProcessCollector(merged)  # type: ignore[no-untyped-call]
+    return merged
+
 
 _TIMED = ("submit", "poll", "cancel", "find_by_tag", "usage", "read_output", "health", "discover")
 

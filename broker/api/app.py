@@ -19,7 +19,7 @@ from broker.api.routers import clusters, enforcement, jobs, projects, reports
 from broker.auth import Authenticator
 from broker.bootstrap import engine_for, ensure_local_cluster
 from broker.config import Settings, get_settings
-from broker.metrics import REGISTRY, DatabaseCollector
+from broker.metrics import DatabaseCollector, process_registry
 from broker.migrate import is_up_to_date
 from broker.notifications import Notifier
 from broker.ratelimit import RateLimiter
@@ -92,6 +92,7 @@ def _add_probes(app: FastAPI, engine: Engine, db_metrics: CollectorRegistry) -> 
 
     @app.get("/metrics", tags=["probes"])
     def metrics(_: Request) -> Response:
-        """Prometheus exposition: process counters + values read from the database."""
-        return Response(generate_latest(REGISTRY) + generate_latest(db_metrics),
+        """Prometheus exposition: counters (summed over every process of a multi-worker
+        broker) + values read from the database."""
+        return Response(generate_latest(process_registry()) + generate_latest(db_metrics),
                         media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,188 @@
+"""``aifa-broker serve``: the API on one or several worker processes, plus the tracker.
+
+One worker (``--workers 1``): the API and, in the same process, the tracker and
+the webhook notifier (as before). Several workers: the parent process only
+supervises — it brings the schema up to date once, then starts
+
+- N uvicorn worker processes sharing the listening socket, each with its own
+  database pool (sized from the settings) and adapter registry, none running
+  the tracker;
+- one background process running the tracker (on its database lease, so two
+  broker instances still never track the same cluster twice) and the notifier;
+  restarted if it dies.
+
+Counters and histograms are then kept in prometheus-client's multiprocess mode
+(files under ``PROMETHEUS_MULTIPROC_DIR``, a fresh directory per start unless
+the operator sets one), so ``/metrics`` on any worker reports every process's
+sums. Children die with the parent even when it is SIGKILLed (``PR_SET_PDEATHSIG``),
+so a restarted broker finds its port free.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import multiprocessing
+import os
+import shutil
+import signal
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from broker.config import Settings, get_settings
+
+log = logging.getLogger(__name__)
+
+#: the app factory of a worker (an import string: workers are spawned processes)
+WORKER_FACTORY = "broker.server:worker_app"
+_PARENT_ENV = "AIFA_SERVE_PARENT_PID"
+_PR_SET_PDEATHSIG = 1
+
+
+def default_workers() -> int:
+    """Worker processes when none is asked for: the CPUs this process may use."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def die_with_parent() -> None:
+    """Have the kernel SIGKILL this process when the serving parent dies (Linux)."""
+    parent = os.environ.get(_PARENT_ENV)
+    if parent is None:
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        log.warning("cannot ask to die with the parent process; orphans may survive a SIGKILL")
+    if str(os.getppid()) != parent:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+def worker_app() -> Any:
+    """The app of one worker process (no tracker: the background process runs it)."""
+    die_with_parent()
+    from broker.api.app import create_app
+    from broker.bootstrap import engine_for
+
+    settings = get_settings()
+    _configure_logging(settings)
+    # the parent migrated already: N workers must not all run the migration check
+    return create_app(settings, engine=engine_for(settings, migrate=False), run_tracker=False)
+
+
+def _background_main() -> None:
+    """The tracker + notifier process of a multi-worker broker."""
+    die_with_parent()
+    from broker.bootstrap import engine_for
+    from broker.notifications import Notifier
+    from broker.registry import AdapterRegistry
+    from broker.tracker import Tracker
+
+    settings = get_settings()
+    _configure_logging(settings)
+    engine = engine_for(settings, migrate=False)
+    registry = AdapterRegistry(settings)
+    tracker, notifier = Tracker(engine, settings, registry), Notifier(engine, settings)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    tracker.start()
+    notifier.start()
+    stop.wait()
+    tracker.stop()
+    notifier.stop()
+    registry.close()
+
+
+class _Background:
+    """Keeps the tracker process running until :meth:`stop`."""
+
+    def __init__(self, target: Callable[[], None]) -> None:
+        self._target = target
+        self._ctx = multiprocessing.get_context("spawn")
+        self._proc: Any = None
+        self._stopping = threading.Event()
+        self._watch = threading.Thread(target=self._keep_alive, name="background-watch", daemon=True)
+
+    def start(self) -> None:
+        self._spawn()
+        self._watch.start()
+
+    def _spawn(self) -> None:
+        self._proc = self._ctx.Process(target=self._target, name="aifa-broker-tracker", daemon=False)
+        self._proc.start()
+
+    def _keep_alive(self) -> None:
+        while not self._stopping.wait(2.0):
+            if self._proc is not None and not self._proc.is_alive():
+                log.error("the tracker process exited (code %s); starting it again", self._proc.exitcode)
+                self._spawn()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        if self._proc is not None and self._proc.is_alive():
+            self._proc.terminate()
+            self._proc.join(15)
+            if self._proc.is_alive():
+                self._proc.kill()
+
+
+def prepare_multiprocess_metrics(settings: Settings) -> Path:
+    """A fresh directory for prometheus-client's multiprocess files, exported to children."""
+    given = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    path = Path(given) if given else settings.data_dir / "metrics" / str(os.getpid())
+    if path.exists():
+        shutil.rmtree(path)  # counters of a previous run would be added to this one's
+    path.mkdir(parents=True, mode=0o700)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(path)
+    return path
+
+
+def _configure_logging(settings: Settings) -> None:
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _single_app(settings: Settings) -> Any:
+    from broker.api.app import create_app
+
+    return create_app(settings)
+
+
+def run(settings: Settings, *, host: str, port: int, workers: int, factory: str = WORKER_FACTORY,
+        single: Callable[[Settings], Any] = _single_app,
+        background: Callable[[], None] = _background_main) -> None:
+    """Serve until stopped (see the module docstring). ``factory`` (import string of a
+    worker's app factory), ``single`` (the one-process app) and ``background`` are
+    replaceable for benchmarks (e.g. a build with a stand-in adapter)."""
+    import uvicorn
+
+    _configure_logging(settings)
+    level = settings.log_level.lower()
+    if workers <= 1:
+        uvicorn.run(single(settings), host=host, port=port, log_level=level)
+        return
+    from broker.bootstrap import engine_for, ensure_local_cluster
+
+    engine = engine_for(settings)  # migrations once, before any worker starts
+    ensure_local_cluster(engine, settings)
+    engine.dispose()
+    own_dir = "PROMETHEUS_MULTIPROC_DIR" not in os.environ
+    metrics_dir = prepare_multiprocess_metrics(settings)
+    os.environ[_PARENT_ENV] = str(os.getpid())
+    tracker = _Background(background) if settings.run_tracker else None
+    if tracker is not None:
+        tracker.start()
+    try:
+        # a worker's start-up (imports, first connections) can exceed uvicorn's 5 s on a busy host
+        uvicorn.run(factory, factory=True, host=host, port=port, workers=workers, log_level=level,
+                    timeout_worker_healthcheck=60)
+    finally:
+        if tracker is not None:
+            tracker.stop()
+        if own_dir:
+            shutil.rmtree(metrics_dir, ignore_errors=True)

@@ -1,0 +1,87 @@
+"""``aifa-broker serve --workers 2``: several API processes, one tracker, summed metrics,
+and no orphan left holding the port when the parent is SIGKILLed."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.support.server import free_port
+
+BIN = str(Path(sys.executable).parent / "aifa-broker")
+
+
+def _children(pid: int) -> list[int]:
+    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):
+        return False
+
+
+def _start(env: dict[str, str], port: int) -> subprocess.Popen[bytes]:
+    proc = subprocess.Popen([BIN, "serve", "--port", str(port), "--workers", "2"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 90
+    while True:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        assert proc.poll() is None and time.monotonic() < deadline, "broker did not start"
+        time.sleep(0.2)
+
+
+def test_workers_share_the_load_one_tracker_summed_metrics(tmp_path: Path) -> None:
+    env = {**os.environ, "AIFA_BROKER_DATA_DIR": str(tmp_path / "data"),
+           "AIFA_BROKER_LOCAL_CLUSTER_POLL_SECONDS": "0.3", "AIFA_BROKER_TRACKER_INTERVAL_SECONDS": "0.2"}
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    subprocess.run([BIN, "demo", "--user", "alice"], env=env, check=True, capture_output=True)
+    token = subprocess.run([BIN, "token", "--sub", "alice"], env=env, check=True, capture_output=True,
+                           text=True).stdout.strip()
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    proc = _start(env, port)
+    try:
+        # 2 workers + the tracker process (+ multiprocessing's resource tracker at most)
+        assert 3 <= len(_children(proc.pid)) <= 4
+        ids = []
+        with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {token}"}, timeout=30) as c:
+            for _ in range(12):  # new connections: the kernel spreads them over the workers
+                r = httpx.post(f"{base}/v1/jobs", headers=c.headers, timeout=30, json={
+                    "project": "EHPC-AIF-DEMO-001", "script": "true", "time_limit_minutes": 5})
+                assert r.status_code == 201, r.text
+                ids.append(r.json()["id"])
+            deadline = time.monotonic() + 60
+            while not all(c.get(f"/v1/jobs/{i}").json()["charged"] is not None for i in ids):
+                assert time.monotonic() < deadline, "the tracker process did not settle the jobs"
+                time.sleep(0.3)
+            for _ in range(4):  # whichever worker answers, it reports every process's counts
+                text = httpx.get(f"{base}/metrics", timeout=10).text
+                submitted = re.search(r'^aifa_jobs_submitted_total\{cluster="local"\} (\S+)$', text, re.M)
+                settled = re.search(r'^aifa_jobs_settled_total\{state="COMPLETED"\} (\S+)$', text, re.M)
+                assert submitted and float(submitted.group(1)) == 12
+                assert settled and float(settled.group(1)) == 12  # counted in the tracker process
+    finally:
+        children = _children(proc.pid)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+    deadline = time.monotonic() + 10
+    while any(_alive(c) for c in children):
+        assert time.monotonic() < deadline, "worker processes outlived the SIGKILLed parent"
+        time.sleep(0.1)
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"{base}/healthz", timeout=2)
