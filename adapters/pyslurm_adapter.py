@@ -51,7 +51,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from adapters.slurm_common.states import is_terminal, translate
+from adapters.slurm_common.states import is_terminal, started_or_expected, translate
 from adapters.slurm_common.tags import comment_for_tag, job_name_with_tag, tag_from_job_name
 from broker.adapter import (
     AdapterConfigError,
@@ -84,6 +84,12 @@ _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _PATTERN_TOKEN = re.compile(r"%[%ju]")
 _DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
 _UNLIMITED = "UNLIMITED"
+
+
+def _reason(value: Any) -> str | None:
+    """Slurm's reason word; its ``"None"`` means no reason."""
+    text = str(value) if value else ""
+    return None if text in {"", "None"} else text
 
 
 def _epoch(value: Any) -> datetime | None:
@@ -279,11 +285,12 @@ class PySlurmAdapter(ClusterAdapter):
         raw = str(job.state)
         final = accounting and is_terminal(raw)
         elapsed = job.elapsed_time if accounting else getattr(job, "run_time", None)
+        started, expected = started_or_expected(translate(raw), _epoch(job.start_time))
         return JobStatus(
             job_id=str(job.id), state=translate(raw), raw_state=raw, final=final,
             exit_code=_exit_code(job) if final else None,
-            reason=getattr(job, "state_reason", None) or None,
-            submit_time=_epoch(job.submit_time), start_time=_epoch(job.start_time),
+            reason=_reason(getattr(job, "state_reason", None)),
+            submit_time=_epoch(job.submit_time), start_time=started, expected_start=expected,
             end_time=_epoch(job.end_time) if is_terminal(raw) else None,
             elapsed_seconds=int(elapsed) if isinstance(elapsed, int | float) else None,
             alloc_tres=tres_map(job.allocated_tres), tag=tag_from_job_name(job.name),

@@ -137,6 +137,10 @@ class JobStatus:
     queue) confirms the end, so the broker can settle. ``alloc_tres`` maps TRES
     names (``cpu``, ``node``, ``mem`` in MB, ``gres/gpu``, ``billing``) to the
     counts allocated to the job; with ``elapsed_seconds`` it is what gets charged.
+    ``reason`` is the scheduler's own word for why the job waits (or ended):
+    ``Resources``, ``Priority``, ``AssocGrpGRESMinutes``... ``start_time`` is set
+    only once the job has started; for a pending job the scheduler's projected
+    start (``squeue --start``) goes in ``expected_start`` instead.
     """
 
     job_id: str
@@ -151,6 +155,7 @@ class JobStatus:
     elapsed_seconds: int | None = None
     alloc_tres: Mapping[str, float] = field(default_factory=dict)
     tag: str | None = None
+    expected_start: datetime | None = None
 
 
 @dataclass(frozen=True)

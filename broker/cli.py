@@ -18,7 +18,7 @@ from pydantic import ValidationError
 from broker.adapter import AdapterError
 from broker.auth import issue_token
 from broker.bootstrap import engine_for, ensure_local_cluster
-from broker.cli_jobs import job_app
+from broker.cli_jobs import budget, job_app
 from broker.config import Settings, get_settings
 from broker.db import session_scope
 from broker.errors import BrokerError
@@ -42,6 +42,7 @@ for sub, name in ((job_app, "job"), (db_app, "db"), (cluster_app, "cluster"), (p
                   (allocation_app, "allocation"), (member_app, "member"), (account_app, "account"),
                   (ledger_app, "ledger")):
     app.add_typer(sub, name=name)
+app.command("budget")(budget)
 
 T = TypeVar("T")
 

@@ -146,7 +146,71 @@ def cancel(job_id: str, url: Url = "http://127.0.0.1:8080", token: Token = "") -
 @job_app.command("output")
 def output(job_id: str, url: Url = "http://127.0.0.1:8080", token: Token = "",
            stderr: Annotated[bool, typer.Option("--stderr")] = False,
-           tail: Annotated[int, typer.Option(help="bytes")] = 65536) -> None:
-    """The tail of the job's stdout (or stderr)."""
-    typer.echo(_one(lambda c: c.output(job_id, stream="stderr" if stderr else "stdout", tail=tail), url, token),
-               nl=False)
+           tail: Annotated[int, typer.Option(help="bytes")] = 65536,
+           follow: Annotated[bool, typer.Option("--follow", "-f", help="keep printing until the job ends")] = False,
+           interval: Annotated[float, typer.Option(help="seconds between reads with --follow")] = 2.0) -> None:
+    """The tail of the job's stdout (or stderr); with --follow, its output as it grows."""
+    stream = "stderr" if stderr else "stdout"
+    if not follow:
+        typer.echo(_one(lambda c: c.output(job_id, stream=stream, tail=tail), url, token), nl=False)
+        return
+    with _client(url, token) as client:
+        for chunk in client.follow_output(job_id, stream=stream, interval=interval):
+            typer.echo(chunk, nl=False)
+
+
+#: ``job wait`` exit status when the wait itself timed out (as timeout(1) does)
+WAIT_TIMED_OUT = 124
+
+
+def exit_status(job: dict[str, Any]) -> int:
+    """The shell exit status for a finished job: its exit code (a job killed by
+    signal N reports 128+N); 1 when it ended badly without one (cancelled before
+    start, submit failed)."""
+    code = job.get("exit_code")
+    if isinstance(code, int):
+        return code if 0 <= code <= 255 else 1
+    return 0 if job.get("state") == "COMPLETED" else 1
+
+
+@job_app.command("wait")
+def wait(job_id: str, url: Url = "http://127.0.0.1:8080", token: Token = "",
+         timeout: Annotated[float, typer.Option(help="give up after this many seconds")] = 86400.0,
+         as_json: AsJson = False) -> None:
+    """Wait until the job has ended and been settled; exit with the job's exit code
+    (124 if --timeout passed first)."""
+    with _client(url, token) as client:
+        try:
+            job = client.wait(job_id, timeout=timeout)
+        except TimeoutError as exc:
+            typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+            raise typer.Exit(WAIT_TIMED_OUT) from exc
+    _show(job, as_json)
+    raise typer.Exit(exit_status(job))
+
+
+def _budget_line(row: dict[str, Any]) -> str:
+    used = row.get("percent_used")
+    return (f"{row['project']:<22} {row['cluster']:<12} {row['unit']:<13} {row['granted']:>12g} "
+            f"{row['used']:>11g} {row['reserved']:>10g} {row['remaining']:>12g} "
+            f"{'-' if used is None else f'{used:.1f}%':>7} {row['burn_rate_per_day']:>10g} "
+            f"{row.get('projected_exhaustion') or '-':>11}")
+
+
+def budget(url: Url = "http://127.0.0.1:8080", token: Token = "",
+           window: Annotated[int, typer.Option(help="days the burn rate is measured over")] = 14,
+           as_json: AsJson = False) -> None:
+    """Your projects' allocations: granted, used, reserved, remaining, burn rate per day
+    and the projected exhaustion date."""
+    answer = _one(lambda c: c.budget(window_days=window), url, token)
+    if as_json:
+        typer.echo(json.dumps(answer, indent=2))
+        return
+    rows = answer["allocations"]
+    if not rows:
+        typer.echo("You are not a member of any project with an allocation.")
+        return
+    typer.echo(f"{'PROJECT':<22} {'CLUSTER':<12} {'UNIT':<13} {'GRANTED':>12} {'USED':>11} {'RESERVED':>10} "
+               f"{'REMAINING':>12} {'USED%':>7} {'BURN/DAY':>10} {'RUNS OUT':>11}")
+    for row in rows:
+        typer.echo(_budget_line(row))

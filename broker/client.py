@@ -96,6 +96,37 @@ class BrokerClient:
                 raise TimeoutError(f"job {job_id} still {job['state']} after {timeout:.0f} s")
             time.sleep(interval)
 
+    def follow_output(self, job_id: str, *, stream: str = "stdout", interval: float = 2.0,
+                      window: int = 1_048_576) -> Iterator[str]:
+        """Yield the job's output as it grows, until the job has ended (``tail -f``).
+
+        The API serves the last ``window`` bytes; while the file fits in it the
+        text is exact. If it grew by more than ``window`` between two reads, a
+        ``[... output skipped ...]`` line marks the gap."""
+        seen = ""
+        while True:
+            job = self.job(job_id)
+            ended = job.get("charged") is not None
+            try:
+                text = self.output(job["id"], stream=stream, tail=window) if job.get("scheduler_job_id") else None
+            except BrokerAPIError as exc:
+                if exc.status != 409 or ended:  # 409: not on the cluster yet / not readable yet
+                    raise
+                text = None
+            if text is not None:
+                fresh = _new_part(seen, text, window)
+                if fresh:
+                    yield fresh
+                seen = text
+            if ended:
+                return
+            time.sleep(interval)
+
+    # --- budget ------------------------------------------------------------------------
+    def budget(self, *, window_days: int = 14) -> dict[str, Any]:
+        """The caller's projects: allocations, remaining, burn rate, projected exhaustion."""
+        return dict(self._request("GET", "/v1/budget", params={"window_days": window_days}, retry=True))
+
     # --- projects ------------------------------------------------------------------------
     def projects(self) -> list[dict[str, Any]]:
         return list(self._request("GET", "/v1/projects", retry=True))
@@ -124,6 +155,19 @@ class BrokerClient:
                 raise _error(response)
             return response
         raise AssertionError("unreachable")
+
+
+def _new_part(before: str, now: str, window: int) -> str:
+    """What ``now`` (a tail of the output) adds to ``before`` (the previous tail)."""
+    if now.startswith(before):
+        return now[len(before):]
+    if len(before) < window and len(now) < window:
+        return now  # the file shrank or was rewritten: show it again
+    anchor = before[-4096:]
+    at = now.find(anchor)
+    if at >= 0:
+        return now[at + len(anchor):]
+    return "[... output skipped ...]\n" + now
 
 
 def _retry_after(response: httpx.Response, attempt: int) -> float:

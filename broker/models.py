@@ -172,6 +172,10 @@ class Job(SQLModel, table=True):
     unknown_since: datetime | None = _ts()
     last_polled_at: datetime | None = _ts()
     submit_attempted_at: datetime | None = _ts()
+    #: what the scheduler says while the job waits (Slurm ``Reason``: Resources,
+    #: Priority, AssocGrpGRESMinutes...) and its projected start; cleared at start
+    pending_reason: str | None = Field(default=None, max_length=128)
+    expected_start_at: datetime | None = _ts()
 
 
 class ImportedJob(SQLModel, table=True):

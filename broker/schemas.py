@@ -118,6 +118,10 @@ class JobOut(BaseModel):
     exit_code: int | None
     reason: str | None
     request: dict[str, Any]
+    #: while PENDING: the scheduler's reason (``Resources``, ``Priority``, ``AssocGrp*Limit``...)
+    pending_reason: str | None = None
+    #: while PENDING: the scheduler's projected start (``squeue --start``), when it has one
+    expected_start: datetime | None = None
 
 
 class JobPage(BaseModel):

@@ -166,11 +166,17 @@ class Tracker:
         if new_state == JobState.UNKNOWN:
             return
         started = live.started_at or status.start_time
-        if (live.state, live.raw_state, live.unknown_since, live.started_at) == \
-                (new_state.value, status.raw_state[:64], None, started):
+        # what Slurm says about a waiting job; both cleared once it left the queue
+        waiting = new_state == JobState.PENDING
+        pending_reason = status.reason[:128] if waiting and status.reason else None
+        expected = status.expected_start if waiting else None
+        if (live.state, live.raw_state, live.unknown_since, live.started_at, live.pending_reason,
+                live.expected_start_at) == (new_state.value, status.raw_state[:64], None, started,
+                                            pending_reason, expected):
             return
         live.state, live.raw_state, live.unknown_since = new_state.value, status.raw_state[:64], None
         live.last_polled_at, live.started_at = utcnow(), started
+        live.pending_reason, live.expected_start_at = pending_reason, expected
         session.add(live)
 
     def _mark_unreachable(self, cluster: Cluster, jobs: list[Job], exc: AdapterError) -> None:

@@ -8,6 +8,7 @@ Slurm reports base states (``squeue``/``sacct``) sometimes followed by flags
 from __future__ import annotations
 
 from collections.abc import Iterable
+from datetime import datetime
 
 from broker.states import JobState
 
@@ -87,3 +88,17 @@ def translate(raw: str | Iterable[str]) -> JobState:
 def is_terminal(raw: str | Iterable[str]) -> bool:
     """True when the Slurm state is an end state."""
     return base_state(raw) in _TERMINAL_RAW
+
+
+def started_or_expected(
+    state: JobState, start: datetime | None
+) -> tuple[datetime | None, datetime | None]:
+    """``(start_time, expected_start)`` from Slurm's one ``start_time`` field.
+
+    For a pending job Slurm's ``start_time`` is the scheduler's projection (what
+    ``squeue --start`` prints; unset until the backfill scheduler computed one),
+    not a start: it must never become the job's ``started_at``.
+    """
+    if state is JobState.PENDING:
+        return None, start
+    return start, None

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from datetime import UTC, datetime
 
-from adapters.slurm_common.states import is_terminal, translate
+from adapters.slurm_common.states import is_terminal, started_or_expected, translate
 from adapters.slurm_common.tags import TAG_MARK, tag_from_job_name
 from adapters.slurm_rest.model import SlurmJob
 from broker.adapter import JobStatus, UsageRecord
@@ -57,19 +57,22 @@ def running_elapsed(job: SlurmJob, now: datetime) -> int | None:
 def to_status(job: SlurmJob, *, final: bool, now: datetime | None = None) -> JobStatus:
     """The broker's view of one job record."""
     now = now or datetime.now(tz=UTC)
+    state = translate(job.states) if job.states else translate("UNKNOWN")
+    started, expected = started_or_expected(state, job.start_time)
     return JobStatus(
         job_id=job.job_id,
-        state=translate(job.states) if job.states else translate("UNKNOWN"),
+        state=state,
         raw_state=raw_state(job),
         final=final,
         exit_code=job.exit_code if terminal(job) else None,
         reason=job.reason,
         submit_time=job.submit_time,
-        start_time=job.start_time,
+        start_time=started,
         end_time=job.end_time,
         elapsed_seconds=running_elapsed(job, now),
         alloc_tres=dict(job.alloc_tres),
         tag=job_tag(job),
+        expected_start=expected,
     )
 
 

@@ -38,6 +38,7 @@ from adapters.slurm_common.accounting import (
 )
 from adapters.slurm_common.queue import QueueJob
 from adapters.slurm_common.shapes import now_utc
+from adapters.slurm_common.states import started_or_expected
 from adapters.slurm_common.tags import tag_from_job_name
 from adapters.slurm_ssh import commands, errors, parse
 from adapters.slurm_ssh.certs import CertificateAuthority, load_private_key
@@ -446,6 +447,7 @@ def _first_per_tag(
 
 
 def _status_from_queue(job: QueueJob) -> JobStatus:
+    started, expected = started_or_expected(job.state, job.start_time)
     return JobStatus(
         job_id=job.job_id,
         state=job.state,
@@ -453,14 +455,16 @@ def _status_from_queue(job: QueueJob) -> JobStatus:
         final=False,
         reason=job.reason,
         submit_time=job.submit_time,
-        start_time=job.start_time,
+        start_time=started,
         end_time=None,
         alloc_tres=dict(job.alloc_tres),
         tag=job.tag,
+        expected_start=expected,
     )
 
 
 def _status_from_accounting(rec: AccountingJob, *, final: bool) -> JobStatus:
+    started, expected = started_or_expected(rec.state, rec.start_time)
     return JobStatus(
         job_id=rec.job_id,
         state=rec.state,
@@ -469,9 +473,10 @@ def _status_from_accounting(rec: AccountingJob, *, final: bool) -> JobStatus:
         exit_code=rec.exit_code if final else None,
         reason=rec.reason,
         submit_time=rec.submit_time,
-        start_time=rec.start_time,
+        start_time=started,
         end_time=rec.end_time if final else None,
         elapsed_seconds=rec.elapsed_seconds,
         alloc_tres=dict(rec.alloc_tres),
         tag=rec.tag,
+        expected_start=expected,
     )

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import logging
+import re
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -54,6 +55,22 @@ from broker.states import TERMINAL_STATES, JobState
 log = logging.getLogger(__name__)
 
 
+class AmbiguousJobId(Conflict):
+    """A job id prefix matches more than one of the caller's jobs."""
+
+    code, title = "ambiguous_job_id", "Ambiguous job id"
+
+
+def parse_state(text: str) -> str:
+    """A job state filter, case-insensitive (``running`` = ``RUNNING``); 422 for a
+    word that is no state, naming the valid ones."""
+    word = text.strip().upper()
+    if word not in {s.value for s in JobState}:
+        raise InvalidRequest(f"Unknown job state {text!r}; use one of: "
+                             + ", ".join(s.value for s in JobState) + " (any case).")
+    return word
+
+
 class SubmitFailed(BrokerError):
     """The cluster refused the job (permanent); the job is kept as SUBMIT_FAILED."""
 
@@ -71,6 +88,7 @@ def job_out(job: Job, *, project: str, cluster: str, user: str) -> JobOut:
         elapsed_seconds=job.elapsed_seconds, submitted_at=job.submitted_at, created_at=job.created_at,
         started_at=job.started_at, ended_at=job.ended_at, unknown_since=job.unknown_since,
         exit_code=job.exit_code, reason=job.reason, request=job.request,
+        pending_reason=job.pending_reason, expected_start=job.expected_start_at,
     )
 
 
@@ -144,9 +162,9 @@ def _reserve(
         try:
             ledger.reserve(session, allocation=alloc, amount=prep.estimate, job_id=job.id,
                            user_id=user.id, actor=user.name)
-        except QuotaExceeded:
+        except QuotaExceeded as exc:
             DENIALS.labels("quota_exceeded").inc()
-            raise
+            raise _quota_answer(session, alloc, prep.estimate) from exc
         spec = JobSpec(tag=job.id, username=prep.account_username, account=alloc.account,
                        script=body.script, time_limit_minutes=body.time_limit_minutes, name=body.name,
                        partition=prep.partition, nodes=body.nodes, ntasks_per_node=body.ntasks_per_node,
@@ -154,6 +172,18 @@ def _reserve(
                        memory_per_node_mb=body.memory_per_node_mb, environment=dict(body.environment),
                        working_directory=body.working_directory)
         return job, spec, cluster
+
+
+def _quota_answer(session: Session, alloc: Allocation, estimate: int) -> QuotaExceeded:
+    """The refusal a user can act on: what the job would cost and what is left now."""
+    session.refresh(alloc)  # the conditional update lost: read the balance it lost against
+    remaining = alloc.granted - alloc.charged - alloc.reserved
+    cost = Money(unit=alloc.unit, amount=to_units(estimate) or 0.0)
+    left = Money(unit=alloc.unit, amount=to_units(remaining) or 0.0)
+    return QuotaExceeded(
+        f"This job's estimate is {cost.amount:g} {cost.unit} but the allocation has {left.amount:g} "
+        f"{left.unit} left (granted − charged − reserved by running jobs).",
+        estimated_cost=cost.model_dump(), remaining=left.model_dump(), allocation_id=alloc.id)
 
 
 def submit(
@@ -244,7 +274,8 @@ def settle(session: Session, *, job: Job, status: JobStatus, cost_model: dict[st
                 charged=charge, reserved=0, exit_code=status.exit_code,
                 elapsed_seconds=status.elapsed_seconds, alloc_tres=dict(status.alloc_tres),
                 ended_at=status.end_time or now, started_at=job.started_at or status.start_time,
-                reason=status.reason or job.reason, unknown_since=None)
+                reason=status.reason or job.reason, unknown_since=None,
+                pending_reason=None, expected_start_at=None)
     )
     if not result.rowcount:  # type: ignore[attr-defined]
         return False
@@ -265,9 +296,33 @@ def settle(session: Session, *, job: Job, status: JobStatus, cost_model: dict[st
 
 # --- read and cancel ------------------------------------------------------------------------
 
+#: a job id prefix the caller may type instead of the whole id (ids are 32 hex digits)
+JOB_ID_PREFIX_RE = re.compile(r"^[0-9a-f]{4,31}$")
+MIN_JOB_ID_PREFIX = 4
+
+
+def _job_by_prefix(session: Session, principal: Principal, prefix: str) -> Job | None:
+    """The one job the caller may see whose id starts with ``prefix``.
+
+    Only visible jobs are matched, so neither the answer nor an ambiguity says
+    anything about other projects' jobs."""
+    q = select(Job).where(col(Job.id).startswith(prefix, autoescape=True))
+    if not principal.is_quota_manager:
+        q = _restrict_to_caller(session, q, principal)
+    found = session.exec(q.order_by(col(Job.id)).limit(2)).all()
+    if len(found) > 1:
+        raise AmbiguousJobId(f"More than one of your jobs starts with {prefix}: give more characters of the id.")
+    return found[0] if found else None
+
+
 def _visible_job(session: Session, principal: Principal, job_id: str) -> Job:
-    """The job if the caller is its owner, a PI of its project or a quota manager; else 404."""
+    """The job if the caller is its owner, a PI of its project or a quota manager; else 404.
+
+    ``job_id`` is the whole id or a unique prefix of it (at least 4 characters)
+    among the jobs the caller may see."""
     job = session.get(Job, job_id) if len(job_id) <= 64 else None
+    if job is None and JOB_ID_PREFIX_RE.match(job_id.lower()):
+        job = _job_by_prefix(session, principal, job_id.lower())
     if job is None:
         raise NotFound(f"No job {job_id}.")
     if principal.is_quota_manager:
@@ -372,7 +427,7 @@ def list_jobs(
     if project:
         q = q.where(Project.code == project)
     if state:
-        q = q.where(Job.state == state.upper())
+        q = q.where(Job.state == parse_state(state))
     if cluster:
         q = q.where(Cluster.name == cluster)
     if user:

@@ -38,8 +38,8 @@ from sqlmodel import Session, col, select
 
 from broker.auth import Principal
 from broker.errors import InvalidRequest
-from broker.models import Allocation, Cluster, ImportedJob, Job, LedgerEntry, Project, User
-from broker.services.common import require_role, to_units, today, visible_project
+from broker.models import Allocation, Cluster, ImportedJob, Job, LedgerEntry, Membership, Project, User
+from broker.services.common import find_user, require_role, to_units, today, visible_project
 
 GROUP_KEYS = ("user", "cluster", "partition", "day", "month")
 USAGE_KINDS = ("charge", "import")
@@ -162,6 +162,23 @@ def portfolio(session: Session, *, principal: Principal, window_days: int = 14) 
     """Quota managers: every allocation with balances, burn rate and projected exhaustion."""
     require_role(principal, "quota_manager")
     return allocation_summaries(session, project_ids=None, window_days=window_days)
+
+
+def my_budget(session: Session, *, principal: Principal, window_days: int = 14) -> list[dict[str, Any]]:
+    """The caller's own projects (memberships, whatever their global roles): each
+    allocation with granted, used, reserved, remaining, burn rate and projected
+    exhaustion — what ``aifa-broker budget`` prints."""
+    me = find_user(session, principal.name)
+    if me is None:
+        return []
+    roles = {code: role for code, role in session.exec(
+        select(Project.code, Membership.role).join(Membership, col(Membership.project_id) == col(Project.id))
+        .where(Membership.user_id == me.id)).all()}
+    ids = [int(i) for i in session.exec(select(Membership.project_id).where(Membership.user_id == me.id)).all()]
+    if not ids:
+        return []
+    rows = allocation_summaries(session, project_ids=ids, window_days=window_days)
+    return [{**row, "role": roles.get(row["project"])} for row in rows]
 
 
 def allocation_summaries(

@@ -70,6 +70,14 @@ def usage_allocations(
     return {"window_days": window_days, "allocations": rows}
 
 
+@router.get("/budget")
+def my_budget(principal: PrincipalDep, session: SessionDep, window_days: WindowDays = 14) -> dict[str, Any]:
+    """The caller's projects: every allocation's granted, used, reserved and remaining
+    amounts, burn rate over ``window_days`` and projected exhaustion."""
+    return {"user": principal.name, "window_days": window_days,
+            "allocations": usage_svc.my_budget(session, principal=principal, window_days=window_days)}
+
+
 @router.get("/projects/{code}/burndown")
 def project_burndown(code: str, principal: PrincipalDep, session: SessionDep,
                      window_days: WindowDays = 14) -> dict[str, Any]:
