@@ -194,14 +194,14 @@ def _budget_line(row: dict[str, Any]) -> str:
     return (f"{row['project']:<22} {row['cluster']:<12} {row['unit']:<13} {row['granted']:>12g} "
             f"{row['used']:>11g} {row['reserved']:>10g} {row['remaining']:>12g} "
             f"{'-' if used is None else f'{used:.1f}%':>7} {row['burn_rate_per_day']:>10g} "
-            f"{row.get('projected_exhaustion') or '-':>11}")
+            f"{row.get('projected_exhaustion') or row.get('forecast') or '-':>14}")
 
 
 def budget(url: Url = "http://127.0.0.1:8080", token: Token = "",
            window: Annotated[int, typer.Option(help="days the burn rate is measured over")] = 14,
            as_json: AsJson = False) -> None:
     """Your projects' allocations: granted, used, reserved, remaining, burn rate per day
-    and the projected exhaustion date."""
+    and the projected exhaustion date (or why there is none: not_burning, not_before_end, ...)."""
     answer = _one(lambda c: c.budget(window_days=window), url, token)
     if as_json:
         typer.echo(json.dumps(answer, indent=2))
@@ -211,6 +211,6 @@ def budget(url: Url = "http://127.0.0.1:8080", token: Token = "",
         typer.echo("You are not a member of any project with an allocation.")
         return
     typer.echo(f"{'PROJECT':<22} {'CLUSTER':<12} {'UNIT':<13} {'GRANTED':>12} {'USED':>11} {'RESERVED':>10} "
-               f"{'REMAINING':>12} {'USED%':>7} {'BURN/DAY':>10} {'RUNS OUT':>11}")
+               f"{'REMAINING':>12} {'USED%':>7} {'BURN/DAY':>10} {'RUNS OUT':>14}")
     for row in rows:
         typer.echo(_budget_line(row))
