@@ -203,3 +203,54 @@ def allocation_adjust(allocation_id: int,
         return f"allocation {allocation_id}: granted {out.granted:g} {out.unit}, remaining {out.remaining:g}"
 
     typer.echo(_unit(adjust))
+
+
+# ------------------------------------------------------------------- imports
+
+def _print_import(report: dict[str, Any], *, as_json: bool) -> None:
+    if as_json:
+        _echo_json(report)
+        return
+    verb = "applied" if report["applied"] else "proposal (dry run, nothing changed; --apply to carry it out)"
+    typer.echo(f"import from {report['source']} — {verb}: {report['changes']} change(s)")
+    for kind, counts in sorted(report["counts"].items()):
+        typer.echo(f"  {kind}: " + ", ".join(f"{n} {status}" for status, n in sorted(counts.items())))
+    for item in report["items"]:
+        if item["status"] != "exists":
+            typer.echo(f"  {item['status']:<8} {item['kind']:<15} {item['key']}"
+                       + (f"  ({item['detail']})" if item["detail"] else ""))
+
+
+@cluster_app.command("import-accounts")
+def cluster_import_accounts(
+    name: str,
+    apply: Annotated[bool, typer.Option("--apply", help="create what is proposed (default: dry run)")] = False,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Propose projects, users, cluster accounts and memberships from the cluster's Slurm
+    accounts and associations (dry run first; ``--apply`` creates them; idempotent)."""
+    from broker.services.account_import import import_accounts
+
+    settings = _settings()
+    report = _unit(lambda s: import_accounts(s, registry=AdapterRegistry(settings), name=name,
+                                             apply=apply).as_dict())
+    _print_import(report, as_json=as_json)
+
+
+@allocation_app.command("import")
+def allocation_import(
+    file: Path,
+    apply: Annotated[bool, typer.Option("--apply", help="carry out the changes (default: dry run)")] = False,
+    fmt: Annotated[str | None, typer.Option("--format", help="json or csv (default: from the file name)")] = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Import projects, allocations and memberships from an allocation system's JSON or
+    CSV export (validated as a whole; idempotent; docs/import.md)."""
+    from broker.services.allocation_import import import_allocations
+
+    if not file.is_file():
+        _fail(f"{file} does not exist")
+    kind = fmt or ("csv" if file.suffix.lower() == ".csv" else "json")
+    text = file.read_text(encoding="utf-8")
+    report = _unit(lambda s: import_allocations(s, text=text, fmt=kind, apply=apply, source=str(file)).as_dict())
+    _print_import(report, as_json=as_json)

@@ -97,7 +97,9 @@ def tres_minutes(
     the fewest any partition would allow; floored (a limit never exceeds the grant).
     """
     weights: dict[str, float] = {}
-    names = set(partitions) | set(cost_model.get("partitions", {})) | {"*"}
+    # the cluster's partitions and those the model names; "*" only stands for "any" when
+    # no partition is known (weights_for already falls back to "*" and the defaults)
+    names = (set(partitions) | set(cost_model.get("partitions", {}))) - {"*"} or {"*"}
     for part in names:
         for tres, w in weights_for(cost_model, part, unit).items():
             weights[tres] = max(weights.get(tres, 0.0), float(w))
@@ -162,14 +164,14 @@ def plan(desired: dict[str, DesiredAccount], snapshot: AccountingSnapshot) -> li
     return changes
 
 
-def _manager(registry: AdapterRegistry, cluster: Cluster) -> AccountingManager:
+def accounting_manager(registry: AdapterRegistry, cluster: Cluster) -> AccountingManager:
     try:
         return adapter_for(registry, cluster).accounting()
     except AdapterConfigError as exc:
         raise InvalidRequest(str(exc), code="enforcement_unsupported") from exc
 
 
-def _adapter_call(cluster: Cluster, fn: Any, *args: Any) -> Any:
+def adapter_call(cluster: Cluster, fn: Any, *args: Any) -> Any:
     try:
         return fn(*args)
     except AdapterConfigError as exc:
@@ -194,13 +196,13 @@ def sync_cluster(
     desired = desired_state(session, cluster)
     for acct in desired.values():
         for n in (acct.account, *acct.users):
-            _adapter_call(cluster, valid_name, n)
-    manager = _manager(registry, cluster)
-    snapshot: AccountingSnapshot = _adapter_call(cluster, manager.snapshot, sorted(desired))
+            adapter_call(cluster, valid_name, n)
+    manager = accounting_manager(registry, cluster)
+    snapshot: AccountingSnapshot = adapter_call(cluster, manager.snapshot, sorted(desired))
     changes = plan(desired, snapshot)
     applied = False
     if changes and not dry_run:
-        _adapter_call(cluster, manager.apply, changes)
+        adapter_call(cluster, manager.apply, changes)
         applied = True
     report = SyncReport(cluster=name, slurm_cluster=snapshot.cluster, enabled=cluster.enforce_budgets,
                         dry_run=dry_run, applied=applied, changes=changes, accounts=list(desired.values()))

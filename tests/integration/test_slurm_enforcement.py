@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import date, timedelta
 from pathlib import Path
 from typing import Any
@@ -40,20 +42,20 @@ def _cleanup(release: str, account: str) -> None:
     slurm.run_in(release, "scancel", f"--account={account}", check=False)
     if _assoc(release, account):
         slurm.run_in(release, "sacctmgr", "-i", "remove", "user", "where", f"account={account}", check=False)
-        slurm.run_in(release, "sacctmgr", "-i", "remove", "account", "where", f"name={account}", check=False)
+    # the sync removes the account's associations on its cluster; the record itself
+    # (shared by every cluster of a slurmdbd) is this test's own: remove it too
+    slurm.run_in(release, "sacctmgr", "-i", "remove", "account", "where", f"name={account}", check=False)
 
 
-@pytest.fixture(params=[pytest.param(r, id=f"enforcement-ssh-{r}", marks=pytest.mark.slurm)
-                        for r in ENFORCE_RELEASES])
-def enforced(request: pytest.FixtureRequest, tmp_path: Path):  # type: ignore[no-untyped-def]
-    release = request.param
+@contextmanager
+def _enforced_env(release: str, tmp_path: Path, *, enforce: bool = False, **overrides: Any) -> Iterator[tuple]:
     slurm.require_cluster(release)
     account = f"aifa-t-{uuid.uuid4().hex[:8]}"
     url = f"sqlite:///{tmp_path / 'broker.sqlite3'}"
-    # the tracker's own sync is tested separately: here every sync is called explicitly
-    with broker_env(tmp_path, url, enforcement_interval_seconds=3600, usage_import_interval_seconds=3600) as env:
+    with broker_env(tmp_path, url, usage_import_interval_seconds=3600, **overrides) as env:
         definition = slurm.definition(release, "slurm_ssh")
         definition["poll_interval_seconds"] = 1
+        definition["enforce_budgets"] = enforce
         definition["connection"].setdefault("admin_username", "aifa-admin")
         r = env.call("POST", "/v1/clusters", env.qm, json=definition)
         assert r.status_code == 201, r.text
@@ -65,6 +67,16 @@ def enforced(request: pytest.FixtureRequest, tmp_path: Path):  # type: ignore[no
             yield env, release, cluster, account, alloc
         finally:
             _cleanup(release, account)
+
+
+_PARAMS = [pytest.param(r, id=f"enforcement-ssh-{r}", marks=pytest.mark.slurm) for r in ENFORCE_RELEASES]
+
+
+@pytest.fixture(params=_PARAMS)
+def enforced(request: pytest.FixtureRequest, tmp_path: Path):  # type: ignore[no-untyped-def]
+    # the tracker's own sync is tested separately: here every sync is called explicitly
+    with _enforced_env(request.param, tmp_path, enforcement_interval_seconds=3600) as made:
+        yield made
 
 
 def _sync(env: BrokerEnv, cluster: str, *, dry_run: bool = False) -> dict[str, Any]:
@@ -147,3 +159,22 @@ def test_enforcement_lifecycle_on_real_slurm(enforced) -> None:  # type: ignore[
         ("remove_association", "alice"), ("remove_account", None)]
     assert _assoc(release, account) == {}
     assert _sync(env, cluster)["changes"] == []
+
+
+@pytest.mark.parametrize("release", _PARAMS)
+def test_tracker_runs_the_sync_on_its_lease(release: str, tmp_path: Path) -> None:
+    with _enforced_env(release, tmp_path, enforce=True, enforcement_interval_seconds=1) as made:
+        env, release, cluster, account, alloc = made
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and _assoc(release, account) != {None: "gres/gpu=3", "alice": "",
+                                                                             "bob": ""}:
+            time.sleep(0.5)
+        assert _assoc(release, account) == {None: "gres/gpu=3", "alice": "", "bob": ""}
+        # a new grant reaches Slurm's limit without anyone calling sync
+        r = env.call("PATCH", f"/v1/projects/{CODE}/allocations/{alloc['id']}", env.qm, json={"amount": 0.1})
+        assert r.status_code == 200, r.text
+        while time.monotonic() < deadline + 30 and _assoc(release, account).get(None) != "gres/gpu=6":
+            time.sleep(0.5)
+        assert _assoc(release, account).get(None) == "gres/gpu=6"
+        status = env.call("GET", f"/v1/clusters/{cluster}", env.qm).json()["enforcement_status"]
+        assert status["error"] is None and status["applied_at"]
