@@ -19,6 +19,11 @@ from collections.abc import Mapping
 from typing import Any
 
 UNITS = ("gpu_hours", "node_hours", "core_hours", "billing_hours")
+#: the largest amount the broker handles, in micro-units (10^12 units): every balance,
+#: estimate and charge fits a signed 64-bit column with room to add a few of them up
+MAX_MICRO = 10**18
+#: the largest weight of one TRES-hour (finite: 1e999 parses as Infinity)
+MAX_WEIGHT = 1e6
 
 DEFAULT_WEIGHTS: dict[str, dict[str, float]] = {
     "gpu_hours": {"gres/gpu": 1.0},
@@ -44,9 +49,10 @@ def validate_cost_model(model: Mapping[str, Any]) -> None:
             if unit not in UNITS:
                 raise CostModelError(f"unknown unit {unit!r} (known: {', '.join(UNITS)})")
             if not isinstance(weights, Mapping) or not all(
-                isinstance(w, int | float) and w >= 0 for w in weights.values()
+                isinstance(w, int | float) and not isinstance(w, bool) and math.isfinite(w) and 0 <= w <= MAX_WEIGHT
+                for w in weights.values()
             ):
-                raise CostModelError(f"weights of {part}/{unit} must be non-negative numbers")
+                raise CostModelError(f"weights of {part}/{unit} must be numbers from 0 to {MAX_WEIGHT:g}")
 
 
 def weights_for(model: Mapping[str, Any], partition: str | None, unit: str) -> Mapping[str, float]:
@@ -78,10 +84,15 @@ def cost_micro(
     model: Mapping[str, Any], *, partition: str | None, unit: str,
     tres: Mapping[str, float], seconds: float,
 ) -> int:
-    """Cost of holding ``tres`` for ``seconds``, in micro-units of ``unit``."""
+    """Cost of holding ``tres`` for ``seconds``, in micro-units of ``unit``, at most
+    :data:`MAX_MICRO` (a result of ``MAX_MICRO`` means "does not fit": callers that
+    must refuse such an amount compare with it)."""
     weights = weights_for(model, partition, unit)
     effective = dict(tres)
     if "billing" in weights and not effective.get("billing"):
         effective["billing"] = effective.get("cpu", 0.0)  # no TRESBillingWeights: billing = cpus
     per_hour = sum(float(w) * float(effective.get(name, 0.0)) for name, w in weights.items())
-    return max(0, math.ceil(per_hour * max(0.0, seconds) * 1_000_000 / 3600 - 1e-6))
+    micro = per_hour * max(0.0, seconds) * 1_000_000 / 3600
+    if not math.isfinite(micro) or micro >= MAX_MICRO:  # a weight stored before weights were bounded
+        return MAX_MICRO
+    return max(0, math.ceil(micro - 1e-6))

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
 import re
 from datetime import date, datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator, model_validator
+from pydantic.json_schema import SkipJsonSchema
 
 CODE_RE = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$"
 NAME_RE = r"^[A-Za-z0-9][A-Za-z0-9_.@\-]{0,254}$"
@@ -14,10 +16,81 @@ POSIX_RE = r"^[a-z_][a-z0-9_.\-]{0,31}$"
 ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
 UNITS = Literal["gpu_hours", "node_hours", "core_hours", "billing_hours"]
 Amount = Annotated[float, Field(ge=0, le=1e12, allow_inf_nan=False)]
+#: dates the broker reasons about (validity, usage windows, forecasts): far enough
+#: either way for any allocation, near enough that date arithmetic never overflows
+MIN_DATE, MAX_DATE = date(2000, 1, 1), date(2199, 12, 31)
+SupportedDate = Annotated[date, Field(ge=MIN_DATE, le=MAX_DATE)]
+#: the largest id a path may name (ids are 32-bit on every supported database)
+MAX_ID = 2**31 - 1
+#: bounds of free-form JSON (project attributes, cluster connection/cost model)
+MAX_JSON_DEPTH = 8
+MAX_JSON_ITEMS = 1000
+MAX_JSON_STRING = 8192
+Threshold = Annotated[float, Field(gt=0, le=1000, allow_inf_nan=False)]
+Thresholds = Annotated[list[Threshold], Field(max_length=16)]
+FreeJson = Annotated[dict[Annotated[str, Field(max_length=128)], Any], Field(max_length=256)]
+
+
+def check_json(value: Any, where: str = "body", depth: int = 0) -> None:
+    """Refuse what no field may hold: NUL in any string or key, NaN/Infinity, and
+    unbounded nesting or size (the database and the arithmetic behind would fail)."""
+    if isinstance(value, str):
+        if "\x00" in value:
+            raise ValueError(f"{where} must not contain NUL characters")
+    elif isinstance(value, float):
+        if not math.isfinite(value):
+            raise ValueError(f"{where} must be a finite number")
+    elif isinstance(value, dict | list):
+        if depth >= MAX_JSON_DEPTH:
+            raise ValueError(f"{where} is nested deeper than {MAX_JSON_DEPTH} levels")
+        if len(value) > MAX_JSON_ITEMS:
+            raise ValueError(f"{where} has more than {MAX_JSON_ITEMS} entries")
+        items = value.items() if isinstance(value, dict) else enumerate(value)
+        for key, item in items:
+            check_json(key, where, depth + 1)
+            check_json(item, f"{where}.{key}", depth + 1)
+
+
+def _bounded_strings(value: Any) -> None:
+    if isinstance(value, str) and len(value) > MAX_JSON_STRING:
+        raise ValueError(f"strings in free-form fields are limited to {MAX_JSON_STRING} characters")
+    if isinstance(value, dict):
+        for item in value.values():
+            _bounded_strings(item)
+    elif isinstance(value, list):
+        for item in value:
+            _bounded_strings(item)
 
 
 class Strict(BaseModel):
+    """A request body: unknown fields, NUL, non-finite numbers and unbounded nesting are errors."""
+
     model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _edge(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for key, value in data.items():
+                check_json(key, "body")
+                check_json(value, str(key), 1)
+        return data
+
+
+class Patch(Strict):
+    """A PATCH body: an absent field stays as it is; ``null`` is accepted only where it
+    means "clear" (``NULLABLE``), elsewhere it is a 422 like any other wrong type."""
+
+    NULLABLE: ClassVar[frozenset[str]] = frozenset()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _nulls(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            bad = sorted(k for k, v in data.items() if v is None and k in cls.model_fields and k not in cls.NULLABLE)
+            if bad:
+                raise ValueError(f"{', '.join(bad)} cannot be null (leave a field out to keep it)")
+        return data
 
 
 def _no_controls(value: str, what: str, allow_newlines: bool = False) -> str:
@@ -33,7 +106,7 @@ class JobRequest(Strict):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     project: Annotated[StrictStr, Field(pattern=CODE_RE)]
-    script: Annotated[StrictStr, Field(min_length=1)]
+    script: Annotated[StrictStr, Field(min_length=1, max_length=1_048_576)]
     time_limit_minutes: Annotated[StrictInt, Field(ge=1, le=525_600)]
     cluster: Annotated[StrictStr, Field(pattern=CODE_RE)] | None = None
     partition: Annotated[StrictStr, Field(pattern=r"^[A-Za-z0-9_.\-]{1,64}$")] | None = None
@@ -43,7 +116,8 @@ class JobRequest(Strict):
     cpus_per_task: Annotated[StrictInt, Field(ge=1, le=4096)] = 1
     gpus_per_node: Annotated[StrictInt, Field(ge=0, le=64)] = 0
     memory_per_node_mb: Annotated[StrictInt, Field(ge=1, le=64 * 1024 * 1024)] | None = None
-    environment: dict[StrictStr, StrictStr] = Field(default_factory=dict, max_length=256)
+    environment: dict[Annotated[StrictStr, Field(max_length=128)],
+                      Annotated[StrictStr, Field(max_length=8192)]] = Field(default_factory=dict, max_length=256)
     working_directory: Annotated[StrictStr, Field(min_length=1, max_length=4096)] | None = None
 
     @field_validator("script")
@@ -129,53 +203,63 @@ class JobPage(BaseModel):
     next_cursor: str | None
 
 
-class ProjectIn(Strict):
+class _Dates(Strict):
+    @model_validator(mode="after")
+    def _dates(self) -> _Dates:
+        start, end = getattr(self, "start_date", None), getattr(self, "end_date", None)
+        if start and end and end < start:
+            raise ValueError("end_date is before start_date")
+        return self
+
+
+def _attributes(value: dict[str, Any]) -> dict[str, Any]:
+    _bounded_strings(value)
+    return value
+
+
+class ProjectIn(_Dates):
     code: Annotated[str, Field(pattern=CODE_RE)]
     title: Annotated[str, Field(min_length=1, max_length=500)]
     status: Literal["pending", "active", "suspended", "closed"] = "active"
-    start_date: date | None = None
-    end_date: date | None = None
+    start_date: SupportedDate | None = None
+    end_date: SupportedDate | None = None
     access_mode: Annotated[str, Field(pattern=CODE_RE)] = "playground"
-    attributes: dict[str, Any] = Field(default_factory=dict)
+    attributes: FreeJson = Field(default_factory=dict)
 
-    @model_validator(mode="after")
-    def _dates(self) -> ProjectIn:
-        if self.start_date and self.end_date and self.end_date < self.start_date:
-            raise ValueError("end_date is before start_date")
-        return self
+    _attrs = field_validator("attributes")(_attributes)
 
 
-class ProjectPatch(Strict):
-    title: Annotated[str, Field(min_length=1, max_length=500)] | None = None
-    status: Literal["pending", "active", "suspended", "closed"] | None = None
-    start_date: date | None = None
-    end_date: date | None = None
-    access_mode: Annotated[str, Field(pattern=CODE_RE)] | None = None
-    attributes: dict[str, Any] | None = None
+class ProjectPatch(Patch, _Dates):
+    NULLABLE = frozenset({"start_date", "end_date"})
+
+    title: Annotated[str, Field(min_length=1, max_length=500)] | SkipJsonSchema[None] = None
+    status: Literal["pending", "active", "suspended", "closed"] | SkipJsonSchema[None] = None
+    start_date: SupportedDate | None = None
+    end_date: SupportedDate | None = None
+    access_mode: Annotated[str, Field(pattern=CODE_RE)] | SkipJsonSchema[None] = None
+    attributes: FreeJson | SkipJsonSchema[None] = None
+
+    _attrs = field_validator("attributes")(_attributes)
 
 
-class AllocationIn(Strict):
+class AllocationIn(_Dates):
     cluster: Annotated[str, Field(pattern=CODE_RE)]
     unit: UNITS
     amount: Amount
-    start_date: date | None = None
-    end_date: date | None = None
+    start_date: SupportedDate | None = None
+    end_date: SupportedDate | None = None
     account: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.\-]{1,64}$")]
-    thresholds: list[Annotated[float, Field(gt=0, le=1000)]] | None = None
-
-    @model_validator(mode="after")
-    def _dates(self) -> AllocationIn:
-        if self.start_date and self.end_date and self.end_date < self.start_date:
-            raise ValueError("end_date is before start_date")
-        return self
+    thresholds: Thresholds | None = None
 
 
-class AllocationPatch(Strict):
-    amount: Amount | None = None
-    start_date: date | None = None
-    end_date: date | None = None
-    account: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.\-]{1,64}$")] | None = None
-    thresholds: list[Annotated[float, Field(gt=0, le=1000)]] | None = None
+class AllocationPatch(Patch, _Dates):
+    NULLABLE = frozenset({"start_date", "end_date"})
+
+    amount: Amount | SkipJsonSchema[None] = None
+    start_date: SupportedDate | None = None
+    end_date: SupportedDate | None = None
+    account: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.\-]{1,64}$")] | SkipJsonSchema[None] = None
+    thresholds: Thresholds | SkipJsonSchema[None] = None
     reason: Annotated[str, Field(max_length=1000)] = ""
 
 
@@ -219,21 +303,23 @@ class ClusterIn(Strict):
     name: Annotated[str, Field(pattern=CODE_RE)]
     adapter: Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]{0,63}$")]
     description: Annotated[str, Field(max_length=1000)] = ""
-    connection: dict[str, Any] = Field(default_factory=dict)
-    cost_model: dict[str, Any] = Field(default_factory=dict)
+    connection: FreeJson = Field(default_factory=dict)
+    cost_model: FreeJson = Field(default_factory=dict)
     default_partition: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.\-]{1,64}$")] | None = None
     poll_interval_seconds: Annotated[float, Field(ge=0.2, le=3600)] | None = None
     enforce_budgets: bool = False
 
 
-class ClusterPatch(Strict):
-    description: Annotated[str, Field(max_length=1000)] | None = None
-    connection: dict[str, Any] | None = None
-    cost_model: dict[str, Any] | None = None
+class ClusterPatch(Patch):
+    NULLABLE = frozenset({"default_partition"})
+
+    description: Annotated[str, Field(max_length=1000)] | SkipJsonSchema[None] = None
+    connection: FreeJson | SkipJsonSchema[None] = None
+    cost_model: FreeJson | SkipJsonSchema[None] = None
     default_partition: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.\-]{1,64}$")] | None = None
-    poll_interval_seconds: Annotated[float, Field(ge=0.2, le=3600)] | None = None
-    state: Literal["online", "draining", "offline"] | None = None
-    enforce_budgets: bool | None = None
+    poll_interval_seconds: Annotated[float, Field(ge=0.2, le=3600)] | SkipJsonSchema[None] = None
+    state: Literal["online", "draining", "offline"] | SkipJsonSchema[None] = None
+    enforce_budgets: bool | SkipJsonSchema[None] = None
 
 
 class ClusterOut(BaseModel):

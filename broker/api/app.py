@@ -14,7 +14,7 @@ from sqlalchemy.engine import Engine
 
 from broker import dashboard
 from broker.api import problems
-from broker.api.middleware import BodyLimit
+from broker.api.middleware import BodyLimit, UrlCheck
 from broker.api.routers import clusters, enforcement, jobs, projects, reports
 from broker.auth import Authenticator
 from broker.bootstrap import engine_for, ensure_local_cluster
@@ -67,6 +67,7 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
     dashboard.install(app, settings)
     _add_probes(app, engine, db_metrics)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(UrlCheck)
     return app
 
 

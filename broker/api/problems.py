@@ -9,6 +9,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from broker.errors import BrokerError, Replayed
 
@@ -35,6 +36,17 @@ def _loc(err: dict[str, Any]) -> str:
     return ".".join(str(p) for p in err.get("loc", ()) if p != "body") or "body"
 
 
+_METHODS = ("DELETE", "GET", "HEAD", "PATCH", "POST", "PUT")
+
+
+def _allowed(app: FastAPI, request: Request) -> str:
+    """Every method some route takes at this path (Starlette names only the first route's)."""
+    base = {k: request.scope[k] for k in ("type", "path", "root_path", "headers", "query_string")
+            if k in request.scope}
+    return ", ".join(m for m in _METHODS if any(
+        route.matches({**base, "method": m})[0] == Match.FULL for route in app.router.routes))
+
+
 def install(app: FastAPI) -> None:
     """Register the exception handlers."""
 
@@ -51,9 +63,17 @@ def install(app: FastAPI) -> None:
         return problem(422, "validation_error", "Invalid request", detail, errors=errors)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 400 and isinstance(exc.__cause__, RecursionError | UnicodeDecodeError | ValueError):
+            # a body that is not JSON the broker can read (too deeply nested, not UTF-8)
+            return problem(422, "validation_error", "Invalid request",
+                           f"The request body is not readable JSON ({type(exc.__cause__).__name__}).")
         code = _HTTP_CODES.get(exc.status_code, "http_error")
-        return problem(exc.status_code, code, code.replace("_", " ").capitalize(), str(exc.detail))
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:
+            headers["Allow"] = _allowed(app, request)
+        return problem(exc.status_code, code, code.replace("_", " ").capitalize(), str(exc.detail),
+                       headers=headers)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

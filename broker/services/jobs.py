@@ -30,7 +30,7 @@ from broker.adapter import (
 )
 from broker.auth import Principal
 from broker.config import Settings
-from broker.cost import cost_micro
+from broker.cost import MAX_MICRO, cost_micro
 from broker.db import session_scope
 from broker.errors import (
     BrokerError,
@@ -107,6 +107,9 @@ def _prepare_for(session: Session, settings: Settings, principal: Principal, bod
     project, _ = visible_project(session, principal, body.project)
     prep = prepare(session, settings=settings, user=user, project=project, body=body,
                    is_quota_manager=principal.is_quota_manager)
+    if prep.estimate >= MAX_MICRO:
+        raise InvalidRequest("This job's estimate is larger than the broker can account for; ask for fewer "
+                             "resources or less time.", code="request_too_large")
     return user, prep
 
 

@@ -5,10 +5,13 @@ from __future__ import annotations
 from datetime import date
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query, Request, Response
+from fastapi import APIRouter, Path, Query, Request, Response
 
 from broker.api.deps import PrincipalDep, SessionDep
 from broker.schemas import (
+    MAX_DATE,
+    MAX_ID,
+    MIN_DATE,
     AllocationIn,
     AllocationOut,
     AllocationPatch,
@@ -22,6 +25,10 @@ from broker.services import projects as svc
 from broker.services import usage as usage_svc
 from broker.services.common import visible_project
 from broker.services.projects import allocation_out
+
+#: usage windows: dates the broker can do arithmetic on (see broker.schemas.SupportedDate)
+FromDate = Annotated[date | None, Query(alias="from", ge=MIN_DATE, le=MAX_DATE)]
+ToDate = Annotated[date | None, Query(ge=MIN_DATE, le=MAX_DATE)]
 
 router = APIRouter(prefix="/v1", tags=["projects"])
 
@@ -54,8 +61,8 @@ def grant(code: str, body: AllocationIn, principal: PrincipalDep, session: Sessi
 
 
 @router.patch("/projects/{code}/allocations/{allocation_id}", response_model=AllocationOut)
-def adjust(code: str, allocation_id: int, body: AllocationPatch, principal: PrincipalDep,
-           session: SessionDep) -> AllocationOut:
+def adjust(code: str, allocation_id: Annotated[int, Path(ge=1, le=MAX_ID)], body: AllocationPatch,
+           principal: PrincipalDep, session: SessionDep) -> AllocationOut:
     alloc = svc.adjust_allocation(session, principal=principal, code=code,
                                   allocation_id=allocation_id, body=body)
     project_view = svc.project_out(session, visible_project(session, principal, code)[0])
@@ -77,8 +84,8 @@ def remove_member(code: str, user: str, principal: PrincipalDep, session: Sessio
 def project_usage(
     code: str, request: Request, principal: PrincipalDep, session: SessionDep,
     group_by: Annotated[str | None, Query(max_length=100)] = None,
-    from_: Annotated[date | None, Query(alias="from")] = None,
-    to: Annotated[date | None, Query()] = None,
+    from_: FromDate = None,
+    to: ToDate = None,
     format: Annotated[str | None, Query(pattern="^(json|csv)$")] = None,
 ) -> Any:
     """Charged usage, grouped by ``user,cluster,partition,day,month``; CSV with

@@ -3,7 +3,6 @@ portfolio, burn-down series, and threshold/expiry notifications."""
 
 from __future__ import annotations
 
-from datetime import date
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request, Response
@@ -11,6 +10,7 @@ from sqlmodel import col, select
 
 from broker import notifications as notes
 from broker.api.deps import PrincipalDep, SessionDep
+from broker.api.routers.projects import FromDate, ToDate
 from broker.models import Allocation
 from broker.services import usage as usage_svc
 from broker.services.common import require_role, visible_project
@@ -28,8 +28,8 @@ def _wants_csv(request: Request, fmt: str | None) -> bool:
 def usage_report(
     request: Request, principal: PrincipalDep, session: SessionDep,
     group_by: Annotated[str | None, Query(max_length=100)] = None,
-    from_: Annotated[date | None, Query(alias="from")] = None,
-    to: Annotated[date | None, Query()] = None,
+    from_: FromDate = None,
+    to: ToDate = None,
     format: Annotated[str | None, Query(pattern="^(json|csv)$")] = None,
 ) -> Any:
     """Quota managers: usage of all projects grouped by project + ``user,cluster,partition,day,month``."""
@@ -50,9 +50,9 @@ def usage_allocations(
     status: Annotated[str | None, Query(max_length=16)] = None,
     cluster: Annotated[str | None, Query(max_length=64)] = None,
     q: Annotated[str | None, Query(max_length=100)] = None,
-    min_used: Annotated[float | None, Query(ge=0)] = None,
-    max_used: Annotated[float | None, Query(ge=0)] = None,
-    max_days_left: Annotated[int | None, Query()] = None,
+    min_used: Annotated[float | None, Query(ge=0, le=1e15, allow_inf_nan=False)] = None,
+    max_used: Annotated[float | None, Query(ge=0, le=1e15, allow_inf_nan=False)] = None,
+    max_days_left: Annotated[int | None, Query(ge=-100_000, le=100_000)] = None,
     underused: bool | None = None,
     sort: Annotated[str, Query(max_length=32)] = "project",
     order: Annotated[str, Query(pattern="^(asc|desc)$")] = "asc",
