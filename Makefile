@@ -22,9 +22,11 @@ WEB_VENDOR := broker/dashboard/static/vendor
 web: $(WEB_VENDOR)/chart.umd.min.js
 
 $(WEB_VENDOR)/chart.umd.min.js: web/package.json web/package-lock.json
-	cd web && npm ci --no-audit --no-fund --loglevel=error
-	mkdir -p $(WEB_VENDOR)
+	cd web && npm ci --ignore-scripts --no-audit --no-fund --loglevel=error
+	mkdir -p $(WEB_VENDOR)/swagger-ui
 	cp web/node_modules/chart.js/dist/chart.umd.min.js web/node_modules/chart.js/LICENSE.md $(WEB_VENDOR)/
+	cd web/node_modules/swagger-ui-dist && cp swagger-ui-bundle.js swagger-ui.css favicon-32x32.png LICENSE \
+		NOTICE ../../../$(WEB_VENDOR)/swagger-ui/
 	touch $@
 
 # what the dashboard/browser/observability tests need (chromium, promtool, test IdP)

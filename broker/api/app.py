@@ -13,7 +13,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from sqlalchemy.engine import Engine
 
 from broker import dashboard
-from broker.api import problems
+from broker.api import docs, openapi, problems
 from broker.api.middleware import BodyLimit, UrlCheck
 from broker.api.routers import clusters, enforcement, jobs, projects, reports
 from broker.auth import Authenticator
@@ -52,7 +52,7 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
             notifier.stop()
             registry.close()
 
-    app = FastAPI(title="aifa-broker", version="0.1.0", lifespan=lifespan,
+    app = FastAPI(title="aifa-broker", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="Compute-access broker for EuroHPC AI Factory allocations.")
     app.state.settings, app.state.engine, app.state.registry = settings, engine, registry
     app.state.tracker, app.state.provisioned = tracker, set()
@@ -65,6 +65,8 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
     for router in (jobs.router, projects.router, clusters.router, enforcement.router, reports.router):
         app.include_router(router)
     dashboard.install(app, settings)
+    docs.install(app)
+    openapi.install(app)
     _add_probes(app, engine, db_metrics)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(UrlCheck)
