@@ -504,7 +504,7 @@ class LocalAdapter(ClusterAdapter):
             if since is not None and submitted is not None and submitted < since:
                 continue
             found[tag] = SchedulerJobRef(job_id=job_id, username=str(spec["username"]), tag=tag,
-                                         submit_time=submitted)
+                                         submit_time=submitted, account=spec.get("account"))
         return found
 
     def _job_ids(self) -> Iterator[str]:
@@ -570,6 +570,14 @@ class LocalAdapter(ClusterAdapter):
     def discover(self) -> list[PartitionInfo]:
         """The partitions from the settings (or the one default ``local`` partition)."""
         return [p.info() for p in self._partitions]
+
+    def user_exists(self, username: str) -> bool | None:
+        """Any name works: every job runs as the broker's own OS user (dev only)."""
+        return True
+
+    def account_exists(self, account: str) -> bool | None:
+        """Accounts are labels here: any name works."""
+        return True
 
 
 def _usage_record(spec: Mapping[str, Any], status: JobStatus) -> UsageRecord:

@@ -326,7 +326,8 @@ class PySlurmAdapter(ClusterAdapter):
             submitted = _epoch(job.submit_time)
             if tag in wanted and (since is None or submitted is None or submitted >= since):
                 found[tag] = SchedulerJobRef(job_id=str(job.id), username=str(job.user_name),
-                                             tag=tag, submit_time=submitted)
+                                             tag=tag, submit_time=submitted,
+                                             account=getattr(job, "account", None))
         return found
 
     def usage(self, since: datetime, *, accounts: Sequence[str] | None = None) -> list[UsageRecord]:

@@ -126,6 +126,8 @@ class SchedulerJobRef:
     username: str
     tag: str | None = None
     submit_time: datetime | None = None
+    #: the scheduler account charged (set by ``find_by_tag``: reconciliation checks it)
+    account: str | None = None
 
 
 @dataclass(frozen=True)
@@ -265,6 +267,21 @@ class ClusterAdapter(abc.ABC):
         default, which refuses with ``AdapterConfigError`` (``enforcement_unsupported``)."""
         raise AdapterConfigError(f"adapter of cluster {self.name} cannot manage scheduler accounting",
                                  code="enforcement_unsupported")
+
+    def identity(self) -> str | None:
+        """Which scheduler this adapter reaches, the same string through every adapter
+        that reaches it (Slurm: ``slurm:<ClusterName>@<primary controller host>``), so
+        that two cluster definitions of one machine import each job once. None when
+        the adapter cannot tell (the definition is then its own scheduler)."""
+        return None
+
+    def user_exists(self, username: str) -> bool | None:
+        """Whether ``username`` is a user jobs can run as (None: cannot tell)."""
+        return None
+
+    def account_exists(self, account: str) -> bool | None:
+        """Whether the scheduler has the account ``account`` (None: cannot tell)."""
+        return None
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections and pools."""

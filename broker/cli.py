@@ -104,7 +104,9 @@ def tracker() -> None:
     settings = _settings()
     logging.basicConfig(level=settings.log_level)
     engine = engine_for(settings)
-    Tracker(engine, settings, AdapterRegistry(settings)).run_forever()
+    runner = Tracker(engine, settings, AdapterRegistry(settings))
+    runner.importer.start()  # usage import on its own thread, as in `serve`
+    runner.run_forever()
 
 
 @app.command()

@@ -151,6 +151,10 @@ class Settings(BaseSettings):
     usage_import_interval_seconds: float = 300.0
     #: Slurm-native enforcement: the tracker syncs each enforcing cluster this often
     enforcement_interval_seconds: float = 300.0
+    #: records imported per cycle and scheduler at most (the rest: next cycle)
+    usage_import_batch: int = Field(default=2000, ge=1)
+    #: each import re-reads this far before the last imported end (late accounting records)
+    usage_import_overlap_minutes: float = Field(default=30.0, ge=0)
     log_level: str = "INFO"
 
     @classmethod

@@ -81,6 +81,11 @@ class Cluster(SQLModel, table=True):
     enforce_budgets: bool = Field(default=False, sa_column_kwargs={"server_default": sa.false()})
     #: the last sync / drift check (plan size, when applied, last error)
     enforcement_status: dict[str, Any] | None = Field(default=None, sa_type=JSON)
+    #: which scheduler this definition reaches (``slurm:<ClusterName>@<controller>``),
+    #: discovered at registration: definitions sharing it import each job once
+    scheduler_identity: str | None = Field(default=None, max_length=255, index=True)
+    #: usage import watermark: accounting records that ended before this were imported
+    usage_imported_until: datetime | None = _ts()
     created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
 
 

@@ -275,6 +275,8 @@ class AllocationOut(BaseModel):
     start_date: date | None
     end_date: date | None
     thresholds: list[float]
+    #: things the quota manager should know (e.g. the account could not be checked)
+    warnings: list[str] = []
 
 
 class MemberIn(Strict):
@@ -349,6 +351,8 @@ class AccountOut(BaseModel):
     cluster: str
     user: str
     username: str
+    #: things the sysadmin should know (e.g. the user could not be checked)
+    warnings: list[str] = []
 
 
 class HealthOut(BaseModel):

@@ -1,4 +1,5 @@
-"""The tracker: batched polling, settlement, reconciliation and usage import.
+"""The tracker: batched polling, settlement and reconciliation; it starts the usage
+importer (:mod:`broker.usage_import`) on a thread of its own.
 
 Runs as a thread inside ``aifa-broker serve`` (or alone: ``aifa-broker tracker``).
 Per cluster and cycle: ONE ``adapter.poll`` call for all its live jobs. A cluster
@@ -19,22 +20,22 @@ from datetime import timedelta
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
-from broker.adapter import AdapterError, ClusterAdapter, JobStatus, SchedulerJobRef, UsageRecord
+from broker.adapter import AdapterError, ClusterAdapter, Health, JobStatus, SchedulerJobRef
 from broker.config import Settings
-from broker.cost import cost_micro
 from broker.db import session_scope
 from broker.metrics import TRACKER_CYCLE
-from broker.models import Allocation, Cluster, ClusterAccount, ImportedJob, Job, User, utcnow
+from broker.models import Cluster, ImportedJob, Job, utcnow
 from broker.registry import AdapterRegistry
-from broker.services import ledger
-from broker.services.clusters import adapter_for
+from broker.services.clusters import adapter_for, scheduler_group_ids
 from broker.services.jobs import mark_submit_failed, record_submitted, settle
 from broker.states import TERMINAL_STATES, JobState
+from broker.usage_import import UsageImporter
 
 log = logging.getLogger(__name__)
+#: clocks of the broker and the scheduler may differ this much when adopting a job
+ADOPT_CLOCK_SKEW = timedelta(minutes=5)
 POLLED_STATES = [s.value for s in (JobState.PENDING, JobState.RUNNING, JobState.COMPLETING, JobState.UNKNOWN)]
 
 
@@ -42,10 +43,17 @@ POLLED_STATES = [s.value for s in (JobState.PENDING, JobState.RUNNING, JobState.
 def cluster_lease(engine: Engine, cluster_id: int, purpose: str) -> Iterator[bool]:
     """True if this process holds the cluster's ``purpose`` cycle (PostgreSQL advisory
     lock held for the cycle; SQLite is single-process, always True)."""
+    with named_lease(engine, f"{purpose}:{cluster_id}") as held:
+        yield held
+
+
+@contextmanager
+def named_lease(engine: Engine, name: str) -> Iterator[bool]:
+    """True if this process holds the lease ``name`` (see :func:`cluster_lease`)."""
     if engine.dialect.name != "postgresql":
         yield True
         return
-    key = zlib.crc32(f"aifa:{purpose}:{cluster_id}".encode())
+    key = zlib.crc32(f"aifa:{name}".encode())
     with engine.connect() as conn:
         got = bool(conn.execute(sa.text("SELECT pg_try_advisory_lock(:k)"), {"k": key}).scalar())
         try:
@@ -63,21 +71,26 @@ class Tracker:
         self.engine = engine
         self.settings = settings
         self.registry = registry
-        # per cluster: when its next poll / reconciliation / usage import is due
+        # per cluster: when its next poll / reconciliation / idle health probe is due
         self._next_poll: dict[str, float] = {}
         self._next_reconcile: dict[str, float] = {}
-        self._next_import: dict[str, float] = {}
         self._next_enforce: dict[str, float] = {}
+        self._next_probe: dict[str, float] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        #: accounting import: its own thread and schedule, never inside a polling cycle
+        self.importer = UsageImporter(engine, settings, registry)
 
     # --- lifecycle -----------------------------------------------------------------
     def start(self) -> None:
+        """Start polling and the usage importer, each on its own thread."""
         self._thread = threading.Thread(target=self.run_forever, name="aifa-tracker", daemon=True)
         self._thread.start()
+        self.importer.start()
 
     def stop(self, timeout: float = 10.0) -> None:
         self._stop.set()
+        self.importer.stop(timeout)
         if self._thread:
             self._thread.join(timeout)
 
@@ -90,7 +103,8 @@ class Tracker:
             self._stop.wait(self.settings.tracker_interval_seconds)
 
     def run_cycle(self, *, force: bool = False) -> None:
-        """One pass: every due cluster is polled, and reconciled / imported when due."""
+        """One pass: every due cluster is polled, and reconciled when due (usage import
+        is :attr:`importer`'s, on its own thread)."""
         now = time.monotonic()
         with session_scope(self.engine) as session:
             clusters = list(session.exec(select(Cluster).where(Cluster.state != "offline")).all())
@@ -100,18 +114,15 @@ class Tracker:
                 continue
             self._next_poll[name] = now + cluster.poll_interval_seconds
             reconcile = force or now >= self._next_reconcile.get(name, 0.0)
-            do_import = force or now >= self._next_import.setdefault(name, now + 5.0)
             if reconcile:
                 self._next_reconcile[name] = now + self.settings.reconcile_interval_seconds
-            if do_import:
-                self._next_import[name] = now + self.settings.usage_import_interval_seconds
             interval = self.settings.enforcement_interval_seconds
             enforce = cluster.enforce_budgets and (force or now >= self._next_enforce.setdefault(name, now + interval))
             if enforce:
                 self._next_enforce[name] = now + interval
-            self._cluster_cycle(cluster, reconcile=reconcile, do_import=do_import, enforce=enforce)
+            self._cluster_cycle(cluster, reconcile=reconcile, enforce=enforce)
 
-    def _cluster_cycle(self, cluster: Cluster, *, reconcile: bool, do_import: bool, enforce: bool = False) -> None:
+    def _cluster_cycle(self, cluster: Cluster, *, reconcile: bool, enforce: bool = False) -> None:
         assert cluster.id is not None
         with cluster_lease(self.engine, cluster.id, "tracker") as held:
             if not held:
@@ -125,8 +136,6 @@ class Tracker:
             self.poll_cluster(cluster, adapter)
             if reconcile or self._has_stale_accepted(cluster):
                 self.reconcile_cluster(cluster, adapter)
-            if do_import:
-                self.import_usage(cluster, adapter)
             if enforce:
                 self.enforce(cluster)
             TRACKER_CYCLE.labels(cluster.name).observe(time.perf_counter() - start)
@@ -138,8 +147,11 @@ class Tracker:
             jobs = list(session.exec(self._live_jobs(cluster)).all())
         refs = [SchedulerJobRef(job_id=j.scheduler_job_id or "", username=j.username, tag=j.id,
                                 submit_time=j.submitted_at) for j in jobs]
+        if not refs:
+            self._probe_idle(cluster, adapter)
+            return
         try:
-            statuses = adapter.poll(refs) if refs else []
+            statuses = adapter.poll(refs)
         except AdapterError as exc:
             self._mark_unreachable(cluster, jobs, exc)
             return
@@ -187,6 +199,8 @@ class Tracker:
             assert c is not None
             c.unreachable_since = c.unreachable_since or now
             c.health_ok, c.health_detail, c.health_checked_at = False, str(exc)[:2000], now
+            if not jobs:
+                return
             table = Job.__table__  # type: ignore[attr-defined]
             session.execute(
                 sa.update(table).where(table.c.id.in_([j.id for j in jobs]), table.c.settled_at.is_(None))
@@ -194,12 +208,30 @@ class Tracker:
                         unknown_since=sa.func.coalesce(table.c.unknown_since, now))
             )
 
-    def _mark_reachable(self, session: Session, cluster: Cluster) -> None:
+    def _probe_idle(self, cluster: Cluster, adapter: ClusterAdapter) -> None:
+        """A cluster without live jobs is not contacted by a poll: its health comes
+        from a real probe now and then (never "ok" without one)."""
+        now = time.monotonic()
+        if now < self._next_probe.get(cluster.name, 0.0):
+            return
+        self._next_probe[cluster.name] = now + max(self.settings.reconcile_interval_seconds,
+                                                   cluster.poll_interval_seconds)
+        try:
+            health = adapter.health()
+        except AdapterError as exc:  # health() should not raise; be safe anyway
+            health = Health(ok=False, detail=str(exc))
+        if not health.ok:
+            self._mark_unreachable(cluster, [], AdapterError(health.detail))
+            return
+        with session_scope(self.engine) as session:
+            self._mark_reachable(session, cluster, detail=health.detail)
+
+    def _mark_reachable(self, session: Session, cluster: Cluster, detail: str = "answering polls") -> None:
         c = session.get(Cluster, cluster.id)
         assert c is not None
         now = utcnow()
         if c.unreachable_since is not None or not c.health_ok:
-            c.health_ok, c.health_detail, c.health_checked_at = True, "answering polls", now
+            c.health_ok, c.health_detail, c.health_checked_at = True, detail[:2000], now
         c.unreachable_since = None
         c.last_poll_at = now
 
@@ -247,6 +279,11 @@ class Tracker:
         absent_before = now - timedelta(seconds=self.settings.reconcile_absent_seconds)
         for job in jobs:
             ref = found.get(job.id)
+            if ref is not None and not self._matches_intent(cluster, job, ref):
+                log.warning("cluster %s: job %s carries the tag of broker job %s but not its intent "
+                            "(user %s, account %s, submitted %s): not adopted", cluster.name, ref.job_id,
+                            job.id, ref.username, ref.account, ref.submit_time)
+                ref = None
             if ref is not None:
                 if record_submitted(self.engine, job_id=job.id, ref=ref):
                     log.info("adopted job %s as %s on %s", job.id, ref.job_id, cluster.name)
@@ -254,89 +291,19 @@ class Tracker:
                 mark_submit_failed(self.engine, job_id=job.id,
                                    reason="not found on the cluster after the submit outcome was lost")
 
-    # --- usage import ----------------------------------------------------------------
-    def import_usage(self, cluster: Cluster, adapter: ClusterAdapter) -> int:
-        """Charge jobs from accounting that the broker did not submit, exactly once."""
+    def _matches_intent(self, cluster: Cluster, job: Job, ref: SchedulerJobRef) -> bool:
+        """A tagged scheduler job is this broker job only if it is what the broker
+        intended: same POSIX user, same account (where the adapter reports it),
+        submitted in the window after the intent was written, and not already
+        imported as a direct job (it would be charged twice)."""
+        if ref.username != job.username or (ref.account is not None and ref.account != job.account):
+            return False
+        if ref.submit_time is not None:
+            earliest = job.created_at - ADOPT_CLOCK_SKEW
+            latest = job.created_at + timedelta(seconds=self.settings.reconcile_absent_seconds) + ADOPT_CLOCK_SKEW
+            if not earliest <= ref.submit_time <= latest:
+                return False
         with session_scope(self.engine) as session:
-            allocs = list(session.exec(select(Allocation).where(Allocation.cluster_id == cluster.id)).all())
-        accounts = sorted({a.account for a in allocs})
-        if not accounts:
-            return 0
-        since = utcnow() - timedelta(hours=self.settings.usage_lookback_hours)
-        try:
-            records = adapter.usage(since, accounts=accounts)
-        except AdapterError as exc:
-            log.warning("cluster %s: usage import postponed: %s", cluster.name, exc)
-            return 0
-        imported = 0
-        for record in records:
-            try:
-                imported += self._import_one(cluster, allocs, record)
-            except Exception:  # one bad record never aborts the batch
-                log.exception("cluster %s: usage record %s skipped", cluster.name, record.job_id)
-        return imported
-
-    def _import_one(self, cluster: Cluster, allocs: list[Allocation], record: UsageRecord) -> int:
-        if record.state not in TERMINAL_STATES:
-            return 0
-        with session_scope(self.engine) as session:
-            if _is_broker_job(session, cluster, record):
-                return 0
-            alloc = _allocation_for(allocs, record)
-            if alloc is None:
-                return 0
-            if _already_imported(session, cluster, record):
-                return 0
-            charge = cost_micro(cluster.cost_model, partition=record.partition, unit=alloc.unit,
-                                tres=record.alloc_tres, seconds=record.elapsed_seconds)
-            user_id = _user_for_posix(session, cluster, record.username)
-            row = ImportedJob(cluster_id=cluster.id or 0, allocation_id=alloc.id or 0,
-                              scheduler_job_id=record.job_id, global_id=record.global_id,
-                              submit_time=record.submit_time,
-                              account=record.account, username=record.username, user_id=user_id,
-                              partition=record.partition, state=record.state.value,
-                              elapsed_seconds=record.elapsed_seconds, alloc_tres=dict(record.alloc_tres),
-                              charged=charge, end_time=record.end_time)
-            try:
-                with session.begin_nested():
-                    session.add(row)
-                    session.flush()
-            except IntegrityError:
-                return 0  # imported concurrently by another replica
-            ledger.apply(session, allocation=alloc, kind="import", amount=charge, actor="usage-import",
-                         reason=f"{cluster.name} job {record.job_id} (not submitted via the broker)",
-                         imported_job_id=row.id, user_id=user_id, occurred_at=record.end_time)
-            return 1
-
-
-def _already_imported(session: Session, cluster: Cluster, record: UsageRecord) -> bool:
-    """Imported before: same (job id, submit time), or the same globally unique id."""
-    same_key = (col(ImportedJob.scheduler_job_id) == record.job_id) & \
-        (col(ImportedJob.submit_time) == record.submit_time)
-    match = same_key | (col(ImportedJob.global_id) == record.global_id) if record.global_id else same_key
-    return session.exec(select(ImportedJob.id).where(
-        ImportedJob.cluster_id == cluster.id, match)).first() is not None
-
-
-def _is_broker_job(session: Session, cluster: Cluster, record: UsageRecord) -> bool:
-    if record.tag and session.get(Job, record.tag) is not None:
-        return True
-    return session.exec(select(Job.id).where(
-        Job.cluster_id == cluster.id, Job.scheduler_job_id == record.job_id)).first() is not None
-
-
-def _allocation_for(allocs: list[Allocation], record: UsageRecord) -> Allocation | None:
-    day = (record.end_time or record.submit_time).date()
-    matching = [a for a in allocs if a.account == record.account]
-    valid = [a for a in matching if (a.start_date is None or a.start_date <= day)
-             and (a.end_date is None or day <= a.end_date)]
-    pool = valid or matching
-    return max(pool, key=lambda a: a.id or 0) if pool else None
-
-
-def _user_for_posix(session: Session, cluster: Cluster, username: str) -> int | None:
-    row = session.exec(select(User.id).join(ClusterAccount, ClusterAccount.user_id == User.id)  # type: ignore[arg-type]
-                       .where(ClusterAccount.cluster_id == cluster.id,
-                              ClusterAccount.username == username)).first()
-    return row
-
+            ids = scheduler_group_ids(session, cluster)
+            return session.exec(select(ImportedJob.id).where(
+                col(ImportedJob.cluster_id).in_(ids), ImportedJob.scheduler_job_id == ref.job_id)).first() is None

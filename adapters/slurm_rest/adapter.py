@@ -33,9 +33,11 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 
+from adapters.slurm_common.identity import slurm_identity
 from adapters.slurm_common.tags import comment_for_tag, job_name_with_tag
 from adapters.slurm_rest import convert
 from adapters.slurm_rest import errors as slurm_errors
@@ -306,7 +308,8 @@ class SlurmRestAdapter(ClusterAdapter):
         for job in self._accounting_jobs(layer, user, query):
             _keep_tagged(found, job, wanted)
         return {
-            tag: SchedulerJobRef(job_id=job.job_id, username=job.user or user, tag=tag, submit_time=job.submit_time)
+            tag: SchedulerJobRef(job_id=job.job_id, username=job.user or user, tag=tag,
+                                 submit_time=job.submit_time, account=job.account)
             for tag, job in found.items()
         }
 
@@ -357,6 +360,44 @@ class SlurmRestAdapter(ClusterAdapter):
         parts = self._client.get(layer.partitions_path, username=user, during="partitions")
         nodes = self._client.get(layer.nodes_path, username=user, during="nodes")
         return partitions(layer, parts, nodes)
+
+    def identity(self) -> str | None:
+        """``slurm:<ClusterName>@<primary controller>``: the name from the answers'
+        ``meta`` (23.02+) or, on 22.05, the accounting's only cluster; the controller
+        from ``ping``. None when the cluster name cannot be told (several clusters
+        on one slurmdbd behind a 22.05 slurmrestd)."""
+        user = self._query_user("identity")
+        layer = self.api(user)
+        pinged = self._client.get(layer.ping_path, username=user, during="ping")
+        hosts = [layer.parse_ping(item).hostname for item in layer.items(pinged, "pings")]
+        slurm_meta = _mapping(_mapping(pinged.get("meta")).get("slurm"))
+        name = slurm_meta.get("cluster") if isinstance(slurm_meta.get("cluster"), str) else None
+        if not name:
+            listed = self._client.get(layer.db_path("clusters"), username=user, during="clusters")
+            names = [c.get("name") for c in layer.items(listed, "clusters") if isinstance(c.get("name"), str)]
+            name = names[0] if len(names) == 1 else None
+        return slurm_identity(name, hosts[0] if hosts else None)
+
+    def user_exists(self, username: str) -> bool | None:
+        """Whether Slurm's accounting has the user (slurmrestd cannot see POSIX
+        accounts; with enforced associations a user without one cannot run jobs)."""
+        return self._db_record_exists("user", username, "users")
+
+    def account_exists(self, account: str) -> bool | None:
+        """Whether Slurm's accounting has the account."""
+        return self._db_record_exists("account", account, "accounts")
+
+    def _db_record_exists(self, kind: str, name: str, key: str) -> bool:
+        user = self._query_user(f"{kind} lookup")
+        layer = self.api(user)
+        try:
+            body = self._client.get(layer.db_path(f"{kind}/{quote(name, safe='')}", collection=False),
+                                    username=user, during=f"{kind} lookup")
+        except AdapterError as exc:
+            if exc.code == "empty_result":  # 22.05: "[9003] Nothing found" (in a 500 answer)
+                return False
+            raise
+        return any(item.get("name") == name for item in layer.items(body, key))
 
     @property
     def request_count(self) -> int:
@@ -421,6 +462,10 @@ def _status_for(queued: SlurmJob | None, accounted: SlurmJob | None, now: dateti
     if accounted is not None:
         return convert.to_status(accounted, final=False, now=now)
     return None
+
+
+def _mapping(value: Any) -> Mapping[str, Any]:
+    return value if isinstance(value, Mapping) else {}
 
 
 def _cancel_applied(job: SlurmJob) -> bool:

@@ -36,6 +36,7 @@ from adapters.slurm_common.accounting import (
     AccountingJob,
     MalformedRecord,
 )
+from adapters.slurm_common.identity import slurm_identity
 from adapters.slurm_common.queue import QueueJob
 from adapters.slurm_common.shapes import now_utc
 from adapters.slurm_common.states import started_or_expected
@@ -305,9 +306,9 @@ class SlurmSSHAdapter(ClusterAdapter):
         acct, _ = parse.parse_sacct_parsable(
             self._query(user, commands.build_sacct_window(seconds), "sacct")
         )
-        candidates: Iterable[tuple[str, str, datetime | None, str | None]] = [
-            *((q.job_id, q.user, q.submit_time, q.name) for q in queue),
-            *((a.job_id, a.user or "", a.submit_time, a.name) for a in acct),
+        candidates: Iterable[tuple[str, str, datetime | None, str | None, str | None]] = [
+            *((q.job_id, q.user, q.submit_time, q.name, q.account) for q in queue),
+            *((a.job_id, a.user or "", a.submit_time, a.name, a.account) for a in acct),
         ]
         return _first_per_tag(candidates, wanted)
 
@@ -399,6 +400,34 @@ class SlurmSSHAdapter(ClusterAdapter):
         )
         return parse.partitions_from_scontrol(parts, nodes)
 
+    def identity(self) -> str | None:
+        """``slurm:<ClusterName>@<first SlurmctldHost>`` from ``scontrol show config``."""
+        config = parse.parse_show_config(
+            self._query(self._query_user(), commands.build_show_config(), "scontrol show config"))
+        return slurm_identity(config.get("ClusterName"), config.get("SlurmctldHost[0]"))
+
+    def user_exists(self, username: str) -> bool | None:
+        """Whether the login node knows the POSIX user (``getent passwd``)."""
+        try:
+            command = commands.build_user_lookup(username)
+        except ValueError:
+            return False
+        result = self._run(self._query_user(), command)
+        if result.exit_status == 2:  # getent: no such entry
+            return False
+        if not result.ok:
+            raise errors.query_failure("getent passwd", result.exit_status, result.stderr)
+        return bool(result.stdout.strip())
+
+    def account_exists(self, account: str) -> bool | None:
+        """Whether Slurm's accounting has the account (``sacctmgr show account``)."""
+        try:
+            command = commands.build_account_lookup(account)
+        except ValueError:
+            return False
+        out = self._query(self._query_user(), command, "sacctmgr show account")
+        return any(line.strip() == account for line in out.splitlines())
+
     def close(self) -> None:
         """Close pooled connections."""
         self._pool.close()
@@ -426,18 +455,19 @@ def _pick(records: list[AccountingJob], ref: SchedulerJobRef) -> AccountingJob |
 
 
 def _first_per_tag(
-    candidates: Iterable[tuple[str, str, datetime | None, str | None]], wanted: set[str]
+    candidates: Iterable[tuple[str, str, datetime | None, str | None, str | None]], wanted: set[str]
 ) -> dict[str, SchedulerJobRef]:
     found: dict[str, SchedulerJobRef] = {}
     seen: dict[str, set[str]] = {}
-    for job_id, user, submit, name in candidates:
+    for job_id, user, submit, name, account in candidates:
         tag = tag_from_job_name(name)
         if tag is None or tag not in wanted:
             continue
         seen.setdefault(tag, set()).add(job_id)
         current = found.get(tag)
         if current is None or int(job_id) < int(current.job_id):
-            found[tag] = SchedulerJobRef(job_id=job_id, username=user, tag=tag, submit_time=submit)
+            found[tag] = SchedulerJobRef(job_id=job_id, username=user, tag=tag, submit_time=submit,
+                                         account=account or None)
     for tag, ids in seen.items():
         if len(ids) > 1:
             log.warning(

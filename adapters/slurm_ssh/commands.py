@@ -241,6 +241,33 @@ def build_version() -> str:
     return render(["sinfo", "--version"])
 
 
+#: POSIX user / Slurm account names the broker passes to lookups (quoted anyway)
+SCHEDULER_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.@-]{0,63}$")
+
+
+def validate_name(value: str, what: str) -> str:
+    """A user or account name fit for a lookup; else ValueError."""
+    if not SCHEDULER_NAME_RE.match(value or ""):
+        raise ValueError(f"not a valid {what}: {value!r}")
+    return value
+
+
+def build_show_config() -> str:
+    """The controller's configuration (``ClusterName``, ``SlurmctldHost``)."""
+    return render(["scontrol", "show", "config"])
+
+
+def build_account_lookup(account: str) -> str:
+    """The account's name from Slurm's accounting when it exists (empty output otherwise)."""
+    return render(["sacctmgr", "--noheader", "--parsable2", "show", "account",
+                   validate_name(account, "account name"), "format=Account"])
+
+
+def build_user_lookup(username: str) -> str:
+    """The POSIX user's passwd entry (``getent`` exits 2 when there is none)."""
+    return render(["getent", "passwd", validate_name(username, "user name")])
+
+
 def build_health() -> str:
     """Version plus a controller round-trip (partition list)."""
     return render(["sinfo", "--version"], ["sinfo", "--noheader", "--format=%R"])
@@ -311,11 +338,11 @@ def build_sacct_window(
 
 
 #: Fields of :func:`build_find_queue`, ``|``-separated, job name last.
-QUEUE_TEXT_FORMAT = "%i|%u|%V|%j"
+QUEUE_TEXT_FORMAT = "%i|%u|%V|%a|%j"
 
 
 def build_find_queue() -> str:
-    """Every job the controller holds (all states), as ``id|user|submit|name``."""
+    """Every job the controller holds (all states), as ``id|user|submit|account|name``."""
     return render(
         [
             "env",

@@ -136,23 +136,24 @@ def parse_sacct_parsable(
 
 @dataclass(frozen=True)
 class QueueLine:
-    """One line of ``squeue --format=%i|%u|%V|%j``."""
+    """One line of ``squeue --format=%i|%u|%V|%a|%j``."""
 
     job_id: str
     user: str
     submit_time: datetime | None
+    account: str
     name: str
 
 
 def parse_queue_text(text: str) -> list[QueueLine]:
-    """Lines of ``squeue --noheader --format=%i|%u|%V|%j`` (epoch times);
+    """Lines of ``squeue --noheader --format=%i|%u|%V|%a|%j`` (epoch times);
     array tasks and malformed lines are skipped."""
     lines: list[QueueLine] = []
-    for row in _split_rows(text, 4):
+    for row in _split_rows(text, 5):
         if isinstance(row, str) or not row[0].strip().isdigit():
             continue
-        job_id, user, submit, name = row
-        lines.append(QueueLine(str(int(job_id)), user.strip(), epoch_to_datetime(submit), name))
+        job_id, user, submit, account, name = row
+        lines.append(QueueLine(str(int(job_id)), user.strip(), epoch_to_datetime(submit), account.strip(), name))
     return lines
 
 
@@ -250,3 +251,14 @@ def partitions_from_scontrol(
             )
         )
     return result
+
+
+def parse_show_config(text: str) -> dict[str, str]:
+    """``scontrol show config`` → ``{"ClusterName": "dev2205", "SlurmctldHost[0]": "vm(127.0.0.1)"}``."""
+    found: dict[str, str] = {}
+    for line in (text or "").splitlines():
+        key, sep, value = line.partition("=")
+        if sep and key.strip() and " " not in key.strip():
+            found[key.strip()] = value.strip()
+    return found
+

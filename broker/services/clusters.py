@@ -52,9 +52,11 @@ def register_cluster(
     session: Session, *, principal: Principal | None, registry: AdapterRegistry, body: ClusterIn,
     default_poll: float,
 ) -> Cluster:
-    """Register a cluster: build its adapter and discover its partitions now, so a
-    definition that cannot work (bad version, missing key) fails here, not at the
-    first job. An unreachable cluster is registered with its health marked down."""
+    """Register a cluster: build its adapter, discover its partitions and which
+    scheduler it reaches now, so a definition that cannot work fails here (422
+    ``cluster_misconfigured`` with a sentence naming the problem), not at the first
+    job: unknown adapter or connection keys, bad version or key, nothing answering,
+    a ``default_partition`` or a cost-model partition the cluster does not have."""
     if principal is not None:
         require_role(principal, "sysadmin")
     try:
@@ -71,9 +73,15 @@ def register_cluster(
         enforce_budgets=body.enforce_budgets,
     )
     _discover_into(cluster, registry, fail_on_config=True)
+    _check_partitions(cluster)
     session.add(cluster)
     session.flush()
     return cluster
+
+
+def misconfigured(cluster: str, problem: str) -> InvalidRequest:
+    """The 422 ``cluster_misconfigured`` answer for a definition that cannot work."""
+    return InvalidRequest(f"Cluster {cluster} cannot be used: {problem}", code="cluster_misconfigured")
 
 
 def _discover_into(cluster: Cluster, registry: AdapterRegistry, *, fail_on_config: bool) -> None:
@@ -81,26 +89,99 @@ def _discover_into(cluster: Cluster, registry: AdapterRegistry, *, fail_on_confi
         adapter = registry.build(name=cluster.name, adapter=cluster.adapter, connection=cluster.connection)
         try:
             partitions = adapter.discover()
+            identity = _identity(adapter)
         finally:
             adapter.close()
     except AdapterConfigError as exc:
         if fail_on_config:
-            raise InvalidRequest(f"Cluster {cluster.name} cannot be used: {exc}",
-                                 code="cluster_misconfigured") from exc
+            raise misconfigured(cluster.name, str(exc)) from exc
         raise
     except AdapterError as exc:
-        cluster.health_ok, cluster.health_detail = False, f"unreachable at registration: {exc}"
-        cluster.health_checked_at = utcnow()
-        return
+        # nothing answering is not a definition to keep: health would never be proven
+        raise misconfigured(cluster.name, f"it does not answer ({exc}); register it once it is reachable") \
+            from exc
     except (TypeError, ValueError, KeyError) as exc:  # bad connection settings
-        raise InvalidRequest(f"Cluster {cluster.name} has invalid connection settings: {exc}",
-                             code="cluster_misconfigured") from exc
+        raise misconfigured(cluster.name, f"invalid connection settings: {exc}") from exc
     cluster.partitions = [asdict(p) for p in partitions]
+    cluster.scheduler_identity = identity
     cluster.health_ok, cluster.health_detail = True, "discovered at registration"
     cluster.health_checked_at = utcnow()
     if cluster.default_partition is None:
         default = next((p.name for p in partitions if p.default), None)
         cluster.default_partition = default or (partitions[0].name if partitions else None)
+
+
+def _identity(adapter: ClusterAdapter) -> str | None:
+    try:
+        return adapter.identity()
+    except AdapterError as exc:  # not fatal: the definition is then its own scheduler
+        log.warning("cluster %s: scheduler identity unknown: %s", adapter.name, exc)
+        return None
+
+
+def _check_partitions(cluster: Cluster) -> None:
+    """``default_partition`` and every cost-model partition must exist on the cluster."""
+    names = [str(p.get("name")) for p in cluster.partitions]
+    if not names:
+        return
+    listed = ", ".join(names)
+    if cluster.default_partition and cluster.default_partition not in names:
+        raise misconfigured(cluster.name, f"default_partition {cluster.default_partition!r} does not exist "
+                            f"on the cluster (its partitions: {listed})")
+    unknown = sorted(set(cluster.cost_model.get("partitions", {})) - {"*", *names})
+    if unknown:
+        raise misconfigured(cluster.name, f"the cost model prices partition(s) {', '.join(map(repr, unknown))} "
+                            f"the cluster does not have (its partitions: {listed})")
+
+
+def scheduler_group_ids(session: Session, cluster: Cluster) -> list[int]:
+    """Ids of every definition reaching the same scheduler as ``cluster`` (itself included)."""
+    if not cluster.scheduler_identity:
+        return [pk(cluster)]
+    return [int(i) for i in session.exec(select(Cluster.id).where(
+        Cluster.scheduler_identity == cluster.scheduler_identity)).all() if i is not None]
+
+
+def same_scheduler(session: Session, cluster: Cluster) -> list[str]:
+    """Other registered definitions that reach the same scheduler as ``cluster``."""
+    if not cluster.scheduler_identity:
+        return []
+    return [c.name for c in session.exec(select(Cluster).where(
+        Cluster.scheduler_identity == cluster.scheduler_identity, Cluster.name != cluster.name)).all()]
+
+
+def check_scheduler_account(session: Session, *, registry: AdapterRegistry, cluster_name: str,
+                            account: str) -> str | None:
+    """Refuse a Slurm account the cluster does not have (422); a warning sentence
+    where the adapter cannot tell (or the cluster cannot be asked now), else None."""
+    cluster = get_cluster(session, cluster_name)
+    try:
+        exists = adapter_for(registry, cluster).account_exists(account)
+    except AdapterError as exc:
+        return f"could not check that account {account!r} exists on {cluster.name}: {exc}"
+    if exists is False:
+        raise InvalidRequest(f"Cluster {cluster.name} has no account {account!r}: create it in the "
+                             "scheduler first (e.g. sacctmgr add account) or correct the name.")
+    if exists is None:
+        return f"the {cluster.adapter} adapter cannot tell whether account {account!r} exists on {cluster.name}"
+    return None
+
+
+def check_posix_user(session: Session, *, registry: AdapterRegistry, cluster_name: str,
+                     username: str) -> str | None:
+    """Refuse a POSIX user the cluster does not know (422); a warning where the
+    adapter cannot tell (or the cluster cannot be asked now), else None."""
+    cluster = get_cluster(session, cluster_name)
+    try:
+        exists = adapter_for(registry, cluster).user_exists(username)
+    except AdapterError as exc:
+        return f"could not check that user {username!r} exists on {cluster.name}: {exc}"
+    if exists is False:
+        raise InvalidRequest(f"Cluster {cluster.name} has no user {username!r}: create the account there "
+                             "first or correct the name.")
+    if exists is None:
+        return f"the {cluster.adapter} adapter cannot tell whether user {username!r} exists on {cluster.name}"
+    return None
 
 
 def update_cluster(
@@ -121,6 +202,7 @@ def update_cluster(
     if "connection" in changes:
         _discover_into(cluster, registry, fail_on_config=True)
         registry.forget(cluster.name)
+    _check_partitions(cluster)
     session.add(cluster)
     return cluster
 

@@ -101,6 +101,7 @@ def grant_allocation(
     else:
         project = _project(session, code)
     cluster = get_cluster(session, body.cluster)
+    _refuse_shared_account(session, project, cluster, body)
     alloc = Allocation(
         project_id=pk(project), cluster_id=pk(cluster), unit=body.unit, granted=0,
         start_date=body.start_date, end_date=body.end_date, account=body.account,
@@ -112,6 +113,32 @@ def grant_allocation(
                  reason="initial grant")
     session.refresh(alloc)
     return alloc
+
+
+def _refuse_shared_account(session: Session, project: Project, cluster: Cluster, body: AllocationIn) -> None:
+    """Two projects cannot share one Slurm account on one scheduler over overlapping
+    dates: their direct jobs (imported from accounting) could not be told apart.
+    Refused (409) rather than warned: a wrong attribution spends another project's
+    budget. A project may hold several allocations on its own account (renewals),
+    and an account may be reused once the other project's allocation has ended."""
+    from broker.services.clusters import scheduler_group_ids
+
+    start = body.start_date or project.start_date
+    end = body.end_date or project.end_date
+    rows = session.exec(
+        select(Allocation, Project, Cluster).join(Project, col(Project.id) == col(Allocation.project_id))
+        .join(Cluster, col(Cluster.id) == col(Allocation.cluster_id))
+        .where(col(Allocation.cluster_id).in_(scheduler_group_ids(session, cluster)),
+               Allocation.account == body.account, Allocation.project_id != project.id)
+    ).all()
+    for other, other_project, other_cluster in rows:
+        o_start = other.start_date or other_project.start_date
+        o_end = other.end_date or other_project.end_date
+        if (end is None or o_start is None or o_start <= end) and (o_end is None or start is None or start <= o_end):
+            raise Conflict(
+                f"Slurm account {body.account!r} on {other_cluster.name} is already used by project "
+                f"{other_project.code} (allocation {other.id}) over overlapping dates: direct jobs of two "
+                "projects on one account cannot be told apart. Give each project its own Slurm account.")
 
 
 def adjust_allocation(

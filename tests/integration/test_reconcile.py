@@ -4,7 +4,9 @@ job by its tag (exactly once); a job that never reached the cluster is released.
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
+import pytest
 import sqlalchemy as sa
 
 from broker.db import session_scope
@@ -15,15 +17,16 @@ from broker.services.jobs import _reserve
 from tests.support.env import BrokerEnv
 
 
-def _crash_after_submit(env: BrokerEnv, script: str, *, reach_cluster: bool) -> str:
-    """Do what the submit path does up to the adapter call, then 'die'."""
+def _crash_after_submit(env: BrokerEnv, script: str, *, reach_cluster: bool, **forged: str) -> str:
+    """Do what the submit path does up to the adapter call, then 'die'. ``forged``
+    replaces fields of what reaches the cluster (someone else's job with the tag)."""
     from broker.auth import Authenticator
 
     principal = Authenticator(env.settings).authenticate(env.token("alice"))
     body = JobRequest(project="EHPC-TEST-001", script=script, time_limit_minutes=5)
-    job, spec, cluster = _reserve(env.engine, env.settings, principal, body)
+    job, spec, cluster = _reserve(env.engine, env.settings, principal, body, None)
     if reach_cluster:
-        adapter_for(env.app.state.registry, cluster).submit(spec)
+        adapter_for(env.app.state.registry, cluster).submit(replace(spec, **forged))
     return job.id
 
 
@@ -54,6 +57,20 @@ def test_job_that_never_reached_the_cluster_is_released_not_resubmitted(env: Bro
     assert adapter_for(env.app.state.registry, _cluster(env)).find_by_tag([job_id]) == {}
     with session_scope(env.engine) as s:
         assert ledger.check(s) == []
+
+
+@pytest.mark.parametrize("forged", [{"username": "mallory"}, {"account": "proj-other"}],
+                         ids=["other-user", "other-account"])
+def test_tagged_job_that_is_not_the_recorded_intent_is_not_adopted(env: BrokerEnv, forged: dict) -> None:
+    """Adoption checks the tag AND the intent written before the scheduler call (user,
+    account, submit-time window): a job carrying the tag but run by someone else or on
+    another account is not the broker's job (issue 10: import keyed on facts)."""
+    env.setup_project()
+    alice = env.auth("alice")
+    job_id = _crash_after_submit(env, "sleep 1", reach_cluster=True, **forged)
+    done = env.wait_settled(job_id, alice, timeout=30)
+    assert done["state"] == "SUBMIT_FAILED" and done["scheduler_job_id"] is None
+    assert done["charged"]["amount"] == 0
 
 
 def _cluster(env: BrokerEnv):  # type: ignore[no-untyped-def]

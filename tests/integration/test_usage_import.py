@@ -1,34 +1,60 @@
-"""Usage import from accounting: exactly once per (cluster, job id, submit time) and
-per globally unique id (Slurm 26.05 sluid); broker jobs and bad records skipped."""
+"""Usage import from accounting (broker/usage_import.py): exactly once per (scheduler,
+job id, submit time) and per globally unique id (Slurm 26.05 sluid), keyed on facts
+(a recorded scheduler id), never on a job's name; one Slurm cluster registered
+twice imports each job once; attribution by account and membership; no empty
+charges; incremental, bounded, and on its own thread (polling never waits for it)."""
 
 from __future__ import annotations
 
+import threading
+import time
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
 
+import pytest
 import sqlalchemy as sa
 from sqlmodel import select
 
 from broker.adapter import JobState, UsageRecord
 from broker.db import session_scope
 from broker.models import Allocation, Cluster
-from tests.support.env import BrokerEnv
+from broker.services.clusters import adapter_for, scheduler_group_ids
+from broker.usage_import import attribute
+from tests.support.env import LOCAL_TEST_CONNECTION, BrokerEnv, broker_env
+
+
+@pytest.fixture
+def quiet_env(db_url: str, tmp_path: Path) -> Iterator[BrokerEnv]:
+    """A broker whose background threads do not run: the test drives the importer."""
+    with broker_env(tmp_path, db_url, run_tracker=False) as env:
+        yield env
 
 
 def _record(job_id: str, *, global_id: str | None = None, submitted: datetime | None = None,
-            account: str = "proj-a", user: str = "bob", tag: str | None = None) -> UsageRecord:
+            account: str = "proj-a", user: str = "bob", tag: str | None = None,
+            tres: dict[str, float] | None = None, elapsed: int = 3600) -> UsageRecord:
     submit = submitted or datetime.now(UTC) - timedelta(minutes=10)
     return UsageRecord(job_id=job_id, account=account, username=user, partition="gpu",
                        state=JobState.COMPLETED, raw_state="COMPLETED", submit_time=submit,
-                       start_time=submit, end_time=submit + timedelta(hours=1), elapsed_seconds=3600,
-                       alloc_tres={"gres/gpu": 2, "cpu": 4}, tag=tag, global_id=global_id)
+                       start_time=submit, end_time=submit + timedelta(seconds=elapsed), elapsed_seconds=elapsed,
+                       alloc_tres={"gres/gpu": 2, "cpu": 4} if tres is None else tres, tag=tag,
+                       global_id=global_id)
 
 
-def _import(env: BrokerEnv, records: list[UsageRecord]) -> int:
-    tracker = env.app.state.tracker
+def _cluster(env: BrokerEnv, name: str = "local") -> Cluster:
     with session_scope(env.engine) as s:
-        cluster = s.exec(select(Cluster).where(Cluster.name == "local")).one()
+        return s.exec(select(Cluster).where(Cluster.name == name)).one()
+
+
+def _import(env: BrokerEnv, records: list[UsageRecord], *, via: str = "local") -> int:
+    importer = env.app.state.tracker.importer
+    cluster = _cluster(env, via)
+    with session_scope(env.engine) as s:
+        ids = scheduler_group_ids(s, cluster)
         allocs = list(s.exec(select(Allocation)).all())
-    return sum(tracker._import_one(cluster, allocs, r) for r in records)
+    return importer.import_records(cluster, ids, allocs, records)[0]
 
 
 def _imported(env: BrokerEnv) -> list[tuple]:
@@ -37,7 +63,21 @@ def _imported(env: BrokerEnv) -> list[tuple]:
                                          "ORDER BY id")).all())
 
 
-def test_each_accounting_record_is_charged_exactly_once(env: BrokerEnv) -> None:
+def _import_ledger(env: BrokerEnv) -> list[tuple]:
+    with env.engine.connect() as conn:
+        return list(conn.execute(sa.text("SELECT allocation_id, amount FROM ledger_entries "
+                                         "WHERE kind = 'import' ORDER BY id")).all())
+
+
+def _submit(env: BrokerEnv, **over: Any) -> dict:
+    r = env.call("POST", "/v1/jobs", env.auth("alice"), json={
+        "project": "EHPC-TEST-001", "script": "sleep 0.2", "time_limit_minutes": 1, **over})
+    assert r.status_code == 201, r.text
+    return dict(r.json())
+
+
+def test_each_accounting_record_is_charged_exactly_once(quiet_env: BrokerEnv) -> None:
+    env = quiet_env
     env.setup_project(unit="gpu_hours", members=("alice", "bob"))
     first = [_record("10"), _record("11", global_id="sAAA"), _record("12", account="other-account")]
     assert _import(env, first) == 2
@@ -53,10 +93,157 @@ def test_each_accounting_record_is_charged_exactly_once(env: BrokerEnv) -> None:
     assert usage["rows"] == [{"project": "EHPC-TEST-001", "user": "bob", "unit": "gpu_hours", "amount": 6.0, "jobs": 3}]
 
 
-def test_broker_jobs_and_unfinished_records_are_not_imported(env: BrokerEnv) -> None:
-    env.setup_project(unit="gpu_hours")
-    job = env.call("POST", "/v1/jobs", env.auth("alice"), json={
-        "project": "EHPC-TEST-001", "script": "true", "time_limit_minutes": 1}).json()
+def test_broker_jobs_are_known_by_recorded_scheduler_id_not_by_name(quiet_env: BrokerEnv) -> None:
+    """Issue 10: a job *named* ``….aifa-<broker job id>`` is a direct job and is imported."""
+    env = quiet_env
+    env.setup_project(unit="gpu_hours", members=("alice", "bob"))
+    job = _submit(env)
+    assert job["scheduler_job_id"]
+    ours = _record(job["scheduler_job_id"], user="alice", tag=job["id"],
+                   submitted=datetime.fromisoformat(job["submitted_at"]))
+    forged = _record("777777", user="bob", tag=job["id"])  # same tag in its name, another job
     running = UsageRecord(**{**_record("20").__dict__, "state": JobState.RUNNING, "raw_state": "RUNNING"})
-    assert _import(env, [_record("99", tag=job["id"]), running]) == 0
-    assert _imported(env) == []
+    assert _import(env, [ours, forged, running]) == 1
+    assert [r[0] for r in _imported(env)] == ["777777"]
+    # a recycled scheduler id (state loss) long after the broker job is not the broker job
+    recycled = _record(job["scheduler_job_id"], user="bob", submitted=datetime.now(UTC) + timedelta(days=30))
+    assert _import(env, [recycled]) == 1
+
+
+def test_job_awaiting_reconciliation_is_deferred_not_imported(quiet_env: BrokerEnv) -> None:
+    env = quiet_env
+    env.setup_project(unit="gpu_hours", members=("alice", "bob"))
+    from broker.auth import Authenticator
+    from broker.schemas import JobRequest
+    from broker.services.jobs import _reserve, mark_submit_failed
+
+    principal = Authenticator(env.settings).authenticate(env.token("alice"))
+    job, _, _ = _reserve(env.engine, env.settings, principal,
+                         JobRequest(project="EHPC-TEST-001", script="true", time_limit_minutes=1), None)
+    tagged = _record("555", user="alice", tag=job.id)
+    assert _import(env, [tagged]) == 0  # the reconciler decides first: never charged twice
+    mark_submit_failed(env.engine, job_id=job.id, reason="absent")
+    assert _import(env, [tagged]) == 1  # not the broker's job after all: a direct job
+
+
+def test_one_slurm_cluster_under_two_definitions_imports_each_job_once(quiet_env: BrokerEnv) -> None:
+    """Issue 9: the same machine registered as -ssh and -rest charged each direct job twice."""
+    env = quiet_env
+    r = env.call("POST", "/v1/clusters", env.qm, json={
+        "name": "local-twin", "adapter": "local", "connection": LOCAL_TEST_CONNECTION})
+    assert r.status_code == 201, r.text
+    with env.engine.begin() as conn:  # both definitions reach one scheduler
+        conn.execute(sa.text("UPDATE clusters SET scheduler_identity = 'slurm:dev@ctl'"))
+    env.setup_project(unit="gpu_hours", members=("alice", "bob"))
+    r = env.call("POST", "/v1/projects/EHPC-TEST-001/allocations", env.qm, json={
+        "cluster": "local-twin", "unit": "gpu_hours", "amount": 50, "account": "proj-a"})
+    assert r.status_code == 201, r.text
+    job = _submit(env, cluster="local")  # its scheduler id is recorded on "local"
+    ours = _record(job["scheduler_job_id"], user="alice", submitted=datetime.fromisoformat(job["submitted_at"]))
+    direct = [_record("9001"), _record("9002", global_id="sX")]
+    assert _import(env, [*direct, ours], via="local") == 2
+    assert _import(env, [*direct, ours], via="local-twin") == 0
+    assert len(_import_ledger(env)) == 2
+    # and the background importer takes each scheduler once, through its first definition
+    seen: list[str] = []
+    importer = env.app.state.tracker.importer
+    original = importer.import_group
+    importer.import_group = lambda c: seen.append(c.name) or original(c)  # type: ignore[method-assign]
+    importer.run_cycle(force=True)
+    assert seen == ["local"]
+
+
+def test_grant_refuses_a_slurm_account_shared_by_two_projects(quiet_env: BrokerEnv) -> None:
+    env = quiet_env
+    env.setup_project("EHPC-A", account="shared")
+    r = env.call("POST", "/v1/projects", env.qm, json={"code": "EHPC-B", "title": "B", "access_mode": "playground"})
+    assert r.status_code == 201
+    body = {"cluster": "local", "unit": "core_hours", "amount": 5, "account": "shared"}
+    r = env.call("POST", "/v1/projects/EHPC-B/allocations", env.qm, json=body)
+    assert r.status_code == 409 and r.json()["code"] == "conflict"
+    assert "EHPC-A" in r.json()["detail"] and "shared" in r.json()["detail"]
+    # the same project may hold several allocations on its account (e.g. a renewal)
+    r = env.call("POST", "/v1/projects/EHPC-A/allocations", env.qm, json=body)
+    assert r.status_code == 201, r.text
+    # a recycled account is fine once the other project's allocation has ended
+    with env.engine.begin() as conn:
+        conn.execute(sa.text("UPDATE allocations SET end_date = '2020-12-31'"))
+    r = env.call("POST", "/v1/projects/EHPC-B/allocations", env.qm, json={**body, "start_date": "2021-01-01"})
+    assert r.status_code == 201, r.text
+
+
+def test_attribution_by_account_and_membership() -> None:
+    def alloc(i: int, project: int, account: str = "acct", end: str | None = None) -> Allocation:
+        return Allocation(id=i, project_id=project, cluster_id=1, unit="core_hours", account=account,
+                          end_date=datetime.fromisoformat(end).date() if end else None)
+
+    rec = _record("1", account="acct")
+    allocs = [alloc(1, 10), alloc(2, 20), alloc(3, 30, account="other")]
+    assert attribute(allocs, rec, (5, {10})).id == 1  # the user's project, though not the newest
+    assert attribute(allocs, rec, (5, {20})).id == 2
+    assert attribute(allocs, rec, (None, set())).id == 2  # no member: the newest with the account
+    assert attribute([alloc(1, 10), alloc(2, 10, end="2000-01-01")], rec, (5, {10})).id == 1  # valid first
+    assert attribute([alloc(3, 30, account="other")], rec, (5, {30})) is None
+
+
+def test_a_job_that_used_nothing_writes_no_ledger_entry(quiet_env: BrokerEnv) -> None:
+    env = quiet_env
+    env.setup_project(unit="gpu_hours", members=("alice", "bob"))
+    assert _import(env, [_record("30", tres={"cpu": 1}), _record("31", elapsed=0)]) == 0
+    assert [r[0] for r in _imported(env)] == ["30", "31"]  # recorded: never looked at again
+    assert _import_ledger(env) == []
+    assert _import(env, [_record("30", tres={"cpu": 1})]) == 0
+
+
+def test_import_is_incremental_and_bounded(db_url: str, tmp_path: Path) -> None:
+    with broker_env(tmp_path, db_url, run_tracker=False, usage_import_batch=2,
+                    usage_import_overlap_minutes=1) as env:
+        env.setup_project(unit="gpu_hours", members=("alice", "bob"))
+        base = datetime.now(UTC) - timedelta(hours=3)
+        records = [_record(str(100 + i), submitted=base + timedelta(minutes=10 * i)) for i in range(5)]
+        calls: list[datetime] = []
+        adapter = adapter_for(env.app.state.registry, _cluster(env))
+
+        def usage(since: datetime, *, accounts: Any = None) -> list[UsageRecord]:
+            calls.append(since)
+            return [r for r in records if r.end_time >= since]
+
+        adapter.usage = usage  # type: ignore[method-assign]
+        importer = env.app.state.tracker.importer
+        counts = [importer.run_cycle(force=True) for _ in range(6)]
+        # at most 2 records a cycle; the overlap re-reads the last imported one (not charged again)
+        assert counts == [2, 1, 1, 1, 0, 0]
+        assert len(_imported(env)) == 5 and len(_import_ledger(env)) == 5
+        # each cycle asks only from the last imported end (minus the overlap)
+        assert calls[0] < calls[1] < calls[2] < calls[3] < calls[4] == calls[5]
+        assert calls[1] == records[1].end_time - timedelta(minutes=1)
+        assert _cluster(env).usage_imported_until == records[4].end_time
+
+
+def test_slow_import_never_delays_polling(env: BrokerEnv) -> None:
+    """Issue 14: the import runs on its own thread; a 20 s accounting query must not
+    hold back the settlement of a job (polling every 0.2 s)."""
+    env.setup_project()
+    adapter = adapter_for(env.app.state.registry, _cluster(env))
+    started, release = threading.Event(), threading.Event()
+
+    def slow_usage(since: datetime, *, accounts: Any = None) -> list[UsageRecord]:
+        started.set()
+        release.wait(20)
+        return []
+
+    adapter.usage = slow_usage  # type: ignore[method-assign]
+    importing = threading.Thread(target=env.app.state.tracker.importer.run_cycle, kwargs={"force": True},
+                                 daemon=True)
+    try:
+        assert env.app.state.tracker.importer._thread is not None
+        importing.start()
+        assert started.wait(10), "the import never started"
+        t0 = time.monotonic()
+        job = _submit(env)
+        done = env.wait_settled(job["id"], env.auth("alice"), timeout=10)
+        assert done["state"] == "COMPLETED" and time.monotonic() - t0 < 10
+        assert not release.is_set() and importing.is_alive()  # the import was still running all along
+    finally:
+        release.set()
+        importing.join(10)

@@ -67,6 +67,10 @@ class ApiLayer(abc.ABC):
         """GET: jobs from accounting."""
         return self._slurmdb("jobs" + self.collection_suffix)
 
+    def db_path(self, tail: str, *, collection: bool = True) -> str:
+        """GET: an accounting path (``clusters``, ``account/NAME``, ...)."""
+        return self._slurmdb(tail + (self.collection_suffix if collection else ""))
+
     @property
     def ping_path(self) -> str:
         """GET: ping the controllers."""

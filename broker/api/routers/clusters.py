@@ -59,9 +59,11 @@ def list_accounts(name: str, principal: PrincipalDep, session: SessionDep) -> li
 
 @router.put("/{name}/accounts/{user}", response_model=AccountOut)
 def map_account(name: str, user: str, body: AccountIn, principal: PrincipalDep,
-                session: SessionDep) -> AccountOut:
-    return svc.map_account(session, principal=principal, cluster_name=name, user_name=user,
-                           username=body.username)
+                session: SessionDep, registry: RegistryDep) -> AccountOut:
+    out = svc.map_account(session, principal=principal, cluster_name=name, user_name=user,
+                          username=body.username)
+    warning = svc.check_posix_user(session, registry=registry, cluster_name=name, username=body.username)
+    return out.model_copy(update={"warnings": [warning] if warning else []})
 
 
 @router.delete("/{name}/accounts/{user}", status_code=204)

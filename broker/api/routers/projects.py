@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Query, Request, Response
 
-from broker.api.deps import PrincipalDep, SessionDep
+from broker.api.deps import PrincipalDep, RegistryDep, SessionDep
 from broker.schemas import (
     MAX_DATE,
     MAX_ID,
@@ -21,6 +21,7 @@ from broker.schemas import (
     ProjectOut,
     ProjectPatch,
 )
+from broker.services import clusters as cluster_svc
 from broker.services import projects as svc
 from broker.services import usage as usage_svc
 from broker.services.common import visible_project
@@ -55,9 +56,12 @@ def patch_project(code: str, body: ProjectPatch, principal: PrincipalDep, sessio
 
 
 @router.post("/projects/{code}/allocations", response_model=AllocationOut, status_code=201)
-def grant(code: str, body: AllocationIn, principal: PrincipalDep, session: SessionDep) -> AllocationOut:
+def grant(code: str, body: AllocationIn, principal: PrincipalDep, session: SessionDep,
+          registry: RegistryDep) -> AllocationOut:
     alloc = svc.grant_allocation(session, principal=principal, code=code, body=body, actor=principal.name)
-    return allocation_out(alloc, body.cluster)
+    warning = cluster_svc.check_scheduler_account(session, registry=registry, cluster_name=body.cluster,
+                                                  account=body.account)
+    return allocation_out(alloc, body.cluster).model_copy(update={"warnings": [warning] if warning else []})
 
 
 @router.patch("/projects/{code}/allocations/{allocation_id}", response_model=AllocationOut)

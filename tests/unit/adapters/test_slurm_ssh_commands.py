@@ -231,7 +231,7 @@ def test_queries():
     assert fmt.startswith("--format=JobIDRaw,") and fmt.endswith(",JobName")
     with pytest.raises(ValueError):
         commands.build_sacct_window(10, accounts=["a,b"])
-    assert shlex.split(commands.build_find_queue())[-1] == "--format=%i|%u|%V|%j"
+    assert shlex.split(commands.build_find_queue())[-1] == "--format=%i|%u|%V|%a|%j"
 
 
 @pytest.mark.parametrize("bad", ["", "1;rm", "-1", "12 13", "1_2", "x" * 3, "1" * 13])

@@ -106,11 +106,11 @@ def test_sacct_parsable_rows_and_malformed():
 
 
 def test_queue_text():
-    text = f"12|alice|1795690600|n.aifa-{TAG}\n13_1|bob|1795690600|arr\nbad\n14|bob|Unknown|a|b\n"
+    text = f"12|alice|1795690600|proj-a|n.aifa-{TAG}\n13_1|bob|1795690600|proj-a|arr\nbad\n14|bob|Unknown|proj-b|a|b\n"
     lines = parse.parse_queue_text(text)
-    assert [(q.job_id, q.user, q.name) for q in lines] == [
-        ("12", "alice", f"n.aifa-{TAG}"),
-        ("14", "bob", "a|b"),
+    assert [(q.job_id, q.user, q.account, q.name) for q in lines] == [
+        ("12", "alice", "proj-a", f"n.aifa-{TAG}"),
+        ("14", "bob", "proj-b", "a|b"),
     ]
     assert lines[0].submit_time is not None and lines[1].submit_time is None
 

@@ -1,0 +1,315 @@
+"""Usage import: jobs found in a scheduler's accounting that the broker did not
+submit are charged to the allocation whose account they spent, exactly once.
+
+Runs on its own thread and schedule (:class:`UsageImporter`), never inside the
+tracker's polling cycle, so a long accounting import cannot delay polling. Rules
+(each is a fact about the job, never its name):
+
+- **One scheduler, one import.** Definitions that reach the same scheduler (same
+  ``scheduler_identity``, discovered at registration, e.g. one Slurm cluster
+  registered as ``-ssh`` and ``-rest``) form one group: one replica imports the
+  group under a lease keyed on the identity, through one of its definitions, over
+  the allocations of all of them. Duplicates are recognised across the group.
+- **Broker jobs are known by their recorded scheduler id.** A record is a broker
+  job only if a broker job on a definition of the group has that scheduler job id
+  recorded, with a submit time close to the record's. A job merely *named* after a
+  broker job (``….aifa-<id>``) is imported like any direct job. The one exception
+  is a record whose tag names a broker job that is still waiting for
+  reconciliation (``ACCEPTED`` without a scheduler id): it is deferred (not
+  imported, the watermark held before it) until the reconciler has adopted that
+  job — after checking user, account and submit time — or declared it absent.
+- **Attribution by account and membership.** Candidates are the group's
+  allocations with the record's account, valid on the job's end date (else any
+  with that account). Among them, those whose project has the job's user as a
+  member (user found through the cluster accounts of the group) come first; among
+  several, the most recently granted wins. A job of a user who is a member of none
+  is still charged to the account's allocation (the budget was spent), attributed
+  to the POSIX name. Two projects cannot share an account on one scheduler over
+  overlapping dates: the grant is refused (see ``services.projects``).
+- **No empty charges.** A job that used nothing is recorded (so it is never looked
+  at again) but writes no ledger entry.
+- **Incremental and bounded.** Each cycle asks accounting for jobs that ended
+  after the group's watermark minus an overlap (late accounting records), at most
+  ``usage_lookback_hours`` back, processes at most ``usage_import_batch`` records
+  in end-time order, and moves the watermark to the last end time processed.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterable, Sequence
+from datetime import datetime, timedelta
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import Session, col, select
+
+from broker.adapter import AdapterError, UsageRecord
+from broker.config import Settings
+from broker.cost import cost_micro
+from broker.db import session_scope
+from broker.metrics import TRACKER_CYCLE
+from broker.models import Allocation, Cluster, ClusterAccount, ImportedJob, Job, Membership, utcnow
+from broker.registry import AdapterRegistry
+from broker.services import ledger
+from broker.services.clusters import adapter_for, scheduler_group_ids
+from broker.states import TERMINAL_STATES, JobState
+
+log = logging.getLogger(__name__)
+
+#: a broker job's recorded submit time and the scheduler's may differ by this much
+#: (the broker records "now" right after the submit call; adopted jobs the scheduler's)
+SUBMIT_TIME_TOLERANCE = timedelta(hours=1)
+_CHUNK = 500
+_COMMIT_EVERY = 200
+
+
+def group_key(cluster: Cluster) -> str:
+    """The scheduler a definition reaches: its identity, else the definition itself."""
+    return cluster.scheduler_identity or f"definition:{cluster.name}"
+
+
+class UsageImporter:
+    """Imports accounting usage per scheduler on its own thread (see the module docstring)."""
+
+    def __init__(self, engine: Engine, settings: Settings, registry: AdapterRegistry) -> None:
+        self.engine = engine
+        self.settings = settings
+        self.registry = registry
+        self._next: dict[str, float] = {}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self.run_forever, name="aifa-usage-import", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join(timeout)
+
+    def run_forever(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.run_cycle()
+            except Exception:  # the loop must survive any single failure
+                log.exception("usage import cycle failed")
+            self._stop.wait(min(self.settings.tracker_interval_seconds, 1.0))
+
+    def run_cycle(self, *, force: bool = False) -> int:
+        """Import every due scheduler group once; returns the number of jobs imported."""
+        from broker.tracker import named_lease
+
+        now = time.monotonic()
+        with session_scope(self.engine) as session:
+            clusters = list(session.exec(select(Cluster).where(Cluster.state != "offline")
+                                         .order_by(col(Cluster.id))).all())
+        groups: dict[str, Cluster] = {}
+        for c in clusters:  # one definition per scheduler: the first registered
+            groups.setdefault(group_key(c), c)
+        imported = 0
+        for key, cluster in groups.items():
+            if not (force or now >= self._next.setdefault(key, now + 5.0)):
+                continue
+            self._next[key] = now + self.settings.usage_import_interval_seconds
+            with named_lease(self.engine, f"usage-import:{key}") as held:
+                if held:
+                    imported += self.import_group(cluster)
+        return imported
+
+    def import_group(self, cluster: Cluster) -> int:
+        """One bounded, incremental import through ``cluster`` for its whole group."""
+        start = time.perf_counter()
+        with session_scope(self.engine) as session:
+            ids = scheduler_group_ids(session, cluster)
+            allocs = list(session.exec(select(Allocation).where(col(Allocation.cluster_id).in_(ids))).all())
+            watermark = max((c.usage_imported_until for c in session.exec(
+                select(Cluster).where(col(Cluster.id).in_(ids))).all() if c.usage_imported_until), default=None)
+        accounts = sorted({a.account for a in allocs})
+        if not accounts:
+            return 0
+        now = utcnow()
+        since = now - timedelta(hours=self.settings.usage_lookback_hours)
+        if watermark is not None:
+            since = max(since, watermark - timedelta(minutes=self.settings.usage_import_overlap_minutes))
+        try:
+            adapter = adapter_for(self.registry, cluster)
+            records = adapter.usage(since, accounts=accounts)
+        except AdapterError as exc:
+            log.warning("cluster %s: usage import postponed: %s", cluster.name, exc)
+            return 0
+        records = sorted((r for r in records if r.state in TERMINAL_STATES),
+                         key=lambda r: (r.end_time or r.submit_time, r.job_id))
+        batch = records[: self.settings.usage_import_batch]
+        imported, held_before = self.import_records(cluster, ids, allocs, batch)
+        ends = [r.end_time or r.submit_time for r in batch]
+        new_mark = max(ends) if ends else None
+        if held_before is not None and (new_mark is None or held_before < new_mark):
+            new_mark = held_before - timedelta(seconds=1)
+        if new_mark is not None and (watermark is None or new_mark > watermark):
+            with session_scope(self.engine) as session:
+                table = Cluster.__table__  # type: ignore[attr-defined]
+                session.execute(sa.update(table).where(table.c.id.in_(ids)).values(usage_imported_until=new_mark))
+        TRACKER_CYCLE.labels(f"{cluster.name}:usage-import").observe(time.perf_counter() - start)
+        if len(records) > len(batch):
+            log.info("cluster %s: usage import continues next cycle (%d of %d records)", cluster.name,
+                     len(batch), len(records))
+        return imported
+
+    def import_records(self, cluster: Cluster, ids: list[int], allocs: list[Allocation],
+                       records: Sequence[UsageRecord]) -> tuple[int, datetime | None]:
+        """Import ``records`` (finished jobs seen through ``cluster``) for the group ``ids``.
+
+        Returns the number imported and the earliest end time of a deferred record
+        (the watermark must stay before it), or None."""
+        imported = 0
+        deferred: datetime | None = None
+        # short transactions: SQLite serialises writers, API requests must not wait long
+        for start in range(0, len(records), _COMMIT_EVERY):
+            chunk = records[start:start + _COMMIT_EVERY]
+            count, held = self._import_chunk(cluster, ids, allocs, chunk)
+            imported += count
+            if held is not None:
+                deferred = held if deferred is None else min(deferred, held)
+        return imported, deferred
+
+    def _import_chunk(self, cluster: Cluster, ids: list[int], allocs: list[Allocation],
+                      records: Sequence[UsageRecord]) -> tuple[int, datetime | None]:
+        imported = 0
+        deferred: datetime | None = None
+        with session_scope(self.engine) as session:
+            known = _broker_jobs(session, ids, records)
+            waiting = _awaiting_reconciliation(session, ids, records)
+            done = _imported_keys(session, ids, records)
+            members = _memberships(session, ids, {r.username for r in records})
+            for record in records:
+                if record.state not in TERMINAL_STATES or _is_broker_job(known, record):
+                    continue
+                if record.tag and record.tag in waiting:
+                    end = record.end_time or record.submit_time
+                    deferred = end if deferred is None else min(deferred, end)
+                    continue
+                if (record.job_id, _key_time(record.submit_time)) in done or \
+                        (record.global_id and record.global_id in done):
+                    continue
+                alloc = attribute(allocs, record, members.get(record.username, (None, set())))
+                if alloc is None:
+                    continue
+                if self._import_one(session, cluster, alloc, record, members):
+                    imported += 1
+                done.add((record.job_id, _key_time(record.submit_time)))
+        return imported, deferred
+
+    def _import_one(self, session: Session, cluster: Cluster, alloc: Allocation, record: UsageRecord,
+                    members: dict[str, tuple[int | None, set[int]]]) -> bool:
+        charge = cost_micro(cluster.cost_model, partition=record.partition, unit=alloc.unit,
+                            tres=record.alloc_tres, seconds=record.elapsed_seconds)
+        user_id = members.get(record.username, (None, set()))[0]
+        row = ImportedJob(cluster_id=cluster.id or 0, allocation_id=alloc.id or 0,
+                          scheduler_job_id=record.job_id, global_id=record.global_id,
+                          submit_time=record.submit_time, account=record.account,
+                          username=record.username, user_id=user_id, partition=record.partition,
+                          state=record.state.value, elapsed_seconds=record.elapsed_seconds,
+                          alloc_tres=dict(record.alloc_tres), charged=charge, end_time=record.end_time)
+        try:
+            with session.begin_nested():
+                session.add(row)
+                session.flush()
+        except IntegrityError:
+            return False  # imported concurrently by another replica
+        if charge <= 0:
+            return False  # recorded (never looked at again), but nothing to charge
+        ledger.apply(session, allocation=alloc, kind="import", amount=charge, actor="usage-import",
+                     reason=f"{cluster.name} job {record.job_id} (not submitted via the broker)",
+                     imported_job_id=row.id, user_id=user_id, occurred_at=record.end_time)
+        return True
+
+
+def attribute(allocs: Iterable[Allocation], record: UsageRecord,
+              user: tuple[int | None, set[int]]) -> Allocation | None:
+    """The allocation a direct job is charged to (see the module docstring)."""
+    day = (record.end_time or record.submit_time).date()
+    matching = [a for a in allocs if a.account == record.account]
+    valid = [a for a in matching if (a.start_date is None or a.start_date <= day)
+             and (a.end_date is None or day <= a.end_date)]
+    pool = valid or matching
+    _, projects = user
+    mine = [a for a in pool if a.project_id in projects]
+    pool = mine or pool
+    return max(pool, key=lambda a: a.id or 0) if pool else None
+
+
+def _key_time(moment: datetime) -> datetime:
+    """Submit times compared at whole seconds, in UTC (databases differ in precision)."""
+    return moment.replace(microsecond=0, tzinfo=moment.tzinfo)
+
+
+def _chunks(values: list[str]) -> Iterable[list[str]]:
+    for i in range(0, len(values), _CHUNK):
+        yield values[i:i + _CHUNK]
+
+
+def _broker_jobs(session: Session, ids: list[int], records: Sequence[UsageRecord]) -> dict[str, list[datetime | None]]:
+    """Scheduler job id → recorded submit times of broker jobs with that id in the group."""
+    found: dict[str, list[datetime | None]] = {}
+    for chunk in _chunks(sorted({r.job_id for r in records})):
+        for job_id, submitted in session.exec(select(Job.scheduler_job_id, Job.submitted_at).where(
+                col(Job.cluster_id).in_(ids), col(Job.scheduler_job_id).in_(chunk))).all():
+            found.setdefault(str(job_id), []).append(submitted)
+    return found
+
+
+def _is_broker_job(known: dict[str, list[datetime | None]], record: UsageRecord) -> bool:
+    """Recorded for a broker job, at about the same time (job ids restart after a
+    scheduler loses its state: an old broker job's id is no proof)."""
+    for submitted in known.get(record.job_id, []):
+        if submitted is None or abs(submitted - record.submit_time) <= SUBMIT_TIME_TOLERANCE:
+            return True
+    return False
+
+
+def _awaiting_reconciliation(session: Session, ids: list[int], records: Sequence[UsageRecord]) -> set[str]:
+    tags = sorted({r.tag for r in records if r.tag})
+    waiting: set[str] = set()
+    for chunk in _chunks(tags):
+        waiting.update(str(i) for i in session.exec(select(Job.id).where(
+            col(Job.id).in_(chunk), col(Job.cluster_id).in_(ids), Job.state == JobState.ACCEPTED.value,
+            col(Job.scheduler_job_id).is_(None))).all())
+    return waiting
+
+
+def _imported_keys(session: Session, ids: list[int], records: Sequence[UsageRecord]) -> set[object]:
+    keys: set[object] = set()
+    for chunk in _chunks(sorted({r.job_id for r in records})):
+        for job_id, submitted, global_id in session.exec(select(
+                ImportedJob.scheduler_job_id, ImportedJob.submit_time, ImportedJob.global_id).where(
+                col(ImportedJob.cluster_id).in_(ids), col(ImportedJob.scheduler_job_id).in_(chunk))).all():
+            keys.add((job_id, _key_time(submitted)))
+            if global_id:
+                keys.add(global_id)
+    global_ids = sorted({r.global_id for r in records if r.global_id})
+    for chunk in _chunks(global_ids):
+        keys.update(g for g in session.exec(select(ImportedJob.global_id).where(
+            col(ImportedJob.cluster_id).in_(ids), col(ImportedJob.global_id).in_(chunk))).all() if g)
+    return keys
+
+
+def _memberships(session: Session, ids: list[int], usernames: set[str]) -> dict[str, tuple[int | None, set[int]]]:
+    """POSIX name → (broker user id, ids of the projects that user is a member of),
+    through the cluster accounts of the group's definitions."""
+    found: dict[str, tuple[int | None, set[int]]] = {}
+    for chunk in _chunks(sorted(usernames)):
+        rows = session.exec(select(ClusterAccount.username, ClusterAccount.user_id, Membership.project_id)
+                            .outerjoin(Membership, col(Membership.user_id) == col(ClusterAccount.user_id))
+                            .where(col(ClusterAccount.cluster_id).in_(ids),
+                                   col(ClusterAccount.username).in_(chunk))).all()
+        for username, user_id, project_id in rows:
+            uid, projects = found.get(username, (user_id, set()))
+            if project_id is not None:
+                projects.add(int(project_id))
+            found[username] = (uid, projects)
+    return found
