@@ -31,14 +31,18 @@ class _DisposableLocalAdapter(LocalAdapter):
     """Cancels leftover jobs and deletes its data directory on close (tests only)."""
 
     def close(self) -> None:
-        refs = [SchedulerJobRef(job_id=j, username="alice") for j in self._job_ids()]
-        for ref in refs:
-            self.cancel(ref)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and not all(s.final for s in self.poll(refs)):
-            time.sleep(0.05)
+        drain_local_jobs(self, [SchedulerJobRef(job_id=j, username="alice") for j in self._job_ids()])
         shutil.rmtree(self.data_dir, ignore_errors=True)
         super().close()
+
+
+def drain_local_jobs(adapter: ClusterAdapter, refs: list[SchedulerJobRef]) -> None:
+    """Cancel ``refs`` and wait (bounded) until each is final."""
+    for ref in refs:
+        adapter.cancel(ref)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and not all(s.final for s in adapter.poll(refs)):
+        time.sleep(0.05)
 
 
 def make_local_target() -> ContractTarget:
