@@ -17,11 +17,13 @@ log = logging.getLogger(__name__)
 LOCAL_CLUSTER = "local"
 
 
-def engine_for(settings: Settings, *, migrate: bool = True) -> Engine:
-    """The settings' engine; in embedded mode the schema is brought up to date."""
+def engine_for(settings: Settings, *, migrate: bool | None = None) -> Engine:
+    """The settings' engine; the schema is brought up to date unless ``migrate`` (default:
+    the ``migrate_on_start`` setting) is false — then a migration job does it and
+    ``/readyz`` stays 503 until the schema is current."""
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     engine = get_engine(settings.effective_database_url)
-    if migrate:
+    if settings.migrate_on_start if migrate is None else migrate:
         upgrade(engine)
     return engine
 

@@ -126,10 +126,13 @@ def token(sub: Annotated[str, typer.Option(help="user name (token subject)")],
 @db_app.command("upgrade")
 def db_upgrade() -> None:
     """Apply all schema migrations."""
+    from broker.migrate import upgrade
+
     settings = _settings()
     with _errors():
-        engine_for(settings, migrate=True)
-    typer.echo("database schema is up to date")
+        applied = upgrade(engine_for(settings, migrate=False))
+    typer.echo("database schema migrated to the newest revision" if applied
+               else "database schema is up to date")
 
 
 def _read_definition(path: Path) -> dict[str, Any]:

@@ -99,6 +99,9 @@ class Settings(BaseSettings):
     data_dir: Path = Path("~/.local/share/aifa-broker")
     config: Path | None = None
     database_url: str | None = None
+    #: apply pending schema migrations when a process starts (false when a separate
+    #: migration job runs them, e.g. on Kubernetes)
+    migrate_on_start: bool = True
     host: str = "127.0.0.1"
     port: int = 8080
     public_url: str | None = None
@@ -138,6 +141,9 @@ class Settings(BaseSettings):
     #: the scheduler call, so a takeover answers that job and never submits twice
     idempotency_lease_seconds: float = Field(default=30.0, gt=0, le=3600)
     rate_limit_per_minute: int = 0
+    #: shared store for the rate limit (``redis://host:6379/0``) so that it holds across
+    #: replicas; unset = in-process (one process)
+    rate_limit_storage_url: str | None = None
     run_tracker: bool = True
     tracker_interval_seconds: float = 1.0
     local_cluster_poll_seconds: float = 1.0

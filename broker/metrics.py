@@ -42,6 +42,10 @@ SETTLEMENTS = Counter(
     "aifa_jobs_settled_total", "Jobs settled (reservation released, usage charged)", ["state"],
     registry=REGISTRY,
 )
+RATE_LIMIT_STORE_ERRORS = Counter(
+    "aifa_rate_limit_store_errors_total",
+    "Submissions let through because the shared rate-limit store did not answer", registry=REGISTRY,
+)
 
 def process_registry() -> CollectorRegistry:
     """What ``/metrics`` exposes of this process's counters: :data:`REGISTRY`, or in

@@ -8,6 +8,7 @@
 #                    (no Prometheus daemon is installed or started)
 #   web assets       `make web`: the charting library from the npm registry
 #   test IdP         `npm ci` in tests/e2e/idp (the real `oidc-provider`)
+#   containers       podman, runc, catatonit, debootstrap, kubectl; the local base image
 #   python deps      the `[dev]` extra (playwright etc.) in the project's venv
 set -u
 cd "$(dirname "$0")/.."
@@ -69,9 +70,34 @@ else
     warn "npm missing: browser tests will skip"
 fi
 
+# --- container image: podman + runc (no registry: a local Debian base, see below) -------
+#   podman runc catatonit   build and run the image, `podman kube play` (catatonit: pod pause)
+#   debootstrap             the local base image's root (scripts/image-base.sh)
+#   kubectl                 its built-in kustomize renders deploy/k8s (Debian's kubernetes-client
+#                           when no kubectl is present)
+if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    missing=()
+    for tool in podman runc catatonit debootstrap; do
+        command -v "$tool" >/dev/null || [ -x "/usr/bin/$tool" ] || [ -x "/usr/sbin/$tool" ] || missing+=("$tool")
+    done
+    command -v kubectl >/dev/null || missing+=(kubernetes-client)
+    if [ ${#missing[@]} -gt 0 ]; then
+        apt_update_once
+        say "installing ${missing[*]} (Debian packages)"
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null 2>&1 \
+            || warn "could not install ${missing[*]}: the container image tests will fail in CI"
+    else
+        say "podman, runc, catatonit, debootstrap, kubectl present"
+    fi
+    # the local base image (cold: debootstrap ~1.5 min, once per machine; cached tarball)
+    ./scripts/image-base.sh >/dev/null || warn "local base image could not be made: image tests will fail"
+else
+    warn "not root or no apt-get: podman/debootstrap not installed, the image tests will skip"
+fi
+
 # --- python dev deps ------------------------------------------------------------------
 if [ -x "$VENV/bin/python" ]; then
-    if ! "$VENV/bin/python" -c "import playwright" 2>/dev/null; then
+    if ! "$VENV/bin/python" -c "import playwright, kubernetes_validate, redis" 2>/dev/null; then
         say "installing the [dev] extra"
         "$VENV/bin/pip" install -q -e "$ROOT[dev]" || warn "pip install of the [dev] extra failed"
     else

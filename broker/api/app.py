@@ -22,7 +22,7 @@ from broker.config import Settings, get_settings
 from broker.metrics import DatabaseCollector, process_registry
 from broker.migrate import is_up_to_date
 from broker.notifications import Notifier
-from broker.ratelimit import RateLimiter
+from broker.ratelimit import make_rate_limiter
 from broker.registry import AdapterRegistry
 from broker.tracker import Tracker
 
@@ -58,7 +58,8 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
     app.state.tracker, app.state.provisioned = tracker, set()
     app.state.notifier = notifier
     app.state.authenticator = Authenticator(settings)
-    app.state.rate_limiter = RateLimiter(settings.rate_limit_per_minute)
+    app.state.rate_limiter = make_rate_limiter(settings.rate_limit_per_minute,
+                                                settings.rate_limit_storage_url)
     db_metrics = CollectorRegistry(auto_describe=False)
     db_metrics.register(DatabaseCollector(engine))
     problems.install(app)

@@ -165,3 +165,14 @@ def broker_env(tmp_path: Path, db_url: str, *, run_tracker: bool = True, **overr
     with TestClient(app) as client:
         yield BrokerEnv(settings=settings, engine=engine, app=app, client=client)
     engine.dispose()
+
+
+def ledger_kinds(db_url: str, job_id: str) -> list[str]:
+    """The kinds of a job's ledger entries, in order (settled once: reserve, release, charge)."""
+    engine = sa.create_engine(db_url)
+    try:
+        with engine.connect() as conn:
+            return [k for (k,) in conn.execute(sa.text(
+                "SELECT kind FROM ledger_entries WHERE job_id = :j ORDER BY id"), {"j": job_id})]
+    finally:
+        engine.dispose()
