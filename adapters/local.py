@@ -80,6 +80,7 @@ from broker.adapter import (
     SchedulerJobRef,
     SubmitRejected,
     UsageRecord,
+    refuse_directives,
 )
 
 __all__ = ["LocalAdapter"]
@@ -242,6 +243,12 @@ class LocalAdapter(ClusterAdapter):
                              code="invalid_partition")
 
     def _check_request(self, spec: JobSpec, part: _Partition) -> None:
+        refuse_directives(spec.script)
+        cannot = [name for name, value in (("array", spec.array), ("dependency", spec.dependency),
+                                           ("constraint", spec.constraint), ("mail", spec.mail_type or spec.mail_user),
+                                           ("GPU type", spec.gpu_type)) if value]
+        if cannot:  # refused, never dropped: the job would not be what was asked
+            raise SubmitRejected(f"the local cluster cannot honour {', '.join(cannot)}", code="unsupported_request")
         if spec.time_limit_minutes < 1:
             raise SubmitRejected("time limit must be at least 1 minute", code="invalid_time_limit")
         if part.max_time_minutes is not None and spec.time_limit_minutes > part.max_time_minutes:
@@ -318,12 +325,15 @@ class LocalAdapter(ClusterAdapter):
 
     @staticmethod
     def _alloc_tres(spec: JobSpec, part: _Partition) -> dict[str, float]:
-        cpus = spec.nodes * spec.ntasks_per_node * spec.cpus_per_task
+        tasks = spec.ntasks if spec.ntasks is not None else spec.nodes * spec.ntasks_per_node
+        cpus = tasks * spec.cpus_per_task
         per_node = spec.memory_per_node_mb
         if per_node is None:  # Slurm's DefMemPerCPU-like share of the node
             per_node = part.memory_mb * spec.ntasks_per_node * spec.cpus_per_task // part.cpus
-        return {"cpu": cpus, "node": spec.nodes, "gres/gpu": spec.nodes * spec.gpus_per_node,
-                "mem": spec.nodes * per_node, "billing": cpus}
+        gpus = spec.nodes * spec.gpus_per_node
+        if spec.exclusive:  # whole nodes, like Slurm's --exclusive
+            cpus, per_node, gpus = spec.nodes * part.cpus, part.memory_mb, spec.nodes * part.gpus
+        return {"cpu": cpus, "node": spec.nodes, "gres/gpu": gpus, "mem": spec.nodes * per_node, "billing": cpus}
 
     @staticmethod
     def _job_environment(job_id: str, spec: JobSpec, part: _Partition, cwd: str,

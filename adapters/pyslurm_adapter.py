@@ -66,6 +66,7 @@ from broker.adapter import (
     SubmitOutcomeUnknown,
     SubmitRejected,
     UsageRecord,
+    refuse_directives,
 )
 
 __all__ = ["PySlurmAdapter"]
@@ -218,7 +219,10 @@ class PySlurmAdapter(ClusterAdapter):
                                  code="no_cluster_account") from exc
 
     def _description(self, spec: JobSpec) -> dict[str, Any]:
-        """The ``JobSubmitDescription`` attributes for ``spec``."""
+        """The ``JobSubmitDescription`` attributes for ``spec`` (the effective request;
+        the script's directives are already neutralised and libslurm does not read
+        them — pyslurm only does on an explicit ``load_sbatch_options()``)."""
+        refuse_directives(spec.script)
         bad = [k for k, v in spec.environment.items()
                if not _ENV_NAME.fullmatch(k) or "\0" in v]
         if bad:
@@ -234,15 +238,24 @@ class PySlurmAdapter(ClusterAdapter):
             "name": job_name_with_tag(spec.name, spec.tag), "comment": comment_for_tag(spec.tag),
             "account": spec.account, "script": _script_content(spec.script),
             "environment": env, "working_directory": workdir,
-            "time_limit": str(spec.time_limit_minutes), "nodes": spec.nodes,
-            "ntasks": spec.nodes * spec.ntasks_per_node, "ntasks_per_node": spec.ntasks_per_node,
+            "time_limit": str(spec.time_limit_minutes),
+            "nodes": f"{spec.min_nodes}-{spec.nodes}" if spec.min_nodes else spec.nodes,
+            "ntasks": spec.ntasks if spec.ntasks is not None else spec.nodes * spec.ntasks_per_node,
+            "ntasks_per_node": spec.ntasks_per_node,
             "cpus_per_task": spec.cpus_per_task,
             "standard_output": self._output_pattern, "standard_error": err_pattern,
         }
         if spec.partition:
             desc["partitions"] = spec.partition
         if spec.gpus_per_node:
-            desc["gres_per_node"] = {"gpu": spec.gpus_per_node}
+            desc["gres_per_node"] = {f"gpu:{spec.gpu_type}" if spec.gpu_type else "gpu": spec.gpus_per_node}
+        if spec.exclusive:
+            desc["resource_sharing"] = "exclusive"
+        for attr, value in (("constraints", spec.constraint), ("mail_types", spec.mail_type),
+                            ("mail_user", spec.mail_user), ("array", spec.array),
+                            ("dependencies", spec.dependency)):
+            if value:
+                desc[attr] = value
         if spec.memory_per_node_mb:
             desc["memory_per_node"] = spec.memory_per_node_mb
         if self._set_user_id:

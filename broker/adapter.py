@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
+from broker.directives import header_lines
 from broker.states import JobState
 
 if TYPE_CHECKING:
@@ -46,6 +47,7 @@ __all__ = [
     "SubmitOutcomeUnknown",
     "SubmitRejected",
     "UsageRecord",
+    "refuse_directives",
 ]
 
 
@@ -100,6 +102,13 @@ class JobSpec:
     since clusters may not store comments in accounting).
     ``username`` is the POSIX account the job must run as; ``account`` is the
     scheduler account (Slurm ``--account``) charged for it.
+
+    This is the *effective request* (broker.directives): the adapter submits exactly
+    these fields and nothing else. ``script`` has its ``#SBATCH`` lines already
+    neutralised by the broker, so the scheduler must not find directives in it;
+    an adapter that cannot express a field it is given must refuse the job
+    (SubmitRejected), never drop the field. The fields after ``working_directory``
+    are optional and their defaults mean "not asked".
     """
 
     tag: str
@@ -116,6 +125,23 @@ class JobSpec:
     memory_per_node_mb: int | None = None
     environment: Mapping[str, str] = field(default_factory=dict)
     working_directory: str | None = None
+    #: total tasks (``--ntasks``); ``ntasks_per_node`` is then their maximum per node
+    ntasks: int | None = None
+    #: lower end of a ``--nodes=min-max`` range (``nodes`` is the upper end)
+    min_nodes: int | None = None
+    #: GPU type of ``gpus_per_node`` (``--gres=gpu:TYPE:N``)
+    gpu_type: str | None = None
+    #: whole nodes (``--exclusive``)
+    exclusive: bool = False
+    #: node features (``--constraint``)
+    constraint: str | None = None
+    #: ``--mail-type`` (comma list, upper case) and ``--mail-user``
+    mail_type: str | None = None
+    mail_user: str | None = None
+    #: ``--array`` index expression (``0-15:2%4``)
+    array: str | None = None
+    #: ``--dependency`` with *scheduler* job ids (``afterok:123:124``)
+    dependency: str | None = None
 
 
 @dataclass(frozen=True)
@@ -285,3 +311,13 @@ class ClusterAdapter(abc.ABC):
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections and pools."""
+
+
+def refuse_directives(script: str) -> None:
+    """Raise SubmitRejected if ``script`` still has an ``#SBATCH``/``#SLURM`` line in
+    its leading block: the broker neutralises them before any adapter sees the
+    script, so one left means a caller bypassed the effective request — and a
+    scheduler that read it could allocate more than was priced."""
+    for number, line, _ in header_lines(script):
+        raise SubmitRejected(f"script line {number} is a scheduler directive ({line.strip()[:80]!r}); the "
+                             "broker submits the effective request only", code="unsupported_directive")

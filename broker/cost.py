@@ -96,3 +96,78 @@ def cost_micro(
     if not math.isfinite(micro) or micro >= MAX_MICRO:  # a weight stored before weights were bounded
         return MAX_MICRO
     return max(0, math.ceil(micro - 1e-6))
+
+
+# --- what Slurm allocates ---------------------------------------------------------------
+#
+# Memory rule (the broker's, stated in docs/directives.md): a job is priced as
+# max(its CPUs, the CPUs its memory corresponds to), where one CPU "carries"
+# the node's memory / the node's CPUs — like Slurm's PriorityFlags=MAX_TRES on a
+# cpu+mem billing. The same rule applies to the estimate and to the charge, so a
+# job that takes a node's whole memory on one CPU costs what it blocks.
+
+
+def _node_shape(partition: Mapping[str, Any] | None) -> tuple[int, int, int]:
+    p = partition or {}
+    return (int(p.get("cpus_per_node") or 0), int(p.get("memory_per_node_mb") or 0),
+            int(p.get("gpus_per_node") or 0))
+
+
+def memory_rule(tres: Mapping[str, float], partition: Mapping[str, Any] | None) -> dict[str, float]:
+    """``tres`` with ``cpu`` (and ``billing``, when it only counts CPUs) raised to the
+    CPUs the job's memory corresponds to on this partition's nodes."""
+    out = dict(tres)
+    node_cpus, node_mem, _ = _node_shape(partition)
+    mem = float(out.get("mem", 0.0))
+    if node_cpus <= 0 or node_mem <= 0 or mem <= 0:
+        return out
+    nodes = max(1.0, float(out.get("node", 1.0)))
+    mem_cpus = min(math.ceil(mem * node_cpus / node_mem - 1e-9), int(nodes) * node_cpus)
+    cpus = float(out.get("cpu", 0.0))
+    if mem_cpus > cpus:
+        if float(out.get("billing", cpus)) <= cpus:
+            out["billing"] = float(mem_cpus)
+        out["cpu"] = float(mem_cpus)
+    return out
+
+
+def allocation_tres(
+    *, nodes: int, cpus: int, gpus_per_node: int, memory_per_node_mb: int | None, exclusive: bool,
+    partition: Mapping[str, Any] | None,
+) -> dict[str, float]:
+    """The TRES Slurm will allocate for one job (one array task), as the broker prices
+    it: ``--exclusive`` takes whole nodes (all CPUs, memory and GPUs of the
+    partition's nodes); memory defaults to the CPUs' share of a node; then the
+    memory rule (:func:`memory_rule`)."""
+    node_cpus, node_mem, node_gpus = _node_shape(partition)
+    share = node_mem / node_cpus if node_cpus and node_mem else 0.0
+    mem = float(nodes * memory_per_node_mb) if memory_per_node_mb else math.ceil(cpus * share)
+    gpus = float(nodes * gpus_per_node)
+    cpu = float(cpus)
+    if exclusive and node_cpus:
+        cpu = float(max(cpus, nodes * node_cpus))
+        mem = float(max(mem, nodes * node_mem))
+        gpus = float(max(gpus, nodes * node_gpus))
+    tres = {"cpu": cpu, "node": float(nodes), "gres/gpu": gpus, "mem": float(mem), "billing": cpu}
+    return memory_rule(tres, partition)
+
+
+def partition_misfit(
+    *, nodes: int, cpus_per_node: int, gpus_per_node: int, memory_per_node_mb: int | None,
+    partition: Mapping[str, Any] | None,
+) -> str | None:
+    """Why the partition's nodes cannot hold the request (None when they can, or when
+    the partition's shape is not known)."""
+    if not partition:
+        return None
+    node_cpus, node_mem, node_gpus = _node_shape(partition)
+    name, count = partition.get("name", "?"), int(partition.get("nodes") or 0)
+    if count and nodes > count:
+        return f"{nodes} nodes asked; partition {name} has {count}"
+    if node_cpus and cpus_per_node > node_cpus:
+        return f"{cpus_per_node} CPUs per node asked; the nodes of partition {name} have {node_cpus}"
+    if gpus_per_node > node_gpus and (node_cpus or node_gpus):
+        return f"{gpus_per_node} GPUs per node asked; the nodes of partition {name} have {node_gpus}"
+    if node_mem and memory_per_node_mb and memory_per_node_mb > node_mem:
+        return f"{memory_per_node_mb} MB per node asked; the nodes of partition {name} have {node_mem} MB"
+    return None

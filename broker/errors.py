@@ -10,6 +10,7 @@ Hierarchy (all carry ``status``, a stable ``code`` and a human ``detail``)::
     ├── Conflict               409 (quota_exceeded, idempotency_in_progress, conflict)
     ├── PayloadTooLarge        413 payload_too_large
     ├── InvalidRequest         422 validation_error / idempotency_conflict / ...
+    │   └── DirectiveRefused   422 unsupported_directive (names the script line)
     ├── RateLimited            429 rate_limited
     └── ClusterUnavailable     503 cluster_unavailable
 
@@ -64,6 +65,12 @@ class PayloadTooLarge(BrokerError):
 
 class InvalidRequest(BrokerError):
     status, code, title = 422, "validation_error", "Invalid request"
+
+
+class DirectiveRefused(InvalidRequest):
+    """A ``#SBATCH`` line the broker cannot price or must not honour; names the line."""
+
+    code, title = "unsupported_directive", "Unsupported directive"
 
 
 class RateLimited(BrokerError):

@@ -68,6 +68,10 @@ class JobRequestView:
     gpus_per_node: int
     memory_per_node_mb: int | None
     time_limit_minutes: int
+    #: tasks of an ``--array`` job (1 otherwise); limits apply per task
+    array_tasks: int = 1
+    #: ``--exclusive``: whole nodes (``gpus_per_node`` already counts all of a node's GPUs)
+    exclusive: bool = False
 
 
 @dataclass(frozen=True)

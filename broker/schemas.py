@@ -101,13 +101,18 @@ def _no_controls(value: str, what: str, allow_newlines: bool = False) -> str:
 
 
 class JobRequest(Strict):
-    """A job submission (**contract**)."""
+    """A job submission (**contract**).
+
+    The script's ``#SBATCH`` lines are part of the request: the server parses them
+    (broker.directives) and the fields set here override them, as sbatch's command
+    line overrides ``#SBATCH``. ``time_limit_minutes`` may be left out when the
+    script has ``#SBATCH --time``."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
     project: Annotated[StrictStr, Field(pattern=CODE_RE)]
     script: Annotated[StrictStr, Field(min_length=1, max_length=1_048_576)]
-    time_limit_minutes: Annotated[StrictInt, Field(ge=1, le=525_600)]
+    time_limit_minutes: Annotated[StrictInt, Field(ge=1, le=525_600)] | None = None
     cluster: Annotated[StrictStr, Field(pattern=CODE_RE)] | None = None
     partition: Annotated[StrictStr, Field(pattern=r"^[A-Za-z0-9_.\-]{1,64}$")] | None = None
     name: Annotated[StrictStr, Field(min_length=1, max_length=128)] = "job"

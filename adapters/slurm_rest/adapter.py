@@ -59,6 +59,7 @@ from broker.adapter import (
     SubmitOutcomeUnknown,
     SubmitRejected,
     UsageRecord,
+    refuse_directives,
 )
 
 log = logging.getLogger("adapters.slurm_rest")
@@ -144,6 +145,7 @@ class SlurmRestAdapter(ClusterAdapter):
 
     def _submit_request(self, spec: JobSpec) -> SubmitRequest:
         _check_spec(spec)
+        refuse_directives(spec.script)  # slurmctld does not read them, but nothing may hide there
         environment = dict(spec.environment)
         home = self.config.home_template.format(username=spec.username)
         environment.setdefault("PATH", _DEFAULT_PATH)
@@ -163,6 +165,15 @@ class SlurmRestAdapter(ClusterAdapter):
             cpus_per_task=spec.cpus_per_task,
             gpus_per_node=spec.gpus_per_node,
             memory_per_node_mb=spec.memory_per_node_mb,
+            ntasks=spec.ntasks,
+            min_nodes=spec.min_nodes,
+            gpu_type=spec.gpu_type,
+            exclusive=spec.exclusive,
+            constraint=spec.constraint,
+            mail_type=spec.mail_type,
+            mail_user=spec.mail_user,
+            array=spec.array,
+            dependency=spec.dependency,
         )
 
     def _check_fields(self, layer: ApiLayer, body: Mapping[str, Any], spec: JobSpec) -> None:

@@ -29,6 +29,31 @@ class SubmitRequest:
     cpus_per_task: int = 1
     gpus_per_node: int = 0
     memory_per_node_mb: int | None = None
+    ntasks: int | None = None
+    min_nodes: int | None = None
+    gpu_type: str | None = None
+    exclusive: bool = False
+    constraint: str | None = None
+    mail_type: str | None = None
+    mail_user: str | None = None
+    array: str | None = None
+    dependency: str | None = None
+
+    @property
+    def tasks(self) -> int:
+        """Total tasks: ``--ntasks`` when given, else nodes × tasks per node."""
+        return self.ntasks if self.ntasks is not None else self.nodes * self.ntasks_per_node
+
+    @property
+    def gpu_spec(self) -> str:
+        """``[type:]N`` of the GPU request."""
+        return f"{self.gpu_type}:{self.gpus_per_node}" if self.gpu_type else str(self.gpus_per_node)
+
+    def optional_fields(self) -> dict[str, str]:
+        """Job description fields that are plain strings in every version."""
+        out = {"constraints": self.constraint, "mail_user": self.mail_user, "array": self.array,
+               "dependency": self.dependency}
+        return {k: v for k, v in out.items() if v}
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 from adapters.slurm_common.accounting import SACCT_PARSABLE_FIELDS
 from adapters.slurm_common.tags import comment_for_tag, job_name_with_tag
-from broker.adapter import JobSpec, SubmitRejected
+from broker.adapter import JobSpec, SubmitRejected, refuse_directives
 
 __all__ = [
     "ENV_NAME_RE",
@@ -58,7 +58,20 @@ RESERVED_ENV_PREFIXES = ("SLURM_", "SBATCH_")
 TERMINAL_STATE_CODES = ("CA", "CD", "DL", "F", "NF", "OOM", "PR", "TO", "BF")
 #: fd number the environment records are read from (``--export-file=3``).
 EXPORT_FD = 3
-_ARRAY_DIRECTIVE_RE = re.compile(r"^#SBATCH\s+(?:-a\b|--array\b|hetjob\b|packjob\b)")
+#: sbatch's input environment variables (Slurm 22.05-26.05, ``src/sbatch/opt.c``): a
+#: user's login files could set them and add to the job behind the broker's back, so
+#: sbatch runs without them (the command line sets everything the job asks for).
+SBATCH_INPUT_ENV = (
+    "ACCOUNT", "ACCTG_FREQ", "ARRAY_INX", "BATCH", "BURST_BUFFER", "CLUSTERS", "CLUSTER_CONSTRAINT",
+    "CONSOLIDATE_SEGMENTS", "CONSTRAINT", "CONTAINER", "CONTAINER_ID", "CONTAINER_TYPE", "CORE_SPEC",
+    "CPUS_PER_GPU", "CPU_FREQ_REQ", "DEBUG", "DELAY_BOOT", "DISTRIBUTION", "ERROR", "EXCLUSIVE", "EXPORT",
+    "GET_USER_ENV", "GPUS", "GPUS_PER_NODE", "GPUS_PER_SOCKET", "GPUS_PER_TASK", "GPU_BIND", "GPU_FREQ",
+    "GRES", "GRES_FLAGS", "HINT", "IGNORE_PBS", "INPUT", "JOB_NAME", "MEM_BIND", "MEM_PER_CPU", "MEM_PER_GPU",
+    "MEM_PER_NODE", "NETWORK", "NO_KILL", "NO_REQUEUE", "OPEN_MODE", "OUTPUT", "OVERCOMMIT", "PARTITION",
+    "POWER", "PROFILE", "QOS", "REQUEUE", "REQ_SWITCH", "RESERVATION", "SEGMENT_SIZE", "SIGNAL", "SPREAD_JOB",
+    "SPREAD_SEGMENTS", "THREADS_PER_CORE", "THREAD_SPEC", "TIMELIMIT", "TRES_BIND", "TRES_PER_TASK",
+    "USE_MIN_NODES", "WAIT", "WAIT_ALL_NODES", "WCKEY",
+)
 SLURM_TIME_FORMAT_ENV = "SLURM_TIME_FORMAT=%s"
 
 
@@ -168,31 +181,38 @@ def _validate_script(script: str) -> bytes:
         raise _reject("invalid_script", "the script contains a NUL byte")
     if not script.startswith("#!"):
         raise _reject("invalid_script", "the script must start with #! and an interpreter")
-    for line in script.splitlines()[1:]:
-        stripped = line.strip()
-        if stripped and not stripped.startswith("#"):
-            break
-        if _ARRAY_DIRECTIVE_RE.match(stripped):
-            raise _reject("invalid_script", "array and heterogeneous jobs are not supported")
+    refuse_directives(script)
     return script.encode("utf-8")
 
 
 def sbatch_argv(spec: JobSpec, output_dir: str, *, export_file: bool) -> list[Arg]:
     """``sbatch`` with every resource option of ``spec`` on the command line."""
     out, err = output_paths(output_dir)
-    argv: list[Arg] = ["sbatch", "--parsable", "--export=ALL"]
+    argv: list[Arg] = ["env", *(f"--unset=SBATCH_{name}" for name in SBATCH_INPUT_ENV), "--unset=SLURM_HINT",
+                       "sbatch", "--parsable", "--ignore-pbs", "--export=ALL"]
     if export_file:
         argv.append(f"--export-file={EXPORT_FD}")
     argv.append(f"--account={spec.account}")
     if spec.partition:
         argv.append(f"--partition={spec.partition}")
+    nodes = f"{spec.min_nodes}-{spec.nodes}" if spec.min_nodes and spec.min_nodes < spec.nodes else str(spec.nodes)
     argv += [
-        f"--nodes={spec.nodes}",
+        f"--nodes={nodes}",
         f"--ntasks-per-node={spec.ntasks_per_node}",
         f"--cpus-per-task={spec.cpus_per_task}",
     ]
+    if spec.ntasks is not None:
+        argv.append(f"--ntasks={spec.ntasks}")
     if spec.gpus_per_node:
-        argv.append(f"--gres=gpu:{spec.gpus_per_node}")
+        gpu = f"gpu:{spec.gpu_type}:" if spec.gpu_type else "gpu:"
+        argv.append(f"--gres={gpu}{spec.gpus_per_node}")
+    if spec.exclusive:
+        argv.append("--exclusive")
+    for option, value in (("constraint", spec.constraint), ("mail-type", spec.mail_type),
+                          ("mail-user", spec.mail_user), ("array", spec.array),
+                          ("dependency", spec.dependency)):
+        if value:
+            argv.append(f"--{option}={value}")
     if spec.memory_per_node_mb is not None:
         argv.append(f"--mem={spec.memory_per_node_mb}M")
     argv += [

@@ -32,6 +32,7 @@ from broker.auth import Principal
 from broker.config import Settings
 from broker.cost import MAX_MICRO, cost_micro
 from broker.db import session_scope
+from broker.directives import EffectiveRequest
 from broker.errors import (
     BrokerError,
     ClusterUnavailable,
@@ -153,9 +154,13 @@ def _reserve(
         assert cluster is not None and alloc is not None and prep.account_username is not None
         if cluster.state != "online":
             raise ClusterUnavailable(f"Cluster {cluster.name} is {cluster.state}.", retry_after=300)
+        req = prep.request
+        assert req is not None
+        dependency = _scheduler_dependency(session, req, user=user, cluster=cluster)
+        record = {"project": body.project, "cluster": cluster.name, "script": body.script, **req.record()}
         job = Job(id=uuid.uuid4().hex, project_id=prep.project.id or 0, cluster_id=cluster.id or 0,
-                  user_id=user.id or 0, allocation_id=alloc.id or 0, name=body.name,
-                  partition=prep.partition, request=body.model_dump(), username=prep.account_username,
+                  user_id=user.id or 0, allocation_id=alloc.id or 0, name=req.name,
+                  partition=prep.partition, request=record, username=prep.account_username,
                   account=alloc.account, unit=alloc.unit, estimated=prep.estimate,
                   reserved=prep.estimate, submit_attempted_at=utcnow())
         session.add(job)
@@ -169,11 +174,14 @@ def _reserve(
             DENIALS.labels("quota_exceeded").inc()
             raise _quota_answer(session, alloc, prep.estimate) from exc
         spec = JobSpec(tag=job.id, username=prep.account_username, account=alloc.account,
-                       script=body.script, time_limit_minutes=body.time_limit_minutes, name=body.name,
-                       partition=prep.partition, nodes=body.nodes, ntasks_per_node=body.ntasks_per_node,
-                       cpus_per_task=body.cpus_per_task, gpus_per_node=body.gpus_per_node,
-                       memory_per_node_mb=body.memory_per_node_mb, environment=dict(body.environment),
-                       working_directory=body.working_directory)
+                       script=req.script, time_limit_minutes=req.time_limit_minutes, name=req.name,
+                       partition=prep.partition, nodes=req.nodes, ntasks_per_node=req.ntasks_per_node,
+                       cpus_per_task=req.cpus_per_task, gpus_per_node=req.gpus_per_node,
+                       memory_per_node_mb=req.memory_per_node_mb, environment=dict(req.environment),
+                       working_directory=req.working_directory, ntasks=req.ntasks, min_nodes=req.min_nodes,
+                       gpu_type=req.gpu_type, exclusive=req.exclusive, constraint=req.constraint,
+                       mail_type=req.mail_type, mail_user=req.mail_user,
+                       array=req.array.text if req.array else None, dependency=dependency)
         return job, spec, cluster
 
 
@@ -187,6 +195,24 @@ def _quota_answer(session: Session, alloc: Allocation, estimate: int) -> QuotaEx
         f"This job's estimate is {cost.amount:g} {cost.unit} but the allocation has {left.amount:g} "
         f"{left.unit} left (granted − charged − reserved by running jobs).",
         estimated_cost=cost.model_dump(), remaining=left.model_dump(), allocation_id=alloc.id)
+
+
+def _scheduler_dependency(session: Session, req: EffectiveRequest, *, user: User, cluster: Cluster) -> str | None:
+    """``--dependency`` with each broker job id replaced by its scheduler id. The jobs
+    must be the caller's own, on the same cluster, and already on the scheduler."""
+    if req.dependency is None:
+        return None
+    ids: dict[str, str] = {}
+    for job_id in req.dependency.job_ids:
+        other = session.get(Job, job_id)
+        if other is None or other.user_id != user.id or other.cluster_id != cluster.id:
+            raise InvalidRequest(f"--dependency names job {job_id}, which is not one of your jobs on "
+                                 f"{cluster.name}.", code="invalid_dependency")
+        if other.scheduler_job_id is None:
+            raise InvalidRequest(f"--dependency names job {job_id}, which has not reached {cluster.name} "
+                                 f"({other.state}).", code="invalid_dependency")
+        ids[job_id] = other.scheduler_job_id
+    return req.dependency.render(ids)
 
 
 def submit(

@@ -64,8 +64,8 @@ class V0038(ApiLayer):
             "account": request.account,
             "comment": request.comment,
             "time_limit": request.time_limit_minutes,
-            "nodes": [request.nodes, request.nodes],
-            "tasks": request.nodes * request.ntasks_per_node,
+            "nodes": [request.min_nodes or request.nodes, request.nodes],
+            "tasks": request.tasks,
             "tasks_per_node": request.ntasks_per_node,
             "cpus_per_task": request.cpus_per_task,
             "current_working_directory": request.working_directory,
@@ -76,7 +76,12 @@ class V0038(ApiLayer):
         if request.memory_per_node_mb is not None:
             job["memory_per_node"] = request.memory_per_node_mb
         if request.gpus_per_node:
-            job["gres"] = f"gpu:{request.gpus_per_node}"
+            job["gres"] = f"gpu:{request.gpu_spec}"
+        if request.exclusive:
+            job["exclusive"] = "true"
+        if request.mail_type:
+            job["mail_type"] = request.mail_type
+        job.update(request.optional_fields())
         return {"script": request.script, "job": job}
 
     def accounting_params(self, query: AccountingQuery) -> dict[str, str]:

@@ -33,11 +33,32 @@ from adapters.slurm_rest.model import (
     PingResult,
     SubmitRequest,
 )
+from broker.adapter import SubmitRejected
 
 
 def no_val(number: int) -> JsonObject:
     """``{"set": true, "infinite": false, "number": N}``."""
     return {"set": True, "infinite": False, "number": number}
+
+
+#: sbatch --mail-type words → the REST mail flags (v0.0.40+ take a list of flags)
+_MAIL_FLAGS = {
+    "BEGIN": ["BEGIN"], "END": ["END"], "FAIL": ["FAIL"], "REQUEUE": ["REQUEUE"],
+    "STAGE_OUT": ["STAGE_OUT"], "ARRAY_TASKS": ["ARRAY_TASKS"], "INVALID_DEPEND": ["INVALID_DEPENDENCY"],
+    "TIME_LIMIT": ["TIME=100%"], "TIME_LIMIT_90": ["TIME=90%"], "TIME_LIMIT_80": ["TIME=80%"],
+    "TIME_LIMIT_50": ["TIME=50%"], "ALL": ["BEGIN", "END", "FAIL", "REQUEUE", "STAGE_OUT", "INVALID_DEPENDENCY"],
+    "NONE": [],
+}
+
+
+def mail_flags(mail_type: str) -> list[str]:
+    """``BEGIN,END`` → ``["BEGIN", "END"]``; an unknown word is refused (never dropped)."""
+    flags: list[str] = []
+    for word in mail_type.upper().split(","):
+        if word not in _MAIL_FLAGS:
+            raise SubmitRejected(f"mail type {word!r} is not supported", code="unsupported_request")
+        flags += [f for f in _MAIL_FLAGS[word] if f not in flags]
+    return flags
 
 
 class V0040(ApiLayer):
@@ -57,8 +78,8 @@ class V0040(ApiLayer):
             "account": request.account,
             "comment": request.comment,
             "time_limit": no_val(request.time_limit_minutes),
-            "nodes": str(request.nodes),
-            "tasks": request.nodes * request.ntasks_per_node,
+            "nodes": (f"{request.min_nodes}-{request.nodes}" if request.min_nodes else str(request.nodes)),
+            "tasks": request.tasks,
             "tasks_per_node": request.ntasks_per_node,
             "cpus_per_task": request.cpus_per_task,
             "current_working_directory": request.working_directory,
@@ -69,7 +90,12 @@ class V0040(ApiLayer):
         if request.memory_per_node_mb is not None:
             job["memory_per_node"] = no_val(request.memory_per_node_mb)
         if request.gpus_per_node:
-            job["tres_per_node"] = f"gres/gpu:{request.gpus_per_node}"
+            job["tres_per_node"] = f"gres/gpu:{request.gpu_spec}"
+        if request.exclusive:
+            job["shared"] = ["none"]  # JOB_SHARED_NONE: what sbatch --exclusive sets
+        if request.mail_type:
+            job["mail_type"] = mail_flags(request.mail_type)
+        job.update(request.optional_fields())
         return {"job": job}
 
     def accounting_params(self, query: AccountingQuery) -> dict[str, str]:

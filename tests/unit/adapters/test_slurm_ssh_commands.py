@@ -98,7 +98,10 @@ def test_every_resource_option_on_the_command_line():
         a if isinstance(a, str) else a.render()
         for a in commands.sbatch_argv(s, "/out", export_file=False)
     ]
-    assert argv[:3] == ["sbatch", "--parsable", "--export=ALL"]
+    start = argv.index("sbatch")
+    assert argv[0] == "env" and all(a.startswith("--unset=S") for a in argv[1:start])
+    assert "--unset=SBATCH_GPUS" in argv[:start] and "--unset=SBATCH_ACCOUNT" in argv[:start]
+    assert argv[start:start + 4] == ["sbatch", "--parsable", "--ignore-pbs", "--export=ALL"]
     for expected in [
         "--account=proj-a",
         "--partition=gpu",
@@ -123,7 +126,7 @@ def test_optional_options_left_out():
 
 
 def test_submit_runs_exactly_as_given_through_a_real_shell(fake_cluster):
-    script = f"#!/bin/bash\n#SBATCH --comment=x\necho '{NASTY}'\n$(touch PWNED3)\n"
+    script = f"#!/bin/bash\n##SBATCH --comment=x\necho '{NASTY}'\n$(touch PWNED3)\n"
     s = spec(
         script=script,
         name=f"-{ONE_LINE}",
@@ -180,8 +183,9 @@ def test_bad_environment_rejected(env, code):
     ("overrides", "code"),
     [
         ({"script": "echo no shebang"}, "invalid_script"),
-        ({"script": "#!/bin/sh\n#SBATCH --array=1-10\necho"}, "invalid_script"),
-        ({"script": "#!/bin/sh\n#SBATCH -a 1-3\n"}, "invalid_script"),
+        ({"script": "#!/bin/sh\n#SBATCH --array=1-10\necho"}, "unsupported_directive"),
+        ({"script": "#!/bin/sh\n#SLURM --gres=gpu:4\necho"}, "unsupported_directive"),
+        ({"script": "#!/bin/sh\n#SBATCH -a 1-3\n"}, "unsupported_directive"),
         ({"script": "#!/bin/sh\necho \x00"}, "invalid_script"),
         ({"nodes": 0}, "invalid_request"),
         ({"time_limit_minutes": 0}, "invalid_request"),
