@@ -135,10 +135,21 @@ def allocation_tres(
     *, nodes: int, cpus: int, gpus_per_node: int, memory_per_node_mb: int | None, exclusive: bool,
     partition: Mapping[str, Any] | None,
 ) -> dict[str, float]:
-    """The TRES Slurm will allocate for one job (one array task), as the broker prices
-    it: ``--exclusive`` takes whole nodes (all CPUs, memory and GPUs of the
-    partition's nodes); memory defaults to the CPUs' share of a node; then the
-    memory rule (:func:`memory_rule`)."""
+    """The TRES the broker prices for one job (one array task): what Slurm will
+    allocate (:func:`slurm_tres`) under the memory rule (:func:`memory_rule`)."""
+    return memory_rule(slurm_tres(nodes=nodes, cpus=cpus, gpus_per_node=gpus_per_node,
+                                  memory_per_node_mb=memory_per_node_mb, exclusive=exclusive,
+                                  partition=partition), partition)
+
+
+def slurm_tres(
+    *, nodes: int, cpus: int, gpus_per_node: int, memory_per_node_mb: int | None, exclusive: bool,
+    partition: Mapping[str, Any] | None,
+) -> dict[str, float]:
+    """The TRES Slurm allocates for one job (one array task): ``--exclusive`` takes
+    whole nodes (all CPUs, memory and GPUs of the partition's nodes); memory
+    without ``--mem`` is taken as the CPUs' share of a node (an upper bound for a
+    site's DefMemPerCPU)."""
     node_cpus, node_mem, node_gpus = _node_shape(partition)
     share = node_mem / node_cpus if node_cpus and node_mem else 0.0
     mem = float(nodes * memory_per_node_mb) if memory_per_node_mb else math.ceil(cpus * share)
@@ -148,8 +159,7 @@ def allocation_tres(
         cpu = float(max(cpus, nodes * node_cpus))
         mem = float(max(mem, nodes * node_mem))
         gpus = float(max(gpus, nodes * node_gpus))
-    tres = {"cpu": cpu, "node": float(nodes), "gres/gpu": gpus, "mem": float(mem), "billing": cpu}
-    return memory_rule(tres, partition)
+    return {"cpu": cpu, "node": float(nodes), "gres/gpu": gpus, "mem": float(mem), "billing": cpu}
 
 
 def partition_misfit(

@@ -393,6 +393,9 @@ class EffectiveRequest:
     environment: Mapping[str, str] = field(default_factory=dict)
     #: ``--account`` as the script wrote it: (value, line, text); see :func:`check_account`
     account: tuple[str, int, str] | None = None
+    #: totals and per-task/per-CPU forms still to spread over the nodes (``--gpus``,
+    #: ``--gpus-per-task``, ``--mem-per-cpu``, ``--mem-per-gpu``): value, source
+    per_unit: Mapping[str, tuple[int, str]] = field(default_factory=dict)
     sources: Mapping[str, str] = field(default_factory=dict)
     notes: tuple[str, ...] = ()
 
@@ -511,6 +514,7 @@ class _Script:
     values: dict[str, Any] = field(default_factory=dict)
     where: dict[str, Directive] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    gpu_forms: dict[str, Directive] = field(default_factory=dict)
 
     def set(self, key: str, value: Any, d: Directive) -> None:
         self.values[key] = value
@@ -545,6 +549,8 @@ def _map(d: Directive, s: _Script) -> None:
         return
     if o in REFUSED:
         raise UnsupportedDirective(d.line, d.text, f"{d.written}: {REFUSED[o]}")
+    if o in ("gres", "gpus", "gpus-per-node", "gpus-per-task"):
+        s.gpu_forms[o] = d
     if o == "time":
         s.set("time_limit_minutes", parse_time_minutes(v), d)
     elif o == "job-name":
@@ -638,12 +644,15 @@ def effective_request(
     """JSON fields the client set override the script's directives; the rest come
     from the script, then the defaults. Raises :class:`UnsupportedDirective`, and
     ValueError (→ 422 validation_error) for a request that is not complete."""
+    if "\r\n" in script:
+        line = script[:script.index("\r\n")].count("\n") + 1
+        raise ValueError(f"the script has DOS line breaks (\\r\\n, first on line {line}); sbatch refuses "
+                         "such scripts: convert it with dos2unix")
     s = read_script(script)
-    gpu_forms = {s.where[k].option for k in ("gpus_per_node", "gpus_total", "gpus_per_task") if k in s.where}
-    if len(gpu_forms) > 1:
-        d = s.where["gpu_type"]
+    if len(s.gpu_forms) > 1:
+        d = list(s.gpu_forms.values())[-1]
         raise UnsupportedDirective(d.line, d.text, "GPUs asked in more than one way ("
-                                   + ", ".join(sorted(gpu_forms)) + "); use one of them")
+                                   + ", ".join(sorted(s.gpu_forms)) + "); use one of them")
     json_set = set(json_set)
     sources: dict[str, str] = {}
     vals: dict[str, Any] = {}
@@ -673,44 +682,48 @@ def effective_request(
     if "account" in s.values:
         d = s.where["account"]
         vals["account"] = (s.values["account"], d.line, d.text)
-    req = EffectiveRequest(script=neutralise(script), **vals, sources=sources, notes=tuple(s.notes))
-    return _derive(req, s, json_set)
+    per_unit: dict[str, tuple[int, str]] = {}
+    if "gpus_per_node" not in json_set and "gpus_per_node" not in s.values:
+        per_unit.update({k: (s.values[k], f"script:{s.where[k].line}")
+                         for k in ("gpus_total", "gpus_per_task") if k in s.values})
+    if "memory_per_node_mb" not in json_set:
+        per_unit.update({k: (s.values[k], f"script:{s.where[k].line}")
+                         for k in ("mem_per_cpu", "mem_per_gpu") if k in s.values})
+    req = EffectiveRequest(script=neutralise(script), **vals, sources=sources, notes=tuple(s.notes),
+                           per_unit=per_unit)
+    return _derive(req)
 
 
-def _derive(req: EffectiveRequest, s: _Script, json_set: set[str]) -> EffectiveRequest:
-    """Turn total/per-task/per-CPU forms into the per-node request the broker submits."""
+def _derive(req: EffectiveRequest) -> EffectiveRequest:
+    """Turn the total/per-task/per-CPU forms (``req.per_unit``) into the per-node
+    request the broker submits, for the current node count."""
     changes: dict[str, Any] = {}
     sources = dict(req.sources)
-    nodes = req.nodes
+    nodes, unit = req.nodes, req.per_unit
+    tasks_per_node = req.ntasks_per_node
     if req.ntasks is not None:
-        per_node = math.ceil(req.ntasks / nodes)
-        if "ntasks_per_node" in sources and sources["ntasks_per_node"] != "default":
+        if sources.get("ntasks_per_node", "default") not in ("default", "broker"):
             if req.ntasks_per_node * nodes < req.ntasks:
                 raise ValueError(f"{req.ntasks} tasks do not fit {nodes} node(s) × {req.ntasks_per_node} "
                                  "tasks per node; ask for more --nodes")
         else:
-            changes["ntasks_per_node"] = per_node
-            sources["ntasks_per_node"] = "broker (--ntasks spread over --nodes)"
-    gpus_total = s.values.get("gpus_total")
-    if gpus_total is not None and "gpus_per_node" not in json_set and "gpus_per_node" not in s.values:
-        changes["gpus_per_node"] = math.ceil(gpus_total / nodes)
-        sources["gpus_per_node"] = f"script:{s.where['gpus_total'].line} (--gpus over {nodes} node(s))"
-    gpt = s.values.get("gpus_per_task")
-    if gpt is not None and "gpus_per_node" not in json_set and "gpus_per_node" not in s.values:
-        tasks_per_node = changes.get("ntasks_per_node", req.ntasks_per_node)
-        changes["gpus_per_node"] = gpt * tasks_per_node
-        sources["gpus_per_node"] = f"script:{s.where['gpus_per_task'].line} (--gpus-per-task × tasks per node)"
-    if "memory_per_node_mb" not in json_set:
-        tasks_per_node = changes.get("ntasks_per_node", req.ntasks_per_node)
-        if "mem_per_cpu" in s.values:
-            changes["memory_per_node_mb"] = s.values["mem_per_cpu"] * tasks_per_node * req.cpus_per_task
-            sources["memory_per_node_mb"] = f"script:{s.where['mem_per_cpu'].line} (--mem-per-cpu × CPUs per node)"
-        elif "mem_per_gpu" in s.values:
-            gpus = changes.get("gpus_per_node", req.gpus_per_node)
-            if not gpus:
-                raise ValueError("--mem-per-gpu without GPUs")
-            changes["memory_per_node_mb"] = s.values["mem_per_gpu"] * gpus
-            sources["memory_per_node_mb"] = f"script:{s.where['mem_per_gpu'].line} (--mem-per-gpu × GPUs per node)"
+            tasks_per_node = changes["ntasks_per_node"] = math.ceil(req.ntasks / nodes)
+            sources["ntasks_per_node"] = "broker"
+    gpus = req.gpus_per_node
+    if "gpus_total" in unit:
+        gpus = changes["gpus_per_node"] = math.ceil(unit["gpus_total"][0] / nodes)
+        sources["gpus_per_node"] = f"{unit['gpus_total'][1]} (--gpus over {nodes} node(s))"
+    if "gpus_per_task" in unit:
+        gpus = changes["gpus_per_node"] = unit["gpus_per_task"][0] * tasks_per_node
+        sources["gpus_per_node"] = f"{unit['gpus_per_task'][1]} (--gpus-per-task × tasks per node)"
+    if "mem_per_cpu" in unit:
+        changes["memory_per_node_mb"] = unit["mem_per_cpu"][0] * tasks_per_node * req.cpus_per_task
+        sources["memory_per_node_mb"] = f"{unit['mem_per_cpu'][1]} (--mem-per-cpu × CPUs per node)"
+    elif "mem_per_gpu" in unit:
+        if not gpus:
+            raise ValueError("--mem-per-gpu without GPUs")
+        changes["memory_per_node_mb"] = unit["mem_per_gpu"][0] * gpus
+        sources["memory_per_node_mb"] = f"{unit['mem_per_gpu'][1]} (--mem-per-gpu × GPUs per node)"
     return replace(req, **changes, sources=sources)
 
 
@@ -727,7 +740,25 @@ def check_account(req: EffectiveRequest, allocation_account: str) -> EffectiveRe
 
 
 def with_partition_defaults(req: EffectiveRequest, partition: Mapping[str, Any] | None) -> EffectiveRequest:
-    """``--mem=0`` (all of a node's memory) made explicit from the discovered partition."""
+    """``--mem=0`` (all of a node's memory) made explicit from the discovered
+    partition, and a ``--nodes=min-max`` range capped at the partition's node count
+    (Slurm cannot allocate more nodes than the partition has)."""
+    p = partition or {}
+    count = int(p.get("nodes") or 0)
+    if req.min_nodes is not None and count and req.min_nodes <= count < req.nodes:
+        req = _derive(replace(req, nodes=count, min_nodes=req.min_nodes if req.min_nodes < count else None,
+                              sources={**req.sources, "nodes": req.sources.get("nodes", "") +
+                                       f" (range capped at the partition's {count} nodes)"}))
+    if req.ntasks is not None and req.sources.get("nodes", "default") == "default":
+        # --ntasks without --nodes: the fewest nodes that hold the tasks, submitted
+        # explicitly so that Slurm cannot spread them over more nodes than priced
+        cpus, gpus = int(p.get("cpus_per_node") or 0), int(p.get("gpus_per_node") or 0)
+        need = max(1, math.ceil(req.cpus / cpus) if cpus else 1)
+        if "gpus_per_task" in req.per_unit and gpus:
+            need = max(need, math.ceil(req.ntasks * req.per_unit["gpus_per_task"][0] / gpus))
+        if need != req.nodes:
+            req = _derive(replace(req, nodes=need, sources={**req.sources, "nodes": "broker (fewest nodes for "
+                                                            "--ntasks)"}))
     if req.memory_per_node_mb == 0:
         node_mem = int((partition or {}).get("memory_per_node_mb") or 0)
         if not node_mem:
