@@ -81,9 +81,14 @@ from broker.adapter import (
     SubmitRejected,
     UsageRecord,
     refuse_directives,
+    reject_unknown_settings,
 )
 
 __all__ = ["LocalAdapter"]
+
+#: the ``connection`` keys of the module docstring (anything else is refused)
+SETTINGS_KEYS = ("partitions", "gpus", "max_time_minutes", "enforce_limits", "kill_grace_seconds",
+                 "time_scale", "python", "supervisor_idle_seconds")
 
 JOBS_DIR = "local-jobs"
 COUNTER_FILE = ".next-job-id"
@@ -203,6 +208,7 @@ class LocalAdapter(ClusterAdapter):
 
     def __init__(self, name: str, settings: Mapping[str, Any], *, data_dir: str) -> None:
         super().__init__(name, settings, data_dir=data_dir)
+        reject_unknown_settings("local", self.settings, SETTINGS_KEYS)
         self._partitions = _parse_partitions(self.settings)
         self._time_scale = _float_setting(self.settings, "time_scale", 60.0)
         self._grace = _float_setting(self.settings, "kill_grace_seconds", 5.0)

@@ -67,6 +67,7 @@ from broker.adapter import (
     SubmitRejected,
     UsageRecord,
     refuse_directives,
+    reject_unknown_settings,
 )
 
 __all__ = ["PySlurmAdapter"]
@@ -151,6 +152,8 @@ class PySlurmAdapter(ClusterAdapter):
                  api: Any = None) -> None:
         """``api`` replaces the ``pyslurm`` module (tests pass a stand-in)."""
         super().__init__(name, settings, data_dir=data_dir)
+        reject_unknown_settings("pyslurm", self.settings,
+                                ("set_user_id", "output_pattern", "job_path", "lookback_days", "accounts"))
         self._ps: Any = api if api is not None else self._import_pyslurm()
         self._lock = threading.Lock()  # pyslurm/libslurm calls are serialised
         self._set_user_id = bool(self.settings.get("set_user_id", True))

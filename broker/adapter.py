@@ -22,7 +22,8 @@ Exceptions (one hierarchy, all subclasses of :class:`AdapterError`):
 from __future__ import annotations
 
 import abc
-from collections.abc import Mapping, Sequence
+import difflib
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -48,6 +49,7 @@ __all__ = [
     "SubmitRejected",
     "UsageRecord",
     "refuse_directives",
+    "reject_unknown_settings",
 ]
 
 
@@ -91,6 +93,21 @@ class AdapterConfigError(AdapterError):
 
     transient = False
     code = "cluster_misconfigured"
+
+
+def reject_unknown_settings(adapter: str, settings: Mapping[str, Any], known: Iterable[str]) -> None:
+    """Refuse ``connection`` keys the adapter does not know (a misspelled key would
+    otherwise be silently ignored and its default used), naming the closest known key."""
+    allowed = sorted(set(known))
+    unknown = sorted(str(k) for k in settings if k not in allowed)
+    if not unknown:
+        return
+    hints = []
+    for key in unknown:
+        close = difflib.get_close_matches(key, allowed, n=1)
+        hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    raise AdapterConfigError(f"{adapter}: unknown connection setting(s) {', '.join(hints)}; "
+                             f"known: {', '.join(allowed)}")
 
 
 @dataclass(frozen=True)

@@ -316,6 +316,17 @@ class ClusterIn(Strict):
     poll_interval_seconds: Annotated[float, Field(ge=0.2, le=3600)] | None = None
     enforce_budgets: bool = False
 
+    @field_validator("adapter", mode="before")
+    @classmethod
+    def _installed_adapter(cls, name: Any) -> Any:
+        """An adapter installed here; else the error lists the installed ones."""
+        from broker import plugins
+
+        installed = plugins.available(plugins.ADAPTER_GROUP)
+        if isinstance(name, str) and name not in installed:
+            raise ValueError(f"unknown adapter {name!r} (installed adapters: {', '.join(installed) or 'none'})")
+        return name
+
 
 class ClusterPatch(Patch):
     NULLABLE = frozenset({"default_partition"})

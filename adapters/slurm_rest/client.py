@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import ssl
 import threading
 import time
 from collections.abc import Mapping
@@ -87,7 +88,20 @@ class RestClient:
         try:
             return self._http.get("/openapi/v3").status_code
         except httpx.HTTPError as exc:
-            raise ClusterUnreachable(f"slurmrestd probe: {type(exc).__name__}: {exc}") from exc
+            raise self._connect_failure("probe", exc) from exc
+
+    def _connect_failure(self, during: str, exc: httpx.HTTPError) -> AdapterError:
+        """A failure to connect: a TLS mismatch is a definition that cannot work
+        (retrying never helps), anything else is "unreachable" (transient)."""
+        url = self._settings.url
+        tls = _tls_error(exc)
+        if tls is not None:
+            hint = ("the server does not speak TLS: is it a plain-HTTP slurmrestd (use http://)?"
+                    if "WRONG_VERSION_NUMBER" in tls or "record layer failure" in tls.lower()
+                    else "check the certificate and the URL")
+            return AdapterConfigError(f"slurmrestd {during}: TLS handshake with {url} failed ({tls}); {hint}",
+                                      code="tls_error")
+        return ClusterUnreachable(f"slurmrestd {during}: cannot connect to {url}: {exc}")
 
     def get(self, path: str, *, username: str, during: str, params: Mapping[str, str] | None = None) -> JsonObject:
         """GET ``path`` as ``username``; retried once on a dropped keep-alive connection."""
@@ -118,7 +132,7 @@ class RestClient:
         try:
             response = self._http.request(method, path, params=params, json=body, headers=headers)
         except _NOT_SENT as exc:
-            raise ClusterUnreachable(f"slurmrestd {during}: cannot connect: {exc}") from exc
+            raise self._connect_failure(during, exc) from exc
         except _MAYBE_SENT as exc:
             if submitting:
                 raise SubmitOutcomeUnknown(
@@ -155,6 +169,18 @@ class RestClient:
                 code="bad_response",
             )
         return body
+
+
+def _tls_error(exc: BaseException) -> str | None:
+    """The SSL error behind a connection failure, if that is what it was."""
+    seen: BaseException | None = exc
+    for _ in range(8):
+        if seen is None:
+            return None
+        if isinstance(seen, ssl.SSLError):
+            return str(seen)
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def _json_body(response: httpx.Response) -> JsonObject | None:

@@ -33,11 +33,11 @@ key                        meaning
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 from urllib.parse import urlsplit
 
-from broker.adapter import AdapterConfigError
+from broker.adapter import AdapterConfigError, reject_unknown_settings
 
 AUTH_MODES = ("jwt_key", "proxy_token")
 
@@ -62,6 +62,7 @@ class RestSettings:
     @classmethod
     def from_mapping(cls, raw: Mapping[str, Any]) -> RestSettings:
         """Parse and check the ``connection`` table; raise AdapterConfigError when unusable."""
+        reject_unknown_settings("slurm_rest", raw, {f.name for f in fields(cls)} - {"api_versions"} | {"api_version"})
         url = _required_str(raw, "url").rstrip("/")
         parts = urlsplit(url)
         if parts.scheme not in {"http", "https"} or not parts.netloc:

@@ -41,10 +41,10 @@ impossible.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
-from broker.adapter import AdapterConfigError
+from broker.adapter import AdapterConfigError, reject_unknown_settings
 
 __all__ = ["SSHSettings"]
 
@@ -116,6 +116,8 @@ class SSHSettings:
     @classmethod
     def from_mapping(cls, settings: Mapping[str, Any]) -> SSHSettings:
         """Validate a ``connection`` table; raises AdapterConfigError."""
+        known = {f.name for f in fields(cls)} - {"host_keys"} | {"host_key"}
+        reject_unknown_settings("slurm_ssh", settings, known)
         auth = str(settings.get("auth", "certificate"))
         if auth not in {"certificate", "key"}:
             raise AdapterConfigError("slurm_ssh: connection.auth must be 'certificate' or 'key'")

@@ -24,6 +24,7 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import hashlib
 import logging
 import selectors
 import socket
@@ -109,12 +110,38 @@ def open_socket(settings: SSHSettings) -> socket.socket:
     return sock
 
 
+def fingerprint(key: paramiko.PKey) -> str:
+    """OpenSSH's ``SHA256:…`` fingerprint of a public key (what ``ssh-keygen -lf`` prints)."""
+    digest = base64.b64encode(hashlib.sha256(key.asbytes()).digest()).decode("ascii").rstrip("=")
+    return f"SHA256:{digest}"
+
+
+def offered(key: paramiko.PKey) -> str:
+    """The key a server offered, as a sysadmin compares it with the pinned one."""
+    return f"{key.get_name()} {fingerprint(key)} ({key.get_name()} {key.get_base64()})"
+
+
+class OfferedKeyRejected(paramiko.SSHException):
+    """The server offered a host key that is not pinned (carries the key)."""
+
+    def __init__(self, key: paramiko.PKey) -> None:
+        super().__init__(f"host key {key.get_name()} {fingerprint(key)} is not pinned")
+        self.key = key
+
+
+class _RejectUnpinned(paramiko.MissingHostKeyPolicy):
+    """Like paramiko's RejectPolicy, but the error carries the offered key."""
+
+    def missing_host_key(self, client: paramiko.SSHClient, hostname: str, key: paramiko.PKey) -> None:
+        raise OfferedKeyRejected(key)
+
+
 def ssh_login(
     settings: SSHSettings, sock: socket.socket, login: str, pkey: paramiko.PKey
 ) -> paramiko.SSHClient:
     """An authenticated SSHClient over ``sock``; paramiko exceptions propagate."""
     client = paramiko.SSHClient()
-    client.set_missing_host_key_policy(paramiko.RejectPolicy())
+    client.set_missing_host_key_policy(_RejectUnpinned())
     for kind, key in pinned_keys(settings):
         client.get_host_keys().add(settings.host_key_entry, kind, key)
     try:
@@ -139,9 +166,10 @@ def ssh_login(
 
 def _connect_error(settings: SSHSettings, login: str, exc: BaseException) -> AdapterError:
     where = f"{settings.host}:{settings.port}"
-    if isinstance(exc, paramiko.BadHostKeyException):
+    if isinstance(exc, paramiko.BadHostKeyException | OfferedKeyRejected):
         return AdapterConfigError(
-            f"host key of {where} does not match the pinned key", code="host_key_mismatch"
+            f"host key of {where} does not match the pinned key: the server offered {offered(exc.key)}",
+            code="host_key_mismatch",
         )
     if isinstance(exc, paramiko.AuthenticationException):
         return AdapterConfigError(
@@ -480,7 +508,7 @@ def check_host_key(settings: SSHSettings, sock: socket.socket) -> str:
         server_key = transport.get_remote_server_key()
         if any(server_key == key for _, key in pinned):
             return "ok"
-        return f"server key {server_key.get_name()} is not the pinned key"
+        return f"the server offered {offered(server_key)}, which is not the pinned key"
     except (paramiko.SSHException, OSError, EOFError) as exc:
         return f"failed: {describe(exc)}"
     finally:

@@ -29,15 +29,15 @@ class _StandinAdapter(PySlurmAdapter):
 
     def close(self) -> None:
         CONTROLLER.shutdown()
-        shutil.rmtree(str(self.settings["_tmp"]), ignore_errors=True)
+        shutil.rmtree(self.data_dir, ignore_errors=True)
         super().close()
 
 
-def _with_standin_as_pyslurm(settings: dict[str, object]) -> PySlurmAdapter:
+def _with_standin_as_pyslurm(settings: dict[str, object], tmp: str) -> PySlurmAdapter:
     previous = sys.modules.get("pyslurm")
     sys.modules["pyslurm"] = pyslurm_standin
     try:
-        return _StandinAdapter("pyslurm-standin", settings, data_dir=str(settings["_tmp"]))
+        return _StandinAdapter("pyslurm-standin", settings, data_dir=tmp)
     finally:
         if previous is None:
             del sys.modules["pyslurm"]
@@ -54,8 +54,8 @@ def make_pyslurm_target() -> ContractTarget:
         seconds_per_minute=1.0, start_delay=0.2, db_lag=0.3, min_job_age=3.0,
     )
     tmp = tempfile.mkdtemp(prefix="aifa-contract-pyslurm-")
-    settings: dict[str, object] = {"_tmp": tmp, "output_pattern": f"{tmp}/aifa-%j.out"}
-    adapter = _with_standin_as_pyslurm(settings)
+    settings: dict[str, object] = {"output_pattern": f"{tmp}/aifa-%j.out"}
+    adapter = _with_standin_as_pyslurm(settings, tmp)
 
     def unreachable() -> ClusterAdapter:
         return PySlurmAdapter("pyslurm-down", {}, data_dir=tmp,

@@ -5,6 +5,8 @@ submits, direct-sbatch jobs in usage, and timings (printed with ``-s``)."""
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import time
 import uuid
 from collections.abc import Iterator
@@ -114,6 +116,10 @@ def test_wrong_host_key_is_refused(connection: dict) -> None:
         with pytest.raises(AdapterConfigError) as exc:
             bad.submit(spec())
         assert exc.value.code == "host_key_mismatch"
+        # the error shows the key the server offered (as `ssh-keygen -lf` prints it)
+        real = base64.b64decode(connection["host_key"].split()[1])
+        expected = "SHA256:" + base64.b64encode(hashlib.sha256(real).digest()).decode().rstrip("=")
+        assert expected in str(exc.value) and expected in health.checks["host_key"]
     finally:
         bad.close()
 
