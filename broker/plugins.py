@@ -65,6 +65,14 @@ def load(group: str, name: str) -> Any:
         return obj
 
 
+def register(group: str, name: str, obj: Any) -> None:
+    """Make ``obj`` plugin ``name`` of ``group`` in this process only, without an entry
+    point (benchmarks and tests: e.g. a stand-in adapter that answers at once)."""
+    with _lock:
+        _cache[(group, name)] = obj
+        _failures.pop((group, name), None)
+
+
 def load_adapter_class(name: str) -> Any:
     """The adapter class registered as ``name``."""
     return load(ADAPTER_GROUP, name)

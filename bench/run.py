@@ -1,0 +1,60 @@
+"""``make bench``: B1–B8 of issue 13, each against its raw baseline in the same run.
+
+    .venv/bin/python -m bench.run [--only B3,B8] [--runs 3] [--quick]
+
+Prints one line per figure (value, raw baseline, ratio, target met or not) and
+writes bench/out/bench-<time>.json. B1/B2/B4 need the 22.05 dev cluster
+(deploy/slurm-dev) and are skipped, with the reason, without it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+from bench import admission
+from bench.harness import Figure, machine, write_json
+
+
+def plan(runs: int, quick: bool) -> dict[str, Callable[[], list[Figure]]]:
+    n = 150 if quick else 400
+    return {
+        "B3": lambda: [admission.b3(runs=runs, n=n, concurrency=16, workers=2)],
+        "B8": lambda: [admission.b8(runs=runs, n=n, concurrency=c) for c in (1, 8)],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", default="", help="comma-separated ids, e.g. B3,B8 (default: all)")
+    ap.add_argument("--runs", type=int, default=3, help="runs per figure (median reported)")
+    ap.add_argument("--quick", action="store_true", help="fewer requests per run (a smoke test)")
+    args = ap.parse_args(argv)
+    steps = plan(args.runs, args.quick)
+    wanted = [x.strip().upper() for x in args.only.split(",") if x.strip()] or list(steps)
+    meta: dict[str, Any] = {"machine": machine(), "command": " ".join(["python -m bench.run", *(argv or sys.argv[1:])]),
+                            "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    figures: list[Figure] = []
+    for key in wanted:
+        if key not in steps:
+            print(f"unknown benchmark {key}; known: {', '.join(steps)}")
+            return 2
+        try:
+            got = steps[key]()
+        except Exception as exc:  # one broken benchmark must not hide the others' figures
+            traceback.print_exc()
+            got = [Figure(key, "benchmark", "", "", failed=f"{type(exc).__name__}: {exc}")]
+        for fig in got:
+            print(fig.line(), flush=True)
+        figures.extend(got)
+    path = write_json("bench", figures, meta)
+    print(f"results: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
