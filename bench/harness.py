@@ -115,7 +115,7 @@ def server(argv: list[str], env: dict[str, str], port: int, *, ready_path: str =
            timeout: float = 120) -> Iterator[subprocess.Popen[bytes]]:
     """Run ``argv`` (a server listening on ``port``) until the block ends."""
     log = open(env.get("AIFA_BENCH_LOG", os.devnull), "ab")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen(argv, env=env, stdout=log, stderr=log, cwd=ROOT)  # noqa: S603 - fixed argv
+    proc = subprocess.Popen(argv, env=env, stdout=log, stderr=log, cwd=ROOT)
     try:
         deadline = time.monotonic() + timeout
         while True:

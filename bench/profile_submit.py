@@ -12,8 +12,8 @@ import shutil
 import subprocess
 import sys
 import threading
-from pathlib import Path
 from collections import Counter
+from pathlib import Path
 
 from bench.admission import PROJECT, noop_broker
 from bench.loadgen import run_for
@@ -52,7 +52,7 @@ def main() -> None:
         load = threading.Thread(target=run_for, args=(b["base"], lambda i: ("POST", "/v1/jobs", head, body)),
                                 kwargs={"concurrency": 8, "seconds": args.seconds + 4})
         load.start()
-        subprocess.run([spy, "record", "-p", str(b["proc"].pid), "-d", str(int(args.seconds)), "-r", "200",  # noqa: S603
+        subprocess.run([spy, "record", "-p", str(b["proc"].pid), "-d", str(int(args.seconds)), "-r", "200",
                         "-f", "raw", "-o", args.out, *(["--gil"] if args.gil else [])], check=True, capture_output=True)
         load.join()
     for pct, name in summarize(args.out, args.top):

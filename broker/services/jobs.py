@@ -141,8 +141,8 @@ class SubmitResult:
 
 
 def _reserve(
-    engine: Engine, settings: Settings, principal: Principal, body: JobRequest, link: LinkIntent | None,
-) -> tuple[Job, JobSpec, Cluster]:
+    engine: Engine, settings: Settings, principal: Principal, body: JobRequest, link: LinkIntent | None = None,
+) -> tuple[Job, JobSpec, Cluster, JobOut]:
     with session_scope(engine) as session:
         user, prep = _prepare_for(session, settings, principal, body)
         if prep.denials:
@@ -182,7 +182,9 @@ def _reserve(
                        gpu_type=req.gpu_type, exclusive=req.exclusive, constraint=req.constraint,
                        mail_type=req.mail_type, mail_user=req.mail_user,
                        array=req.array.text if req.array else None, dependency=dependency)
-        return job, spec, cluster
+        # the answer as committed (no reload: names are known here, values set by us)
+        accepted = job_out(job, project=prep.project.code, cluster=cluster.name, user=user.name)
+        return job, spec, cluster, accepted
 
 
 def _quota_answer(session: Session, alloc: Allocation, estimate: int) -> QuotaExceeded:
@@ -223,13 +225,13 @@ def submit(
 
     ``link(session, job_id)`` runs in the transaction that writes the job row (the
     idempotency claim records the job there); raising from it writes nothing."""
-    job, spec, cluster = _reserve(engine, settings, principal, body, link)
+    job, spec, cluster, accepted = _reserve(engine, settings, principal, body, link)
     try:
         ref = adapter_for(registry, cluster).submit(spec)
     except SubmitOutcomeUnknown as exc:
         log.warning("submit of job %s on %s: outcome unknown (%s); reconciling", job.id, cluster.name, exc)
         SUBMIT_ERRORS.labels(cluster.name, exc.code).inc()
-        return SubmitResult(202, _load_out(engine, job.id))
+        return SubmitResult(202, accepted)
     except AdapterError as exc:
         SUBMIT_ERRORS.labels(cluster.name, exc.code).inc()
         mark_submit_failed(engine, job_id=job.id, reason=f"{exc.code}: {exc}")
@@ -242,10 +244,13 @@ def submit(
         # unexpected adapter bug: the job may or may not exist; leave it to reconciliation
         log.exception("adapter %s failed unexpectedly submitting job %s", cluster.name, job.id)
         SUBMIT_ERRORS.labels(cluster.name, "adapter_bug").inc()
-        return SubmitResult(202, _load_out(engine, job.id))
-    record_submitted(engine, job_id=job.id, ref=ref)
+        return SubmitResult(202, accepted)
+    submitted_at = record_submitted(engine, job_id=job.id, ref=ref)
     SUBMISSIONS.labels(cluster.name).inc()
-    return SubmitResult(201, _load_out(engine, job.id))
+    if submitted_at is None:  # the reconciler recorded it first: answer what it wrote
+        return SubmitResult(201, _load_out(engine, job.id))
+    return SubmitResult(201, accepted.model_copy(update={
+        "state": JobState.PENDING.value, "scheduler_job_id": ref.job_id, "submitted_at": submitted_at}))
 
 
 def answer_for(engine: Engine, *, job_id: str) -> SubmitResult:
@@ -261,17 +266,18 @@ def _load_out(engine: Engine, job_id: str) -> JobOut:
         return job_out_loaded(session, job)
 
 
-def record_submitted(engine: Engine, *, job_id: str, ref: SchedulerJobRef) -> bool:
-    """ACCEPTED → PENDING with the scheduler id; False if another path got there first."""
+def record_submitted(engine: Engine, *, job_id: str, ref: SchedulerJobRef) -> datetime | None:
+    """ACCEPTED → PENDING with the scheduler id; the recorded submit time, or None if
+    another path got there first."""
+    submitted_at = ref.submit_time or utcnow()
     with session_scope(engine) as session:
         table = Job.__table__  # type: ignore[attr-defined]
         result = session.execute(
             sa.update(table).where(table.c.id == job_id, table.c.state == JobState.ACCEPTED.value,
                                    table.c.scheduler_job_id.is_(None))
-            .values(state=JobState.PENDING.value, scheduler_job_id=ref.job_id,
-                    submitted_at=ref.submit_time or utcnow())
+            .values(state=JobState.PENDING.value, scheduler_job_id=ref.job_id, submitted_at=submitted_at)
         )
-        return bool(result.rowcount)  # type: ignore[attr-defined]
+        return submitted_at if result.rowcount else None  # type: ignore[attr-defined]
 
 
 def mark_submit_failed(engine: Engine, *, job_id: str, reason: str) -> bool:

@@ -57,7 +57,18 @@ def reserve(
     ``granted - charged - reserved >= amount``, plus its ``reserve`` ledger row.
     Correct under concurrency on PostgreSQL (the row lock taken by UPDATE makes a
     second writer re-check the condition) and SQLite (BEGIN IMMEDIATE serialises
-    writers). Raises :class:`QuotaExceeded` when the budget does not cover it."""
+    writers). Raises :class:`QuotaExceeded` when the budget does not cover it; the
+    caller's transaction must then roll back (it holds the ledger row already).
+
+    The ledger row is written first, so the allocation's row lock — which every
+    submission on this allocation queues for — is held only from the UPDATE to
+    the caller's commit, not across one more round trip."""
+    entry = LedgerEntry(
+        allocation_id=pk(allocation), project_id=allocation.project_id, kind="reserve",
+        amount=amount, job_id=job_id, user_id=user_id, actor=actor, reason="job estimate",
+    )
+    session.add(entry)
+    session.flush()
     table = Allocation.__table__  # type: ignore[attr-defined]
     result = session.execute(
         sa.update(table)
@@ -67,11 +78,6 @@ def reserve(
     )
     if result.rowcount != 1:  # type: ignore[attr-defined]
         raise QuotaExceeded("The allocation has less budget left than this job's estimate.")
-    entry = LedgerEntry(
-        allocation_id=pk(allocation), project_id=allocation.project_id, kind="reserve",
-        amount=amount, job_id=job_id, user_id=user_id, actor=actor, reason="job estimate",
-    )
-    session.add(entry)
     return entry
 
 

@@ -133,3 +133,26 @@ def test_oidc_rejects_wrong_alg_aud_and_unknown_key(tmp_path: Path, idp: _IdP) -
 def test_production_mode_requires_issuers_and_postgres(tmp_path: Path) -> None:
     with pytest.raises(ValueError):
         Settings(mode="production", data_dir=tmp_path)
+
+
+def test_verified_token_cache_never_outlives_the_token(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    s = _settings(tmp_path)
+    auth = Authenticator(s)
+    tok = issue_token(s, sub="alice", roles=[], lifetime=5)
+    assert auth.authenticate(tok).name == "alice"
+    assert auth.authenticate(tok).name == "alice"  # second time from the cache
+    real = time.time
+    monkeypatch.setattr(time, "time", lambda: real() + 120)  # past exp + leeway
+    with pytest.raises(Unauthenticated):
+        auth.authenticate(tok)
+
+
+def test_tampered_token_is_not_served_from_the_cache(tmp_path: Path) -> None:
+    s = _settings(tmp_path)
+    auth = Authenticator(s)
+    tok = issue_token(s, sub="alice", roles=[])
+    auth.authenticate(tok)
+    head, body, sig = tok.split(".")
+    forged_sig = sig[:-2] + ("AA" if not sig.endswith("AA") else "BB")
+    with pytest.raises(Unauthenticated):
+        auth.authenticate(f"{head}.{body}.{forged_sig}")
