@@ -142,6 +142,14 @@ class SubmitResult:
 
 def _reserve(
     engine: Engine, settings: Settings, principal: Principal, body: JobRequest, link: LinkIntent | None = None,
+) -> tuple[Job, JobSpec, Cluster]:
+    """The reservation step alone (tests simulate a crash right after it)."""
+    job, spec, cluster, _ = _reserve_answer(engine, settings, principal, body, link)
+    return job, spec, cluster
+
+
+def _reserve_answer(
+    engine: Engine, settings: Settings, principal: Principal, body: JobRequest, link: LinkIntent | None,
 ) -> tuple[Job, JobSpec, Cluster, JobOut]:
     with session_scope(engine) as session:
         user, prep = _prepare_for(session, settings, principal, body)
@@ -225,7 +233,7 @@ def submit(
 
     ``link(session, job_id)`` runs in the transaction that writes the job row (the
     idempotency claim records the job there); raising from it writes nothing."""
-    job, spec, cluster, accepted = _reserve(engine, settings, principal, body, link)
+    job, spec, cluster, accepted = _reserve_answer(engine, settings, principal, body, link)
     try:
         ref = adapter_for(registry, cluster).submit(spec)
     except SubmitOutcomeUnknown as exc:

@@ -125,7 +125,7 @@ CRASHER = textwrap.dedent("""
     principal = Authenticator(settings).authenticate(sys.argv[3])
     body = JobRequest(project="EHPC-SLURM-001", cluster=sys.argv[4], script="#!/bin/bash\\nsleep 3\\n",
                       time_limit_minutes=5)
-    job, spec, cluster, _ = _reserve(engine, settings, principal, body)   # reserved + ACCEPTED, committed
+    job, spec, cluster = _reserve(engine, settings, principal, body)   # reserved + ACCEPTED, committed
     ref = adapter_for(AdapterRegistry(settings), cluster).submit(spec)  # sbatch done
     print(job.id, ref.job_id, flush=True)
     os.kill(os.getpid(), signal.SIGKILL)                               # dies before recording

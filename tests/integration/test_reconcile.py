@@ -24,7 +24,7 @@ def _crash_after_submit(env: BrokerEnv, script: str, *, reach_cluster: bool, **f
 
     principal = Authenticator(env.settings).authenticate(env.token("alice"))
     body = JobRequest(project="EHPC-TEST-001", script=script, time_limit_minutes=5)
-    job, spec, cluster, _ = _reserve(env.engine, env.settings, principal, body)
+    job, spec, cluster = _reserve(env.engine, env.settings, principal, body, None)
     if reach_cluster:
         adapter_for(env.app.state.registry, cluster).submit(replace(spec, **forged))
     return job.id
