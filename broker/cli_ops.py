@@ -8,8 +8,9 @@ of the settings, like the other operator commands in :mod:`broker.cli`.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import typer
 from sqlmodel import Session, col, select
@@ -22,6 +23,18 @@ from broker.schemas import AllocationPatch, ClusterPatch
 from broker.services import clusters as cluster_svc
 from broker.services import enforcement as enforcement_svc
 from broker.services import projects as project_svc
+
+T = TypeVar("T")
+
+
+def _with_registry(fn: Callable[[Session, AdapterRegistry], T]) -> T:
+    """Run ``fn`` in one transaction with an adapter registry closed afterwards
+    (adapters hold SSH pools and HTTP clients)."""
+    registry = AdapterRegistry(_settings())
+    try:
+        return _unit(lambda s: fn(s, registry))
+    finally:
+        registry.close()
 
 
 def _echo_json(data: Any) -> None:
@@ -50,9 +63,8 @@ def plugins_cmd(as_json: Annotated[bool, typer.Option("--json", help="machine-re
 # ------------------------------------------------------------------ clusters
 
 def _update(name: str, body: ClusterPatch) -> Cluster:
-    settings = _settings()
-    return _unit(lambda s: cluster_svc.update_cluster(
-        s, principal=None, registry=AdapterRegistry(settings), name=name, body=body))
+    return _with_registry(lambda s, reg: cluster_svc.update_cluster(
+        s, principal=None, registry=reg, name=name, body=body))
 
 
 @cluster_app.command("update")
@@ -104,8 +116,7 @@ def cluster_resume(name: str) -> None:
 @cluster_app.command("remove")
 def cluster_remove(name: str) -> None:
     """Remove a cluster with no allocations and no jobs (otherwise drain it)."""
-    settings = _settings()
-    _unit(lambda s: cluster_svc.delete_cluster(s, principal=None, registry=AdapterRegistry(settings), name=name))
+    _with_registry(lambda s, reg: cluster_svc.delete_cluster(s, principal=None, registry=reg, name=name))
     typer.echo(f"removed cluster {name}")
 
 
@@ -127,18 +138,16 @@ def cluster_sync(name: str,
                  dry_run: Annotated[bool, typer.Option("--dry-run", help="print the plan, change nothing")] = False,
                  as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     """Mirror the cluster's allocations into Slurm (accounts, associations, GrpTRESMins)."""
-    settings = _settings()
-    report = _unit(lambda s: enforcement_svc.sync_cluster(
-        s, principal=None, registry=AdapterRegistry(settings), name=name, dry_run=dry_run).as_dict())
+    report = _with_registry(lambda s, reg: enforcement_svc.sync_cluster(
+        s, principal=None, registry=reg, name=name, dry_run=dry_run).as_dict())
     _print_report(report, as_json=as_json)
 
 
 @cluster_app.command("drift")
 def cluster_drift(name: str, as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     """Compare the broker's allocations with Slurm's accounting; exit 1 when they differ."""
-    settings = _settings()
-    report = _unit(lambda s: enforcement_svc.sync_cluster(
-        s, principal=None, registry=AdapterRegistry(settings), name=name, dry_run=True).as_dict())
+    report = _with_registry(lambda s, reg: enforcement_svc.sync_cluster(
+        s, principal=None, registry=reg, name=name, dry_run=True).as_dict())
     _print_report(report, as_json=as_json)
     if report["changes"]:
         raise typer.Exit(1)
@@ -231,9 +240,7 @@ def cluster_import_accounts(
     accounts and associations (dry run first; ``--apply`` creates them; idempotent)."""
     from broker.services.account_import import import_accounts
 
-    settings = _settings()
-    report = _unit(lambda s: import_accounts(s, registry=AdapterRegistry(settings), name=name,
-                                             apply=apply).as_dict())
+    report = _with_registry(lambda s, reg: import_accounts(s, registry=reg, name=name, apply=apply).as_dict())
     _print_import(report, as_json=as_json)
 
 

@@ -41,6 +41,7 @@ from adapters.slurm_common.identity import slurm_identity
 from adapters.slurm_common.tags import comment_for_tag, job_name_with_tag
 from adapters.slurm_rest import convert
 from adapters.slurm_rest import errors as slurm_errors
+from adapters.slurm_rest.accounting import RestAccountingManager
 from adapters.slurm_rest.auth import identity_from_settings
 from adapters.slurm_rest.client import JsonObject, RestClient
 from adapters.slurm_rest.discovery import Discovery, discover
@@ -388,6 +389,16 @@ class SlurmRestAdapter(ClusterAdapter):
             names = [c.get("name") for c in layer.items(listed, "clusters") if isinstance(c.get("name"), str)]
             name = names[0] if len(names) == 1 else None
         return slurm_identity(name, hosts[0] if hosts else None)
+
+    def accounting(self) -> RestAccountingManager:
+        """slurmdb endpoints as ``admin_username`` (writes: v0.0.40+ only)."""
+        return RestAccountingManager(
+            cluster=self.name, client=self._client, layer=self.api, cluster_name=self._slurm_cluster_name,
+            admin_username=self.config.admin_username, reader=self.config.query_username)
+
+    def _slurm_cluster_name(self) -> str | None:
+        identity = self.identity()
+        return identity.split(":", 1)[1].split("@", 1)[0] if identity else None
 
     def user_exists(self, username: str) -> bool | None:
         """Whether Slurm's accounting has the user (slurmrestd cannot see POSIX

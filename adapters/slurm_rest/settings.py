@@ -16,6 +16,10 @@ key                        meaning
                            an operator/admin account or ``SlurmUser``. Unset:
                            poll queries as each job's own user; usage,
                            find_by_tag, discover and a full health check need it.
+``admin_username``         Slurm operator (``AdminLevel=Operator``, or SlurmUser)
+                           the budget-enforcement sync writes accounts,
+                           associations and limits as (v0.0.40+ only); reads of
+                           accounting fall back to ``query_username``
 ``api_version``            optional: a version (``"v0.0.42"``) or list of
                            versions the adapter may use; the version is still
                            discovered from ``/openapi/v3``, this only restricts
@@ -52,6 +56,7 @@ class RestSettings:
     token_lifetime_seconds: int = 300
     proxy_token_file: str | None = None
     query_username: str | None = None
+    admin_username: str | None = None
     api_versions: tuple[str, ...] = ()
     timeout: float = 30.0
     connect_timeout: float = 5.0
@@ -84,6 +89,7 @@ class RestSettings:
             token_lifetime_seconds=int(_positive_number(raw, "token_lifetime_seconds", 300)),
             proxy_token_file=token_file,
             query_username=_optional_str(raw, "query_username"),
+            admin_username=_optional_str(raw, "admin_username"),
             api_versions=_versions(raw.get("api_version")),
             timeout=timeout,
             connect_timeout=_positive_number(raw, "connect_timeout", min(5.0, timeout)),

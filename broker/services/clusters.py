@@ -155,6 +155,8 @@ def check_scheduler_account(session: Session, *, registry: AdapterRegistry, clus
     """Refuse a Slurm account the cluster does not have (422); a warning sentence
     where the adapter cannot tell (or the cluster cannot be asked now), else None."""
     cluster = get_cluster(session, cluster_name)
+    if cluster.enforce_budgets:  # the enforcement sync creates the account in Slurm
+        return None
     try:
         exists = adapter_for(registry, cluster).account_exists(account)
     except AdapterError as exc:

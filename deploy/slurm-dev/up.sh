@@ -440,6 +440,8 @@ jwt_key_file = "$STATE/jwt_hs256.key"
 token_lifetime_seconds = 300
 # cluster-wide reads and the slurmdbd health check: the dev SlurmUser (an operator-level reader)
 query_username = "slurm"
+# Slurm operator for budget enforcement: slurmdb writes (slurmrestd v0.0.40+)
+admin_username = "aifa-admin"
 slurm_release = "$RELEASE"
 EOF
     write_info true

@@ -48,12 +48,13 @@ def _cleanup(release: str, account: str) -> None:
 
 
 @contextmanager
-def _enforced_env(release: str, tmp_path: Path, *, enforce: bool = False, **overrides: Any) -> Iterator[tuple]:
+def _enforced_env(release: str, tmp_path: Path, *, adapter: str = "slurm_ssh", enforce: bool = False,
+                  **overrides: Any) -> Iterator[tuple]:
     slurm.require_cluster(release)
     account = f"aifa-t-{uuid.uuid4().hex[:8]}"
     url = f"sqlite:///{tmp_path / 'broker.sqlite3'}"
     with broker_env(tmp_path, url, usage_import_interval_seconds=3600, **overrides) as env:
-        definition = slurm.definition(release, "slurm_ssh")
+        definition = slurm.definition(release, adapter)
         definition["poll_interval_seconds"] = 1
         definition["enforce_budgets"] = enforce
         definition["connection"].setdefault("admin_username", "aifa-admin")
@@ -69,13 +70,20 @@ def _enforced_env(release: str, tmp_path: Path, *, enforce: bool = False, **over
             _cleanup(release, account)
 
 
-_PARAMS = [pytest.param(r, id=f"enforcement-ssh-{r}", marks=pytest.mark.slurm) for r in ENFORCE_RELEASES]
+_PARAMS = [pytest.param((r, "slurm_ssh"), id=f"enforcement-ssh-{r}", marks=pytest.mark.slurm)
+           for r in ENFORCE_RELEASES]
+# slurmrestd writes associations from v0.0.40 on (24.11, 26.05); 22.05's is read-only
+_PARAMS += [pytest.param((r, "slurm_rest"), id=f"enforcement-rest-{r}", marks=pytest.mark.slurm)
+            for r in ("24.11", "26.05")]
 
 
 @pytest.fixture(params=_PARAMS)
 def enforced(request: pytest.FixtureRequest, tmp_path: Path):  # type: ignore[no-untyped-def]
     # the tracker's own sync is tested separately: here every sync is called explicitly
-    with _enforced_env(request.param, tmp_path, enforcement_interval_seconds=3600) as made:
+    # enforcing from registration on (the grant of an account Slurm does not have yet is
+    # accepted then: the sync creates it); the tracker's first sync is an hour away
+    release, adapter = request.param
+    with _enforced_env(release, tmp_path, adapter=adapter, enforce=True, enforcement_interval_seconds=3600) as made:
         yield made
 
 
@@ -88,7 +96,9 @@ def _sync(env: BrokerEnv, cluster: str, *, dry_run: bool = False) -> dict[str, A
 def test_enforcement_lifecycle_on_real_slurm(enforced) -> None:  # type: ignore[no-untyped-def]
     env, release, cluster, account, alloc = enforced
 
-    # off by default: a real sync is refused, the drift report (a dry run) changes nothing
+    # switched off, a real sync is refused; the drift report (a dry run) changes nothing
+    r = env.call("PATCH", f"/v1/clusters/{cluster}", env.qm, json={"enforce_budgets": False})
+    assert r.status_code == 200 and r.json()["enforce_budgets"] is False
     r = env.call("POST", f"/v1/clusters/{cluster}/enforcement/sync", env.qm)
     assert r.status_code == 409 and r.json()["code"] == "enforcement_disabled"
     drift = env.call("GET", f"/v1/clusters/{cluster}/enforcement", env.qm).json()
@@ -161,9 +171,9 @@ def test_enforcement_lifecycle_on_real_slurm(enforced) -> None:  # type: ignore[
     assert _sync(env, cluster)["changes"] == []
 
 
-@pytest.mark.parametrize("release", _PARAMS)
-def test_tracker_runs_the_sync_on_its_lease(release: str, tmp_path: Path) -> None:
-    with _enforced_env(release, tmp_path, enforce=True, enforcement_interval_seconds=1) as made:
+@pytest.mark.parametrize("target", _PARAMS)
+def test_tracker_runs_the_sync_on_its_lease(target: tuple[str, str], tmp_path: Path) -> None:
+    with _enforced_env(target[0], tmp_path, adapter=target[1], enforce=True, enforcement_interval_seconds=1) as made:
         env, release, cluster, account, alloc = made
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and _assoc(release, account) != {None: "gres/gpu=3", "alice": "",
@@ -178,3 +188,19 @@ def test_tracker_runs_the_sync_on_its_lease(release: str, tmp_path: Path) -> Non
         assert _assoc(release, account).get(None) == "gres/gpu=6"
         status = env.call("GET", f"/v1/clusters/{cluster}", env.qm).json()["enforcement_status"]
         assert status["error"] is None and status["applied_at"]
+
+
+@pytest.mark.slurm
+def test_slurmrestd_of_2205_reads_but_refuses_to_write(tmp_path: Path) -> None:
+    """v0.0.38 answers success to a limit change and changes nothing: the broker says so."""
+    with _enforced_env("22.05", tmp_path, adapter="slurm_rest", enforce=True,
+                       enforcement_interval_seconds=3600) as made:
+        env, release, cluster, account, _ = made
+        drift = env.call("GET", f"/v1/clusters/{cluster}/enforcement", env.qm)
+        assert drift.status_code == 200, drift.text
+        assert [c["action"] for c in drift.json()["changes"]] == ["add_account", "add_association",
+                                                                  "add_association"]
+        r = env.call("POST", f"/v1/clusters/{cluster}/enforcement/sync", env.qm)
+        assert r.status_code == 422 and r.json()["code"] == "enforcement_unsupported"
+        assert "v0.0.38" in r.json()["detail"] and "slurm_ssh" in r.json()["detail"]
+        assert _assoc(release, account) == {}

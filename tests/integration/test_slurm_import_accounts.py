@@ -28,14 +28,15 @@ def _sacctmgr_view(release: str) -> tuple[set[str], set[tuple[str, str]]]:
     return accounts, {(r[1], r[0]) for r in rows if len(r) > 1 and r[1] and r[0] in accounts}
 
 
-@pytest.mark.parametrize("release", [pytest.param(r, id=f"import-accounts-ssh-{r}", marks=pytest.mark.slurm)
-                                     for r in RELEASES])
+@pytest.mark.parametrize(("release", "adapter"), [
+    pytest.param(r, a, id=f"import-accounts-{a.split('_')[1]}-{r}", marks=pytest.mark.slurm)
+    for r in RELEASES for a in ("slurm_ssh", "slurm_rest")])
 def test_import_accounts_proposes_exactly_the_clusters_accounts_and_users(
-        release: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        release: str, adapter: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     slurm.require_cluster(release)
     url = f"sqlite:///{tmp_path / 'broker.sqlite3'}"
     with broker_env(tmp_path, url, run_tracker=False) as env:
-        definition = slurm.definition(release, "slurm_ssh")
+        definition = slurm.definition(release, adapter)
         definition["connection"].setdefault("admin_username", "aifa-admin")
         r = env.call("POST", "/v1/clusters", env.qm, json=definition)
         assert r.status_code == 201, r.text

@@ -72,3 +72,26 @@ def test_sacctmgr_output_parsing() -> None:
     rows = parse_assoc_lines("acc||gres/gpu=3,cpu=10|root\nacc|alice||\n\nbroken\n")
     assert rows == [Association("acc", None, {"gres/gpu": 3, "cpu": 10}, "root"), Association("acc", "alice", {})]
     assert parse_tres("") == {} and parse_tres("billing=5,bad=x") == {"billing": 5}
+
+
+def test_slurmrestd_bodies_and_tres_lists() -> None:
+    from adapters.slurm_rest.accounting import RestAccountingManager, tres_from_list, tres_to_list
+    from adapters.slurm_rest.layers import LAYERS
+
+    assert tres_to_list({"gres/gpu": 3, "cpu": 10}) == [{"type": "cpu", "name": "", "count": 10},
+                                                        {"type": "gres", "name": "gpu", "count": 3}]
+    assert tres_from_list(tres_to_list({"gres/gpu": 3, "billing": 7})) == {"gres/gpu": 3, "billing": 7}
+    assert tres_from_list([{"type": "gres", "name": "gpu", "id": 1001, "count": 3}, {"bad": 1}, "x"]) == \
+        {"gres/gpu": 3}
+    layer = LAYERS["v0.0.42"]()
+    reqs = RestAccountingManager.requests_for(layer, AccountingChange("add_account", "acc",
+                                                                      grp_tres_mins={"gres/gpu": 6}), "dev")
+    assert [(m, p) for m, p, _, _ in reqs] == [("POST", "/slurmdb/v0.0.42/accounts_association/"),
+                                               ("POST", "/slurmdb/v0.0.42/associations/")]
+    assert reqs[1][3] == {"associations": [{"account": "acc", "cluster": "dev", "user": "", "max": {
+        "tres": {"group": {"minutes": [{"type": "gres", "name": "gpu", "count": 6}]}}}}]}
+    gone = RestAccountingManager.requests_for(layer, AccountingChange("remove_association", "acc", user="bob"), "dev")
+    assert gone == [("DELETE", "/slurmdb/v0.0.42/association/", {"account": "acc", "user": "bob", "cluster": "dev"},
+                     None)]
+    with pytest.raises(ValueError):
+        RestAccountingManager.requests_for(layer, AccountingChange("add_association", "acc", user="a&b=c"), "dev")
