@@ -104,7 +104,11 @@ class Settings(BaseSettings):
     migrate_on_start: bool = True
     host: str = "127.0.0.1"
     port: int = 8080
+    #: how users reach the broker; in production it must be https (so the dashboard's
+    #: session cookie is Secure) unless ``allow_insecure_public_url`` says otherwise
     public_url: str | None = None
+    #: production behind something that is not https end to end (an explicit, logged choice)
+    allow_insecure_public_url: bool = False
 
     #: embedded issuer (mode=embedded); in production tokens come from OIDC issuers
     token_issuer: str = "aifa-broker-embedded"  # noqa: S105 - an issuer name, not a secret
@@ -189,6 +193,9 @@ class Settings(BaseSettings):
                 raise ValueError("production mode refuses a placeholder dashboard client_secret")
             if any(w.secret.lower() in PLACEHOLDER_SECRETS for w in self.webhooks):
                 raise ValueError("production mode refuses a placeholder webhook secret")
+            if not (self.public_url or "").startswith("https://") and not self.allow_insecure_public_url:
+                raise ValueError("production mode needs an https public_url (session cookies are Secure only "
+                                 "then); set allow_insecure_public_url = true to run without one")
         return self
 
     @property

@@ -210,6 +210,20 @@ class ImportedJob(SQLModel, table=True):
     created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
 
 
+class DashboardSession(SQLModel, table=True):
+    """A dashboard login, kept server-side so that logout and role changes revoke it
+    (the cookie only names it)."""
+
+    __tablename__ = "dashboard_sessions"
+    id: str = Field(primary_key=True, max_length=64)
+    user_name: str = Field(max_length=255, index=True)
+    roles: list[str] = Field(default_factory=list, sa_type=JSON)
+    created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+    expires_at: datetime = Field(sa_type=UTCDateTime)
+    revoked_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    revoked_reason: str | None = Field(default=None, max_length=64)
+
+
 class IdempotencyRecord(SQLModel, table=True):
     __tablename__ = "idempotency_records"
     __table_args__ = (sa.UniqueConstraint("user_id", "key", name="uq_idempotency"),)

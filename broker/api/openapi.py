@@ -5,8 +5,8 @@ Every ``/v1`` operation declares the problem answers it can give, each as
 ``code``), and ``Retry-After`` where the client is told when to come back. The
 declarations follow from what the route is: every caller is authenticated (401) and
 may be refused (403) or throttled (429) and may meet an unavailable database or
-cluster (503); a path with parameters or a body naming a project/cluster can name
-something that does not exist or is invisible (404); a change can conflict (409);
+cluster (503) and may name (in the path, the query or the body) something that does
+not exist or is invisible (404); a change can conflict (409);
 a body can be too large (413); any input can be invalid (422).
 """
 
@@ -56,12 +56,10 @@ _RETRY_AFTER = {"Retry-After": {"description": "seconds to wait before retrying"
 _BODY_METHODS = {"post", "put", "patch"}
 
 
-def problem_statuses(method: str, path: str, operation: dict[str, Any]) -> list[int]:
+def problem_statuses(method: str, operation: dict[str, Any]) -> list[int]:
     """The problem answers one ``/v1`` operation can give (see the module doc)."""
-    statuses = {401, 403, 422, 429, 503}
+    statuses = {401, 403, 404, 422, 429, 503}
     has_body = "requestBody" in operation
-    if "{" in path or has_body:
-        statuses.add(404)
     if method != "get":
         statuses.add(409)
     if has_body or method in _BODY_METHODS:
@@ -89,7 +87,10 @@ def build(app: FastAPI) -> dict[str, Any]:
             continue
         for method, operation in operations.items():
             responses = operation.setdefault("responses", {})
-            for status in problem_statuses(method, path, operation):
+            if any(p.get("name") == "format" for p in operation.get("parameters", ())) and "200" in responses:
+                # reports answer CSV with ?format=csv or Accept: text/csv
+                responses["200"].setdefault("content", {})["text/csv"] = {"schema": {"type": "string"}}
+            for status in problem_statuses(method, operation):
                 responses[str(status)] = _problem_response(status)
     return doc
 

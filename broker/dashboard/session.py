@@ -1,8 +1,11 @@
 """Dashboard sessions: who is logged in, CSRF tokens, the session secret.
 
-The session lives in a signed cookie (Starlette's ``SessionMiddleware``, cookie
+The session lives server-side (:mod:`broker.services.sessions`: user, global roles,
+expiry, revocation); the signed cookie (Starlette's ``SessionMiddleware``, cookie
 ``aifa_dashboard_session``: HttpOnly, SameSite=Lax, Secure when the broker's public
-URL is https). It holds the user's name and global roles, never a token. Every
+URL is https, which production requires) names it by a random id and holds the CSRF
+token, never a bearer token. Logout revokes the session on the server, so a copied
+cookie is dead too; a role change revokes the user's other sessions. Every
 state-changing form carries a CSRF token that must equal the one in the session.
 """
 
@@ -11,14 +14,15 @@ from __future__ import annotations
 import hmac
 import os
 import secrets
-import time
 from pathlib import Path
 from typing import Any
 
 from fastapi import Request
+from sqlalchemy.engine import Engine
 
 from broker.auth import GLOBAL_ROLES, Principal
 from broker.config import Settings
+from broker.services import sessions
 
 COOKIE_NAME = "aifa_dashboard_session"
 
@@ -64,29 +68,42 @@ def csrf_ok(request: Request, submitted: str | None) -> bool:
     return isinstance(expected, str) and isinstance(submitted, str) and hmac.compare_digest(expected, submitted)
 
 
+def _engine(request: Request) -> Engine:
+    return request.app.state.engine  # type: ignore[no-any-return]
+
+
 def log_in(request: Request, *, name: str, roles: frozenset[str], email: str | None, via: str) -> None:
-    """Start a fresh session (no fixation: everything before is dropped, new CSRF token)."""
+    """Start a fresh session (no fixation: everything before is dropped, new id, new CSRF token)."""
+    previous = request.session.get("sid")
+    if isinstance(previous, str):
+        sessions.revoke(_engine(request), previous, "relogin")
     request.session.clear()
-    request.session.update({"user": name, "roles": sorted(roles & GLOBAL_ROLES), "email": email, "via": via,
-                            "login_at": int(time.time()), "csrf": secrets.token_urlsafe(32)})
+    settings: Settings = request.app.state.settings
+    sid = sessions.open_session(_engine(request), user=name, roles=roles & GLOBAL_ROLES,
+                                hours=settings.dashboard_session_hours)
+    request.session.update({"sid": sid, "email": email, "via": via, "csrf": secrets.token_urlsafe(32)})
 
 
 def log_out(request: Request) -> None:
+    """End the session on the server (the cookie, even a copy of it, is dead) and in the browser."""
+    sid = request.session.get("sid")
+    if isinstance(sid, str):
+        sessions.revoke(_engine(request), sid, "logout")
     request.session.clear()
 
 
 def current_principal(request: Request, settings: Settings) -> Principal | None:
-    """The logged-in user, or None (no session, or older than ``dashboard_session_hours``)."""
+    """The logged-in user, or None (no session, or one revoked or past ``dashboard_session_hours``)."""
     session: dict[str, Any] = request.session
-    name, login_at = session.get("user"), session.get("login_at")
-    if not isinstance(name, str) or not isinstance(login_at, int):
+    sid = session.get("sid")
+    row = sessions.active(_engine(request), sid) if isinstance(sid, str) else None
+    if row is None:
+        if sid is not None:
+            session.clear()
         return None
-    if time.time() - login_at > settings.dashboard_session_hours * 3600:
-        session.clear()
-        return None
-    roles = frozenset(r for r in session.get("roles", []) if r in GLOBAL_ROLES)
+    roles = frozenset(r for r in row.roles or [] if r in GLOBAL_ROLES)
     email = session.get("email")
-    return Principal(name, roles, email if isinstance(email, str) else None)
+    return Principal(row.user_name, roles, email if isinstance(email, str) else None)
 
 
 def safe_next(target: str | None) -> str:

@@ -17,7 +17,7 @@ from broker.schemas import (
     ProjectOut,
     ProjectPatch,
 )
-from broker.services import ledger
+from broker.services import ledger, sessions
 from broker.services.common import (
     find_user,
     get_cluster,
@@ -188,8 +188,9 @@ def add_member(session: Session, *, principal: Principal | None, code: str, body
         Membership.project_id == project.id, Membership.user_id == user.id)).first()
     if member is None:
         member = Membership(project_id=pk(project), user_id=pk(user), role=body.role)
-    else:
+    elif member.role != body.role:
         member.role = body.role
+        sessions.revoke_user(session, user.name, "role_change")  # no page keeps the old role's view
     session.add(member)
     return MemberOut(user=user.name, role=body.role)
 
@@ -204,6 +205,7 @@ def remove_member(session: Session, *, principal: Principal, code: str, user_nam
     if not member:
         raise NotFound(f"{user_name} is not a member of {code}.")
     session.delete(member)
+    sessions.revoke_user(session, user_name, "role_change")
 
 
 def _project(session: Session, code: str) -> Project:

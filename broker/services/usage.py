@@ -29,6 +29,8 @@ from __future__ import annotations
 
 import csv
 import io
+import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
 from typing import Any
@@ -138,14 +140,33 @@ def usage_rows(
     return rows
 
 
-def rows_to_csv(rows: list[UsageRow], group_by: list[str]) -> str:
-    """CSV with a header: project, the group keys, unit, amount, jobs."""
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+_NUMBER = re.compile(r"^-?\d+(\.\d+)?$")
+
+
+def csv_cell(value: Any) -> Any:
+    """A cell a spreadsheet shows as text: one that would start a formula (``=``, ``+``,
+    ``-``, ``@``, tab, CR; e.g. a project title ``=HYPERLINK(...)``) gets a leading ``'``.
+    Numbers stay numbers."""
+    if isinstance(value, str) and value.startswith(_FORMULA_START) and not _NUMBER.match(value):
+        return "'" + value
+    return value
+
+
+def _csv(header: list[str], rows: Iterable[Iterable[Any]]) -> str:
     out = io.StringIO()
     writer = csv.writer(out)
-    writer.writerow(["project", *group_by, "unit", "amount", "jobs"])
-    for r in rows:
-        writer.writerow([r.keys["project"], *(r.keys[k] for k in group_by), r.unit, f"{r.amount:.6f}", r.jobs])
+    writer.writerow([csv_cell(h) for h in header])
+    for row in rows:
+        writer.writerow([csv_cell(v) for v in row])
     return out.getvalue()
+
+
+def rows_to_csv(rows: list[UsageRow], group_by: list[str]) -> str:
+    """CSV with a header: project, the group keys, unit, amount, jobs (formula-safe)."""
+    return _csv(["project", *group_by, "unit", "amount", "jobs"],
+                ([r.keys["project"], *(r.keys[k] for k in group_by), r.unit, f"{r.amount:.6f}", r.jobs]
+                 for r in rows))
 
 
 def totals_by_unit(rows: list[UsageRow]) -> dict[str, float]:
@@ -307,16 +328,11 @@ def filter_portfolio(
 
 
 def portfolio_csv(rows: list[dict[str, Any]]) -> str:
-    """The portfolio as CSV (one line per allocation)."""
+    """The portfolio as CSV (one line per allocation; formula-safe)."""
     columns = ["project", "title", "status", "cluster", "account", "unit", "granted", "used", "reserved",
                "remaining", "percent_used", "burn_rate_per_day", "projected_exhaustion", "start_date",
                "end_date", "days_left", "elapsed_percent", "underused"]
-    out = io.StringIO()
-    writer = csv.writer(out)
-    writer.writerow(columns)
-    for r in rows:
-        writer.writerow(["" if r[c] is None else r[c] for c in columns])
-    return out.getvalue()
+    return _csv(columns, (["" if r[c] is None else r[c] for c in columns] for r in rows))
 
 
 # --- burn-down of one allocation --------------------------------------------------------------

@@ -13,6 +13,7 @@ from broker.registry import AdapterRegistry
 
 def _prod(tmp_path: Path, **kw: object) -> Settings:
     return Settings(mode="production", data_dir=tmp_path, database_url="postgresql+psycopg://x@127.0.0.1/x",
+                    public_url="https://broker.example",
                     oidc_issuers=[OIDCIssuer(issuer="https://idp.example", audience="aifa")], **kw)
 
 
