@@ -82,6 +82,7 @@ def log_in(request: Request, *, name: str, roles: frozenset[str], email: str | N
     sid = sessions.open_session(_engine(request), user=name, roles=roles & GLOBAL_ROLES,
                                 hours=settings.dashboard_session_hours)
     request.session.update({"sid": sid, "email": email, "via": via, "csrf": secrets.token_urlsafe(32)})
+    request.state._state.pop("dashboard_principal", None)
 
 
 def log_out(request: Request) -> None:
@@ -90,10 +91,22 @@ def log_out(request: Request) -> None:
     if isinstance(sid, str):
         sessions.revoke(_engine(request), sid, "logout")
     request.session.clear()
+    request.state._state.pop("dashboard_principal", None)
 
 
 def current_principal(request: Request, settings: Settings) -> Principal | None:
-    """The logged-in user, or None (no session, or one revoked or past ``dashboard_session_hours``)."""
+    """The logged-in user, or None (no session, or one revoked or past ``dashboard_session_hours``).
+
+    Looked up once per request (a page renders inside its own database transaction,
+    which on SQLite must not wait for a second one)."""
+    if "dashboard_principal" in request.state._state:
+        return request.state._state["dashboard_principal"]  # type: ignore[no-any-return]
+    principal = _lookup(request)
+    request.state._state["dashboard_principal"] = principal
+    return principal
+
+
+def _lookup(request: Request) -> Principal | None:
     session: dict[str, Any] = request.session
     sid = session.get("sid")
     row = sessions.active(_engine(request), sid) if isinstance(sid, str) else None

@@ -47,10 +47,10 @@ def test_logout_revokes_the_session_server_side(env: BrokerEnv) -> None:
 
 def test_a_role_change_revokes_the_users_sessions(env: BrokerEnv) -> None:
     old = _login(env, "qm", "quota_manager")
-    assert old.get("/dashboard/portfolio", follow_redirects=False).status_code == 200
+    assert old.get("/dashboard", follow_redirects=False).status_code == 200
     # the IdP withdrew the role: the next login carries other roles → older sessions end
     _login(env, "qm")
-    assert old.get("/dashboard/portfolio", follow_redirects=False).status_code == 303
+    assert old.get("/dashboard", follow_redirects=False).status_code == 303
     # a project role change (PI → member) ends the user's sessions too
     env.setup_project("EHPC-ROLE-1", members=(), pi="pat")
     pat = _login(env, "pat")
