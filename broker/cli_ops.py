@@ -71,7 +71,7 @@ def _update(name: str, body: ClusterPatch) -> Cluster:
 def cluster_update(
     name: str,
     from_file: Annotated[Path | None, typer.Option("--from-file", help="new connection/cost_model/... "
-                                                   "from a definition file (name and adapter must match)")] = None,
+                                                   "from a definition file (same name; adapter fixed)")] = None,
     description: Annotated[str | None, typer.Option()] = None,
     default_partition: Annotated[str | None, typer.Option()] = None,
     poll_interval: Annotated[float | None, typer.Option(help="seconds")] = None,

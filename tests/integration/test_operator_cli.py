@@ -59,7 +59,8 @@ def test_drain_refuses_new_jobs_while_running_ones_settle(env: BrokerEnv, ops) -
     assert _submit(env).status_code == 201  # type: ignore[attr-defined]
 
 
-def test_cluster_update_remove_and_enforcement_refused_by_local(env: BrokerEnv, ops) -> None:  # type: ignore[no-untyped-def]
+def test_cluster_update_remove_and_enforcement_refused_by_local(env: BrokerEnv, ops,  # type: ignore[no-untyped-def]
+                                                                tmp_path: Path) -> None:
     env.setup_project()
     ops("cluster", "update", "local", "--description", "laptop", "--poll-interval", "0.5")
     got = env.call("GET", "/v1/clusters/local", env.qm).json()
@@ -72,6 +73,14 @@ def test_cluster_update_remove_and_enforcement_refused_by_local(env: BrokerEnv, 
     r = env.call("GET", "/v1/clusters/local/enforcement", env.qm)
     assert r.status_code == 422 and r.json()["code"] == "enforcement_unsupported"
     ops("cluster", "update", "local", code=1)  # nothing to change
+    changed = tmp_path / "local.json"
+    changed.write_text(json.dumps({"name": "local", "adapter": "local", "description": "from a file",
+                                   "cost_model": {"partitions": {"*": {"core_hours": {"cpu": 2.0}}}}}))
+    ops("cluster", "update", "local", "--from-file", str(changed))
+    got = env.call("GET", "/v1/clusters/local", env.qm).json()
+    assert got["description"] == "from a file" and got["cost_model"]["partitions"]["*"]["core_hours"] == {"cpu": 2.0}
+    changed.write_text(json.dumps({"name": "other"}))
+    assert "another cluster" in ops("cluster", "update", "local", "--from-file", str(changed), code=1).output  # type: ignore[attr-defined]
     r = env.call("POST", "/v1/clusters", env.qm, json={"name": "spare", "adapter": "local",
                                                       "connection": {"partitions": [{"name": "cpu", "cpus": 2}]}})
     assert r.status_code == 201, r.text
