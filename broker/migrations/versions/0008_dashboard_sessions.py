@@ -17,7 +17,7 @@ def upgrade() -> None:
     op.create_table('dashboard_sessions',
     sa.Column('id', sa.String(length=64), nullable=False),
     sa.Column('user_name', sa.String(length=255), nullable=False),
-    sa.Column('roles', sa.JSON(), nullable=True),
+    sa.Column('roles', sa.JSON(), nullable=False),
     sa.Column('created_at', sa.DateTime(), nullable=False),
     sa.Column('expires_at', sa.DateTime(), nullable=False),
     sa.Column('revoked_at', sa.DateTime(), nullable=True),
