@@ -3,8 +3,10 @@
 Two sources of tokens:
 
 - **embedded** mode: the broker is its own issuer. An ES256 key is created once in
-  the data directory (``jwt_signing_key.json``, mode 0600);
-  ``aifa-broker token`` signs tokens with it.
+  the data directory (``jwt_signing_key.json``, mode 0600) or read from
+  ``token_signing_key_file`` (shared by replicas); ``aifa-broker token`` signs tokens
+  with it. Keys in ``token_verification_key_files`` are accepted too, so the signing
+  key can be rotated without invalidating tokens in flight (docs/operations.md).
 - **production** mode: tokens from configured OIDC issuers, validated against the
   issuer's JWKS (found by discovery, cached, refetched once on an unknown ``kid``),
   RS256/ES256 only, strict ``iss``/``aud``/``exp``/``nbf``. Roles come from a
@@ -62,17 +64,27 @@ class Principal:
 
 
 def _signing_key_path(settings: Settings) -> Path:
-    return settings.data_dir / "jwt_signing_key.json"
+    return settings.token_signing_key_file or settings.data_dir / "jwt_signing_key.json"
 
 
 def load_or_create_signing_key(settings: Settings) -> ECKey:
-    """The embedded issuer's key, created on first use with owner-only permissions."""
+    """The embedded issuer's key: ``token_signing_key_file`` when set (it must exist —
+    replicas share it, none may invent its own), else ``jwt_signing_key.json`` in the
+    data directory, created on first use with owner-only permissions."""
     path = _signing_key_path(settings)
     if path.exists():
         return ECKey.import_key(json.loads(path.read_text()))
+    if settings.token_signing_key_file is not None:
+        raise ValueError(f"token_signing_key_file {path} does not exist "
+                         "(make one with `aifa-broker signing-key FILE`)")
+    return write_signing_key(path)
+
+
+def write_signing_key(path: Path) -> ECKey:
+    """A new ES256 signing key written to ``path`` (mode 0600; never overwrites a key)."""
     key = ECKey.generate_key("P-256", auto_kid=True)
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as fh:
         json.dump(key.as_dict(private=True), fh)
@@ -83,6 +95,20 @@ def load_or_create_signing_key(settings: Settings) -> ECKey:
     finally:
         tmp.unlink(missing_ok=True)
     return ECKey.import_key(json.loads(path.read_text()))
+
+
+def embedded_key_set(settings: Settings) -> KeySet:
+    """The keys embedded-issuer tokens are checked with: the signing key, plus the
+    ``token_verification_key_files`` (keys being rotated in or out; private or public
+    JWKs — only their public part is used)."""
+    keys = [load_or_create_signing_key(settings)]
+    for path in settings.token_verification_key_files:
+        try:
+            extra = ECKey.import_key(json.loads(Path(path).expanduser().read_text()))
+        except (OSError, ValueError, JoseError) as exc:
+            raise ValueError(f"token verification key {path} cannot be read: {exc}") from exc
+        keys.append(ECKey.import_key(extra.as_dict(private=False)))
+    return KeySet(keys)
 
 
 def issue_token(settings: Settings, *, sub: str, roles: list[str], lifetime: int | None = None,
@@ -172,7 +198,7 @@ class Authenticator:
         #: sha256(token) → (principal, verified until): see :meth:`authenticate`
         self._verified: dict[bytes, tuple[Principal, float]] = {}
         if settings.mode == "embedded":
-            self._embedded = KeySet([load_or_create_signing_key(settings)])
+            self._embedded = embedded_key_set(settings)
 
     def authenticate(self, token: str) -> Principal:
         """The principal of a valid token; :class:`Unauthenticated` otherwise.

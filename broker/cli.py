@@ -123,6 +123,17 @@ def token(sub: Annotated[str, typer.Option(help="user name (token subject)")],
         _fail(str(exc))
 
 
+@app.command("signing-key")
+def signing_key(path: Annotated[Path, typer.Argument(help="where to write the new key (must not exist)")]) -> None:
+    """Write a new ES256 signing key (JWK, mode 0600) for the embedded issuer — the first
+    step of a key rotation (docs/operations.md); prints its key id."""
+    from broker.auth import write_signing_key
+
+    if path.exists():
+        _fail(f"{path} exists; a signing key is never overwritten")
+    typer.echo(write_signing_key(path).kid)
+
+
 @db_app.command("upgrade")
 def db_upgrade() -> None:
     """Apply all schema migrations."""

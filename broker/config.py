@@ -114,6 +114,11 @@ class Settings(BaseSettings):
     token_issuer: str = "aifa-broker-embedded"  # noqa: S105 - an issuer name, not a secret
     token_audience: str = "aifa-broker"  # noqa: S105 - an audience name
     token_lifetime_seconds: int = 7 * 24 * 3600
+    #: the embedded issuer's signing key (ES256 JWK); unset = ``jwt_signing_key.json`` in
+    #: data_dir, made on first use. Replicas share one file (e.g. a mounted Secret)
+    token_signing_key_file: Path | None = None
+    #: further keys whose tokens are still accepted (rotation: see docs/operations.md)
+    token_verification_key_files: list[Path] = Field(default_factory=list)
     oidc_issuers: list[OIDCIssuer] = Field(default_factory=list)
     dashboard_oidc: DashboardOIDC | None = None
     session_secret: str | None = None
