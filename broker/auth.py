@@ -101,7 +101,7 @@ def embedded_key_set(settings: Settings) -> KeySet:
     """The keys embedded-issuer tokens are checked with: the signing key, plus the
     ``token_verification_key_files`` (keys being rotated in or out; private or public
     JWKs — only their public part is used)."""
-    keys = [load_or_create_signing_key(settings)]
+    keys: list[Any] = [load_or_create_signing_key(settings)]
     for path in settings.token_verification_key_files:
         try:
             extra = ECKey.import_key(json.loads(Path(path).expanduser().read_text()))
