@@ -46,6 +46,7 @@ test-unit: venv
 lint: venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
 
 # --- packaging -----------------------------------------------------------------------
 # `make dist`: the wheel (dashboard assets included) in dist/, for `pip install` on a host.

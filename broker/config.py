@@ -79,7 +79,7 @@ class DashboardOIDC(BaseModel):
 
 
 class WebhookEndpoint(BaseModel):
-    """A URL receiving notifications as HMAC-signed JSON webhooks (see broker/notifications.py)."""
+    """A URL receiving notifications as HMAC-signed JSON webhooks (see broker/services/notifications.py)."""
 
     #: short name shown in the dashboard and the API (never the secret)
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")

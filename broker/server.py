@@ -79,9 +79,9 @@ def _background_main() -> None:
     """The tracker + notifier process of a multi-worker broker."""
     die_with_parent()
     from broker.bootstrap import engine_for
-    from broker.notifications import Notifier
     from broker.registry import AdapterRegistry
     from broker.tracker import Tracker
+    from broker.webhooks import Notifier
 
     settings = get_settings()
     _configure_logging(settings)

@@ -21,10 +21,10 @@ from broker.bootstrap import engine_for, ensure_local_cluster
 from broker.config import Settings, get_settings
 from broker.metrics import DatabaseCollector, process_registry
 from broker.migrate import is_up_to_date
-from broker.notifications import Notifier
 from broker.ratelimit import make_rate_limiter
 from broker.registry import AdapterRegistry
 from broker.tracker import Tracker
+from broker.webhooks import Notifier
 
 log = logging.getLogger(__name__)
 

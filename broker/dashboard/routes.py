@@ -18,7 +18,6 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 from sqlmodel import Session, col, select
 
-from broker import notifications as notes
 from broker.auth import Principal
 from broker.config import Settings
 from broker.dashboard import session as sess
@@ -26,6 +25,7 @@ from broker.dashboard.oidc import identity
 from broker.db import session_scope
 from broker.errors import BrokerError, Unauthenticated
 from broker.models import Allocation, Cluster, Membership, Project, User
+from broker.services import notifications as notes
 from broker.services import usage as usage_svc
 
 log = logging.getLogger(__name__)

@@ -20,7 +20,6 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
 
-from broker import notifications
 from broker.adapter import (
     AdapterError,
     JobSpec,
@@ -47,7 +46,7 @@ from broker.metrics import DENIALS, SETTLEMENTS, SUBMISSIONS, SUBMIT_ERRORS
 from broker.models import Allocation, Cluster, Job, Project, User, utcnow
 from broker.registry import AdapterRegistry
 from broker.schemas import DenialOut, EstimateOut, JobOut, JobPage, JobRequest, Money
-from broker.services import ledger
+from broker.services import ledger, notifications
 from broker.services.clusters import adapter_for
 from broker.services.common import find_user, get_or_create_user, to_units, visible_project
 from broker.services.eligibility import Prepared, prepare
@@ -368,20 +367,23 @@ def _visible_job(session: Session, principal: Principal, job_id: str) -> Job:
         job = _job_by_prefix(session, principal, job_id.lower())
     if job is None:
         raise NotFound(f"No job {job_id}.")
-    if principal.is_quota_manager:
+    if principal.is_quota_manager or _owner_or_pi(session, principal, job):
         return job
+    raise NotFound(f"No job {job_id}.")
+
+
+def _owner_or_pi(session: Session, principal: Principal, job: Job) -> bool:
+    """The one "owner or PI" rule: the caller submitted the job or is a PI of its project."""
     user = find_user(session, principal.name)
     if user is not None and job.user_id == user.id:
-        return job
+        return True
     project = session.get(Project, job.project_id)
     assert project is not None
     try:
         _, role = visible_project(session, principal, project.code)
     except NotFound:
-        role = None
-    if role == "pi":
-        return job
-    raise NotFound(f"No job {job_id}.")
+        return False
+    return role == "pi"
 
 
 def get_job(session: Session, *, principal: Principal, job_id: str) -> JobOut:
@@ -391,13 +393,8 @@ def get_job(session: Session, *, principal: Principal, job_id: str) -> JobOut:
 def cancel_job(session: Session, *, principal: Principal, registry: AdapterRegistry, job_id: str) -> JobOut:
     """Ask the cluster to cancel; the tracker settles when the scheduler confirms."""
     job = _visible_job(session, principal, job_id)
-    user = find_user(session, principal.name)
-    project = session.get(Project, job.project_id)
-    assert project is not None
-    if principal.is_quota_manager and not (user and user.id == job.user_id):
-        _, role = visible_project(session, principal, project.code)
-        if role != "pi":
-            raise Forbidden("Only the job's owner or the project's PI can cancel it.")
+    if principal.is_quota_manager and not _owner_or_pi(session, principal, job):
+        raise Forbidden("Only the job's owner or the project's PI can cancel it.")
     if job.state in {s.value for s in TERMINAL_STATES}:
         return job_out_loaded(session, job)
     if job.scheduler_job_id is None:
@@ -422,12 +419,8 @@ def read_output(
 ) -> str:
     """The tail of the job's stdout/stderr where the adapter can read it (owner or PI)."""
     job = _visible_job(session, principal, job_id)
-    if principal.is_quota_manager:
-        user = find_user(session, principal.name)
-        project = session.get(Project, job.project_id)
-        assert project is not None
-        if not (user and user.id == job.user_id) and visible_project(session, principal, project.code)[1] != "pi":
-            raise Forbidden("Only the job's owner or the project's PI can read its output.")
+    if principal.is_quota_manager and not _owner_or_pi(session, principal, job):
+        raise Forbidden("Only the job's owner or the project's PI can read its output.")
     if job.scheduler_job_id is None:
         raise Conflict("The job has not reached the cluster yet.")
     cluster = session.get(Cluster, job.cluster_id)

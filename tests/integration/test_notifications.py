@@ -16,11 +16,11 @@ import pytest
 from broker.adapter import JobStatus
 from broker.db import session_scope
 from broker.models import Allocation, Job
-from broker.notifications import sign, verify_signature
 from broker.services import ledger
 from broker.services.common import get_or_create_user, today
 from broker.services.jobs import settle
 from broker.states import JobState
+from broker.webhooks import sign, verify_signature
 from tests.support.env import BrokerEnv, broker_env
 from tests.support.webhooks import Receiver, webhook_receiver
 

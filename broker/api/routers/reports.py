@@ -8,10 +8,10 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query, Request, Response
 from sqlmodel import col, select
 
-from broker import notifications as notes
 from broker.api.deps import PrincipalDep, SessionDep
 from broker.api.routers.projects import FromDate, ToDate
 from broker.models import Allocation
+from broker.services import notifications as notes
 from broker.services import usage as usage_svc
 from broker.services.common import require_role, visible_project
 
