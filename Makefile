@@ -6,7 +6,7 @@ PIP := $(VENV)/bin/pip
 SLURM_RELEASE ?= 22.05
 export AIFA_BROKER_DATA_DIR ?= $(CURDIR)/.data
 
-.PHONY: run test venv web test-deps lint typecheck slurm-up slurm-down test-unit clean image image-base dist
+.PHONY: run test venv web test-deps lint typecheck slurm-up slurm-down test-unit clean audit image image-base dist
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -73,6 +73,11 @@ image: web
 
 image-base:
 	PODMAN='$(PODMAN)' ./scripts/image-base.sh
+
+# dependency audit: PyPI advisories for every installed Python package, npm audit for
+# the npm projects; prints one verdict and plainly what could not be checked
+audit: venv
+	$(PY) scripts/audit.py
 
 slurm-up:
 	deploy/slurm-dev/up.sh $(SLURM_RELEASE)
