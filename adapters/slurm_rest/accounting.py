@@ -142,9 +142,26 @@ class RestAccountingManager(AccountingManager):
                 code="enforcement_unsupported")
         cluster = self.slurm_cluster()
         for change in changes:
+            if change.action == "remove_association" and change.user:
+                self._move_default(layer, valid_name(change.user), change.account, cluster)
             for method, path, params, body in self.requests_for(layer, change, cluster):
                 self._client.request(method, path, username=self._admin, during=change.describe(),
                                      params=params, body=body)
+
+    def _move_default(self, layer: ApiLayer, user: str, account: str, cluster: str) -> None:
+        """Before ``user`` leaves ``account``: if it is the user's default account and
+        the user keeps other associations, make one of those the default (slurmdbd
+        refuses to remove a default account)."""
+        assert self._admin is not None
+        body = self._client.get(layer.db_path("associations"), username=self._admin, during="user associations",
+                                params={"user": user, "cluster": cluster})
+        rows = [r for r in layer.items(body, "associations") if r.get("user") == user]
+        if not any(r.get("account") == account and r.get("is_default") for r in rows):
+            return
+        others = sorted({str(r["account"]) for r in rows if r.get("account") and r.get("account") != account})
+        if others:
+            self._client.request("POST", layer.db_path("users"), username=self._admin, during="new default account",
+                                 body={"users": [{"name": user, "default": {"account": valid_name(others[0])}}]})
 
     @staticmethod
     def requests_for(layer: ApiLayer, change: AccountingChange,

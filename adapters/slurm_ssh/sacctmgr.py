@@ -147,8 +147,29 @@ class SacctmgrManager(AccountingManager):
             raise AdapterConfigError(self.why_read_only, code="enforcement_unsupported")
         cluster = self.slurm_cluster()
         for change in changes:
+            if change.action == "remove_association" and change.user:
+                self._move_default(change.user, change.account, cluster)
             for argv in self.argv_for(change, cluster):
-                self._write(argv, change)
+                self._write(argv, change.describe())
+
+    def _move_default(self, user: str, account: str, cluster: str) -> None:
+        """Before ``user`` leaves ``account``: if it is the user's default account and
+        the user keeps other associations, make one of those the default (24.11+
+        refuses to remove a default account; 22.05 leaves the user without one)."""
+        assert self._admin is not None
+        user = valid_name(user)
+        default = self._run(self._admin, commands.render(
+            ["sacctmgr", "-nP", "show", "user", "where", f"name={user}", "format=defaultaccount"])).stdout.strip()
+        if default != account:
+            return
+        rows = self._run(self._admin, commands.render(
+            ["sacctmgr", "-nP", "show", "assoc", "where", f"user={user}", f"cluster={cluster}",
+             "format=account"])).stdout.split()
+        others = sorted({r for r in rows if r and r != account})
+        if others:
+            argv = ["sacctmgr", "-i", "modify", "user", "where", f"name={user}", f"cluster={cluster}",
+                    "set", f"defaultaccount={valid_name(others[0])}"]
+            self._write(argv, f"make {others[0]} the default account of {user}")
 
     @staticmethod
     def argv_for(change: AccountingChange, cluster: str) -> list[list[str]]:
@@ -179,12 +200,12 @@ class SacctmgrManager(AccountingManager):
                      f"cluster={cluster}"]]
         raise ValueError(f"unknown change {change.action!r}")
 
-    def _write(self, argv: Sequence[str], change: AccountingChange) -> None:
+    def _write(self, argv: Sequence[str], what: str) -> None:
         assert self._admin is not None
         result = self._run(self._admin, commands.render(argv))
         said = (result.stdout + "\n" + result.stderr).lower()
         if result.ok or any(word in said for word in _ALREADY):
             return
-        raise AdapterError(f"{change.describe()}: sacctmgr exit {result.exit_status}: "
+        raise AdapterError(f"{what}: sacctmgr exit {result.exit_status}: "
                            f"{(result.stderr or result.stdout).strip()[:300]}", code="accounting_failed")
 

@@ -53,21 +53,22 @@ def _enforced_env(release: str, tmp_path: Path, *, adapter: str = "slurm_ssh", e
     slurm.require_cluster(release)
     account = f"aifa-t-{uuid.uuid4().hex[:8]}"
     url = f"sqlite:///{tmp_path / 'broker.sqlite3'}"
-    with broker_env(tmp_path, url, usage_import_interval_seconds=3600, **overrides) as env:
-        definition = slurm.definition(release, adapter)
-        definition["poll_interval_seconds"] = 1
-        definition["enforce_budgets"] = enforce
-        definition["connection"].setdefault("admin_username", "aifa-admin")
-        r = env.call("POST", "/v1/clusters", env.qm, json=definition)
-        assert r.status_code == 201, r.text
-        cluster = definition["name"]
-        # 0.05 GPU-hours = exactly 3 GPU-minutes
-        alloc = env.setup_project(CODE, amount=0.05, unit="gpu_hours", members=("alice", "bob"),
-                                  cluster=cluster, account=account)
-        try:
+    try:
+        with broker_env(tmp_path, url, usage_import_interval_seconds=3600, **overrides) as env:
+            definition = slurm.definition(release, adapter)
+            definition["poll_interval_seconds"] = 1
+            definition["enforce_budgets"] = enforce
+            definition["connection"].setdefault("admin_username", "aifa-admin")
+            r = env.call("POST", "/v1/clusters", env.qm, json=definition)
+            assert r.status_code == 201, r.text
+            cluster = definition["name"]
+            # 0.05 GPU-hours = exactly 3 GPU-minutes
+            alloc = env.setup_project(CODE, amount=0.05, unit="gpu_hours", members=("alice", "bob"),
+                                      cluster=cluster, account=account)
             yield env, release, cluster, account, alloc
-        finally:
-            _cleanup(release, account)
+    finally:
+        # after the broker (and its tracker, which would re-create the account) has stopped
+        _cleanup(release, account)
 
 
 _PARAMS = [pytest.param((r, "slurm_ssh"), id=f"enforcement-ssh-{r}", marks=pytest.mark.slurm)
@@ -204,3 +205,47 @@ def test_slurmrestd_of_2205_reads_but_refuses_to_write(tmp_path: Path) -> None:
         assert r.status_code == 422 and r.json()["code"] == "enforcement_unsupported"
         assert "v0.0.38" in r.json()["detail"] and "slurm_ssh" in r.json()["detail"]
         assert _assoc(release, account) == {}
+
+
+@pytest.mark.parametrize("target", [p for p in _PARAMS if p.id in {"enforcement-ssh-22.05", "enforcement-ssh-24.11",
+                                                                   "enforcement-rest-24.11"}])
+def test_a_member_leaving_their_default_account_keeps_the_others(target: tuple[str, str], tmp_path: Path) -> None:
+    """Slurm 24.11+ refuses to remove a user's default account (22.05 leaves the user
+    without one): the sync first makes one of the user's remaining accounts the default."""
+    suffix = uuid.uuid4().hex[:8]
+    other, posix = f"aifa-t-{suffix}", f"aifa-t-u{suffix}"
+    with _enforced_env(target[0], tmp_path, adapter=target[1], enforce=True,
+                       enforcement_interval_seconds=3600) as made:
+        env, release, cluster, account, _ = made
+        try:
+            env.setup_project("EHPC-ENF-002", amount=0.05, unit="gpu_hours", members=(), cluster=cluster,
+                              account=other)
+            for code in (CODE, "EHPC-ENF-002"):
+                r = env.call("POST", f"/v1/projects/{code}/members", env.qm, json={"user": "carol"})
+                assert r.status_code == 201, r.text
+            # Slurm's accounting needs no POSIX account (the API's mapping checks one exists,
+            # and the dev clusters have only alice and bob, whose defaults must not change)
+            from broker.db import session_scope
+            from broker.services.clusters import map_account
+
+            with session_scope(env.engine) as session:
+                map_account(session, principal=None, cluster_name=cluster, user_name="carol", username=posix)
+            first = sorted([account, other])[0]
+            assert _sync(env, cluster)["applied"]
+            default = slurm.run_in(release, "sacctmgr", "-nP", "show", "user", "where", f"name={posix}",
+                                   "format=defaultaccount").strip()
+            assert default == first  # a new Slurm user's default is its first account
+            leave = CODE if first == account else "EHPC-ENF-002"
+            keep = other if first == account else account
+            assert env.call("DELETE", f"/v1/projects/{leave}/members/carol", env.qm).status_code == 204
+            plan = _sync(env, cluster)
+            assert [(c["action"], c["account"], c["user"]) for c in plan["changes"]] == [
+                ("remove_association", first, posix)]
+            assert posix not in _assoc(release, first) and posix in _assoc(release, keep)
+            default = slurm.run_in(release, "sacctmgr", "-nP", "show", "user", "where", f"name={posix}",
+                                   "format=defaultaccount").strip()
+            assert default == keep
+            assert _sync(env, cluster)["changes"] == []
+        finally:
+            _cleanup(release, other)
+            slurm.run_in(release, "sacctmgr", "-i", "remove", "user", "where", f"name={posix}", check=False)
