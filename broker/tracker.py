@@ -240,11 +240,10 @@ class Tracker:
         """Sync the cluster's allocations into Slurm (on this replica's lease); a failure
         is kept on the cluster for the drift report and metrics, never raised."""
         from broker.errors import BrokerError
-        from broker.services.enforcement import record_failure, sync_cluster
+        from broker.services.enforcement import record_failure, sync_in_background
 
         try:
-            with session_scope(self.engine) as session:
-                sync_cluster(session, principal=None, registry=self.registry, name=cluster.name, dry_run=False)
+            sync_in_background(self.engine, registry=self.registry, name=cluster.name)
         except BrokerError as exc:
             log.warning("cluster %s: enforcement sync failed: %s", cluster.name, exc.detail)
             with session_scope(self.engine) as session:

@@ -35,12 +35,14 @@ from dataclasses import dataclass, field
 from datetime import date
 from typing import Any
 
+from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
 
 from broker.accounting import AccountingChange, AccountingManager, AccountingSnapshot, valid_name
 from broker.adapter import AdapterConfigError, AdapterError
 from broker.auth import Principal
 from broker.cost import DEFAULT_WEIGHTS, weights_for
+from broker.db import session_scope
 from broker.errors import ClusterUnavailable, Conflict, InvalidRequest
 from broker.models import MICRO, Allocation, Cluster, ClusterAccount, Membership, Project, utcnow
 from broker.registry import AdapterRegistry
@@ -189,6 +191,25 @@ def sync_cluster(
     unless ``dry_run``. Applying needs ``enforce_budgets`` on (409 otherwise)."""
     if principal is not None:
         require_role(principal, "sysadmin")
+    cluster, desired = _prepare(session, name, dry_run=dry_run)
+    report = _carry_out(cluster, registry, desired, dry_run=dry_run)
+    _store(session, cluster, report)
+    return report
+
+
+def sync_in_background(engine: Engine, *, registry: AdapterRegistry, name: str) -> SyncReport:
+    """The tracker's sync: the database is read, then released while Slurm is asked and
+    changed (SQLite would otherwise hold its write lock for every sacctmgr round trip),
+    then the status is written in a second short transaction."""
+    with session_scope(engine) as session:
+        cluster, desired = _prepare(session, name, dry_run=False)
+    report = _carry_out(cluster, registry, desired, dry_run=False)
+    with session_scope(engine) as session:
+        _store(session, get_cluster(session, name), report)
+    return report
+
+
+def _prepare(session: Session, name: str, *, dry_run: bool) -> tuple[Cluster, dict[str, DesiredAccount]]:
     cluster = get_cluster(session, name)
     if not dry_run and not cluster.enforce_budgets:
         raise Conflict(f"Budget enforcement is off for cluster {name}; enable it first "
@@ -197,6 +218,11 @@ def sync_cluster(
     for acct in desired.values():
         for n in (acct.account, *acct.users):
             adapter_call(cluster, valid_name, n)
+    return cluster, desired
+
+
+def _carry_out(cluster: Cluster, registry: AdapterRegistry, desired: dict[str, DesiredAccount], *,
+               dry_run: bool) -> SyncReport:
     manager = accounting_manager(registry, cluster)
     snapshot: AccountingSnapshot = adapter_call(cluster, manager.snapshot, sorted(desired))
     changes = plan(desired, snapshot)
@@ -204,22 +230,24 @@ def sync_cluster(
     if changes and not dry_run:
         adapter_call(cluster, manager.apply, changes)
         applied = True
-    report = SyncReport(cluster=name, slurm_cluster=snapshot.cluster, enabled=cluster.enforce_budgets,
-                        dry_run=dry_run, applied=applied, changes=changes, accounts=list(desired.values()))
+    log.info("cluster %s: enforcement %s, %d change(s)%s", cluster.name, "dry run" if dry_run else "sync",
+             len(changes), " applied" if applied else "")
+    return SyncReport(cluster=cluster.name, slurm_cluster=snapshot.cluster, enabled=cluster.enforce_budgets,
+                      dry_run=dry_run, applied=applied, changes=changes, accounts=list(desired.values()))
+
+
+def _store(session: Session, cluster: Cluster, report: SyncReport) -> None:
     status = report.as_dict()
     # drift left after this call: none once applied
-    status["drift"] = 0 if applied or not changes else len(changes)
+    status["drift"] = 0 if report.applied or not report.changes else len(report.changes)
     status["error"] = None
-    if applied:
+    if report.applied:
         status["applied_at"] = report.checked_at
     elif cluster.enforcement_status:
         status["applied_at"] = cluster.enforcement_status.get("applied_at")
     status.pop("accounts")
     cluster.enforcement_status = status
     session.add(cluster)
-    log.info("cluster %s: enforcement %s, %d change(s)%s", name, "dry run" if dry_run else "sync",
-             len(changes), " applied" if applied else "")
-    return report
 
 
 def record_failure(session: Session, *, cluster: Cluster, error: str) -> None:
