@@ -196,21 +196,23 @@ def test_image_runs_as_non_root_healthy_and_a_job_settles(
     assert check.returncode == 0, check.stdout + check.stderr
 
 
-def _kube_play_documents(image: str, pg_url: str, port: int) -> list[dict[str, Any]]:
+def _kube_play_documents(image: str, pg_url: str, port: int) -> dict[str, Any]:
     """The rendered example overlay, cut to what ``podman kube play`` runs: the
-    ConfigMap, the Secret and the Deployment (one replica; the image under test; the
-    database of this test). Its probes, security context and volumes stay as rendered."""
+    ConfigMap, the Secrets, the Deployment (one replica) and the migration Job's pod
+    (podman plays no Job: its pod template as a Pod) — with the image under test,
+    this test's database, host networking. Probes, security contexts, volumes and
+    the Secret references stay as rendered."""
     import subprocess
 
     rendered = subprocess.run(["kubectl", "kustomize", str(slurm.ROOT / "deploy/k8s/overlays/example")],
                               capture_output=True, text=True, check=True, timeout=60).stdout
     docs = [d for d in yaml.safe_load_all(rendered) if d]
-    by_kind = {d["kind"]: d for d in docs if d["kind"] in ("ConfigMap", "Deployment")}
-    config, deployment = by_kind["ConfigMap"], by_kind["Deployment"]
+    by_kind = {d["kind"]: d for d in docs if d["kind"] in ("ConfigMap", "Deployment", "Job")}
+    config, deployment, job = by_kind["ConfigMap"], by_kind["Deployment"], by_kind["Job"]
     keys = next(d for d in docs if d["kind"] == "Secret" and d["metadata"]["name"].startswith(
         "aifa-broker-cluster-keys"))
     toml = config["data"]["broker.toml"]
-    # this machine: embedded mode (no IdP here), the test's port
+    # this machine: embedded mode (no IdP here), no local cluster
     toml = toml.replace('mode = "production"', 'mode = "embedded"')
     config["data"]["broker.toml"] = toml.split("[[oidc_issuers]]")[0] + "register_local_cluster = false\n"
     secret_name = next(e["valueFrom"]["secretKeyRef"]["name"]
@@ -219,61 +221,85 @@ def _kube_play_documents(image: str, pg_url: str, port: int) -> list[dict[str, A
     secret = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": secret_name},
               "data": {"database-url": base64.b64encode(pg_url.encode()).decode()}}
     deployment["spec"]["replicas"] = 1
-    pod = deployment["spec"]["template"]["spec"]
-    pod["hostNetwork"] = True
-    pod["containers"][0]["image"] = image
-    pod["containers"][0]["env"].append({"name": "AIFA_BROKER_PORT", "value": str(port)})
-    pod["containers"][0].pop("ports")  # host network: no port mappings (podman refuses them)
+    migrate = {"apiVersion": "v1", "kind": "Pod",
+               "metadata": {"name": job["metadata"]["name"], "labels": job["spec"]["template"]["metadata"]["labels"]},
+               "spec": job["spec"]["template"]["spec"]}
+    for pod in (deployment["spec"]["template"]["spec"], migrate["spec"]):
+        pod["hostNetwork"] = True
+        pod["containers"][0]["image"] = image
+    api = deployment["spec"]["template"]["spec"]["containers"][0]
+    api.pop("ports")  # host network: no port mappings (podman refuses them)
+    api["env"].append({"name": "AIFA_BROKER_PORT", "value": str(port)})
     for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
-        pod["containers"][0][probe]["httpGet"]["port"] = port
-    for doc in (config, keys, deployment):
+        api[probe]["httpGet"]["port"] = port
+    for doc in (config, keys, deployment, migrate):
         doc["metadata"].pop("namespace", None)
-    return [config, secret, keys, deployment]
+    return {"config": config, "secrets": [secret, keys], "deployment": deployment, "migrate": migrate}
 
 
-def test_k8s_deployment_runs_under_podman_kube_play(image: str, pg_url: str, tmp_path: Path) -> None:
+def _get(url: str) -> httpx.Response | None:
+    try:
+        return httpx.get(url, timeout=2)
+    except httpx.HTTPError:
+        return None
+
+
+def _until(what: str, pred: Any, timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.5)
+
+
+def test_k8s_manifests_run_under_podman_kube_play(image: str, pg_url: str, tmp_path: Path) -> None:
+    """Deployment first (migrate_on_start = false: live but not ready on an empty
+    database), then the migration Job's pod (exit 0, migrates), then ready."""
     if not shutil.which("kubectl"):
         pytest.skip("kubectl (kustomize) missing")
-    from broker.db import make_engine
-    from broker.migrate import upgrade
-
-    engine = make_engine(pg_url)  # what the migration Job does before the replicas start
-    assert upgrade(engine) is True
-    engine.dispose()
     port = free_port()
-    spec = tmp_path / "play.yaml"
+    base = f"http://127.0.0.1:{port}"
     docs = _kube_play_documents(image, pg_url, port)
     # podman 4.3 stores a Secret document of kube play as YAML but reads a JSON map of
     # base64 values: the Secrets' data become podman secrets first, the rest is played
-    secrets = [d for d in docs if d["kind"] == "Secret"]
-    for secret in secrets:
+    for secret in docs["secrets"]:
         name = secret["metadata"]["name"]
         podman("secret", "rm", name, check=False)
         (tmp_path / f"{name}.json").write_text(json.dumps(secret["data"]))
         podman("secret", "create", name, str(tmp_path / f"{name}.json"))
-    spec.write_text(yaml.safe_dump_all([d for d in docs if d["kind"] != "Secret"]))
-    played = podman("kube", "play", "--network", "host", str(spec), timeout=180, check=False)
+    api_spec, job_spec = tmp_path / "deployment.yaml", tmp_path / "migrate.yaml"
+    api_spec.write_text(yaml.safe_dump_all([docs["config"], docs["deployment"]]))
+    job_spec.write_text(yaml.safe_dump_all([docs["config"], docs["migrate"]]))
     try:
+        played = podman("kube", "play", "--network", "host", str(api_spec), timeout=180, check=False)
         assert played.returncode == 0, played.stderr
-        deadline = time.monotonic() + 60
-        ready = None
-        while time.monotonic() < deadline:
-            try:
-                ready = httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2)
-                if ready.status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        assert ready is not None and ready.status_code == 200, podman("pod", "logs", "--latest", check=False).stderr
-        ps = json.loads(podman("ps", "--format", "json", "--filter", "label=app.kubernetes.io/name=aifa-broker").stdout)
-        assert ps, "no container of the Deployment is running"
-        cid = ps[0]["Id"]
+        _until("liveness", lambda: (r := _get(base + "/healthz")) is not None and r.status_code == 200)
+        not_ready = _get(base + "/readyz")
+        assert not_ready is not None and not_ready.status_code == 503 and "schema" in not_ready.text
+
+        played = podman("kube", "play", "--network", "host", str(job_spec), timeout=180, check=False)
+        assert played.returncode == 0, played.stderr
+        def job_container() -> dict[str, Any] | None:
+            listed = json.loads(podman("ps", "-a", "--format", "json", "--filter",
+                                       "label=app.kubernetes.io/component=migrate").stdout)
+            return next((c for c in listed if not c.get("IsInfra")), None)
+
+        _until("the migration pod to finish",
+               lambda: (c := job_container()) is not None and c["State"] in ("exited", "stopped"))
+        job_ctr = job_container()
+        assert job_ctr is not None
+        assert job_ctr["ExitCode"] == 0, podman("logs", job_ctr["Id"], check=False).stderr
+        assert "migrated to the newest revision" in podman("logs", job_ctr["Id"]).stdout
+
+        _until("readiness", lambda: (r := _get(base + "/readyz")) is not None and r.status_code == 200)
+        ps = json.loads(podman("ps", "--format", "json", "--filter", "label=app.kubernetes.io/component=api").stdout)
+        cid = next(c["Id"] for c in ps if not c.get("IsInfra"))
         assert podman("exec", cid, "id", "-u").stdout.strip() == str(UID)
         # readOnlyRootFilesystem from the manifest holds
         assert podman("exec", cid, "sh", "-c", "touch /opt/x 2>&1 || echo read-only", check=False
                       ).stdout.strip().endswith("read-only")
     finally:
-        podman("kube", "down", str(spec), timeout=120, check=False)
-        for secret in secrets:
+        for spec in (api_spec, job_spec):
+            podman("kube", "down", str(spec), timeout=120, check=False)
+        for secret in docs["secrets"]:
             podman("secret", "rm", secret["metadata"]["name"], check=False)
