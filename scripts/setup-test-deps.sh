@@ -80,6 +80,8 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     for tool in podman runc catatonit debootstrap; do
         command -v "$tool" >/dev/null || [ -x "/usr/bin/$tool" ] || [ -x "/usr/sbin/$tool" ] || missing+=("$tool")
     done
+    # the set the image tests were checked with (podman's usual companions)
+    command -v podman >/dev/null || missing+=(uidmap slirp4netns fuse-overlayfs)
     command -v kubectl >/dev/null || missing+=(kubernetes-client)
     if [ ${#missing[@]} -gt 0 ]; then
         apt_update_once
