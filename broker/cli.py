@@ -216,7 +216,8 @@ def project_create(code: str, title: Annotated[str, typer.Option()],
     body = dict(code=code, title=title, access_mode=access_mode, start_date=start_date, end_date=end_date)
     with _errors():
         model = ProjectIn.model_validate(body)
-    _unit(lambda s: project_svc.create_project(s, principal=None, body=model))
+    modes = _settings().known_access_modes
+    _unit(lambda s: project_svc.create_project(s, principal=None, body=model, access_modes=modes))
     typer.echo(f"created project {code}")
 
 

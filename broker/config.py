@@ -28,6 +28,9 @@ from pydantic_settings import (
 
 PLACEHOLDER_SECRETS = {"", "changeme", "change-me", "secret", "placeholder", "xxx", "todo"}
 
+#: access modes accepted when the configuration names none (no limits attached)
+DEFAULT_ACCESS_MODES = ("playground", "fast-lane", "large-scale")
+
 DEFAULT_ELIGIBILITY_CHAIN = [
     "project_active",
     "allocation_valid",
@@ -202,6 +205,12 @@ class Settings(BaseSettings):
                 raise ValueError("production mode needs an https public_url (session cookies are Secure only "
                                  "then); set allow_insecure_public_url = true to run without one")
         return self
+
+    @property
+    def known_access_modes(self) -> list[str]:
+        """The access modes a project may have: the configured ones, or, when none
+        are configured, the EuroHPC AI Factory modes (without limits)."""
+        return sorted(self.access_modes) or list(DEFAULT_ACCESS_MODES)
 
     @property
     def effective_database_url(self) -> str:

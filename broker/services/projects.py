@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 from sqlmodel import Session, col, select
 
 from broker.auth import Principal
@@ -57,9 +59,19 @@ def project_out(session: Session, project: Project) -> ProjectOut:
     )
 
 
-def create_project(session: Session, *, principal: Principal | None, body: ProjectIn) -> Project:
+def check_access_mode(mode: str | None, known: Collection[str] | None) -> None:
+    """An access mode must be a configured one (an unknown mode would silently mean
+    "no limits"); ``known`` None skips the check (internal callers)."""
+    if mode is not None and known is not None and mode not in known:
+        raise InvalidRequest(f"Unknown access_mode {mode!r}: the configured modes are {', '.join(known)}.")
+
+
+def create_project(session: Session, *, principal: Principal | None, body: ProjectIn,
+                   access_modes: Collection[str] | None = None) -> Project:
+    """Create a project; ``access_modes``: the configured modes its mode must be one of."""
     if principal is not None:
         require_role(principal, "quota_manager")
+    check_access_mode(body.access_mode, access_modes)
     if session.exec(select(Project).where(Project.code == body.code)).first():
         raise Conflict(f"Project {body.code} exists already.")
     project = Project(**body.model_dump())
@@ -68,8 +80,10 @@ def create_project(session: Session, *, principal: Principal | None, body: Proje
     return project
 
 
-def update_project(session: Session, *, principal: Principal, code: str, body: ProjectPatch) -> Project:
+def update_project(session: Session, *, principal: Principal, code: str, body: ProjectPatch,
+                   access_modes: Collection[str] | None = None) -> Project:
     require_role(principal, "quota_manager")
+    check_access_mode(body.access_mode, access_modes)
     project, _ = visible_project(session, principal, code)
     for key, value in body.model_dump(exclude_unset=True).items():
         setattr(project, key, value)

@@ -148,6 +148,25 @@ def test_partition_and_limits_and_concurrency(limited_env: BrokerEnv) -> None:
                                                    "exceeds_partition"]
 
 
+@pytest.mark.parametrize(("configured", "known", "unknown"), [
+    (True, "playground", "fast-lane"),  # configured: only the configured modes
+    (False, "fast-lane", "fastlane"),  # nothing configured: the AI Factory modes, without limits
+], ids=["configured", "defaults"])
+def test_access_mode_must_be_a_configured_mode(db_url: str, tmp_path: Path, configured: bool, known: str,
+                                               unknown: str) -> None:
+    """An unknown access mode silently meant "no limits": it is a 422 naming the modes."""
+    modes = {"playground": {"max_nodes": 1}} if configured else {}
+    with broker_env(tmp_path, db_url, access_modes=modes) as e:
+        r = e.call("POST", "/v1/projects", e.qm, json={"code": "P-X", "title": "x", "access_mode": unknown})
+        assert r.status_code == 422 and r.json()["code"] == "validation_error", r.text
+        assert f"'{unknown}'" in r.json()["detail"] and known in r.json()["detail"]
+        r = e.call("POST", "/v1/projects", e.qm, json={"code": "P-X", "title": "x", "access_mode": known})
+        assert r.status_code == 201, r.text
+        r = e.call("PATCH", "/v1/projects/P-X", e.qm, json={"access_mode": unknown})
+        assert r.status_code == 422 and f"'{unknown}'" in r.json()["detail"]
+        assert e.call("GET", "/v1/projects/P-X", e.qm).json()["access_mode"] == known
+
+
 def test_order_of_denials_gives_first_reason(env: BrokerEnv) -> None:
     # suspended project AND no account: the project state comes first
     env.setup_project(map_accounts=False)

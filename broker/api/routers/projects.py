@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Query, Request, Response
 
-from broker.api.deps import PrincipalDep, RegistryDep, SessionDep
+from broker.api.deps import PrincipalDep, RegistryDep, SessionDep, SettingsDep
 from broker.schemas import (
     MAX_DATE,
     MAX_ID,
@@ -40,8 +40,10 @@ def list_projects(principal: PrincipalDep, session: SessionDep) -> list[ProjectO
 
 
 @router.post("/projects", response_model=ProjectOut, status_code=201)
-def create_project(body: ProjectIn, principal: PrincipalDep, session: SessionDep) -> ProjectOut:
-    return svc.project_out(session, svc.create_project(session, principal=principal, body=body))
+def create_project(body: ProjectIn, principal: PrincipalDep, session: SessionDep,
+                   settings: SettingsDep) -> ProjectOut:
+    return svc.project_out(session, svc.create_project(session, principal=principal, body=body,
+                                                       access_modes=settings.known_access_modes))
 
 
 @router.get("/projects/{code}", response_model=ProjectOut)
@@ -51,8 +53,10 @@ def get_project(code: str, principal: PrincipalDep, session: SessionDep) -> Proj
 
 
 @router.patch("/projects/{code}", response_model=ProjectOut)
-def patch_project(code: str, body: ProjectPatch, principal: PrincipalDep, session: SessionDep) -> ProjectOut:
-    return svc.project_out(session, svc.update_project(session, principal=principal, code=code, body=body))
+def patch_project(code: str, body: ProjectPatch, principal: PrincipalDep, session: SessionDep,
+                  settings: SettingsDep) -> ProjectOut:
+    return svc.project_out(session, svc.update_project(session, principal=principal, code=code, body=body,
+                                                       access_modes=settings.known_access_modes))
 
 
 @router.post("/projects/{code}/allocations", response_model=AllocationOut, status_code=201)
