@@ -212,7 +212,9 @@ class Tracker:
         """A cluster without live jobs is not contacted by a poll: its health comes
         from a real probe now and then (never "ok" without one)."""
         now = time.monotonic()
-        if now < self._next_probe.get(cluster.name, 0.0):
+        # a cluster marked down (e.g. by a submission that could not connect: its circuit
+        # breaker is open) is probed every cycle, so it reopens soon after it answers
+        if now < self._next_probe.get(cluster.name, 0.0) and cluster.unreachable_since is None:
             return
         self._next_probe[cluster.name] = now + max(self.settings.reconcile_interval_seconds,
                                                    cluster.poll_interval_seconds)

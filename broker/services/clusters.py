@@ -223,6 +223,38 @@ def delete_cluster(session: Session, *, principal: Principal | None, registry: A
     registry.forget(name)
 
 
+#: a "down" verdict older than this no longer blocks submissions (the tracker that
+#: refreshes it may be gone): the next submission tries the cluster again
+BREAKER_FRESH_SECONDS = 300.0
+
+
+def breaker_retry_after(cluster: Cluster) -> int | None:
+    """Seconds to wait when the cluster's circuit breaker is open, else None.
+
+    Open while the latest verdict — the tracker's poll or idle probe, or a submission
+    that could not connect — says the cluster does not answer, and that verdict is
+    fresh. Submissions then fail at once (503 ``cluster_unavailable``) instead of
+    waiting for connection timeouts; the tracker's next successful probe closes it."""
+    if cluster.unreachable_since is None or cluster.health_ok is not False:
+        return None
+    checked = cluster.health_checked_at or cluster.unreachable_since
+    if (utcnow() - checked).total_seconds() > max(BREAKER_FRESH_SECONDS, 5 * cluster.poll_interval_seconds):
+        return None
+    return max(5, min(60, int(cluster.poll_interval_seconds * 3)))
+
+
+def trip_breaker(session: Session, *, cluster_id: int, detail: str) -> None:
+    """A submission could not reach the cluster: open its breaker now (the tracker
+    closes it after its next successful probe)."""
+    cluster = session.get(Cluster, cluster_id)
+    if cluster is None:
+        return
+    now = utcnow()
+    cluster.unreachable_since = cluster.unreachable_since or now
+    cluster.health_ok, cluster.health_detail, cluster.health_checked_at = False, detail[:2000], now
+    session.add(cluster)
+
+
 def check_health(session: Session, *, registry: AdapterRegistry, name: str) -> Health:
     """A live check through the adapter; the result is stored on the cluster."""
     cluster = get_cluster(session, name)

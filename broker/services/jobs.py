@@ -22,6 +22,7 @@ from sqlmodel import Session, col, select
 
 from broker.adapter import (
     AdapterError,
+    ClusterUnreachable,
     JobSpec,
     JobStatus,
     SchedulerJobRef,
@@ -47,7 +48,7 @@ from broker.models import Allocation, Cluster, Job, Project, User, utcnow
 from broker.registry import AdapterRegistry
 from broker.schemas import DenialOut, EstimateOut, JobOut, JobPage, JobRequest, Money
 from broker.services import ledger, notifications
-from broker.services.clusters import adapter_for
+from broker.services.clusters import adapter_for, breaker_retry_after, trip_breaker
 from broker.services.common import find_user, get_or_create_user, to_units, visible_project
 from broker.services.eligibility import Prepared, prepare
 from broker.states import TERMINAL_STATES, JobState
@@ -161,6 +162,11 @@ def _reserve_answer(
         assert cluster is not None and alloc is not None and prep.account_username is not None
         if cluster.state != "online":
             raise ClusterUnavailable(f"Cluster {cluster.name} is {cluster.state}.", retry_after=300)
+        wait = breaker_retry_after(cluster)
+        if wait is not None:  # fail fast: nothing reserved, no connection attempt
+            raise ClusterUnavailable(f"Cluster {cluster.name} does not answer (since "
+                                     f"{cluster.unreachable_since:%H:%M:%S} UTC: {cluster.health_detail}); "
+                                     "try again later.", retry_after=wait)
         req = prep.request
         assert req is not None
         dependency = _scheduler_dependency(session, req, user=user, cluster=cluster)
@@ -242,6 +248,9 @@ def submit(
     except AdapterError as exc:
         SUBMIT_ERRORS.labels(cluster.name, exc.code).inc()
         mark_submit_failed(engine, job_id=job.id, reason=f"{exc.code}: {exc}")
+        if isinstance(exc, ClusterUnreachable):
+            with session_scope(engine) as session:
+                trip_breaker(session, cluster_id=cluster.id or 0, detail=f"submit: {exc}")
         if exc.transient:
             raise ClusterUnavailable(f"Cluster {cluster.name} cannot take jobs right now: {exc}",
                                      retry_after=30, job_id=job.id) from exc
