@@ -34,7 +34,8 @@ def _client(url: str, token: str) -> Iterator[BrokerClient]:
         try:
             yield client
         except BrokerAPIError as exc:
-            typer.secho(f"error: {exc.detail} [{exc.code}]", fg=typer.colors.RED, err=True)
+            hint = " (set AIFA_BROKER_URL or --url to the broker's address)" if exc.code == "connection_failed" else ""
+            typer.secho(f"error: {exc.detail} [{exc.code}]{hint}", fg=typer.colors.RED, err=True)
             for problem in exc.problem.get("errors", [])[:20]:
                 typer.secho(f"  {problem.get('field')}: {problem.get('message')}", err=True)
             raise typer.Exit(1) from exc

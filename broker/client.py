@@ -39,10 +39,16 @@ class BrokerClient:
     """Synchronous client; thread-safe like the underlying ``httpx.Client``."""
 
     def __init__(self, base_url: str, token: str, *, timeout: float = 30.0, retries: int = 4,
+                 connect_timeout: float = 5.0, connect_retries: int = 1,
                  transport: httpx.BaseTransport | None = None) -> None:
-        self._http = httpx.Client(base_url=base_url.rstrip("/"), timeout=timeout, transport=transport,
+        """``connect_timeout``/``connect_retries`` bound how long a broker that cannot be
+        reached at all (wrong URL, down) is tried; lost answers keep ``retries``."""
+        self.base_url = base_url.rstrip("/")
+        self._http = httpx.Client(base_url=self.base_url, transport=transport,
+                                  timeout=httpx.Timeout(timeout, connect=min(connect_timeout, timeout)),
                                   headers={"Authorization": f"Bearer {token}", "User-Agent": "aifa-broker-client"})
         self.retries = retries
+        self.connect_retries = connect_retries
 
     def __enter__(self) -> BrokerClient:
         return self
@@ -143,9 +149,17 @@ class BrokerClient:
         for attempt in range(attempts):
             try:
                 response = self._http.request(method, path, **kwargs)
+            except (httpx.ConnectError, httpx.ConnectTimeout, httpx.UnsupportedProtocol) as exc:
+                # nothing reached the broker: a wrong URL or a broker that is down
+                if attempt >= min(self.connect_retries, attempts - 1):
+                    raise BrokerAPIError(0, "connection_failed",
+                                         f"cannot reach the broker at {self.base_url}: {exc}") from exc
+                time.sleep(0.5)
+                continue
             except httpx.TransportError as exc:
                 if attempt + 1 >= attempts:
-                    raise BrokerAPIError(0, "connection_failed", str(exc)) from exc
+                    raise BrokerAPIError(0, "connection_failed",
+                                         f"no answer from the broker at {self.base_url}: {exc}") from exc
                 time.sleep(min(2**attempt, 30))
                 continue
             if response.status_code in RETRYABLE_STATUS and attempt + 1 < attempts:

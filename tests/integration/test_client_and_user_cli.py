@@ -79,3 +79,18 @@ def test_user_cli_submit_show_list_cancel(env: BrokerEnv, tmp_path: Path) -> Non
         assert refused.exit_code == 1 and "[not_found]" in refused.output
         no_token = runner.invoke(app, ["job", "list"], env={"AIFA_BROKER_URL": base, "AIFA_BROKER_TOKEN": ""})
         assert no_token.exit_code == 1 and "no token" in no_token.output
+
+
+def test_cli_with_a_wrong_broker_url_fails_fast_and_names_it() -> None:
+    """Issue 9: a wrong AIFA_BROKER_URL waited 16 s and never named the URL."""
+    import socket
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{s.getsockname()[1]}"  # nothing listens there
+    t0 = time.monotonic()
+    result = CliRunner().invoke(app, ["job", "list"], env={"AIFA_BROKER_URL": url, "AIFA_BROKER_TOKEN": "t"})
+    elapsed = time.monotonic() - t0
+    assert result.exit_code == 1 and elapsed < 3, (elapsed, result.output)
+    assert f"cannot reach the broker at {url}" in result.output and "AIFA_BROKER_URL" in result.output
