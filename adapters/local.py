@@ -587,6 +587,12 @@ class LocalAdapter(ClusterAdapter):
         """The partitions from the settings (or the one default ``local`` partition)."""
         return [p.info() for p in self._partitions]
 
+    def output_location(self, ref: SchedulerJobRef, stream: str = "stdout") -> str | None:
+        """``<data_dir>/local-jobs/<job id>/stdout`` (or ``stderr``) on the broker's machine."""
+        if stream not in (sup.STDOUT_FILE, sup.STDERR_FILE) or not ref.job_id.isdigit():
+            return None
+        return str(self._root / ref.job_id / stream)
+
     def user_exists(self, username: str) -> bool | None:
         """Any name works: every job runs as the broker's own OS user (dev only)."""
         return True

@@ -318,6 +318,11 @@ class ClusterAdapter(abc.ABC):
         the adapter cannot tell (the definition is then its own scheduler)."""
         return None
 
+    def output_location(self, ref: SchedulerJobRef, stream: str = "stdout") -> str | None:
+        """Where the job's ``stdout``/``stderr`` file is, for people (None: not known).
+        Computed, never looked up: no call to the cluster."""
+        return None
+
     def user_exists(self, username: str) -> bool | None:
         """Whether ``username`` is a user jobs can run as (None: cannot tell)."""
         return None

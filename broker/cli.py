@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import tomllib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -72,8 +73,28 @@ def _errors() -> Iterator[None]:
         _fail(f"{exc} [{exc.code}]")
 
 
-def _unit(fn: Callable[[Any], T]) -> T:
+def _require_database(settings: Settings) -> None:
+    """Operator commands work on the broker's own database: on a machine without one
+    (no database configured, no embedded database yet) say so instead of silently
+    creating an empty one and answering "No project"."""
+    if settings.database_url is not None:
+        return
+    path = settings.data_dir / "broker.sqlite3"
+    if path.exists():
+        return
+    _fail(f"no broker database here: AIFA_BROKER_DATABASE_URL is not set and {path} does not exist. "
+          "Operator commands (project, allocation, member, account, cluster, ledger) run where the broker "
+          "runs, on its database (set AIFA_BROKER_CONFIG / AIFA_BROKER_DATABASE_URL, or create the embedded "
+          "one with `aifa-broker db upgrade` or `aifa-broker demo`). From another machine use the HTTP "
+          "commands (`aifa-broker job ...`, AIFA_BROKER_URL and AIFA_BROKER_TOKEN) or the API.")
+
+
+def _unit(fn: Callable[[Any], T], *, create: bool = False) -> T:
+    """Run ``fn`` in one transaction on the broker's database (``create``: the
+    embedded database may be created here, else it must exist)."""
     settings = _settings()
+    if not create:
+        _require_database(settings)
     with _errors():
         engine = engine_for(settings)
         ensure_local_cluster(engine, settings)
@@ -92,8 +113,29 @@ def serve(host: Annotated[str | None, typer.Option()] = None,
     from broker import server
 
     settings = _settings()
-    server.run(settings, host=host or settings.host, port=port or settings.port,
-               workers=workers or server.default_workers())
+    host, port = host or settings.host, port or settings.port
+    local = "127.0.0.1" if host in ("0.0.0.0", "", "::") else host  # noqa: S104 - a comparison
+    _record_served_url(settings, f"http://{local}:{port}")
+    server.run(settings, host=host, port=port, workers=workers or server.default_workers())
+
+
+SERVED_URL_FILE = "serve.url"
+
+
+def _record_served_url(settings: Settings, url: str) -> None:
+    """Where `serve` listens, for `demo` to print (the data directory is per broker)."""
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    (settings.data_dir / SERVED_URL_FILE).write_text(f"{url} {os.getpid()}\n")
+
+
+def _served_url(settings: Settings) -> str | None:
+    """The URL of this data directory's running `serve`, if one runs."""
+    try:
+        url, pid = (settings.data_dir / SERVED_URL_FILE).read_text().split()
+        os.kill(int(pid), 0)
+    except (OSError, ValueError):
+        return None
+    return url
 
 
 @app.command()
@@ -136,7 +178,7 @@ def signing_key(path: Annotated[Path, typer.Argument(help="where to write the ne
 
 @db_app.command("upgrade")
 def db_upgrade() -> None:
-    """Apply all schema migrations."""
+    """Apply all schema migrations (creates the embedded database when there is none)."""
     from broker.migrate import upgrade
 
     settings = _settings()
@@ -248,8 +290,18 @@ def allocation_grant(project: str, cluster: Annotated[str, typer.Option()],
     with _errors():
         body = AllocationIn.model_validate(dict(cluster=cluster, unit=unit, amount=amount, account=account,
                                                 start_date=start_date, end_date=end_date))
-    alloc = _unit(lambda s: project_svc.grant_allocation(s, principal=None, code=project, body=body, actor="cli"))
+    registry = AdapterRegistry(_settings())
+
+    def grant(session: Any) -> tuple[Any, str | None]:
+        alloc = project_svc.grant_allocation(session, principal=None, code=project, body=body, actor="cli")
+        return alloc, cluster_svc.check_scheduler_account(session, registry=registry, cluster_name=cluster,
+                                                          account=account)
+
+    alloc, warning = _unit(grant)
+    registry.close()
     typer.echo(f"granted allocation {alloc.id}: {amount} {unit} on {cluster} (account {account})")
+    if warning:
+        typer.secho(f"warning: {warning}", fg=typer.colors.YELLOW, err=True)
 
 
 @member_app.command("add")
@@ -268,9 +320,18 @@ def account_map(cluster: str, user: str, username: str) -> None:
 
     with _errors():
         AccountIn.model_validate({"username": username})
-    _unit(lambda s: (get_cluster(s, cluster), cluster_svc.map_account(
-        s, principal=None, cluster_name=cluster, user_name=user, username=username)))
+    registry = AdapterRegistry(_settings())
+
+    def map_(session: Any) -> str | None:
+        get_cluster(session, cluster)
+        cluster_svc.map_account(session, principal=None, cluster_name=cluster, user_name=user, username=username)
+        return cluster_svc.check_posix_user(session, registry=registry, cluster_name=cluster, username=username)
+
+    warning = _unit(map_)
+    registry.close()
     typer.echo(f"{user} runs as {username} on {cluster}")
+    if warning:
+        typer.secho(f"warning: {warning}", fg=typer.colors.YELLOW, err=True)
 
 
 @ledger_app.command("check")
@@ -287,7 +348,10 @@ def ledger_check() -> None:
 
 @app.command()
 def demo(project: Annotated[str, typer.Option()] = "EHPC-AIF-DEMO-001",
-         user: Annotated[str, typer.Option()] = "alice") -> None:
+         user: Annotated[str, typer.Option()] = "alice",
+         url: Annotated[str | None, typer.Option(help="the broker's URL (default: the running "
+                                                 "`serve` of this data directory, else the settings)")] = None,
+         ) -> None:
     """Create a demo project on the local cluster and print a token and a curl command."""
     import getpass
 
@@ -308,13 +372,17 @@ def demo(project: Annotated[str, typer.Option()] = "EHPC-AIF-DEMO-001",
         project_svc.add_member(session, principal=None, code=project, body=MemberIn(user=user, role="pi"))
         cluster_svc.map_account(session, principal=None, cluster_name="local", user_name=user, username=posix)
 
-    _unit(setup)
+    _unit(setup, create=True)
     tok = issue_token(settings, sub=user, roles=[])
     qm = issue_token(settings, sub="qm", roles=["quota_manager", "sysadmin"])
-    base = f"http://{settings.host}:{settings.port}"
+    base = url or _served_url(settings) or f"http://{settings.host}:{settings.port}"
     typer.echo(f"""
 Demo project {project} on the 'local' cluster (runs jobs as OS user {posix}; development only).
-User token for {user}:
+Broker: {base}   (another port? aifa-broker demo --url http://HOST:PORT, or serve first)
+For the CLI (aifa-broker job submit|list|show|output ...) as {user}:
+  export AIFA_BROKER_URL={base}
+  export AIFA_BROKER_TOKEN={tok}
+User token for {user} (curl):
   export TOKEN={tok}
 Quota manager + sysadmin token:
   export QM_TOKEN={qm}

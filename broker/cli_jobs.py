@@ -153,7 +153,10 @@ def output(job_id: str, url: Url = "http://127.0.0.1:8080", token: Token = "",
     """The tail of the job's stdout (or stderr); with --follow, its output as it grows."""
     stream = "stderr" if stderr else "stdout"
     if not follow:
-        typer.echo(_one(lambda c: c.output(job_id, stream=stream, tail=tail), url, token), nl=False)
+        text, where = _one(lambda c: c.output_and_location(job_id, stream=stream, tail=tail), url, token)
+        if where:
+            typer.echo(f"# {stream} file: {where}", err=True)
+        typer.echo(text, nl=False)
         return
     with _client(url, token) as client:
         for chunk in client.follow_output(job_id, stream=stream, interval=interval):

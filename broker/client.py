@@ -87,9 +87,13 @@ class BrokerClient:
         return dict(self._request("DELETE", f"/v1/jobs/{job_id}"))
 
     def output(self, job_id: str, *, stream: str = "stdout", tail: int = 65536) -> str:
+        return self.output_and_location(job_id, stream=stream, tail=tail)[0]
+
+    def output_and_location(self, job_id: str, *, stream: str = "stdout", tail: int = 65536) -> tuple[str, str | None]:
+        """The output's tail and where its file is (when the cluster's adapter can tell)."""
         response = self._send("GET", f"/v1/jobs/{job_id}/output", params={"stream": stream, "tail": tail},
                               retry=True)
-        return response.text
+        return response.text, response.headers.get("X-Output-Location")
 
     def wait(self, job_id: str, *, timeout: float = 3600.0, interval: float = 2.0) -> dict[str, Any]:
         """Poll until the job is settled (charged); raises TimeoutError after ``timeout``."""

@@ -400,6 +400,15 @@ class SlurmSSHAdapter(ClusterAdapter):
         )
         return parse.partitions_from_scontrol(parts, nodes)
 
+    def output_location(self, ref: SchedulerJobRef, stream: str = "stdout") -> str | None:
+        """``HOST:PATH`` of the job's output file (under the job user's home unless absolute)."""
+        try:
+            out, err = commands.output_paths(self.config.output_dir, commands.validate_job_id(ref.job_id))
+        except ValueError:
+            return None
+        path = out if stream == "stdout" else err
+        return f"{self.config.host}:{path if path.startswith('/') else f'~{ref.username}/{path}'}"
+
     def identity(self) -> str | None:
         """``slurm:<ClusterName>@<first SlurmctldHost>`` from ``scontrol show config``."""
         config = parse.parse_show_config(

@@ -443,6 +443,21 @@ def read_output(
         raise Conflict(f"The output cannot be read: {exc}", code=exc.code) from exc
 
 
+def output_location(session: Session, *, registry: AdapterRegistry, job_id: str, stream: str) -> str | None:
+    """Where the job's output file is (call after :func:`read_output` checked access)."""
+    job = session.get(Job, job_id)
+    if job is None or job.scheduler_job_id is None:
+        return None
+    cluster = session.get(Cluster, job.cluster_id)
+    if cluster is None:
+        return None
+    ref = SchedulerJobRef(job_id=job.scheduler_job_id, username=job.username, tag=job.id)
+    try:
+        return adapter_for(registry, cluster).output_location(ref, stream)
+    except AdapterError:
+        return None
+
+
 # --- listing ------------------------------------------------------------------------------------
 
 def _encode_cursor(created: datetime, job_id: str) -> str:

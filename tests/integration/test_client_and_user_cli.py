@@ -20,6 +20,10 @@ def test_client_submits_waits_and_reads_output(env: BrokerEnv) -> None:
         job = client.submit(project="EHPC-TEST-001", script="#!/bin/sh\necho from-client\n", time_limit_minutes=1)
         done = client.wait(job["id"], timeout=30, interval=0.2)
         assert done["state"] == "COMPLETED" and client.output(job["id"]) == "from-client\n"
+        text, where = client.output_and_location(job["id"])
+        # a `local` job's output file is on the broker's machine, and the API says where
+        assert where == str(env.settings.data_dir / "local-jobs" / done["scheduler_job_id"] / "stdout")
+        assert Path(where).read_text() == text == "from-client\n"
         assert [j["id"] for j in client.jobs(page_size=1)] == [job["id"]]
         assert client.projects()[0]["code"] == "EHPC-TEST-001"
         with pytest.raises(BrokerAPIError) as err:
@@ -74,7 +78,8 @@ def test_user_cli_submit_show_list_cancel(env: BrokerEnv, tmp_path: Path) -> Non
         assert cancelled.exit_code == 0, cancelled.output
         assert env.wait_settled(job["id"], env.auth("alice"))["state"] == "CANCELLED"
         shown = runner.invoke(app, ["job", "output", job["id"]], env=common)
-        assert shown.output == "a, b; c\n"
+        assert shown.stdout == "a, b; c\n"  # the file's place goes to stderr: stdout stays the output
+        assert "# stdout file: " in shown.stderr and "local-jobs" in shown.stderr
         refused = runner.invoke(app, ["job", "submit", str(script), "-p", "EHPC-NOPE"], env=common)
         assert refused.exit_code == 1 and "[not_found]" in refused.output
         no_token = runner.invoke(app, ["job", "list"], env={"AIFA_BROKER_URL": base, "AIFA_BROKER_TOKEN": ""})

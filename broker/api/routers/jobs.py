@@ -65,7 +65,9 @@ def job_output(
     """The last ``tail`` bytes of the job's stdout or stderr (owner, project PI)."""
     text = job_service.read_output(session, principal=principal, registry=registry, job_id=job_id,
                                    stream=stream, tail=tail)
-    return PlainTextResponse(text)
+    where = job_service.output_location(session, registry=registry, job_id=job_id, stream=stream)
+    # where the file itself is (e.g. a `local` job's file on the broker's machine)
+    return PlainTextResponse(text, headers={"X-Output-Location": where} if where else None)
 
 
 @router.delete("/{job_id}", response_model=JobOut, status_code=202)
