@@ -467,7 +467,12 @@ def _encode_cursor(created: datetime, job_id: str) -> str:
 def _decode_cursor(cursor: str) -> tuple[datetime, str]:
     try:
         created, job_id = base64.urlsafe_b64decode(cursor.encode()).decode().split("|", 1)
-        return datetime.fromisoformat(created), job_id
+        if len(job_id) > 64 or not job_id.isalnum():  # the database never sees what no id can be
+            raise ValueError("bad job id in cursor")
+        when = datetime.fromisoformat(created)
+        if when.tzinfo is None or not 1970 <= when.year <= 9000:  # cursors come from UTC timestamps
+            raise ValueError("forged timestamp in cursor")
+        return when, job_id
     except (ValueError, UnicodeDecodeError) as exc:
         raise InvalidRequest("The cursor is not valid; start again without it.") from exc
 

@@ -162,3 +162,21 @@ def test_unsupported_methods_are_405_with_allow(env: BrokerEnv, method: str) -> 
     r = env.call(method, "/v1/jobs", env.qm)
     body = _problem(r, 405, "method_not_allowed")
     assert set(r.headers["allow"].replace(" ", "").split(",")) == {"GET", "POST"}, body
+
+
+def test_over_long_user_in_account_path_is_422(env: BrokerEnv) -> None:
+    r = env.call("PUT", "/v1/clusters/local/accounts/" + "u" * 300, env.qm, json={"username": "alice"})
+    _problem(r, 422, "validation_error")
+
+
+@pytest.mark.parametrize("raw", ["2026-01-01T00:00:00|a\x00b", "2026-01-01T00:00:00|" + "f" * 100, "9999-12-31|x",
+                                 "8999-12-31T00:00:00+00:00|x", "0001-01-01T00:00:00+05:00|x"])
+def test_forged_cursor_is_422_or_empty_never_500(env: BrokerEnv, raw: str) -> None:
+    import base64
+
+    cursor = base64.urlsafe_b64encode(raw.encode()).decode()
+    r = env.call("GET", "/v1/jobs", env.qm, params={"cursor": cursor})
+    if raw.endswith("+00:00|x"):
+        assert r.status_code == 200 and r.json()["items"] == []
+    else:
+        _problem(r, 422, "validation_error")

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Response
+from typing import Annotated
+
+from fastapi import APIRouter, Path, Response
 from sqlmodel import col, select
 
 from broker.api.deps import PrincipalDep, RegistryDep, SessionDep, SettingsDep
 from broker.models import Cluster
-from broker.schemas import AccountIn, AccountOut, ClusterIn, ClusterOut, ClusterPatch, HealthOut
+from broker.schemas import NAME_RE, AccountIn, AccountOut, ClusterIn, ClusterOut, ClusterPatch, HealthOut
 from broker.services import clusters as svc
 from broker.services.common import get_cluster
 
@@ -58,7 +60,7 @@ def list_accounts(name: str, principal: PrincipalDep, session: SessionDep) -> li
 
 
 @router.put("/{name}/accounts/{user}", response_model=AccountOut)
-def map_account(name: str, user: str, body: AccountIn, principal: PrincipalDep,
+def map_account(name: str, user: Annotated[str, Path(pattern=NAME_RE)], body: AccountIn, principal: PrincipalDep,
                 session: SessionDep, registry: RegistryDep) -> AccountOut:
     out = svc.map_account(session, principal=principal, cluster_name=name, user_name=user,
                           username=body.username)
