@@ -6,7 +6,7 @@ PIP := $(VENV)/bin/pip
 SLURM_RELEASE ?= 22.05
 export AIFA_BROKER_DATA_DIR ?= $(CURDIR)/.data
 
-.PHONY: run test venv web test-deps lint typecheck slurm-up slurm-down test-unit clean audit image image-base dist
+.PHONY: run test venv web test-deps lint typecheck slurm-up slurm-down test-unit clean bench audit image image-base dist
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -78,6 +78,12 @@ image-base:
 # the npm projects; prints one verdict and plainly what could not be checked
 audit: venv
 	$(PY) scripts/audit.py
+
+# issue 13's benchmarks B1–B8 against the raw scheduler (not part of `make test`);
+# B1/B2/B4 need the 22.05 dev cluster and say so when it is down. BENCH_ARGS e.g.
+# "--only B3,B8 --runs 3" or "--quick". Figures print; JSON goes to bench/out/.
+bench: venv
+	$(PY) -m bench.run $(BENCH_ARGS)
 
 slurm-up:
 	deploy/slurm-dev/up.sh $(SLURM_RELEASE)

@@ -51,41 +51,56 @@ Request = tuple[str, str, dict[str, str], Any]  # method, path, headers, json bo
 
 async def _one_connection(host: str, port: int, jobs: asyncio.Queue[Request | None],
                           result: LoadResult, keep_bodies: bool) -> None:
-    reader, writer = await asyncio.open_connection(host, port)
+    """Send queued requests one after the other on one keep-alive connection. A
+    connection the server drops counts one error (status 0) and is reopened."""
+    conn: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
     try:
         while (item := await jobs.get()) is not None:
-            method, path, headers, body = item
-            raw = b"" if body is None else json.dumps(body).encode()
-            head = [f"{method} {path} HTTP/1.1", f"Host: {host}:{port}", f"Content-Length: {len(raw)}"]
-            if body is not None:
-                head.append("Content-Type: application/json")
-            head += [f"{k}: {v}" for k, v in headers.items()]
-            t0 = time.perf_counter()
-            writer.write(("\r\n".join(head) + "\r\n\r\n").encode() + raw)
-            status_line = await reader.readline()
-            if not status_line:  # the server closed the connection: reconnect, count an error
+            try:
+                if conn is None:
+                    conn = await asyncio.open_connection(host, port)
+                if not await _exchange(conn, host, port, item, result, keep_bodies):
+                    conn[1].close()
+                    conn = None
+            except (ConnectionError, asyncio.IncompleteReadError, OSError):
                 result.statuses[0] += 1
-                writer.close()
-                reader, writer = await asyncio.open_connection(host, port)
-                continue
-            status = int(status_line.split()[1])
-            length, close = 0, False
-            while (line := await reader.readline()) not in (b"\r\n", b""):
-                name, _, value = line.decode("latin-1").partition(":")
-                if name.lower() == "content-length":
-                    length = int(value)
-                elif name.lower() == "connection" and value.strip().lower() == "close":
-                    close = True
-            payload = await reader.readexactly(length) if length else b""
-            result.latencies_s.append(time.perf_counter() - t0)
-            result.statuses[status] += 1
-            if keep_bodies:
-                result.bodies.append(payload)
-            if close:
-                writer.close()
-                reader, writer = await asyncio.open_connection(host, port)
+                if conn is not None:
+                    conn[1].close()
+                conn = None
     finally:
-        writer.close()
+        if conn is not None:
+            conn[1].close()
+
+
+async def _exchange(conn: tuple[asyncio.StreamReader, asyncio.StreamWriter], host: str, port: int,
+                    item: Request, result: LoadResult, keep_bodies: bool) -> bool:
+    """One request and its answer; False when the connection must not be reused."""
+    reader, writer = conn
+    method, path, headers, body = item
+    raw = b"" if body is None else json.dumps(body).encode()
+    head = [f"{method} {path} HTTP/1.1", f"Host: {host}:{port}", f"Content-Length: {len(raw)}"]
+    if body is not None:
+        head.append("Content-Type: application/json")
+    head += [f"{k}: {v}" for k, v in headers.items()]
+    t0 = time.perf_counter()
+    writer.write(("\r\n".join(head) + "\r\n\r\n").encode() + raw)
+    status_line = await reader.readline()
+    if not status_line:
+        raise ConnectionResetError("the server closed the connection")
+    status = int(status_line.split()[1])
+    length, close = 0, False
+    while (line := await reader.readline()) not in (b"\r\n", b""):
+        name, _, value = line.decode("latin-1").partition(":")
+        if name.lower() == "content-length":
+            length = int(value)
+        elif name.lower() == "connection" and value.strip().lower() == "close":
+            close = True
+    payload = await reader.readexactly(length) if length else b""
+    result.latencies_s.append(time.perf_counter() - t0)
+    result.statuses[status] += 1
+    if keep_bodies:
+        result.bodies.append(payload)
+    return not close
 
 
 async def _run(base: str, requests: list[Request], concurrency: int, keep_bodies: bool) -> LoadResult:

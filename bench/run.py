@@ -16,7 +16,7 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
-from bench import admission, reports, slurm, tracking
+from bench import admission, reads, reports, slurm, tracking
 from bench.harness import Figure, machine, write_json
 
 
@@ -28,6 +28,7 @@ def plan(runs: int, quick: bool, held: int) -> dict[str, Callable[[], list[Figur
         "B1": lambda: slurm.submit_figures("slurm_ssh", runs=runs, n=per_point, levels=levels, workers=2),
         "B2": lambda: slurm.submit_figures("slurm_rest", runs=runs, n=per_point, levels=levels, workers=2),
         "B4": lambda: tracking.b4_b7(held=held),
+        "B5": lambda: reads.b5(seconds=15 if quick else 60),
         "B6": lambda: reports.b6(runs=runs, rows=200_000 if quick else 1_000_000),
         "B3": lambda: [admission.b3(runs=runs, n=n, concurrency=16, workers=2)],
         "B8": lambda: [admission.b8(runs=runs, n=n, concurrency=c) for c in (1, 8)],

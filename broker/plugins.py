@@ -21,6 +21,7 @@ POLICY_GROUP = "aifa_broker.policies"
 _lock = threading.Lock()
 _cache: dict[tuple[str, str], Any] = {}
 _failures: dict[tuple[str, str], BaseException] = {}
+_registered: set[tuple[str, str]] = set()
 
 
 class PluginError(Exception):
@@ -40,8 +41,11 @@ def _entry_points(group: str) -> dict[str, EntryPoint]:
 
 
 def available(group: str) -> list[str]:
-    """Names installed in ``group`` (whether or not they import)."""
-    return sorted(_entry_points(group))
+    """Names installed in ``group`` (whether or not they import), and those
+    :func:`register`-ed in this process."""
+    with _lock:
+        registered = {name for (g, name) in _registered if g == group}
+    return sorted(set(_entry_points(group)) | registered)
 
 
 def load(group: str, name: str) -> Any:
@@ -70,6 +74,7 @@ def register(group: str, name: str, obj: Any) -> None:
     point (benchmarks and tests: e.g. a stand-in adapter that answers at once)."""
     with _lock:
         _cache[(group, name)] = obj
+        _registered.add((group, name))
         _failures.pop((group, name), None)
 
 
