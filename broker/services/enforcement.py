@@ -123,7 +123,8 @@ def desired_state(session: Session, cluster: Cluster, *, on: date | None = None)
         select(ClusterAccount).where(ClusterAccount.cluster_id == cluster.id)).all()}
     out: dict[str, DesiredAccount] = {}
     for alloc, project in rows:
-        want = out.setdefault(alloc.account, DesiredAccount(account=alloc.account, active=False))
+        name = alloc.account.lower()  # Slurm stores account names in lower case (sacctmgr folds them)
+        want = out.setdefault(name, DesiredAccount(account=name, active=False))
         valid = project.status == "active" and (alloc.start_date is None or alloc.start_date <= day) \
             and (alloc.end_date is None or day <= alloc.end_date) \
             and (project.end_date is None or day <= project.end_date)

@@ -32,26 +32,26 @@ def _assoc(release: str, account: str) -> dict[str | None, str]:
     rows: dict[str | None, str] = {}
     for line in out.splitlines():
         acct, user, limit = ([*line.split("|"), "", "", ""])[:3]
-        if acct == account:
+        if acct == account.lower():  # Slurm folds account names to lower case
             rows[user or None] = limit
     return rows
 
 
 def _cleanup(release: str, account: str) -> None:
     """Safety net if a test failed half-way: no job, association or account left behind."""
-    slurm.run_in(release, "scancel", f"--account={account}", check=False)
+    slurm.run_in(release, "scancel", f"--account={account.lower()}", check=False)
     if _assoc(release, account):
-        slurm.run_in(release, "sacctmgr", "-i", "remove", "user", "where", f"account={account}", check=False)
+        slurm.run_in(release, "sacctmgr", "-i", "remove", "user", "where", f"account={account.lower()}", check=False)
     # the sync removes the account's associations on its cluster; the record itself
     # (shared by every cluster of a slurmdbd) is this test's own: remove it too
-    slurm.run_in(release, "sacctmgr", "-i", "remove", "account", "where", f"name={account}", check=False)
+    slurm.run_in(release, "sacctmgr", "-i", "remove", "account", "where", f"name={account.lower()}", check=False)
 
 
 @contextmanager
 def _enforced_env(release: str, tmp_path: Path, *, adapter: str = "slurm_ssh", enforce: bool = False,
-                  **overrides: Any) -> Iterator[tuple]:
+                  account_prefix: str = "aifa-t-", **overrides: Any) -> Iterator[tuple]:
     slurm.require_cluster(release)
-    account = f"aifa-t-{uuid.uuid4().hex[:8]}"
+    account = f"{account_prefix}{uuid.uuid4().hex[:8]}"
     url = f"sqlite:///{tmp_path / 'broker.sqlite3'}"
     try:
         with broker_env(tmp_path, url, usage_import_interval_seconds=3600, **overrides) as env:
@@ -174,7 +174,9 @@ def test_enforcement_lifecycle_on_real_slurm(enforced) -> None:  # type: ignore[
 
 @pytest.mark.parametrize("target", _PARAMS)
 def test_tracker_runs_the_sync_on_its_lease(target: tuple[str, str], tmp_path: Path) -> None:
-    with _enforced_env(target[0], tmp_path, adapter=target[1], enforce=True, enforcement_interval_seconds=1) as made:
+    # an account named in upper case: Slurm folds it, the sync must not see drift forever
+    with _enforced_env(target[0], tmp_path, adapter=target[1], enforce=True, enforcement_interval_seconds=1,
+                       account_prefix="AIFA-T-") as made:
         env, release, cluster, account, alloc = made
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and _assoc(release, account) != {None: "gres/gpu=3", "alice": "",
@@ -189,6 +191,7 @@ def test_tracker_runs_the_sync_on_its_lease(target: tuple[str, str], tmp_path: P
         assert _assoc(release, account).get(None) == "gres/gpu=6"
         status = env.call("GET", f"/v1/clusters/{cluster}", env.qm).json()["enforcement_status"]
         assert status["error"] is None and status["applied_at"]
+        assert _sync(env, cluster)["changes"] == []
 
 
 @pytest.mark.slurm
