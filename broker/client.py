@@ -15,6 +15,7 @@ and ``detail``.
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from collections.abc import Iterator
@@ -96,15 +97,69 @@ class BrokerClient:
         return response.text, response.headers.get("X-Output-Location")
 
     def wait(self, job_id: str, *, timeout: float = 3600.0, interval: float = 2.0) -> dict[str, Any]:
-        """Poll until the job is settled (charged); raises TimeoutError after ``timeout``."""
+        """Wait until the job is settled (charged); raises TimeoutError after ``timeout``.
+
+        Waits on the server (``GET /v1/jobs/{id}?wait_for=terminal``: the answer
+        comes at the change, not at the next poll). ``interval`` only spaces the
+        requests to a broker too old to hold them."""
+        return self.wait_for(job_id, "terminal", timeout=timeout, interval=interval)
+
+    def wait_for(self, job_id: str, state: str, *, timeout: float = 3600.0, interval: float = 2.0,
+                 hold: float = 60.0) -> dict[str, Any]:
+        """Wait until the job is at or past ``state`` (``RUNNING``, ``terminal``...; a job
+        that ended answers every wait); raises TimeoutError after ``timeout``."""
         deadline = time.monotonic() + timeout
         while True:
-            job = self.job(job_id)
-            if job.get("charged") is not None:
+            left = max(0.0, deadline - time.monotonic())
+            held = min(left, hold)
+            asked = time.monotonic()
+            response = self._send("GET", f"/v1/jobs/{job_id}", params={"wait_for": state, "timeout": held},
+                                  retry=True, timeout=held + 30.0)
+            job = dict(response.json())
+            done = response.headers.get("X-Wait-Satisfied")
+            if done == "true" or (done is None and state.lower() == "terminal" and job.get("charged") is not None):
                 return job
-            if time.monotonic() > deadline:
+            if time.monotonic() >= deadline:
                 raise TimeoutError(f"job {job_id} still {job['state']} after {timeout:.0f} s")
-            time.sleep(interval)
+            if done is None or time.monotonic() - asked < min(held, interval):
+                time.sleep(min(interval, max(0.0, deadline - time.monotonic())))  # not held: an older broker
+
+    def events(self, job_id: str | None = None, *, project: str | None = None, last_event_id: int | None = None,
+               reconnect: bool = True, read_timeout: float = 60.0) -> Iterator[dict[str, Any]]:
+        """Transitions as the broker streams them (Server-Sent Events) — of one job
+        (ends after its terminal event) or of a project (``project=``, endless).
+
+        A dropped connection is resumed with ``Last-Event-ID``: nothing is missed
+        and nothing repeated. Each item is the event's data (``id``, ``job_id``,
+        ``state``, ``previous_state``, ``pending_reason``, ``occurred_at``)."""
+        if (job_id is None) == (project is None):
+            raise ValueError("give a job id or a project, not both")
+        path = f"/v1/jobs/{job_id}/events" if job_id else f"/v1/projects/{project}/events"
+        last = last_event_id
+        failures = 0
+        while True:
+            headers = {"Accept": "text/event-stream", **({"Last-Event-ID": str(last)} if last is not None else {})}
+            try:
+                with self._http.stream("GET", path, headers=headers,
+                                       timeout=httpx.Timeout(30.0, read=read_timeout)) as response:
+                    if response.status_code >= 400:
+                        response.read()
+                        raise _error(response)
+                    for data in _sse_data(response.iter_lines()):
+                        failures = 0
+                        last = int(data["id"])
+                        yield data
+                        if job_id and data.get("state") in TERMINAL_STATES:
+                            return
+            except httpx.TransportError as exc:
+                failures += 1
+                if not reconnect or failures > self.retries:
+                    raise BrokerAPIError(0, "connection_failed", str(exc)) from exc
+                time.sleep(min(2 ** (failures - 1), 30))
+                continue
+            if not reconnect:
+                return
+            time.sleep(0.5)  # closed without an end: reconnect and resume
 
     def follow_output(self, job_id: str, *, stream: str = "stdout", interval: float = 2.0,
                       window: int = 1_048_576) -> Iterator[str]:
@@ -186,6 +241,21 @@ def _new_part(before: str, now: str, window: int) -> str:
     if at >= 0:
         return now[at + len(anchor):]
     return "[... output skipped ...]\n" + now
+
+
+TERMINAL_STATES = frozenset({"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "SUBMIT_FAILED"})
+
+
+def _sse_data(lines: Iterator[str]) -> Iterator[dict[str, Any]]:
+    """The JSON ``data`` of each Server-Sent Event (comments and ``retry:`` skipped)."""
+    data: list[str] = []
+    for line in lines:
+        if line == "":
+            if data:
+                yield dict(json.loads("\n".join(data)))
+            data = []
+        elif line.startswith("data:"):
+            data.append(line[5:].removeprefix(" "))
 
 
 def _retry_after(response: httpx.Response, attempt: int) -> float:

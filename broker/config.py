@@ -175,6 +175,15 @@ class Settings(BaseSettings):
     usage_import_overlap_minutes: float = Field(default=30.0, ge=0)
     log_level: str = "INFO"
 
+    #: waiting on the server (docs/jobs.md): held long polls + event streams per user
+    #: and replica (beyond: 429 too_many_streams), the longest long poll, how often
+    #: new job events are looked for on SQLite (PostgreSQL: LISTEN/NOTIFY, and this
+    #: × 20 as a safety net), and the keep-alive comment interval of event streams
+    max_streams_per_user: int = Field(default=8, ge=1, le=10_000)
+    long_poll_max_seconds: float = Field(default=300.0, gt=0, le=3600)
+    event_poll_seconds: float = Field(default=0.25, gt=0, le=60)
+    event_keepalive_seconds: float = Field(default=15.0, gt=0, le=3600)
+
     @classmethod
     def settings_customise_sources(
         cls,

@@ -310,3 +310,24 @@ class WebhookDelivery(SQLModel, table=True):
     last_error: str | None = Field(default=None, max_length=2000)
     delivered_at: datetime | None = _ts()
     created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+
+
+class JobEvent(SQLModel, table=True):
+    """One transition of a job (state, or what the scheduler says while it waits), in
+    commit order: ``id`` is what event streams resume from (``Last-Event-ID``).
+    Written only through :mod:`broker.events` (which keeps ids in commit order)."""
+
+    __tablename__ = "job_events"
+    __table_args__ = (
+        sa.Index("ix_job_events_job_id", "job_id", "id"),
+        sa.Index("ix_job_events_project_id", "project_id", "id"),
+    )
+    id: int | None = Field(default=None, primary_key=True,
+                           sa_type=sa.BigInteger().with_variant(sa.Integer(), "sqlite"))
+    job_id: str = Field(foreign_key="jobs.id", max_length=32)
+    project_id: int = Field(foreign_key="projects.id")
+    user_id: int = Field(foreign_key="users.id")
+    state: str = Field(max_length=16)
+    previous_state: str | None = Field(default=None, max_length=16)
+    pending_reason: str | None = Field(default=None, max_length=128)
+    occurred_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)

@@ -22,6 +22,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
 
+from broker import events
 from broker.adapter import AdapterError, ClusterAdapter, Health, JobStatus, SchedulerJobRef
 from broker.config import Settings
 from broker.db import session_scope
@@ -186,6 +187,9 @@ class Tracker:
                 live.expected_start_at) == (new_state.value, status.raw_state[:64], None, started,
                                             pending_reason, expected):
             return
+        if (live.state, live.pending_reason) != (new_state.value, pending_reason):
+            events.record_for(session, live, state=new_state.value, previous=live.state,
+                          pending_reason=pending_reason)
         live.state, live.raw_state, live.unknown_since = new_state.value, status.raw_state[:64], None
         live.last_polled_at, live.started_at = utcnow(), started
         live.pending_reason, live.expected_start_at = pending_reason, expected
@@ -201,6 +205,9 @@ class Tracker:
             c.health_ok, c.health_detail, c.health_checked_at = False, str(exc)[:2000], now
             if not jobs:
                 return
+            for job in jobs:
+                if job.state != JobState.UNKNOWN.value:
+                    events.record_for(session, job, state=JobState.UNKNOWN.value, previous=job.state)
             table = Job.__table__  # type: ignore[attr-defined]
             session.execute(
                 sa.update(table).where(table.c.id.in_([j.id for j in jobs]), table.c.settled_at.is_(None))

@@ -15,7 +15,7 @@ from sqlalchemy.engine import Engine
 from broker import dashboard
 from broker.api import docs, openapi, problems
 from broker.api.middleware import BodyLimit, UrlCheck
-from broker.api.routers import clusters, enforcement, jobs, projects, reports
+from broker.api.routers import clusters, enforcement, events, jobs, projects, reports
 from broker.auth import Authenticator
 from broker.bootstrap import engine_for, ensure_local_cluster
 from broker.config import Settings, get_settings
@@ -51,6 +51,8 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
             tracker.stop()
             notifier.stop()
             registry.close()
+            if getattr(app.state, "event_hub", None) is not None:
+                app.state.event_hub.close()
 
     app = FastAPI(title="aifa-broker", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="Compute-access broker for EuroHPC AI Factory allocations.")
@@ -63,7 +65,9 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
     db_metrics = CollectorRegistry(auto_describe=False)
     db_metrics.register(DatabaseCollector(engine))
     problems.install(app)
-    for router in (jobs.router, projects.router, clusters.router, enforcement.router, reports.router):
+    # events first: its long-poll route takes GET /v1/jobs/{id} only when ?wait_for= is given
+    for router in (events.router, jobs.router, projects.router, clusters.router, enforcement.router,
+                   reports.router):
         app.include_router(router)
     dashboard.install(app, settings)
     docs.install(app)

@@ -20,6 +20,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
 
+from broker import events
 from broker.adapter import (
     AdapterError,
     ClusterUnreachable,
@@ -178,6 +179,7 @@ def _reserve_answer(
                   reserved=prep.estimate, submit_attempted_at=utcnow())
         session.add(job)
         session.flush()
+        events.record_for(session, job, state=JobState.ACCEPTED.value, previous=None)
         if link is not None:
             link(session, job.id)  # same transaction: the job exists iff its key knows it
         try:
@@ -288,12 +290,17 @@ def record_submitted(engine: Engine, *, job_id: str, ref: SchedulerJobRef) -> da
     submitted_at = ref.submit_time or utcnow()
     with session_scope(engine) as session:
         table = Job.__table__  # type: ignore[attr-defined]
-        result = session.execute(
+        moved = session.execute(
             sa.update(table).where(table.c.id == job_id, table.c.state == JobState.ACCEPTED.value,
                                    table.c.scheduler_job_id.is_(None))
             .values(state=JobState.PENDING.value, scheduler_job_id=ref.job_id, submitted_at=submitted_at)
-        )
-        return submitted_at if result.rowcount else None  # type: ignore[attr-defined]
+            .returning(table.c.project_id, table.c.user_id)
+        ).first()
+        if moved is None:
+            return None
+        events.record(session, job_id=job_id, project_id=moved[0], user_id=moved[1],
+                      state=JobState.PENDING.value, previous=JobState.ACCEPTED.value)
+        return submitted_at
 
 
 def mark_submit_failed(engine: Engine, *, job_id: str, reason: str) -> bool:
@@ -330,6 +337,7 @@ def settle(session: Session, *, job: Job, status: JobStatus, cost_model: dict[st
     )
     if not result.rowcount:  # type: ignore[attr-defined]
         return False
+    events.record_for(session, job, state=status.state.value, previous=job.state)
     alloc = session.get(Allocation, job.allocation_id)
     assert alloc is not None
     occurred = status.end_time or now

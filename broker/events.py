@@ -1,0 +1,82 @@
+"""Job events: every transition of a job, written in the transaction that makes it.
+
+Whoever changes a job's state (the submit path, the tracker, settlement) calls
+:func:`record` inside its session; the rows are inserted just before that session
+commits, so an event exists exactly when its transition does (a rollback drops
+both). Readers (long polls, Server-Sent Events, see :mod:`broker.api.streams`)
+resume from an event id, so ids must grow in **commit order**, or a reader that
+has seen id 8 could miss a 7 committed later:
+
+* PostgreSQL: the insert takes a transaction-scoped advisory lock, held only from
+  the insert to the commit (the last statements of the transaction), so event
+  ids are handed out in commit order; ``pg_notify`` on :data:`CHANNEL` (delivered at
+  commit) wakes the listeners of every replica at once.
+* SQLite: every write transaction is serialised (``BEGIN IMMEDIATE``, broker/db.py),
+  so ids are in commit order already; readers poll.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import asdict, dataclass
+from datetime import datetime
+
+import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy.orm import Session
+
+from broker.models import Job, JobEvent, utcnow
+
+__all__ = ["CHANNEL", "Transition", "record", "record_for"]
+
+#: PostgreSQL NOTIFY channel announcing new job events (no payload: readers query)
+CHANNEL = "aifa_job_events"
+_LOCK_KEY = zlib.crc32(b"aifa:job_events")
+_PENDING = "aifa_job_events"
+
+
+@dataclass(frozen=True)
+class Transition:
+    """What one job event says (the row of ``job_events`` without its id)."""
+
+    job_id: str
+    project_id: int
+    user_id: int
+    state: str
+    previous_state: str | None
+    pending_reason: str | None
+    occurred_at: datetime
+
+
+def record(session: Session, *, job_id: str, project_id: int, user_id: int, state: str,
+           previous: str | None, pending_reason: str | None = None) -> None:
+    """Note that job ``job_id`` moved from ``previous`` to ``state`` (or that what the
+    scheduler says about it changed); written when ``session`` commits."""
+    session.info.setdefault(_PENDING, []).append(Transition(
+        job_id=job_id, project_id=project_id, user_id=user_id, state=state,
+        previous_state=previous, pending_reason=pending_reason, occurred_at=utcnow()))
+
+
+def record_for(session: Session, job: Job, *, state: str, previous: str | None,
+               pending_reason: str | None = None) -> None:
+    """:func:`record` for a loaded job row."""
+    record(session, job_id=job.id, project_id=job.project_id, user_id=job.user_id, state=state,
+           previous=previous, pending_reason=pending_reason)
+
+
+@event.listens_for(Session, "before_commit")
+def _write_pending(session: Session) -> None:
+    pending: list[Transition] = session.info.pop(_PENDING, [])
+    if not pending:
+        return
+    postgres = session.get_bind().dialect.name == "postgresql"
+    if postgres:  # ids in commit order (see the module docstring)
+        session.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": _LOCK_KEY})
+    session.execute(sa.insert(JobEvent.__table__), [asdict(p) for p in pending])  # type: ignore[attr-defined]
+    if postgres:
+        session.execute(sa.text("SELECT pg_notify(:channel, '')"), {"channel": CHANNEL})
+
+
+@event.listens_for(Session, "after_rollback")
+def _drop_pending(session: Session) -> None:
+    session.info.pop(_PENDING, None)
