@@ -62,7 +62,7 @@ def chosen_ids(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
 def test_job_ids_accept_a_unique_prefix_among_the_callers_jobs_only(env: BrokerEnv, chosen_ids: list[str]) -> None:
     env.setup_project("EHPC-TEST-001", members=("alice",))
-    env.setup_project("EHPC-TEST-002", members=("bob",))
+    env.setup_project("EHPC-TEST-002", members=("bob",), account="proj-b")
     chosen_ids += ["abcd1111" + "0" * 24, "abcd2222" + "0" * 24, "abcd3333" + "0" * 24, "fe" * 16]
     a1 = _submit(env, "alice")
     a2 = _submit(env, "alice")
@@ -110,7 +110,7 @@ def test_state_filters_are_case_insensitive(env: BrokerEnv) -> None:
 
 def test_budget_shows_the_callers_projects_with_burn_rate(env: BrokerEnv) -> None:
     env.setup_project("EHPC-TEST-001", amount=10, members=("alice",))
-    env.setup_project("EHPC-TEST-002", amount=20, members=("bob",))
+    env.setup_project("EHPC-TEST-002", amount=20, members=("bob",), account="proj-b")
     alice = env.auth("alice")
     job = _submit(env, "alice", script="#!/bin/sh\nsleep 2\n", cpus_per_task=4)
     env.wait_settled(job["id"], alice)

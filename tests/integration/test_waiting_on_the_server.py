@@ -178,7 +178,7 @@ class _Iter(httpx.SyncByteStream):
 
 def test_project_stream_shows_members_their_jobs_and_pis_all(env: BrokerEnv) -> None:
     env.setup_project("EHPC-TEST-001", members=("alice", "bob"), pi="carol")
-    env.setup_project("EHPC-TEST-002", members=("dave",))
+    env.setup_project("EHPC-TEST-002", members=("dave",), account="proj-b")
     results: dict[str, list[dict[str, Any]]] = {}
     with live_server(env.app) as base:
 
