@@ -31,13 +31,14 @@ from broker.adapter import (
 )
 from broker.auth import Principal
 from broker.config import Settings
-from broker.cost import MAX_MICRO, cost_micro
+from broker.cost import MAX_MICRO, cost_micro, memory_rule
 from broker.db import session_scope
 from broker.directives import EffectiveRequest
 from broker.errors import (
     BrokerError,
     ClusterUnavailable,
     Conflict,
+    DirectiveRefused,
     EligibilityDenied,
     Forbidden,
     InvalidRequest,
@@ -170,6 +171,13 @@ def _reserve_answer(
                                      "try again later.", retry_after=wait)
         req = prep.request
         assert req is not None
+        if req.array is not None:
+            line = req.sources.get("array", "script")
+            raise DirectiveRefused(f"Script {line.replace(':', ' line ')}: --array={req.array.text} — job arrays are "
+                                   "priced by POST /v1/jobs/estimate (tasks × per task) but not yet tracked end to "
+                                   "end by the broker; submit the tasks as separate jobs",
+                                   line=int(line.split(":")[1]) if ":" in line else None,
+                                   directive=f"--array={req.array.text}")
         dependency = _scheduler_dependency(session, req, user=user, cluster=cluster)
         record = {"project": body.project, "cluster": cluster.name, "script": body.script, **req.record()}
         job = Job(id=uuid.uuid4().hex, project_id=prep.project.id or 0, cluster_id=cluster.id or 0,
@@ -188,18 +196,25 @@ def _reserve_answer(
         except QuotaExceeded as exc:
             DENIALS.labels("quota_exceeded").inc()
             raise _quota_answer(session, alloc, prep.estimate) from exc
-        spec = JobSpec(tag=job.id, username=prep.account_username, account=alloc.account,
-                       script=req.script, time_limit_minutes=req.time_limit_minutes, name=req.name,
-                       partition=prep.partition, nodes=req.nodes, ntasks_per_node=req.ntasks_per_node,
-                       cpus_per_task=req.cpus_per_task, gpus_per_node=req.gpus_per_node,
-                       memory_per_node_mb=req.memory_per_node_mb, environment=dict(req.environment),
-                       working_directory=req.working_directory, ntasks=req.ntasks, min_nodes=req.min_nodes,
-                       gpu_type=req.gpu_type, exclusive=req.exclusive, constraint=req.constraint,
-                       mail_type=req.mail_type, mail_user=req.mail_user,
-                       array=req.array.text if req.array else None, dependency=dependency)
+        spec = job_spec(req, tag=job.id, username=prep.account_username, account=alloc.account,
+                        partition=prep.partition, dependency=dependency)
         # the answer as committed (no reload: names are known here, values set by us)
         accepted = job_out(job, project=prep.project.code, cluster=cluster.name, user=user.name)
         return job, spec, cluster, accepted
+
+
+def job_spec(req: EffectiveRequest, *, tag: str, username: str, account: str, partition: str | None,
+             dependency: str | None = None) -> JobSpec:
+    """What the adapter submits: the effective request, nothing else (the script's
+    directives neutralised, the dependency in scheduler ids)."""
+    return JobSpec(tag=tag, username=username, account=account, script=req.script,
+                   time_limit_minutes=req.time_limit_minutes, name=req.name, partition=partition,
+                   nodes=req.nodes, ntasks_per_node=req.ntasks_per_node, cpus_per_task=req.cpus_per_task,
+                   gpus_per_node=req.gpus_per_node, memory_per_node_mb=req.memory_per_node_mb,
+                   environment=dict(req.environment), working_directory=req.working_directory,
+                   ntasks=req.ntasks, min_nodes=req.min_nodes, gpu_type=req.gpu_type, exclusive=req.exclusive,
+                   constraint=req.constraint, mail_type=req.mail_type, mail_user=req.mail_user,
+                   array=req.array.text if req.array else None, dependency=dependency)
 
 
 def _quota_answer(session: Session, alloc: Allocation, estimate: int) -> QuotaExceeded:
@@ -316,6 +331,13 @@ def mark_submit_failed(engine: Engine, *, job_id: str, reason: str) -> bool:
 
 # --- settlement ---------------------------------------------------------------------------
 
+def _partition_info(session: Session, job: Job) -> dict[str, object] | None:
+    """The job's partition as discovered (for the memory rule of the charge)."""
+    cluster = session.get(Cluster, job.cluster_id)
+    parts = cluster.partitions if cluster is not None else []
+    return next((dict(p) for p in parts if p.get("name") == job.partition), None)
+
+
 def settle(session: Session, *, job: Job, status: JobStatus, cost_model: dict[str, object]) -> bool:
     """Release the reservation and charge the measured usage — exactly once.
 
@@ -323,7 +345,8 @@ def settle(session: Session, *, job: Job, status: JobStatus, cost_model: dict[st
     (job, kind)) makes a second settlement a no-op, whatever the concurrency."""
     seconds = status.elapsed_seconds or 0
     charge = 0 if status.state == JobState.SUBMIT_FAILED else cost_micro(
-        cost_model, partition=job.partition, unit=job.unit, tres=status.alloc_tres, seconds=seconds)
+        cost_model, partition=job.partition, unit=job.unit,
+        tres=memory_rule(status.alloc_tres, _partition_info(session, job)), seconds=seconds)
     table = Job.__table__  # type: ignore[attr-defined]
     now = utcnow()
     result = session.execute(

@@ -78,7 +78,9 @@ class V0038(ApiLayer):
         if request.gpus_per_node:
             job["gres"] = f"gpu:{request.gpu_spec}"
         if request.exclusive:
-            job["exclusive"] = "true"
+            # the schema's enum says "true", but 22.05's parser (arg_set_data_exclusive)
+            # takes sbatch's words: "exclusive" = JOB_SHARED_NONE ("true" is refused)
+            job["exclusive"] = "exclusive"
         if request.mail_type:
             job["mail_type"] = request.mail_type
         job.update(request.optional_fields())
