@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from adapters.slurm_rest import SlurmRestAdapter
@@ -84,7 +84,7 @@ def _wait_final(adapter: ClusterAdapter, ref: Any) -> JobStatus:
     raise AssertionError(f"job {ref.job_id} not final in 150 s")
 
 
-@settings(max_examples=6, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+@settings(max_examples=10, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
 @given(directives=DIRECTIVES, json=JSON)
 def test_reservation_covers_what_slurm_allocates(live, directives: list[str], json: dict[str, Any]) -> None:  # type: ignore[no-untyped-def]
     _release, adapter, parts = live
@@ -96,15 +96,18 @@ def test_reservation_covers_what_slurm_allocates(live, directives: list[str], js
         partition = req.partition or "cpu"
         req = with_partition_defaults(req, parts[partition])
     except (UnsupportedDirective, ValueError):
+        event("refused")
         return  # refused by the broker: nothing reserved, nothing submitted
     if partition_misfit(nodes=req.nodes, cpus_per_node=req.ntasks_per_node * req.cpus_per_task,
                         gpus_per_node=req.gpus_per_node, memory_per_node_mb=req.memory_per_node_mb,
                         partition=parts[partition]):
+        event("exceeds_partition")
         return  # denied exceeds_partition
     priced = allocation_tres(nodes=req.nodes, cpus=req.cpus, gpus_per_node=req.gpus_per_node,
                              memory_per_node_mb=req.memory_per_node_mb, exclusive=req.exclusive,
                              partition=parts[partition])
     spec = job_spec(req, tag=uuid.uuid4().hex, username="alice", account="proj-a", partition=partition)
+    event("submitted")
     final = _wait_final(adapter, adapter.submit(spec))
     alloc = final.alloc_tres
     assert alloc, final
