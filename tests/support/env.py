@@ -159,9 +159,15 @@ def broker_env(tmp_path: Path, db_url: str, *, run_tracker: bool = True, **overr
     engine = make_engine(db_url)
     upgrade(engine)
     app = create_app(settings, engine=engine, run_tracker=run_tracker)
-    with engine.begin() as conn:  # the embedded local cluster, sped up for tests
-        conn.execute(sa.text("UPDATE clusters SET connection = :c WHERE name = 'local'"),
-                     {"c": __import__("json").dumps(LOCAL_TEST_CONNECTION)})
+    # the embedded local cluster, sped up for tests; its discovered partitions follow
+    # the test connection (prices and the memory rule read them)
+    from dataclasses import asdict
+
+    from adapters.local import LocalAdapter
+    parts = [asdict(p) for p in LocalAdapter("local", LOCAL_TEST_CONNECTION, data_dir=str(tmp_path)).discover()]
+    with engine.begin() as conn:
+        conn.execute(sa.text("UPDATE clusters SET connection = :c, partitions = :p WHERE name = 'local'"),
+                     {"c": __import__("json").dumps(LOCAL_TEST_CONNECTION), "p": __import__("json").dumps(parts)})
     with TestClient(app) as client:
         yield BrokerEnv(settings=settings, engine=engine, app=app, client=client)
     engine.dispose()
