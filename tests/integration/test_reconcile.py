@@ -80,3 +80,34 @@ def _cluster(env: BrokerEnv):  # type: ignore[no-untyped-def]
 
     with session_scope(env.engine) as s:
         return s.exec(select(Cluster).where(Cluster.name == "local")).one()
+
+
+def test_adoption_checks_the_submit_time_window(env: BrokerEnv) -> None:
+    """A tagged job submitted long before the intent was written (or long after it
+    could have been submitted) is not this broker job."""
+    from datetime import timedelta
+
+    from broker.adapter import SchedulerJobRef
+    from broker.models import Job
+
+    env.setup_project()
+    env.app.state.tracker.stop()
+    job_id = _crash_after_submit(env, "sleep 1", reach_cluster=False)
+    with session_scope(env.engine) as s:
+        job = s.get(Job, job_id)
+        assert job is not None
+        s.expunge(job)
+    tracker = env.app.state.tracker
+    cluster = _cluster(env)
+
+    def ref(**over: object) -> SchedulerJobRef:
+        base = {"job_id": "424242", "username": job.username, "tag": job.id, "account": job.account,
+                "submit_time": job.created_at + timedelta(seconds=1)}
+        return SchedulerJobRef(**{**base, **over})  # type: ignore[arg-type]
+
+    assert tracker._matches_intent(cluster, job, ref())
+    assert tracker._matches_intent(cluster, job, ref(submit_time=None, account=None))  # adapter cannot tell
+    assert not tracker._matches_intent(cluster, job, ref(submit_time=job.created_at - timedelta(hours=2)))
+    assert not tracker._matches_intent(cluster, job, ref(submit_time=job.created_at + timedelta(days=1)))
+    assert not tracker._matches_intent(cluster, job, ref(username="mallory"))
+    assert not tracker._matches_intent(cluster, job, ref(account="proj-other"))
