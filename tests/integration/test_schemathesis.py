@@ -19,6 +19,7 @@ import pytest
 import requests
 import schemathesis
 from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
 from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
 from schemathesis.core.failures import FailureGroup
@@ -33,7 +34,7 @@ from tests.support.env import BrokerEnv
 from tests.support.server import live_server
 
 #: examples per operation and generation mode; AIFA_FUZZ_EXAMPLES raises it for a long run
-EXAMPLES = int(os.environ.get("AIFA_FUZZ_EXAMPLES", "12"))
+EXAMPLES = int(os.environ.get("AIFA_FUZZ_EXAMPLES", "8"))
 ROLES: dict[str, tuple[str, ...]] = {
     "member": ("alice",),
     "quota_manager": ("qm-fuzz", "quota_manager"),
@@ -61,9 +62,21 @@ def _own_checks(response: Any) -> list[str]:
     return problems
 
 
+def _with_known(pair: tuple[Any, list[bool]], known: dict[str, str]) -> Any:
+    """Half of the cases name objects that exist (the project, the local cluster, alice,
+    a real allocation and job), so the handlers behind the 404s get fuzzed too."""
+    case, flips = pair
+    for (name, _), flip in zip(sorted(case.path_parameters.items()), flips, strict=False):
+        if flip and name in known:
+            case.path_parameters[name] = known[name]
+    return case
+
+
 def _run_operation(operation: Any, mode: GenerationMode, call: Callable[[Any], Any],
-                   failures: list[str], statuses: Counter[int]) -> None:
-    @given(case=operation.as_strategy(generation_mode=mode))
+                   failures: list[str], statuses: Counter[int], known: dict[str, str]) -> None:
+    cases = st.tuples(operation.as_strategy(generation_mode=mode), st.lists(st.booleans(), min_size=3, max_size=3))
+
+    @given(case=cases.map(lambda pair: _with_known(pair, known)))
     @settings(max_examples=EXAMPLES, derandomize=True, deadline=None, database=None, print_blob=False,
               phases=[Phase.explicit, Phase.generate], suppress_health_check=list(HealthCheck))
     def run(case: Any) -> None:
@@ -86,7 +99,11 @@ def _run_operation(operation: Any, mode: GenerationMode, call: Callable[[Any], A
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("role", list(ROLES))
 def test_schemathesis_no_5xx_problems_only_documented_answers(env: BrokerEnv, role: str) -> None:
-    env.setup_project(pi="bob")
+    alloc = env.setup_project(pi="bob")
+    job = env.call("POST", "/v1/jobs", env.auth("alice"),
+                   json={"project": "EHPC-TEST-001", "script": "sleep 30", "time_limit_minutes": 5}).json()
+    known = {"code": "EHPC-TEST-001", "name": "local", "user": "alice", "allocation_id": str(alloc["id"]),
+             "job_id": job["id"]}
     who = env.auth(*ROLES[role])
     schema = schemathesis.openapi.from_dict(env.app.openapi())
     failures: list[str] = []
@@ -102,7 +119,7 @@ def test_schemathesis_no_5xx_problems_only_documented_answers(env: BrokerEnv, ro
             if not operation.path.startswith("/v1/"):
                 continue
             for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
-                _run_operation(operation, mode, call, failures, statuses)
+                _run_operation(operation, mode, call, failures, statuses, known)
     assert sum(statuses.values()) >= EXAMPLES * 20, statuses  # it really ran
     unique = sorted(set(failures))
     assert not unique, f"{len(unique)} distinct failures ({dict(statuses)}):\n" + "\n".join(unique[:40])
