@@ -391,6 +391,7 @@ Submit a job:
     -d '{{"project": "{project}", "time_limit_minutes": 5,
          "script": "#!/bin/bash\\necho hello from $SLURM_JOB_ID; sleep 2"}}'
 Then: curl -s {base}/v1/jobs -H "Authorization: Bearer $TOKEN"   (API docs: {base}/docs)
+A job's output: aifa-broker job output ID  (files: {settings.data_dir}/local-jobs/<scheduler job id>/stdout)
 """)
 
 

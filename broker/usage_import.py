@@ -108,21 +108,27 @@ class UsageImporter:
         with session_scope(self.engine) as session:
             clusters = list(session.exec(select(Cluster).where(Cluster.state != "offline")
                                          .order_by(col(Cluster.id))).all())
-        groups: dict[str, Cluster] = {}
-        for c in clusters:  # one definition per scheduler: the first registered
-            groups.setdefault(group_key(c), c)
+        groups: dict[str, list[Cluster]] = {}
+        for c in clusters:  # one import per scheduler, through its first registered definition
+            groups.setdefault(group_key(c), []).append(c)
         imported = 0
-        for key, cluster in groups.items():
+        for key, members in groups.items():
             if not (force or now >= self._next.setdefault(key, now + 5.0)):
                 continue
             self._next[key] = now + self.settings.usage_import_interval_seconds
             with named_lease(self.engine, f"usage-import:{key}") as held:
-                if held:
-                    imported += self.import_group(cluster)
+                if not held:
+                    continue
+                for cluster in members:  # the next definition when one cannot read accounting
+                    count = self.import_group(cluster)
+                    if count is not None:
+                        imported += count
+                        break
         return imported
 
-    def import_group(self, cluster: Cluster) -> int:
-        """One bounded, incremental import through ``cluster`` for its whole group."""
+    def import_group(self, cluster: Cluster) -> int | None:
+        """One bounded, incremental import through ``cluster`` for its whole group;
+        None when ``cluster``'s adapter could not read accounting."""
         start = time.perf_counter()
         with session_scope(self.engine) as session:
             ids = scheduler_group_ids(session, cluster)
@@ -141,7 +147,7 @@ class UsageImporter:
             records = adapter.usage(since, accounts=accounts)
         except AdapterError as exc:
             log.warning("cluster %s: usage import postponed: %s", cluster.name, exc)
-            return 0
+            return None
         records = sorted((r for r in records if r.state in TERMINAL_STATES),
                          key=lambda r: (r.end_time or r.submit_time, r.job_id))
         batch = records[: self.settings.usage_import_batch]

@@ -151,6 +151,16 @@ def test_one_slurm_cluster_under_two_definitions_imports_each_job_once(quiet_env
     importer.import_group = lambda c: seen.append(c.name) or original(c)  # type: ignore[method-assign]
     importer.run_cycle(force=True)
     assert seen == ["local"]
+    # when that definition cannot read accounting, the next one of the scheduler does
+    from broker.adapter import ClusterUnreachable
+
+    def down(since: datetime, *, accounts: Any = None) -> list[UsageRecord]:
+        raise ClusterUnreachable("slurmrestd down")
+
+    adapter_for(env.app.state.registry, _cluster(env)).usage = down  # type: ignore[method-assign]
+    seen.clear()
+    importer.run_cycle(force=True)
+    assert seen == ["local", "local-twin"]
 
 
 def test_grant_refuses_a_slurm_account_shared_by_two_projects(quiet_env: BrokerEnv) -> None:
