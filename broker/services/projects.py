@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Collection
+from datetime import date
 
 from sqlmodel import Session, col, select
 
@@ -115,7 +116,8 @@ def grant_allocation(
     else:
         project = _project(session, code)
     cluster = get_cluster(session, body.cluster)
-    _refuse_shared_account(session, project, cluster, body)
+    _refuse_shared_account(session, project, cluster, account=body.account, start=body.start_date,
+                           end=body.end_date)
     alloc = Allocation(
         project_id=pk(project), cluster_id=pk(cluster), unit=body.unit, granted=0,
         start_date=body.start_date, end_date=body.end_date, account=body.account,
@@ -129,7 +131,8 @@ def grant_allocation(
     return alloc
 
 
-def _refuse_shared_account(session: Session, project: Project, cluster: Cluster, body: AllocationIn) -> None:
+def _refuse_shared_account(session: Session, project: Project, cluster: Cluster, *, account: str,
+                           start: date | None, end: date | None) -> None:
     """Two projects cannot share one Slurm account on one scheduler over overlapping
     dates: their direct jobs (imported from accounting) could not be told apart.
     Refused (409) rather than warned: a wrong attribution spends another project's
@@ -137,20 +140,20 @@ def _refuse_shared_account(session: Session, project: Project, cluster: Cluster,
     and an account may be reused once the other project's allocation has ended."""
     from broker.services.clusters import scheduler_group_ids
 
-    start = body.start_date or project.start_date
-    end = body.end_date or project.end_date
+    start = start or project.start_date
+    end = end or project.end_date
     rows = session.exec(
         select(Allocation, Project, Cluster).join(Project, col(Project.id) == col(Allocation.project_id))
         .join(Cluster, col(Cluster.id) == col(Allocation.cluster_id))
         .where(col(Allocation.cluster_id).in_(scheduler_group_ids(session, cluster)),
-               Allocation.account == body.account, Allocation.project_id != project.id)
+               Allocation.account == account, Allocation.project_id != project.id)
     ).all()
     for other, other_project, other_cluster in rows:
         o_start = other.start_date or other_project.start_date
         o_end = other.end_date or other_project.end_date
         if (end is None or o_start is None or o_start <= end) and (o_end is None or start is None or start <= o_end):
             raise Conflict(
-                f"Slurm account {body.account!r} on {other_cluster.name} is already used by project "
+                f"Slurm account {account!r} on {other_cluster.name} is already used by project "
                 f"{other_project.code} (allocation {other.id}) over overlapping dates: direct jobs of two "
                 "projects on one account cannot be told apart. Give each project its own Slurm account.")
 
@@ -174,6 +177,11 @@ def adjust_allocation(
     changes = body.model_dump(exclude_unset=True, exclude={"amount", "reason"})
     for key, value in changes.items():
         setattr(alloc, key, value)
+    if changes.keys() & {"account", "start_date", "end_date"}:
+        cluster = session.get(Cluster, alloc.cluster_id)
+        assert cluster is not None
+        _refuse_shared_account(session, project, cluster, account=alloc.account, start=alloc.start_date,
+                               end=alloc.end_date)
     session.add(alloc)
     session.flush()
     if body.amount is not None:

@@ -175,9 +175,14 @@ def test_grant_refuses_a_slurm_account_shared_by_two_projects(quiet_env: BrokerE
     # the same project may hold several allocations on its account (e.g. a renewal)
     r = env.call("POST", "/v1/projects/EHPC-A/allocations", env.qm, json=body)
     assert r.status_code == 201, r.text
+    # nor can an allocation be moved onto another project's account afterwards
+    r = env.call("POST", "/v1/projects/EHPC-B/allocations", env.qm, json={**body, "account": "own-b"})
+    assert r.status_code == 201, r.text
+    r = env.call("PATCH", f"/v1/projects/EHPC-B/allocations/{r.json()['id']}", env.qm, json={"account": "shared"})
+    assert r.status_code == 409 and "EHPC-A" in r.json()["detail"], r.text
     # a recycled account is fine once the other project's allocation has ended
     with env.engine.begin() as conn:
-        conn.execute(sa.text("UPDATE allocations SET end_date = '2020-12-31'"))
+        conn.execute(sa.text("UPDATE allocations SET end_date = '2020-12-31' WHERE account = 'shared'"))
     r = env.call("POST", "/v1/projects/EHPC-B/allocations", env.qm, json={**body, "start_date": "2021-01-01"})
     assert r.status_code == 201, r.text
 
