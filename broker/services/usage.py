@@ -41,6 +41,7 @@ from sqlmodel import Session, col, select
 from broker.auth import Principal
 from broker.errors import InvalidRequest
 from broker.models import Allocation, Cluster, ImportedJob, Job, LedgerEntry, Membership, Project, User
+from broker.schemas import MAX_DATE, MIN_DATE
 from broker.services.common import find_user, require_role, to_units, today, visible_project
 
 GROUP_KEYS = ("user", "cluster", "partition", "day", "month")
@@ -74,6 +75,9 @@ def parse_group_by(raw: str | None) -> list[str]:
 def _bounds(start: date | None, end: date | None) -> tuple[datetime | None, datetime | None]:
     if start and end and end < start:
         raise InvalidRequest("`to` is before `from`.")
+    for day in (start, end):
+        if day is not None and not MIN_DATE <= day <= MAX_DATE:
+            raise InvalidRequest(f"Dates must lie between {MIN_DATE} and {MAX_DATE}.")
     lo = datetime.combine(start, time.min, UTC) if start else None
     hi = datetime.combine(end + timedelta(days=1), time.min, UTC) if end else None
     return lo, hi

@@ -180,3 +180,16 @@ def test_forged_cursor_is_422_or_empty_never_500(env: BrokerEnv, raw: str) -> No
         assert r.status_code == 200 and r.json()["items"] == []
     else:
         _problem(r, 422, "validation_error")
+
+
+def test_dashboard_far_range_dates_are_422_pages(env: BrokerEnv) -> None:
+    import re
+
+    from fastapi.testclient import TestClient
+
+    env.setup_project()
+    browser = TestClient(env.app)
+    csrf = re.search(r'name="csrf" value="([^"]+)"', browser.get("/dashboard/login").text).group(1)  # type: ignore[union-attr]
+    browser.post("/dashboard/login", data={"token": env.token("qm", "quota_manager"), "csrf": csrf})
+    for query in ("from=0001-01-01&to=9999-12-31", "from=9999-12-31"):
+        assert browser.get(f"/dashboard/projects/EHPC-TEST-001?{query}").status_code == 422
