@@ -63,33 +63,39 @@ def _environment(pairs: list[str]) -> dict[str, str]:
     return env
 
 
-def _request(script: Path, project: str, time_limit: int, cluster: str | None, partition: str | None,
-             name: str | None, nodes: int, cpus: int, gpus: int, mem: int | None, env: list[str]) -> dict[str, Any]:
-    body: dict[str, Any] = {"project": project, "script": script.read_text(), "time_limit_minutes": time_limit,
-                            "nodes": nodes, "cpus_per_task": cpus, "gpus_per_node": gpus,
-                            "environment": _environment(env), "name": name or script.stem or "job"}
-    optional = {"cluster": cluster, "partition": partition, "memory_per_node_mb": mem}
+def _request(script: Path, project: str, time_limit: int | None, cluster: str | None, partition: str | None,
+             name: str | None, nodes: int | None, cpus: int | None, gpus: int | None, mem: int | None,
+             env: list[str]) -> dict[str, Any]:
+    """The request body: the script as it is (the broker reads its #SBATCH lines) and
+    only the options given on this command line — they override the script's
+    directives, as sbatch's command line does."""
+    body: dict[str, Any] = {"project": project, "script": script.read_text()}
+    if env:
+        body["environment"] = _environment(env)
+    optional = {"time_limit_minutes": time_limit, "cluster": cluster, "partition": partition, "name": name,
+                "nodes": nodes, "cpus_per_task": cpus, "gpus_per_node": gpus, "memory_per_node_mb": mem}
     body.update({k: v for k, v in optional.items() if v is not None})
     return body
 
 
 Script = Annotated[Path, typer.Argument(exists=True, dir_okay=False, readable=True, help="job script")]
 Project = Annotated[str, typer.Option("--project", "-p")]
-Time = Annotated[int, typer.Option("--time", "-t", help="time limit in minutes")]
+Time = Annotated[int | None, typer.Option("--time", "-t", help="time limit in minutes (else #SBATCH --time)")]
 
 
 @job_app.command("submit")
 def submit(script: Script, project: Project, url: Url = "http://127.0.0.1:8080", token: Token = "",
-           time: Time = 60, cluster: Annotated[str | None, typer.Option()] = None,
+           time: Time = None, cluster: Annotated[str | None, typer.Option()] = None,
            partition: Annotated[str | None, typer.Option()] = None,
-           name: Annotated[str | None, typer.Option()] = None, nodes: Annotated[int, typer.Option()] = 1,
-           cpus: Annotated[int, typer.Option(help="CPUs per task")] = 1,
-           gpus: Annotated[int, typer.Option(help="GPUs per node")] = 0,
+           name: Annotated[str | None, typer.Option()] = None, nodes: Annotated[int | None, typer.Option()] = None,
+           cpus: Annotated[int | None, typer.Option(help="CPUs per task")] = None,
+           gpus: Annotated[int | None, typer.Option(help="GPUs per node")] = None,
            mem: Annotated[int | None, typer.Option(help="memory per node, MB")] = None,
            env: Annotated[list[str] | None, typer.Option(help="NAME=VALUE, repeatable")] = None,
            wait: Annotated[bool, typer.Option(help="wait until the job is settled")] = False,
            as_json: AsJson = False) -> None:
-    """Submit SCRIPT (retried safely with an idempotency key)."""
+    """Submit SCRIPT (retried safely with an idempotency key). Its #SBATCH lines are
+    read by the broker; options given here override them."""
     body = _request(script, project, time, cluster, partition, name, nodes, cpus, gpus, mem, env or [])
     with _client(url, token) as client:
         job = client.submit(**body)
@@ -98,9 +104,11 @@ def submit(script: Script, project: Project, url: Url = "http://127.0.0.1:8080",
 
 @job_app.command("estimate")
 def estimate(script: Script, project: Project, url: Url = "http://127.0.0.1:8080", token: Token = "",
-             time: Time = 60, cluster: Annotated[str | None, typer.Option()] = None,
-             partition: Annotated[str | None, typer.Option()] = None, nodes: Annotated[int, typer.Option()] = 1,
-             cpus: Annotated[int, typer.Option()] = 1, gpus: Annotated[int, typer.Option()] = 0) -> None:
+             time: Time = None, cluster: Annotated[str | None, typer.Option()] = None,
+             partition: Annotated[str | None, typer.Option()] = None,
+             nodes: Annotated[int | None, typer.Option()] = None,
+             cpus: Annotated[int | None, typer.Option()] = None,
+             gpus: Annotated[int | None, typer.Option()] = None) -> None:
     """Would SCRIPT be accepted, and what would it cost? Exit 1 when it would be refused."""
     body = _request(script, project, time, cluster, partition, None, nodes, cpus, gpus, None, [])
     with _client(url, token) as client:

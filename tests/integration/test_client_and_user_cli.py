@@ -60,7 +60,7 @@ def test_client_retries_a_lost_answer_without_a_second_job(env: BrokerEnv) -> No
 def test_user_cli_submit_show_list_cancel(env: BrokerEnv, tmp_path: Path) -> None:
     env.setup_project()
     script = tmp_path / "train.sh"
-    script.write_text("#!/bin/sh\necho \"$GREETING\"\nsleep 30\n")
+    script.write_text("#!/bin/sh\n#SBATCH --job-name=train --time=10 -c 2\necho \"$GREETING\"\nsleep 30\n")
     runner = CliRunner()
     with live_server(env.app) as base:
         common = {"AIFA_BROKER_URL": base, "AIFA_BROKER_TOKEN": env.token("alice")}
@@ -71,6 +71,10 @@ def test_user_cli_submit_show_list_cancel(env: BrokerEnv, tmp_path: Path) -> Non
 
         job = json.loads(out.output)
         assert job["request"]["environment"] == {"GREETING": "a, b; c"} and job["name"] == "train"
+        # the broker read the script's #SBATCH lines; the command line's -t overrode --time
+        req = job["request"]
+        assert (req["time_limit_minutes"], req["sources"]["time_limit_minutes"]) == (5, "json")
+        assert (req["cpus_per_task"], req["sources"]["cpus_per_task"], req["sources"]["name"]) == (2, "script:2", "script:2")
         env.wait_job(job["id"], env.auth("alice"), lambda j: j["state"] == "RUNNING")
         listed = runner.invoke(app, ["job", "list"], env=common)
         assert listed.exit_code == 0 and job["id"] in listed.output
