@@ -22,7 +22,8 @@ def engine_for(settings: Settings, *, migrate: bool | None = None) -> Engine:
     the ``migrate_on_start`` setting) is false — then a migration job does it and
     ``/readyz`` stays 503 until the schema is current."""
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    engine = get_engine(settings.effective_database_url)
+    engine = get_engine(settings.effective_database_url, pool_size=settings.pool_size,
+                        pool_timeout=settings.database_pool_timeout_seconds)
     if settings.migrate_on_start if migrate is None else migrate:
         upgrade(engine)
     return engine

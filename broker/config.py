@@ -26,6 +26,13 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
+#: threads outside the request workers that use the database: /readyz and /metrics run
+#: on their own small thread limiter (so they answer under load) ...
+PROBE_THREADS = 2
+#: ... and the service's background threads (tracker, reconciler/usage import, notifier,
+#: one spare)
+BACKGROUND_DB_THREADS = 4
+
 PLACEHOLDER_SECRETS = {"", "changeme", "change-me", "secret", "placeholder", "xxx", "todo"}
 
 #: access modes accepted when the configuration names none (no limits attached)
@@ -184,6 +191,18 @@ class Settings(BaseSettings):
     event_poll_seconds: float = Field(default=0.25, gt=0, le=60)
     event_keepalive_seconds: float = Field(default=15.0, gt=0, le=3600)
 
+    #: requests of this process that run at once (worker threads); every other limit
+    #: below derives from it — see docs/configuration.md "Concurrency and overload"
+    worker_threads: int = Field(default=16, ge=1, le=1024)
+    #: requests admitted at once (running + waiting for a thread); beyond it the answer is
+    #: an immediate 503 ``overloaded``. Default: 4 × worker_threads
+    max_requests_in_flight: int | None = Field(default=None, ge=1)
+    #: database connections of this process. Default (and minimum): every thread that may
+    #: hold one at once — worker_threads + probe threads + background threads
+    database_pool_size: int | None = Field(default=None, ge=1)
+    #: how long a request waits for a pooled connection before a 503 (never a long wait)
+    database_pool_timeout_seconds: float = Field(default=5.0, gt=0, le=60)
+
     @classmethod
     def settings_customise_sources(
         cls,
@@ -213,6 +232,13 @@ class Settings(BaseSettings):
             if not (self.public_url or "").startswith("https://") and not self.allow_insecure_public_url:
                 raise ValueError("production mode needs an https public_url (session cookies are Secure only "
                                  "then); set allow_insecure_public_url = true to run without one")
+        if self.database_pool_size is not None and self.database_pool_size < self.database_users:
+            raise ValueError(
+                f"database_pool_size={self.database_pool_size} is smaller than the {self.database_users} "
+                f"threads that may hold a database connection at once (worker_threads={self.worker_threads} "
+                f"+ {PROBE_THREADS} probe + {BACKGROUND_DB_THREADS} background): requests could wait for "
+                "connections while holding every worker thread, which can deadlock the broker; raise "
+                f"database_pool_size to at least {self.database_users} or lower worker_threads")
         return self
 
     @property
@@ -220,6 +246,21 @@ class Settings(BaseSettings):
         """The access modes a project may have: the configured ones, or, when none
         are configured, the EuroHPC AI Factory modes (without limits)."""
         return sorted(self.access_modes) or list(DEFAULT_ACCESS_MODES)
+
+    @property
+    def database_users(self) -> int:
+        """Threads that may hold a database connection at once in this process."""
+        return self.worker_threads + PROBE_THREADS + BACKGROUND_DB_THREADS
+
+    @property
+    def pool_size(self) -> int:
+        """The database pool size in force (never below :attr:`database_users`)."""
+        return self.database_pool_size or self.database_users
+
+    @property
+    def requests_in_flight_limit(self) -> int:
+        """Requests admitted at once before ``503 overloaded``."""
+        return self.max_requests_in_flight or 4 * self.worker_threads
 
     @property
     def effective_database_url(self) -> str:

@@ -9,9 +9,11 @@ not blocked by the writer.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import sqlalchemy as sa
 from sqlalchemy import event
@@ -21,18 +23,36 @@ from sqlmodel import Session
 SQLITE_BUSY_TIMEOUT_MS = 60_000
 
 
+#: pool defaults when no settings are given (CLI, tests); ``serve`` derives them from
+#: ``worker_threads`` (see broker/config.py, ``Settings.database_pool``)
+DEFAULT_POOL_SIZE = 24
+DEFAULT_POOL_TIMEOUT_SECONDS = 5.0
+#: a connection attempt to an unreachable PostgreSQL gives up after this long, so an
+#: outage becomes a prompt 503 rather than a hung worker thread
+PG_CONNECT_TIMEOUT_SECONDS = 3
+
+
 def make_engine(url: str, **kwargs: Any) -> Engine:
-    """An engine for ``url`` with the settings this broker relies on."""
+    """An engine for ``url`` with the settings this broker relies on.
+
+    The pool never overflows (``max_overflow=0``): its size is the number of threads
+    that may use the database at once, so a checkout only waits when something holds
+    a connection it should not (and then fails after ``pool_timeout``, a 503)."""
+    kwargs.setdefault("pool_size", DEFAULT_POOL_SIZE)
+    kwargs.setdefault("max_overflow", 0)
+    kwargs.setdefault("pool_timeout", DEFAULT_POOL_TIMEOUT_SECONDS)
     if url.startswith("sqlite"):
+        if ":memory:" in url or url.rstrip("/") in {"sqlite:", "sqlite+pysqlite:"}:
+            for key in ("pool_size", "max_overflow", "pool_timeout"):
+                kwargs.pop(key)
         engine = sa.create_engine(
             url, connect_args={"check_same_thread": False, "timeout": SQLITE_BUSY_TIMEOUT_MS / 1000},
             **kwargs,
         )
         _configure_sqlite(engine)
         return engine
-    kwargs.setdefault("pool_size", 10)
-    kwargs.setdefault("max_overflow", 30)
     kwargs.setdefault("pool_pre_ping", True)
+    kwargs.setdefault("connect_args", {"connect_timeout": PG_CONNECT_TIMEOUT_SECONDS})
     return sa.create_engine(url, **kwargs)
 
 
@@ -55,10 +75,10 @@ def _configure_sqlite(engine: Engine) -> None:
 _engines: dict[str, Engine] = {}
 
 
-def get_engine(url: str) -> Engine:
-    """One engine per URL per process."""
+def get_engine(url: str, **kwargs: Any) -> Engine:
+    """One engine per URL per process (``kwargs`` apply when it is first made)."""
     if url not in _engines:
-        _engines[url] = make_engine(url)
+        _engines[url] = make_engine(url, **kwargs)
     return _engines[url]
 
 
@@ -79,3 +99,134 @@ def dispose_engines() -> None:
     for engine in list(_engines.values()):
         engine.dispose()
     _engines.clear()
+
+
+# --- what a database error means for the caller ------------------------------------------
+
+FaultKind = Literal["foreign_key", "unique", "integrity", "serialization", "unavailable",
+                    "pool_exhausted", "data", "other"]
+
+_PG_RETRYABLE = {"40001", "40P01"}  # serialization_failure, deadlock_detected
+_PG_UNAVAILABLE_PREFIXES = ("08", "53", "57P")  # connection, resources, operator intervention
+_SQLITE_BUSY = ("database is locked", "database table is locked")
+
+
+@dataclass(frozen=True)
+class DatabaseFault:
+    """A database error classified for the API (see broker/api/problems.py)."""
+
+    kind: FaultKind
+    detail: str
+
+    @property
+    def retryable(self) -> bool:
+        """Running the whole unit of work again may succeed (a lost race, not bad data)."""
+        return self.kind == "serialization"
+
+
+def classify(exc: BaseException) -> DatabaseFault | None:
+    """What ``exc`` means, or None when it is not a database error."""
+    if isinstance(exc, sa.exc.TimeoutError):
+        return DatabaseFault("pool_exhausted", "No database connection became free in time.")
+    if not isinstance(exc, sa.exc.DBAPIError):
+        return None
+    orig = exc.orig
+    sqlstate = getattr(orig, "sqlstate", None)
+    message = str(orig).strip().splitlines()[0] if orig is not None else str(exc)
+    if exc.connection_invalidated:
+        return DatabaseFault("unavailable", "The connection to the database was lost.")
+    if isinstance(sqlstate, str):
+        return _classify_pg(exc, sqlstate, orig)
+    if isinstance(exc, sa.exc.IntegrityError):
+        return _classify_sqlite_integrity(exc, message)
+    if isinstance(exc, sa.exc.OperationalError):
+        if any(busy in message for busy in _SQLITE_BUSY):
+            return DatabaseFault("serialization", "The database is busy with another write.")
+        return DatabaseFault("unavailable", "The database cannot be reached.")
+    if isinstance(exc, sa.exc.InterfaceError):
+        return DatabaseFault("unavailable", "The database cannot be reached.")
+    if isinstance(exc, sa.exc.DataError):
+        return DatabaseFault("data", f"The database refused a value: {message[:200]}")
+    return DatabaseFault("other", message[:200])
+
+
+def _classify_pg(exc: sa.exc.DBAPIError, sqlstate: str, orig: Any) -> DatabaseFault:
+    diag = getattr(orig, "diag", None)
+    primary = getattr(diag, "message_primary", None) or ""
+    detail = getattr(diag, "message_detail", None) or ""
+    if sqlstate == "23503":
+        referenced_by = re.search(r'referenced from table "([^"]+)"', detail)
+        table = re.search(r'on table "([^"]+)"', primary)
+        if referenced_by and table:
+            return DatabaseFault("foreign_key", f"This {table.group(1)} record is still referenced by "
+                                 f"{referenced_by.group(1)}; remove or move those first.")
+        missing = re.search(r'not present in table "([^"]+)"', detail)
+        return DatabaseFault("foreign_key", f"The {missing.group(1) if missing else 'record'} it refers to "
+                             "does not exist (any more).")
+    if sqlstate == "23505":
+        key = re.search(r"Key \(([^)]*)\)=\((.*)\) already exists", detail)
+        table_name = getattr(diag, "table_name", None) or "record"
+        what = f" with {key.group(1)}={key.group(2)[:100]}" if key else ""
+        return DatabaseFault("unique", f"A {table_name} record{what} already exists.")
+    if sqlstate.startswith("23"):
+        return DatabaseFault("integrity", f"The change breaks a database rule: {primary[:200]}")
+    if sqlstate in _PG_RETRYABLE:
+        return DatabaseFault("serialization", "A concurrent change got in the way.")
+    if sqlstate.startswith(_PG_UNAVAILABLE_PREFIXES):
+        return DatabaseFault("unavailable", "The database cannot take requests right now.")
+    if sqlstate.startswith("22"):
+        return DatabaseFault("data", f"The database refused a value: {primary[:200]}")
+    if isinstance(exc, sa.exc.OperationalError | sa.exc.InterfaceError):
+        return DatabaseFault("unavailable", "The database cannot be reached.")
+    return DatabaseFault("other", primary[:200])
+
+
+def _classify_sqlite_integrity(exc: sa.exc.DBAPIError, message: str) -> DatabaseFault:
+    if "FOREIGN KEY" in message:
+        deleted = re.match(r"\s*DELETE FROM (\w+)", exc.statement or "", re.IGNORECASE)
+        if deleted:
+            dependents = ", ".join(referencing_tables(deleted.group(1))) or "other records"
+            return DatabaseFault("foreign_key", f"This {deleted.group(1)} record is still referenced "
+                                 f"(by {dependents}); remove or move those first.")
+        statement = (exc.statement or "").strip().upper()
+        if not statement or statement.startswith("COMMIT"):  # deferred foreign keys
+            return DatabaseFault("foreign_key", "The change would leave a reference dangling: a record is "
+                                 "still referenced by another, or refers to one that does not exist.")
+        return DatabaseFault("foreign_key", "A record it refers to does not exist (any more).")
+    unique = re.search(r"UNIQUE constraint failed: (\w+)\.([\w., ]+)", message)
+    if unique:
+        columns = ", ".join(c.split(".")[-1] for c in unique.group(2).split(", "))
+        return DatabaseFault("unique", f"A {unique.group(1)} record with this {columns} already exists.")
+    return DatabaseFault("integrity", f"The change breaks a database rule: {message[:200]}")
+
+
+def referencing_tables(table: str) -> list[str]:
+    """Tables of the schema with a foreign key to ``table`` (names a blocked delete)."""
+    from sqlmodel import SQLModel
+
+    import broker.models  # noqa: F401 - registers the tables in the metadata
+
+    return sorted({t.name for t in SQLModel.metadata.tables.values()
+                   for fk in t.foreign_keys if fk.column.table.name == table and t.name != table})
+
+
+def dependents(connection: sa.Connection, exc: sa.exc.DBAPIError) -> list[str]:
+    """For a DELETE refused by a foreign key: the tables that really hold rows
+    pointing at the deleted key (SQLite does not say; PostgreSQL does)."""
+    deleted = re.match(r"\s*DELETE FROM (\w+) WHERE \w+\.(\w+) = \?", exc.statement or "", re.IGNORECASE)
+    params = exc.params
+    if not deleted or not isinstance(params, tuple | list) or len(params) != 1:
+        return []
+    from sqlmodel import SQLModel
+
+    import broker.models  # noqa: F401 - registers the tables in the metadata
+
+    found = []
+    for t in SQLModel.metadata.tables.values():
+        for fk in t.foreign_keys:
+            if fk.column.table.name == deleted.group(1) and fk.column.name == deleted.group(2):
+                hit = connection.execute(sa.select(sa.literal(1)).select_from(t)
+                                         .where(fk.parent == params[0]).limit(1)).first()
+                if hit:
+                    found.append(t.name)
+    return sorted(set(found))

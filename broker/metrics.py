@@ -58,6 +58,11 @@ def process_registry() -> CollectorRegistry:
     return merged
 
 
+REQUESTS_SHED = Counter(
+    "aifa_http_requests_shed_total", "Requests answered 503 at once because the process was at its "
+    "limit of requests in flight", registry=REGISTRY,
+)
+
 _TIMED = ("submit", "poll", "cancel", "find_by_tag", "usage", "read_output", "health", "discover")
 
 

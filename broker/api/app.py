@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from typing import TypeVar
 
+import anyio
 import sqlalchemy as sa
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
@@ -14,11 +16,11 @@ from sqlalchemy.engine import Engine
 
 from broker import dashboard
 from broker.api import docs, openapi, problems
-from broker.api.middleware import BodyLimit, UrlCheck
+from broker.api.middleware import Admission, BodyLimit, ETag, UrlCheck
 from broker.api.routers import clusters, enforcement, events, jobs, projects, reports
 from broker.auth import Authenticator
 from broker.bootstrap import engine_for, ensure_local_cluster
-from broker.config import Settings, get_settings
+from broker.config import PROBE_THREADS, Settings, get_settings
 from broker.metrics import DatabaseCollector, process_registry
 from broker.migrate import is_up_to_date
 from broker.ratelimit import make_rate_limiter
@@ -27,6 +29,7 @@ from broker.tracker import Tracker
 from broker.webhooks import Notifier
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def create_app(settings: Settings | None = None, *, engine: Engine | None = None,
@@ -34,6 +37,7 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
     """Build the app. ``run_tracker`` defaults to the settings' ``run_tracker``."""
     settings = settings or get_settings()
     engine = engine or engine_for(settings)
+    check_pool(engine, settings)
     ensure_local_cluster(engine, settings)
     registry = AdapterRegistry(settings)
     tracker = Tracker(engine, settings, registry)
@@ -75,18 +79,48 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
     _add_probes(app, engine, db_metrics)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(UrlCheck)
+    app.add_middleware(ETag)
+    # outermost: a request over the limit costs no more than this check
+    app.add_middleware(Admission, limit=settings.requests_in_flight_limit, threads=settings.worker_threads)
     return app
 
 
+class UnsafeConfiguration(ValueError):
+    """A configuration that could deadlock or starve; refused at startup."""
+
+
+def check_pool(engine: Engine, settings: Settings) -> None:
+    """Refuse an engine whose pool is smaller than the threads that may hold a
+    connection at once (each holds at most one, so then no checkout ever waits)."""
+    pool = engine.pool
+    if not isinstance(pool, sa.pool.QueuePool):
+        return  # SQLite in memory / NullPool etc.: not a bounded pool
+    capacity = pool.size() + max(pool._max_overflow, 0)
+    if capacity < settings.database_users:
+        raise UnsafeConfiguration(
+            f"the database pool holds {capacity} connections but up to {settings.database_users} threads "
+            f"may need one at once (worker_threads={settings.worker_threads} + probe and background "
+            "threads): requests could wait for connections while holding every worker thread, which can "
+            f"deadlock the broker; set database_pool_size to at least {settings.database_users} or lower "
+            "worker_threads")
+
+
 def _add_probes(app: FastAPI, engine: Engine, db_metrics: CollectorRegistry) -> None:
+    # /readyz and /metrics read the database on a small thread limiter of their own
+    # (counted in the pool size), so they never queue behind API requests
+    limiter: list[anyio.CapacityLimiter] = []
+
+    async def in_probe_thread(fn: Callable[[], T]) -> T:
+        if not limiter:
+            limiter.append(anyio.CapacityLimiter(PROBE_THREADS))
+        return await anyio.to_thread.run_sync(fn, limiter=limiter[0])
+
     @app.get("/healthz", tags=["probes"])
-    def healthz() -> dict[str, str]:
-        """Liveness: the process answers."""
+    async def healthz() -> dict[str, str]:
+        """Liveness: the process answers (on the event loop: no thread, no database)."""
         return {"status": "ok"}
 
-    @app.get("/readyz", tags=["probes"])
-    def readyz() -> JSONResponse:
-        """Readiness: the database answers and its schema is current."""
+    def ready() -> JSONResponse:
         try:
             with engine.connect() as conn:
                 conn.execute(sa.text("SELECT 1"))
@@ -98,9 +132,14 @@ def _add_probes(app: FastAPI, engine: Engine, db_metrics: CollectorRegistry) -> 
                                  "`aifa-broker db upgrade`"}, status_code=503)
         return JSONResponse({"status": "ready"})
 
+    @app.get("/readyz", tags=["probes"])
+    async def readyz() -> JSONResponse:
+        """Readiness: the database answers and its schema is current."""
+        return await in_probe_thread(ready)
+
     @app.get("/metrics", tags=["probes"])
-    def metrics(_: Request) -> Response:
+    async def metrics(_: Request) -> Response:
         """Prometheus exposition: counters (summed over every process of a multi-worker
         broker) + values read from the database."""
-        return Response(generate_latest(process_registry()) + generate_latest(db_metrics),
-                        media_type=CONTENT_TYPE_LATEST)
+        body = await in_probe_thread(lambda: generate_latest(process_registry()) + generate_latest(db_metrics))
+        return Response(body, media_type=CONTENT_TYPE_LATEST)

@@ -1,38 +1,62 @@
-"""FastAPI dependencies as ``Annotated`` aliases (settings, engine, session, caller)."""
+"""FastAPI dependencies as ``Annotated`` aliases (settings, engine, session, caller).
+
+The plain lookups are ``async`` so they cost no worker thread. ``SessionDep`` yields
+a session that has no connection yet: the endpoint's unit of work
+(broker/api/unit_of_work.py) takes one in its worker thread, commits and gives it
+back there, before the answer is sent."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import logging
+from collections.abc import AsyncIterator
 from typing import Annotated
 
 from fastapi import Depends, Request
 from sqlalchemy.engine import Engine
 from sqlmodel import Session
+from starlette.concurrency import run_in_threadpool
 
 from broker.auth import Authenticator, Principal
 from broker.config import Settings
 from broker.db import session_scope
 from broker.errors import Unauthenticated
-from broker.models import utcnow
 from broker.registry import AdapterRegistry
-from broker.services.common import get_or_create_user
+from broker.services.common import provision_user
+
+log = logging.getLogger(__name__)
 
 
-def _settings(request: Request) -> Settings:
+async def _settings(request: Request) -> Settings:
     return request.app.state.settings  # type: ignore[no-any-return]
 
 
-def _engine(request: Request) -> Engine:
+async def _engine(request: Request) -> Engine:
     return request.app.state.engine  # type: ignore[no-any-return]
 
 
-def _registry(request: Request) -> AdapterRegistry:
+async def _registry(request: Request) -> AdapterRegistry:
     return request.app.state.registry  # type: ignore[no-any-return]
 
 
-def _session(request: Request) -> Iterator[Session]:
-    with session_scope(request.app.state.engine) as session:
+async def _session(request: Request) -> AsyncIterator[Session]:
+    session = Session(request.app.state.engine, expire_on_commit=False)
+    try:
         yield session
+    finally:
+        if session.in_transaction() and not session.info.get("unit_of_work"):
+            # a route outside UnitOfWorkRoute: keep its writes, but say it answered first
+            log.error("%s %s used the request session outside a unit of work: committed after "
+                      "the answer", request.method, request.url.path)
+            await run_in_threadpool(_commit_and_close, session)
+        elif session.in_transaction():
+            await run_in_threadpool(session.close)
+        else:
+            session.close()  # nothing checked out: no I/O
+
+
+def _commit_and_close(session: Session) -> None:
+    with session:
+        session.commit()
 
 
 def _principal(request: Request) -> Principal:
@@ -47,13 +71,12 @@ def _principal(request: Request) -> Principal:
 
 
 def _provision(engine: Engine, seen: set[str], principal: Principal) -> None:
-    """Users are provisioned on first use (once per process: ``seen``)."""
+    """Users are provisioned on first use: a read, and a write only for a new user
+    (once per process per user: ``seen``)."""
     if principal.name in seen:
         return
     with session_scope(engine) as session:
-        user = get_or_create_user(session, principal.name, principal.email)
-        user.last_seen_at = utcnow()
-        session.add(user)
+        provision_user(session, principal.name, principal.email)
     seen.add(principal.name)
 
 SettingsDep = Annotated[Settings, Depends(_settings)]
@@ -61,3 +84,7 @@ EngineDep = Annotated[Engine, Depends(_engine)]
 RegistryDep = Annotated[AdapterRegistry, Depends(_registry)]
 SessionDep = Annotated[Session, Depends(_session)]
 PrincipalDep = Annotated[Principal, Depends(_principal)]
+
+#: dependencies that reach outside the request's transaction: an endpoint using one is
+#: never rerun after a serialization failure
+OUTSIDE_TRANSACTION = (_engine, _registry)

@@ -1,15 +1,148 @@
-"""ASGI middleware: body-size cap (413 from Content-Length before reading, and while
-counting a chunked body), and the URL check (no control characters in path or query)."""
+"""ASGI middleware: admission control (503 ``overloaded`` beyond the requests in
+flight a process takes), ETag / If-None-Match on reads, body-size cap (413 from
+Content-Length before reading, and while counting a chunked body), and the URL
+check (no control characters in path or query)."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import hashlib
 import json
 import re
+from collections.abc import Iterable
 from typing import Any
 from urllib.parse import unquote_to_bytes
 
+from anyio import to_thread
+from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from broker.metrics import REQUESTS_SHED
+
+#: answered whatever the load: they take no worker thread (see broker/api/app.py)
+PROBES = frozenset({"/healthz", "/readyz", "/metrics"})
+RETRY_AFTER_SECONDS = 2
+
+
+class Admission:
+    """At most ``limit`` requests of this process in flight (running or waiting for a
+    worker thread); one more is answered at once with 503 ``overloaded`` and
+    ``Retry-After`` instead of queueing into a 30 s wait. Probes are not counted.
+
+    It also sets the event loop's worker-thread limit to ``threads`` (the number
+    the database pool is sized for) before the first request runs.
+
+    A handler that waits a long time without using a worker thread or the database
+    (a long poll, an event stream) calls :func:`leave_admission` so it stops
+    counting against the limit."""
+
+    def __init__(self, app: ASGIApp, *, limit: int, threads: int, exempt: Iterable[str] = PROBES) -> None:
+        self.app = app
+        self.limit = limit
+        self.threads = threads
+        self.exempt = frozenset(exempt)
+        self.in_flight = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        loop = asyncio.get_running_loop()
+        if loop is not self._loop:  # a thread limiter belongs to one event loop
+            to_thread.current_default_thread_limiter().total_tokens = self.threads
+            self._loop = loop
+        if scope["path"] in self.exempt:
+            await self.app(scope, receive, send)
+            return
+        if self.in_flight >= self.limit:
+            REQUESTS_SHED.inc()
+            await _problem(send, 503, "overloaded",
+                           f"The broker is at its limit of {self.limit} requests in flight; try again shortly.",
+                           headers=[(b"retry-after", str(RETRY_AFTER_SECONDS).encode())])
+            return
+        self.in_flight += 1
+        counted = [True]
+
+        def leave() -> None:
+            if counted[0]:
+                counted[0] = False
+                self.in_flight -= 1
+
+        scope.setdefault("state", {})["leave_admission"] = leave
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            leave()
+
+
+def leave_admission(request: Request) -> None:
+    """Stop counting this request against the in-flight limit (call it before a long
+    wait that holds no worker thread and no database connection)."""
+    leave = request.scope.get("state", {}).get("leave_admission")
+    if leave is not None:
+        leave()
+
+
+class ETag:
+    """A strong ``ETag`` (hash of the body) on successful JSON answers to ``GET`` under
+    ``prefix``, and 304 Not Modified when ``If-None-Match`` names it: a client
+    polling a job it already has gets a few bytes back."""
+
+    def __init__(self, app: ASGIApp, *, prefix: str = "/v1/") -> None:
+        self.app = app
+        self.prefix = prefix
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] not in {"GET", "HEAD"} \
+                or not scope["path"].startswith(self.prefix):
+            await self.app(scope, receive, send)
+            return
+        if_none_match = dict(scope.get("headers", [])).get(b"if-none-match", b"").decode("latin-1")
+        start: Message | None = None
+        chunks: list[bytes] = []
+        passthrough = False
+
+        async def buffering_send(message: Message) -> None:
+            nonlocal start, passthrough
+            if passthrough:
+                await send(message)
+                return
+            if message["type"] == "http.response.start":
+                content_type = dict(message.get("headers", [])).get(b"content-type", b"")
+                if message["status"] != 200 or not content_type.startswith(b"application/json"):
+                    passthrough = True
+                    await send(message)
+                    return
+                start = message
+                return
+            if message["type"] == "http.response.body" and start is not None:
+                chunks.append(message.get("body", b""))
+                if message.get("more_body", False):
+                    return
+                body = b"".join(chunks)
+                tag = '"' + hashlib.sha256(body).hexdigest()[:32] + '"'
+                headers = [(k, v) for k, v in start.get("headers", []) if k != b"etag"]
+                headers.append((b"etag", tag.encode()))
+                if _matches(if_none_match, tag):
+                    headers = [(k, v) for k, v in headers if k not in {b"content-length", b"content-type"}]
+                    await send({"type": "http.response.start", "status": 304, "headers": headers})
+                    await send({"type": "http.response.body", "body": b""})
+                    return
+                await send({**start, "headers": headers})
+                await send({"type": "http.response.body", "body": body})
+                return
+            await send(message)
+
+        await self.app(scope, receive, buffering_send)
+
+
+def _matches(if_none_match: str, tag: str) -> bool:
+    if not if_none_match:
+        return False
+    candidates = {c.strip().removeprefix("W/") for c in if_none_match.split(",")}
+    return "*" in candidates or tag in candidates
 
 
 class BodyLimit:
@@ -96,11 +229,12 @@ class _TooLarge(Exception):
     pass
 
 
-async def _problem(send: Send, status: int, code: str, detail: str) -> None:
+async def _problem(send: Send, status: int, code: str, detail: str,
+                   headers: list[tuple[bytes, bytes]] | None = None) -> None:
     body: dict[str, Any] = {"type": f"https://aifa-broker.eu/problems/{code}", "title": code,
                             "status": status, "code": code, "detail": detail}
     raw = json.dumps(body).encode()
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/problem+json"),
-                            (b"content-length", str(len(raw)).encode())]})
+                            (b"content-length", str(len(raw)).encode()), *(headers or [])]})
     await send({"type": "http.response.body", "body": raw})

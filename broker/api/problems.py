@@ -5,12 +5,14 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import sqlalchemy as sa
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
+from broker.db import DatabaseFault, classify
 from broker.errors import BrokerError, Replayed
 
 log = logging.getLogger(__name__)
@@ -18,6 +20,10 @@ PROBLEM = "application/problem+json"
 _HTTP_CODES = {401: "unauthenticated", 403: "forbidden", 404: "not_found", 405: "method_not_allowed",
                406: "not_acceptable", 413: "payload_too_large", 415: "unsupported_media_type",
                422: "validation_error", 429: "rate_limited"}
+#: seconds a client should wait: the pool frees within a request's time; an outage
+#: takes longer (and the client should not hammer a recovering database)
+RETRY_AFTER_OVERLOADED = 1
+RETRY_AFTER_DATABASE = 5
 
 
 def problem(status: int, code: str, title: str, detail: str, *, headers: dict[str, str] | None = None,
@@ -75,8 +81,35 @@ def install(app: FastAPI) -> None:
         return problem(exc.status_code, code, code.replace("_", " ").capitalize(), str(exc.detail),
                        headers=headers)
 
+    @app.exception_handler(sa.exc.SQLAlchemyError)
+    async def _database(request: Request, exc: sa.exc.SQLAlchemyError) -> JSONResponse:
+        fault = classify(exc)
+        if fault is None or fault.kind == "other":
+            return await _unexpected(request, exc)
+        if fault.kind in {"unavailable", "serialization", "pool_exhausted"}:
+            log.warning("%s %s: %s (%s)", request.method, request.url.path, fault.detail,
+                        type(exc).__name__)
+        return database_problem(fault)
+
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
         return problem(500, "internal_error", "Internal error",
                        "The broker hit an unexpected error; it has been logged.")
+
+
+def database_problem(fault: DatabaseFault) -> JSONResponse:
+    """The answer for a classified database error (never a 500)."""
+    if fault.kind in {"foreign_key", "unique", "integrity"}:
+        return problem(409, "conflict", "Conflict", fault.detail)
+    if fault.kind == "data":
+        return problem(422, "validation_error", "Invalid request", fault.detail)
+    if fault.kind == "pool_exhausted":
+        return problem(503, "overloaded", "Overloaded", "The broker is busy; try again shortly.",
+                       retry_after=RETRY_AFTER_OVERLOADED)
+    if fault.kind == "serialization":
+        return problem(503, "database_unavailable", "Database busy",
+                       f"{fault.detail} The change was not made; try again.",
+                       retry_after=RETRY_AFTER_OVERLOADED)
+    return problem(503, "database_unavailable", "Database unavailable",
+                   f"{fault.detail} Try again later.", retry_after=RETRY_AFTER_DATABASE)

@@ -219,6 +219,7 @@ def delete_cluster(session: Session, *, principal: Principal | None, registry: A
         raise Conflict(f"Cluster {name} has allocations or jobs; set its state to offline instead.")
     for acct in session.exec(select(ClusterAccount).where(ClusterAccount.cluster_id == cluster.id)):
         session.delete(acct)
+    session.flush()  # no relationship() orders these deletes: the accounts go first
     session.delete(cluster)
     registry.forget(name)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import date
 
+from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, select
 
 from broker.auth import Principal
@@ -31,6 +32,26 @@ def get_or_create_user(session: Session, name: str, email: str | None = None) ->
         user = User(name=name, email=email)
         session.add(user)
         session.flush()
+    return user
+
+
+def provision_user(session: Session, name: str, email: str | None = None) -> User:
+    """The user named ``name``; created (``last_seen_at`` = first sight) when missing.
+
+    An already-known user costs one read and no write. Two first requests of one
+    new user may race: the loser's insert fails on the unique name inside a
+    savepoint and it reads the winner's row."""
+    user = find_user(session, name)
+    if user is not None:
+        return user
+    try:
+        with session.begin_nested():
+            user = User(name=name, email=email, last_seen_at=utcnow())
+            session.add(user)
+    except IntegrityError:
+        user = find_user(session, name)
+        if user is None:
+            raise
     return user
 
 

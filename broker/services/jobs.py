@@ -9,12 +9,14 @@ reconciler finds the job by its tag; nothing is ever submitted twice.
 from __future__ import annotations
 
 import base64
+import functools
 import logging
 import re
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
@@ -46,7 +48,7 @@ from broker.errors import (
     QuotaExceeded,
 )
 from broker.metrics import DENIALS, SETTLEMENTS, SUBMISSIONS, SUBMIT_ERRORS
-from broker.models import Allocation, Cluster, Job, Project, User, utcnow
+from broker.models import Allocation, Cluster, Job, Membership, Project, User, utcnow
 from broker.registry import AdapterRegistry
 from broker.schemas import DenialOut, EstimateOut, JobOut, JobPage, JobRequest, Money
 from broker.services import ledger, notifications
@@ -389,8 +391,7 @@ def _job_by_prefix(session: Session, principal: Principal, prefix: str) -> Job |
     Only visible jobs are matched, so neither the answer nor an ambiguity says
     anything about other projects' jobs."""
     q = select(Job).where(col(Job.id).startswith(prefix, autoescape=True))
-    if not principal.is_quota_manager:
-        q = _restrict_to_caller(session, q, principal)
+    q = _visible_to(q, principal)
     found = session.exec(q.order_by(col(Job.id)).limit(2)).all()
     if len(found) > 1:
         raise AmbiguousJobId(f"More than one of your jobs starts with {prefix}: give more characters of the id.")
@@ -427,7 +428,40 @@ def _owner_or_pi(session: Session, principal: Principal, job: Job) -> bool:
 
 
 def get_job(session: Session, *, principal: Principal, job_id: str) -> JobOut:
-    return job_out_loaded(session, _visible_job(session, principal, job_id))
+    """One job in one query (its names joined, visibility in the WHERE); else 404.
+    An id prefix is looked up as :func:`_visible_job` does."""
+    row = session.execute(_one_job_statement(principal.is_quota_manager),
+                          {"job_id": job_id, "me": principal.name}).first() if len(job_id) <= 64 else None
+    if row is None:  # a unique prefix of an id (typed by a person): the longer path
+        return job_out_loaded(session, _visible_job(session, principal, job_id))
+    job, project, cluster, user = row
+    return job_out(job, project=project, cluster=cluster, user=user)
+
+
+@functools.cache
+def _one_job_statement(quota_manager: bool) -> Any:
+    """Built once (building a statement costs more CPU than running this one)."""
+    caller = Principal(name="", roles=frozenset({"quota_manager"} if quota_manager else set()))
+    return _visible_to(_job_rows(), caller, me=sa.bindparam("me")).where(Job.id == sa.bindparam("job_id"))
+
+
+def _job_rows() -> Any:
+    """Jobs with the names the API shows (project code, cluster and user name)."""
+    return (select(Job, Project.code, Cluster.name, User.name)
+            .join(Project, Project.id == Job.project_id)  # type: ignore[arg-type]
+            .join(Cluster, Cluster.id == Job.cluster_id)  # type: ignore[arg-type]
+            .join(User, User.id == Job.user_id))  # type: ignore[arg-type]
+
+
+def _visible_to(q: Any, principal: Principal, me: Any = None) -> Any:
+    """Restrict ``q`` to the jobs ``principal`` may see — own jobs, jobs of projects
+    they are PI of; quota managers all — as subqueries (no lookups of their own)."""
+    if principal.is_quota_manager:
+        return q
+    caller = sa.orm.aliased(User)
+    my_id = select(caller.id).where(caller.name == (principal.name if me is None else me)).scalar_subquery()
+    pi_projects = select(Membership.project_id).where(Membership.user_id == my_id, Membership.role == "pi")
+    return q.where(sa.or_(col(Job.user_id) == my_id, col(Job.project_id).in_(pi_projects)))
 
 
 def cancel_job(session: Session, *, principal: Principal, registry: AdapterRegistry, job_id: str) -> JobOut:
@@ -514,12 +548,7 @@ def list_jobs(
 ) -> JobPage:
     """Jobs the caller may see, newest first. Members see their own jobs, PIs their
     project's, quota managers all."""
-    q = (select(Job, Project.code, Cluster.name, User.name)
-         .join(Project, Project.id == Job.project_id)  # type: ignore[arg-type]
-         .join(Cluster, Cluster.id == Job.cluster_id)  # type: ignore[arg-type]
-         .join(User, User.id == Job.user_id))  # type: ignore[arg-type]
-    if not principal.is_quota_manager:
-        q = _restrict_to_caller(session, q, principal)
+    q = _visible_to(_job_rows(), principal)  # one query, whatever the page size
     if project:
         q = q.where(Project.code == project)
     if state:
@@ -536,13 +565,3 @@ def list_jobs(
     items = [job_out(j, project=p, cluster=c, user=u) for j, p, c, u in rows[:limit]]
     nxt = _encode_cursor(rows[limit - 1][0].created_at, rows[limit - 1][0].id) if len(rows) > limit else None
     return JobPage(items=items, next_cursor=nxt)
-
-
-def _restrict_to_caller(session: Session, q, principal: Principal):  # type: ignore[no-untyped-def]
-    from broker.models import Membership
-
-    me = find_user(session, principal.name)
-    if me is None:
-        return q.where(sa.false())
-    pi_projects = select(Membership.project_id).where(Membership.user_id == me.id, Membership.role == "pi")
-    return q.where(sa.or_(col(Job.user_id) == me.id, col(Job.project_id).in_(pi_projects)))

@@ -8,12 +8,13 @@ from fastapi import APIRouter, Path, Response
 from sqlmodel import col, select
 
 from broker.api.deps import PrincipalDep, RegistryDep, SessionDep, SettingsDep
+from broker.api.unit_of_work import UnitOfWorkRoute
 from broker.models import Cluster
 from broker.schemas import NAME_RE, AccountIn, AccountOut, ClusterIn, ClusterOut, ClusterPatch, HealthOut
 from broker.services import clusters as svc
 from broker.services.common import get_cluster
 
-router = APIRouter(prefix="/v1/clusters", tags=["clusters"])
+router = APIRouter(prefix="/v1/clusters", tags=["clusters"], route_class=UnitOfWorkRoute)
 
 
 @router.get("", response_model=list[ClusterOut])

@@ -7,9 +7,10 @@ from typing import Any
 from fastapi import APIRouter
 
 from broker.api.deps import PrincipalDep, RegistryDep, SessionDep
+from broker.api.unit_of_work import UnitOfWorkRoute
 from broker.services import enforcement as svc
 
-router = APIRouter(prefix="/v1/clusters", tags=["enforcement"])
+router = APIRouter(prefix="/v1/clusters", tags=["enforcement"], route_class=UnitOfWorkRoute)
 
 
 @router.get("/{name}/enforcement")

@@ -8,11 +8,12 @@ from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 
 from broker.api.deps import EngineDep, PrincipalDep, RegistryDep, SessionDep, SettingsDep
+from broker.api.unit_of_work import UnitOfWorkRoute
 from broker.schemas import EstimateOut, JobOut, JobPage, JobRequest
 from broker.services import idempotency
 from broker.services import jobs as job_service
 
-router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"], route_class=UnitOfWorkRoute)
 
 
 @router.post("", status_code=201, response_model=JobOut,

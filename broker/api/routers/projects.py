@@ -8,6 +8,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Path, Query, Request, Response
 
 from broker.api.deps import PrincipalDep, RegistryDep, SessionDep, SettingsDep
+from broker.api.unit_of_work import UnitOfWorkRoute
 from broker.schemas import (
     MAX_DATE,
     MAX_ID,
@@ -31,7 +32,7 @@ from broker.services.projects import allocation_out
 FromDate = Annotated[date | None, Query(alias="from", ge=MIN_DATE, le=MAX_DATE)]
 ToDate = Annotated[date | None, Query(ge=MIN_DATE, le=MAX_DATE)]
 
-router = APIRouter(prefix="/v1", tags=["projects"])
+router = APIRouter(prefix="/v1", tags=["projects"], route_class=UnitOfWorkRoute)
 
 
 @router.get("/projects", response_model=list[ProjectOut])

@@ -10,12 +10,13 @@ from sqlmodel import col, select
 
 from broker.api.deps import PrincipalDep, SessionDep
 from broker.api.routers.projects import FromDate, ToDate
+from broker.api.unit_of_work import UnitOfWorkRoute
 from broker.models import Allocation
 from broker.services import notifications as notes
 from broker.services import usage as usage_svc
 from broker.services.common import require_role, visible_project
 
-router = APIRouter(prefix="/v1", tags=["usage"])
+router = APIRouter(prefix="/v1", tags=["usage"], route_class=UnitOfWorkRoute)
 
 WindowDays = Annotated[int, Query(ge=1, le=365)]
 

@@ -1,0 +1,113 @@
+"""One unit of work per request, committed before the answer is sent.
+
+Routers are built with ``route_class=UnitOfWorkRoute``. Their sync endpoints are
+wrapped so that, inside the one worker thread that runs the endpoint, the request's
+session (``SessionDep``) is used, committed and closed — its connection goes back
+to the pool before the thread is released and before any response byte is sent:
+
+* a 2xx answer always means the change is committed (a failed commit becomes the
+  problem answer of broker/api/problems.py instead);
+* no request holds a connection while it waits for a thread, so threads and pool
+  cannot deadlock (the pool is sized to the worker threads, see broker/config.py);
+* a serialization failure (a lost race, PostgreSQL 40001/40P01 or SQLite busy)
+  reruns the endpoint, at most ``RETRIES`` times, when the endpoint touches only the
+  database (no engine, no adapter: nothing outside the transaction to repeat).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+import random
+import time
+from collections.abc import Callable
+from typing import Any
+
+import sqlalchemy as sa
+from fastapi.routing import APIRoute
+from sqlmodel import Session
+
+from broker.api.deps import OUTSIDE_TRANSACTION
+from broker.db import classify, dependents
+from broker.errors import Conflict
+
+log = logging.getLogger(__name__)
+
+RETRIES = 3
+
+
+class UnitOfWorkRoute(APIRoute):
+    """An API route whose request session commits inside the endpoint's thread."""
+
+    def __init__(self, path: str, endpoint: Callable[..., Any], **kwargs: Any) -> None:
+        wrapped = unit_of_work(endpoint)
+        super().__init__(path, wrapped, **kwargs)
+        if wrapped is not endpoint:
+            calls = _dependency_calls(self.dependant)
+            wrapped.retry_ok = not (calls & set(OUTSIDE_TRANSACTION))  # type: ignore[attr-defined]
+
+
+def _dependency_calls(dependant: Any) -> set[Callable[..., Any]]:
+    calls = set()
+    for sub in dependant.dependencies:
+        if sub.call is not None:
+            calls.add(sub.call)
+        calls |= _dependency_calls(sub)
+    return calls
+
+
+def unit_of_work(endpoint: Callable[..., Any]) -> Callable[..., Any]:
+    """``endpoint`` run as one unit of work (async endpoints are returned as they are:
+    they must not use the request session)."""
+    if inspect.iscoroutinefunction(endpoint):
+        return endpoint
+
+    @functools.wraps(endpoint)
+    def run(**kwargs: Any) -> Any:
+        session = next((v for v in kwargs.values() if isinstance(v, Session)), None)
+        if session is None:
+            return endpoint(**kwargs)
+        session.info["unit_of_work"] = True
+        try:
+            for attempt in range(1, RETRIES + 1):
+                try:
+                    result = endpoint(**kwargs)
+                    session.commit()
+                    return result
+                except sa.exc.DBAPIError as exc:
+                    session.rollback()
+                    fault = classify(exc)
+                    if fault is not None and fault.retryable and attempt < RETRIES \
+                            and getattr(run, "retry_ok", False):
+                        log.info("%s: %s; running it again (attempt %d)", endpoint.__name__, fault.detail,
+                                 attempt + 1)
+                        time.sleep(random.uniform(0.01, 0.05) * attempt)  # noqa: S311 - jitter
+                        continue
+                    if fault is not None and fault.kind == "foreign_key" and isinstance(exc, sa.exc.IntegrityError):
+                        _name_dependents(session, exc)
+                    raise
+                except BaseException:
+                    session.rollback()
+                    raise
+            raise AssertionError("unreachable")  # pragma: no cover
+        finally:
+            session.close()  # the connection goes back to the pool in this thread
+
+    return run
+
+
+def _name_dependents(session: Session, exc: sa.exc.IntegrityError) -> None:
+    """A delete refused by a foreign key: name the tables whose rows still point at
+    it (SQLite does not say which; PostgreSQL's own message is kept)."""
+    if session.get_bind().dialect.name != "sqlite":
+        return
+    try:
+        found = dependents(session.connection(), exc)
+    except sa.exc.SQLAlchemyError:
+        return
+    finally:
+        session.rollback()
+    if found:
+        raise Conflict(f"It is still referenced by {', '.join(found)}; remove or move those first.",
+                       depends=found) from exc
