@@ -97,6 +97,7 @@ class Conn:
         self.host, self.port = host, port
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
+        self.closing: list[asyncio.StreamWriter] = []
 
     async def request(self, method: str, path: str, headers: dict[str, str],
                       body: bytes = b"") -> tuple[int, dict[str, str], bytes]:
@@ -123,7 +124,15 @@ class Conn:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+            self.closing.append(self.writer)
         self.reader = self.writer = None
+
+    async def aclose(self) -> None:
+        self.close()
+        for writer in self.closing:
+            with contextlib.suppress(OSError, ConnectionError):
+                await writer.wait_closed()
+        self.closing.clear()
 
 
 async def _reader_client(conn: Conn, paths: list[str], token: str, deadline: float, res: Result) -> None:
@@ -194,8 +203,8 @@ async def _run_clients(port: int, *, clients: int, submitters: int, duration: fl
     paths = [p + ["/v1/jobs?limit=20"] * len(p) for p in paths]
     deadline = time.monotonic() + duration
     tasks = []
-    for i in range(clients):
-        conn = Conn("127.0.0.1", port)
+    conns = [Conn("127.0.0.1", port) for _ in range(clients)]
+    for i, conn in enumerate(conns):
         if i < submitters:
             tasks.append(_submitter_client(conn, tokens[i % len(tokens)], deadline, res))
         else:
@@ -203,14 +212,15 @@ async def _run_clients(port: int, *, clients: int, submitters: int, duration: fl
     start = time.monotonic()
     await asyncio.gather(*tasks)
     res.duration = time.monotonic() - start
+    await asyncio.gather(*(c.aclose() for c in conns))
     return res
 
 
 # --- the server under test --------------------------------------------------------------------
 
 @contextlib.contextmanager
-def serve(db_url: str, data_dir: Path, **settings: Any) -> Iterator[tuple[int, dict[str, str]]]:
-    """One ``aifa-broker serve`` process; yields its port and environment."""
+def serve(db_url: str, data_dir: Path, workers: int = 1, **settings: Any) -> Iterator[tuple[int, dict[str, str]]]:
+    """One ``aifa-broker serve`` process (``workers`` API processes); yields its port and environment."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("AIFA_BROKER_")}
     env.update({"AIFA_BROKER_DATA_DIR": str(data_dir), "AIFA_BROKER_DATABASE_URL": db_url,
@@ -219,7 +229,7 @@ def serve(db_url: str, data_dir: Path, **settings: Any) -> Iterator[tuple[int, d
     env.update({f"AIFA_BROKER_{k.upper()}": str(v) for k, v in settings.items()})
     data_dir.mkdir(parents=True, exist_ok=True)
     log = open(data_dir / "serve.log", "wb")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen([str(BIN), "serve", "--port", str(port)], env=env,
+    proc = subprocess.Popen([str(BIN), "serve", "--port", str(port), "--workers", str(workers)], env=env,
                             stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 60
@@ -297,14 +307,14 @@ class Verdict:
 
 
 def run(db: str, *, clients: int, duration: float, submitters: int = 0, jobs: int = 2000,
-        amount: float = 1e6, tmp: Path | None = None, **settings: Any) -> Verdict:
+        amount: float = 1e6, tmp: Path | None = None, workers: int = 1, **settings: Any) -> Verdict:
     """Start a server, seed it, run the clients; for submissions check the books."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, max(soft, 4 * clients + 256)), hard))
     owned = tmp is None
     tmp = tmp or Path(tempfile.mkdtemp(prefix="aifa-b5-"))
     try:
-        with fresh_database(db, tmp) as url, serve(url, tmp / "data", **settings) as (port, env):
+        with fresh_database(db, tmp) as url, serve(url, tmp / "data", workers, **settings) as (port, env):
             base = f"http://127.0.0.1:{port}"
             tokens, ids = _seed(base, url, env, jobs, amount)
             verdict = Verdict(result=Result(clients=clients, duration=duration))
@@ -383,11 +393,14 @@ def main() -> None:
     ap.add_argument("--duration", type=float, default=20.0)
     ap.add_argument("--submitters", type=int, default=0)
     ap.add_argument("--jobs", type=int, default=2000)
+    ap.add_argument("--workers", type=int, default=1, help="serve --workers")
+    ap.add_argument("--amount", type=float, default=1e6, help="core-hours granted (submissions)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
-    v = run(args.db, clients=args.clients, duration=args.duration, submitters=args.submitters, jobs=args.jobs)
-    out = {"db": args.db, **v.result.summary(), "healthz_and_metrics_during_load_ms": round(v.healthz_during_load_ms),
-           "serve_log_500s": v.serve_log_500s}
+    v = run(args.db, clients=args.clients, duration=args.duration, submitters=args.submitters, jobs=args.jobs,
+            workers=args.workers, amount=args.amount)
+    out = {"db": args.db, "workers": args.workers, **v.result.summary(),
+           "healthz_and_metrics_during_load_ms": round(v.healthz_during_load_ms), "serve_log_500s": v.serve_log_500s}
     if args.submitters:
         out.update(jobs_in_db=v.jobs_in_db, lost=len(v.lost), duplicates=v.duplicate_keys,
                    overspent=v.overspent, ledger_check=v.ledger_output)

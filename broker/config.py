@@ -29,9 +29,12 @@ from pydantic_settings import (
 #: threads outside the request workers that use the database: /readyz and /metrics run
 #: on their own small thread limiter (so they answer under load) ...
 PROBE_THREADS = 2
-#: ... and the service's background threads (tracker, reconciler/usage import, notifier,
-#: one spare)
-BACKGROUND_DB_THREADS = 4
+#: ... the short reads of long polls and event streams run on the event loop's default
+#: executor, bounded to this many threads (broker/api/middleware.py, Admission) ...
+STREAM_THREADS = 2
+#: ... and the service's background threads (tracker, usage import, notifier, event
+#: hub, one spare)
+BACKGROUND_DB_THREADS = 5
 
 PLACEHOLDER_SECRETS = {"", "changeme", "change-me", "secret", "placeholder", "xxx", "todo"}
 
@@ -236,7 +239,8 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"database_pool_size={self.database_pool_size} is smaller than the {self.database_users} "
                 f"threads that may hold a database connection at once (worker_threads={self.worker_threads} "
-                f"+ {PROBE_THREADS} probe + {BACKGROUND_DB_THREADS} background): requests could wait for "
+                f"+ {PROBE_THREADS + STREAM_THREADS} probe/stream + {BACKGROUND_DB_THREADS} background): "
+                "requests could wait for "
                 "connections while holding every worker thread, which can deadlock the broker; raise "
                 f"database_pool_size to at least {self.database_users} or lower worker_threads")
         return self
@@ -250,7 +254,7 @@ class Settings(BaseSettings):
     @property
     def database_users(self) -> int:
         """Threads that may hold a database connection at once in this process."""
-        return self.worker_threads + PROBE_THREADS + BACKGROUND_DB_THREADS
+        return self.worker_threads + PROBE_THREADS + STREAM_THREADS + BACKGROUND_DB_THREADS
 
     @property
     def pool_size(self) -> int:

@@ -23,9 +23,10 @@ from sqlmodel import Session
 SQLITE_BUSY_TIMEOUT_MS = 60_000
 
 
-#: pool defaults when no settings are given (CLI, tests); ``serve`` derives them from
-#: ``worker_threads`` (see broker/config.py, ``Settings.database_pool``)
-DEFAULT_POOL_SIZE = 24
+#: pool size when no settings are given (tests, tools); ``serve`` derives it from
+#: ``worker_threads`` (broker/config.py, ``Settings.pool_size``). At least the default
+#: settings' ``database_users`` (tests/unit/test_admission.py checks it)
+DEFAULT_POOL_SIZE = 32
 DEFAULT_POOL_TIMEOUT_SECONDS = 5.0
 #: a connection attempt to an unreachable PostgreSQL gives up after this long, so an
 #: outage becomes a prompt 503 rather than a hung worker thread

@@ -11,6 +11,7 @@ import hashlib
 import json
 import re
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 from urllib.parse import unquote_to_bytes
 
@@ -18,6 +19,7 @@ from anyio import to_thread
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from broker.config import STREAM_THREADS
 from broker.metrics import REQUESTS_SHED
 
 #: answered whatever the load: they take no worker thread (see broker/api/app.py)
@@ -30,8 +32,9 @@ class Admission:
     worker thread); one more is answered at once with 503 ``overloaded`` and
     ``Retry-After`` instead of queueing into a 30 s wait. Probes are not counted.
 
-    It also sets the event loop's worker-thread limit to ``threads`` (the number
-    the database pool is sized for) before the first request runs.
+    It also sets the event loop's worker-thread limit to ``threads`` and bounds its
+    default executor to ``STREAM_THREADS`` (the numbers the database pool is sized
+    for, broker/config.py) before the first request runs.
 
     A handler that waits a long time without using a worker thread or the database
     (a long poll, an event stream) calls :func:`leave_admission` so it stops
@@ -50,8 +53,10 @@ class Admission:
             await self.app(scope, receive, send)
             return
         loop = asyncio.get_running_loop()
-        if loop is not self._loop:  # a thread limiter belongs to one event loop
+        if loop is not self._loop:  # thread limits belong to one event loop
             to_thread.current_default_thread_limiter().total_tokens = self.threads
+            # asyncio.to_thread (the short reads of long polls and streams) uses this one
+            loop.set_default_executor(ThreadPoolExecutor(STREAM_THREADS, thread_name_prefix="aifa-stream"))
             self._loop = loop
         if scope["path"] in self.exempt:
             await self.app(scope, receive, send)

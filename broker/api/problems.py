@@ -22,7 +22,7 @@ _HTTP_CODES = {401: "unauthenticated", 403: "forbidden", 404: "not_found", 405: 
                422: "validation_error", 429: "rate_limited"}
 #: seconds a client should wait: the pool frees within a request's time; an outage
 #: takes longer (and the client should not hammer a recovering database)
-RETRY_AFTER_OVERLOADED = 1
+RETRY_AFTER_OVERLOADED = 2
 RETRY_AFTER_DATABASE = 5
 
 

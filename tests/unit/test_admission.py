@@ -1,0 +1,103 @@
+"""Admission control and the pool/thread configuration check (issue 14 points 1-2)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydantic import ValidationError
+
+from broker.api.app import UnsafeConfiguration, check_pool
+from broker.api.middleware import Admission, leave_admission
+from broker.config import Settings
+from broker.db import make_engine
+
+
+def _scope(path: str) -> dict[str, Any]:
+    return {"type": "http", "method": "GET", "path": path, "headers": [], "query_string": b""}
+
+
+async def _call(app: Any, path: str) -> tuple[int, dict[bytes, bytes], bytes]:
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b""}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    await app(_scope(path), receive, send)
+    return sent[0]["status"], dict(sent[0]["headers"]), b"".join(m.get("body", b"") for m in sent[1:])
+
+
+def test_beyond_the_limit_the_answer_is_an_immediate_503_and_probes_still_answer() -> None:
+    release = asyncio.Event()
+
+    async def slow_app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["path"] == "/v1/slow":
+            await release.wait()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    admission = Admission(slow_app, limit=2, threads=4)
+
+    async def scenario() -> None:
+        held = [asyncio.create_task(_call(admission, "/v1/slow")) for _ in range(2)]
+        await asyncio.sleep(0.05)
+        assert admission.in_flight == 2
+        status, headers, body = await asyncio.wait_for(_call(admission, "/v1/jobs"), 1)
+        assert status == 503
+        assert headers[b"content-type"] == b"application/problem+json"
+        assert int(headers[b"retry-after"]) >= 1
+        assert json.loads(body)["code"] == "overloaded"
+        for probe in ("/healthz", "/metrics", "/readyz"):  # not counted, not refused
+            assert (await asyncio.wait_for(_call(admission, probe), 1))[0] == 200
+        release.set()
+        assert [(await t)[0] for t in held] == [200, 200]
+        assert admission.in_flight == 0
+        assert (await _call(admission, "/v1/jobs"))[0] == 200
+
+    asyncio.run(scenario())
+
+
+def test_a_long_wait_can_leave_admission() -> None:
+    from starlette.requests import Request
+
+    waiting = asyncio.Event()
+
+    async def long_poll(scope: Any, receive: Any, send: Any) -> None:
+        leave_admission(Request(scope))
+        leave_admission(Request(scope))  # twice is harmless
+        waiting.set()
+        await asyncio.sleep(0.2)
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    admission = Admission(long_poll, limit=1, threads=4)
+
+    async def scenario() -> None:
+        task = asyncio.create_task(_call(admission, "/v1/wait"))
+        await waiting.wait()
+        assert admission.in_flight == 0
+        assert (await _call(admission, "/v1/other"))[0] == 200
+        assert (await task)[0] == 200
+        assert admission.in_flight == 0
+
+    asyncio.run(scenario())
+
+
+def test_pool_smaller_than_its_users_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValidationError, match="could wait for connections while holding every worker thread"):
+        Settings(data_dir=tmp_path, worker_threads=32, database_pool_size=10)
+    settings = Settings(data_dir=tmp_path, worker_threads=8)
+    assert settings.pool_size == settings.database_users == 8 + 2 + 2 + 5
+    assert settings.requests_in_flight_limit == 32
+    small = make_engine(f"sqlite:///{tmp_path / 'x.db'}", pool_size=5)
+    with pytest.raises(UnsafeConfiguration, match="deadlock"):
+        check_pool(small, settings)
+    check_pool(make_engine(f"sqlite:///{tmp_path / 'y.db'}", pool_size=settings.pool_size), settings)
+    # an engine made without settings (tests, tools) fits the default settings
+    check_pool(make_engine(f"sqlite:///{tmp_path / 'z.db'}"), Settings(data_dir=tmp_path))
