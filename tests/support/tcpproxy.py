@@ -20,6 +20,7 @@ class TcpProxy:
         self._thread = threading.Thread(target=self._loop.run_forever, name="tcpproxy", daemon=True)
         self._server: asyncio.base_events.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
         self._cut = False
 
     def __enter__(self) -> TcpProxy:
@@ -56,9 +57,17 @@ class TcpProxy:
         await self._set_cut(True)
         if self._server is not None:
             self._server.close()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._server is not None:
             await self._server.wait_closed()
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
         if self._cut:
             _abort(writer)
             return
