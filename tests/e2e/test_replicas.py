@@ -111,12 +111,14 @@ def _start(env: dict[str, str], url: str, name: str, log: Path) -> Replica:
     sep = "&" if "?" in url else "?"
     renv = {**env, "AIFA_BROKER_DATABASE_URL": f"{url}{sep}application_name={name}", "AIFA_BROKER_PORT": str(port)}
     fh = log.open("wb")
-    proc = subprocess.Popen([BIN, "serve"], env=renv, stdout=fh, stderr=subprocess.STDOUT)
+    # one process per replica (API + tracker thread): the replicas are the point here, and
+    # 3 × (supervisor + workers + tracker) would crowd a small test machine
+    proc = subprocess.Popen([BIN, "serve", "--workers", "1"], env=renv, stdout=fh, stderr=subprocess.STDOUT)
     fh.close()
     return Replica(name, port, proc, log)
 
 
-def _wait_ready(replicas: list[Replica], timeout: float = 60) -> None:
+def _wait_ready(replicas: list[Replica], timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
     pending = list(replicas)
     while pending:

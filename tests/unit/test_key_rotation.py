@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from joserfc import jws
 
-from broker.auth import Authenticator, issue_token
+from broker.auth import Authenticator, issue_token, write_signing_key
 from broker.config import Settings
 from broker.errors import Unauthenticated
 
@@ -40,8 +40,8 @@ def test_signing_key_command_writes_a_private_key_once(tmp_path: Path) -> None:
 
 def test_rotation_without_downtime(tmp_path: Path) -> None:
     old_key, new_key = tmp_path / "jwt-1.json", tmp_path / "jwt-2.json"
-    for path in (old_key, new_key):
-        subprocess.run([BIN, "signing-key", str(path)], check=True, capture_output=True)
+    for path in (old_key, new_key):  # what `aifa-broker signing-key PATH` does
+        write_signing_key(path)
 
     # before: signed and checked with the old key
     before = _settings(tmp_path, token_signing_key_file=old_key)
@@ -71,7 +71,7 @@ def test_rotation_without_downtime(tmp_path: Path) -> None:
 def test_a_verification_key_never_signs_and_only_its_public_part_is_kept(tmp_path: Path) -> None:
     signing, extra = tmp_path / "jwt-1.json", tmp_path / "jwt-2.json"
     for path in (signing, extra):
-        subprocess.run([BIN, "signing-key", str(path)], check=True, capture_output=True)
+        write_signing_key(path)
     settings = _settings(tmp_path, token_signing_key_file=signing, token_verification_key_files=[extra])
     assert _kid(issue_token(settings, sub="a", roles=[])) == json.loads(signing.read_text())["kid"]
     from broker.auth import embedded_key_set
