@@ -85,5 +85,10 @@ def build_image(workdir: Path) -> tuple[str, float]:
 
 
 def remove_image(tag: str) -> None:
-    """Remove the test image (the build's intermediate layers stay cached for the next build)."""
+    """Remove the test image and the final stage's leftover layers (labelled with the
+    image title); the build stage's layers — the dependency layer above all — stay
+    cached for the next build, unless older than three days."""
     podman("rmi", "-f", tag, check=False)
+    podman("image", "prune", "-f", "--filter", "label=org.opencontainers.image.title=aifa-broker", check=False)
+    # build-stage layers of older dependency sets (pyproject.toml changed since)
+    podman("image", "prune", "-f", "--filter", "until=72h", check=False)
