@@ -157,13 +157,26 @@ class Tracker:
             self._mark_unreachable(cluster, jobs, exc)
             return
         by_id = {s.job_id: s for s in statuses}
+        ended: list[tuple[str, JobStatus]] = []
         with session_scope(self.engine) as session:
             self._mark_reachable(session, cluster)
             # one query for the current rows (not one per job); unchanged jobs are not written
             for live in session.exec(self._live_jobs(cluster)).all():
                 status = by_id.get(live.scheduler_job_id or "")
-                if status is not None:
+                if status is None:
+                    continue
+                if status.final and status.state in TERMINAL_STATES:
+                    ended.append((live.id, status))
+                else:
                     self._apply_status(session, cluster, live, status)
+        # Each settlement in its own short transaction: settling updates the allocation's
+        # row, which every submission on that allocation queues for; settling a whole
+        # cycle's worth in the batch above held that lock for the entire cycle.
+        for job_id, status in ended:
+            with session_scope(self.engine) as session:
+                live = session.get(Job, job_id)
+                if live is not None and live.settled_at is None:
+                    settle(session, job=live, status=status, cost_model=cluster.cost_model)
 
     @staticmethod
     def _live_jobs(cluster: Cluster):  # type: ignore[no-untyped-def]
