@@ -73,7 +73,7 @@ def test_50_concurrent_requests_with_one_key_make_one_job(env: BrokerEnv) -> Non
             other = c.post("/v1/jobs", json={**body, "script": "sleep 2"}, headers=head)
             assert (other.status_code, other.json()["code"]) == (422, "idempotency_conflict")
             # keys are per user: bob may use the same key for his own job
-            env.setup_project("EHPC-TEST-002", members=("bob",))
+            env.setup_project("EHPC-TEST-002", members=("bob",), account="proj-b")
             bob = c.post("/v1/jobs", json={**body, "project": "EHPC-TEST-002"},
                          headers={**env.auth("bob"), "Idempotency-Key": "retry-me-1"})
             assert bob.status_code == 201 and bob.json()["id"] not in job_ids

@@ -105,7 +105,7 @@ def test_crash_before_the_scheduler_call_retry_answers_the_written_job(
 def test_crash_before_the_job_row_retry_takes_the_claim_over(
         env: BrokerEnv, monkeypatch: pytest.MonkeyPatch) -> None:
     env.setup_project()
-    monkeypatch.setattr(job_service, "_reserve", _die)
+    monkeypatch.setattr(job_service, "_reserve_answer", _die)
     monkeypatch.setattr(idempotency, "_quietly", lambda *a, **k: None)
     _submit_and_die(env, "crash-before-row")
     monkeypatch.undo()
