@@ -60,8 +60,18 @@ def two_clusters(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tup
             definition["poll_interval_seconds"] = POLL_SECONDS
             r = env.call("POST", "/v1/clusters", env.qm, json=definition)
             assert r.status_code == 201, r.text
-            env.setup_project(f"EHPC-WAIT-{adapter.upper().replace('_', '')}", amount=100, unit="gpu_hours",
-                              members=("alice",), cluster=definition["name"], account="proj-a")
+            # one project on both definitions: two projects cannot share the Slurm account
+            # proj-a of one cluster (their direct jobs could not be told apart)
+            if adapter == slurm.ADAPTERS[0]:
+                env.setup_project("EHPC-WAIT", amount=100, unit="gpu_hours", members=("alice",),
+                                  cluster=definition["name"], account="proj-a")
+            else:
+                r = env.call("POST", "/v1/projects/EHPC-WAIT/allocations", env.qm, json={
+                    "cluster": definition["name"], "unit": "gpu_hours", "amount": 100, "account": "proj-a"})
+                assert r.status_code == 201, r.text
+                r = env.call("PUT", f"/v1/clusters/{definition['name']}/accounts/alice", env.qm,
+                             json={"username": "alice"})
+                assert r.status_code == 200, r.text
         yield env, release
 
 
@@ -80,7 +90,7 @@ def test_a_job_waiting_for_gpus_shows_slurms_reason_and_expected_start(two_clust
             time.sleep(0.5)
         for adapter, cluster in clusters.items():
             r = env.call("POST", "/v1/jobs", alice, json={
-                "project": f"EHPC-WAIT-{adapter.upper().replace('_', '')}", "cluster": cluster,
+                "project": "EHPC-WAIT", "cluster": cluster,
                 "partition": "gpu", "gpus_per_node": 1, "time_limit_minutes": 2,
                 "script": "#!/bin/bash\nsleep 1\n"})
             assert r.status_code == 201, r.text

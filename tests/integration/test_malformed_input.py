@@ -130,5 +130,5 @@ def test_rate_limit_gives_429_with_retry_after(db_url: str, tmp_path) -> None:  
         body = _problem(r, 429, "rate_limited")
         assert 1 <= int(r.headers["Retry-After"]) <= 60 and body["detail"]
         # other users are not affected
-        env.setup_project("EHPC-TEST-002", members=("bob",))
+        env.setup_project("EHPC-TEST-002", members=("bob",), account="proj-b")
         assert env.call("POST", "/v1/jobs", env.auth("bob"), json={**GOOD, "project": "EHPC-TEST-002"}).status_code == 201

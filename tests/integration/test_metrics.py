@@ -29,7 +29,7 @@ def _scrape(env: BrokerEnv) -> dict[str, dict[tuple[tuple[str, str], ...], float
 
 def test_metrics_match_the_api(env: BrokerEnv) -> None:
     env.setup_project("EHPC-MET-001", amount=10.0, unit="core_hours")
-    env.setup_project("EHPC-MET-002", amount=5.0, unit="node_hours", members=("bob",))
+    env.setup_project("EHPC-MET-002", amount=5.0, unit="node_hours", members=("bob",), account="proj-b")
     alice = env.auth("alice")
     job = env.call("POST", "/v1/jobs", alice, json={
         "project": "EHPC-MET-001", "script": "#!/bin/sh\nsleep 1\n", "time_limit_minutes": 5,
