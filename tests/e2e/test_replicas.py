@@ -9,7 +9,8 @@ PostgreSQL database and the Slurm 22.05 dev cluster (slurmrestd).
 - another replica holds the lease within one lease period (the cluster's poll
   interval: every replica tries for it once per period);
 - no job is dropped (every accepted job settles) and none is tracked twice (one
-  Slurm job per broker job, one reserve/release/charge each, ledger consistent).
+  Slurm job per broker job, one reserve/release/charge each, ledger consistent);
+- the per-user rate limit (window in Redis) holds across the replicas.
 
 Lease holders are read from ``pg_locks`` (each replica connects with its own
 ``application_name``)."""
@@ -33,8 +34,10 @@ import httpx
 import pytest
 import sqlalchemy as sa
 
+from broker.ratelimit import SharedRateLimiter
 from tests.support import slurm
 from tests.support.env import fresh_database
+from tests.support.redis import require_redis
 from tests.support.server import free_port
 
 RELEASE = "22.05"
@@ -150,8 +153,14 @@ def test_three_replicas_one_sigkilled_mid_run(database: str, tmp_path: Path) -> 
            "AIFA_BROKER_TRACKER_INTERVAL_SECONDS": str(TRACKER_TICK),
            "AIFA_BROKER_RECONCILE_GRACE_SECONDS": "3", "AIFA_BROKER_RECONCILE_ABSENT_SECONDS": "60"}
     env.pop("AIFA_BROKER_CONFIG", None)
+    # a per-user limit of exactly the stream's size, its window shared in Redis
+    redis_url = require_redis()
+    env.update(AIFA_BROKER_RATE_LIMIT_PER_MINUTE=str(JOBS), AIFA_BROKER_RATE_LIMIT_STORAGE_URL=redis_url)
+    SharedRateLimiter(JOBS, redis_url).reset("alice")
+    burst_user = f"carol-{uuid.uuid4().hex[:8]}"
     admin = _cli(env, "token", "--sub", "ops", "--role", "quota_manager", "--role", "sysadmin")
     alice = _cli(env, "token", "--sub", "alice")
+    carol = _cli(env, "token", "--sub", burst_user)
 
     # 1. three replicas start together on an empty database
     replicas = [_start(env, database, f"replica-{i}", tmp_path / f"replica-{i}.log") for i in range(3)]
@@ -192,6 +201,7 @@ def test_three_replicas_one_sigkilled_mid_run(database: str, tmp_path: Path) -> 
         accepted: list[dict[str, Any]] = []
         killed: Replica | None = None
         killed_at = 0.0
+        stream_start = time.monotonic()
         for i in range(JOBS):
             live = [r for r in replicas if r.alive]
             target = live[i % len(live)]
@@ -218,6 +228,20 @@ def test_three_replicas_one_sigkilled_mid_run(database: str, tmp_path: Path) -> 
         # 4. every accepted job settles, through the survivors
         survivors = [r for r in replicas if r.alive]
         assert len(survivors) == 2
+        # the rate limit counted alice's stream on all three replicas together (while it
+        # is still inside one window: a stream slowed past a minute by a busy machine
+        # would have let older hits expire)
+        if time.monotonic() - stream_start < 50:
+            r = _call(survivors[0], alice, "POST", "/v1/jobs", json={
+                "project": code, "cluster": cluster, "time_limit_minutes": 2, "script": "#!/bin/bash\ntrue\n"})
+            assert r.status_code == 429 and r.json()["code"] == "rate_limited", r.text
+        else:
+            print("stream took over 50 s: alice's window partly expired, only the burst is checked")
+        # ... and a burst over both survivors (requests counted, then refused: 404, no job)
+        codes = [_call(survivors[i % 2], carol, "POST", "/v1/jobs", json={
+            "project": "EHPC-NONE-001", "script": "true", "time_limit_minutes": 1}).status_code
+            for i in range(JOBS + 1)]
+        assert codes == [404] * JOBS + [429], codes
         deadline = time.monotonic() + 180
         done: dict[str, dict[str, Any]] = {}
         while len(done) < len(accepted) and time.monotonic() < deadline:

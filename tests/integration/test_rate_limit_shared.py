@@ -6,7 +6,6 @@ database and the machine's Redis (127.0.0.1:6379, as in CI)."""
 from __future__ import annotations
 
 import contextlib
-import os
 import socket
 import uuid
 from collections.abc import Iterator
@@ -17,30 +16,12 @@ import pytest
 from broker.metrics import RATE_LIMIT_STORE_ERRORS
 from broker.ratelimit import RateLimiter, SharedRateLimiter, make_rate_limiter
 from tests.support.env import BrokerEnv, broker_env
-
-REDIS_URL = os.environ.get("AIFA_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
-
-
-def _redis_reason() -> str | None:
-    host, _, port = REDIS_URL.split("//", 1)[1].split("/", 1)[0].partition(":")
-    try:
-        with socket.create_connection((host, int(port or 6379)), timeout=2) as s:
-            s.sendall(b"PING\r\n")
-            if not s.recv(16).startswith(b"+PONG"):
-                return f"{REDIS_URL} does not answer PING"
-    except OSError as exc:
-        return f"Redis not reachable at {REDIS_URL}: {exc}"
-    return None
+from tests.support.redis import require_redis
 
 
 @pytest.fixture
 def redis_url() -> str:
-    reason = _redis_reason()
-    if reason:
-        if os.environ.get("CI") == "true" or os.environ.get("AIFA_REQUIRE_REDIS") == "1":
-            pytest.fail(reason)
-        pytest.skip(reason)
-    return REDIS_URL
+    return require_redis()
 
 
 @contextlib.contextmanager
