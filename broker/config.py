@@ -193,6 +193,14 @@ class Settings(BaseSettings):
     long_poll_max_seconds: float = Field(default=300.0, gt=0, le=3600)
     event_poll_seconds: float = Field(default=0.25, gt=0, le=60)
     event_keepalive_seconds: float = Field(default=15.0, gt=0, le=3600)
+    #: per-job notifications (``notify`` at submission, docs/jobs.md): the hosts a job's
+    #: webhook may call ("hooks.example.org", "*.example.org", "*" = any public host;
+    #: empty = the feature is off), whether loopback/private/link-local addresses are
+    #: allowed (never by default), how often the sender looks for work. Retries and
+    #: timeouts follow the ``webhook_*`` settings above.
+    job_webhook_hosts: list[str] = Field(default_factory=list)
+    job_webhook_allow_private_networks: bool = False
+    job_webhook_interval_seconds: float = Field(default=1.0, gt=0, le=3600)
 
     #: requests of this process that run at once (worker threads); every other limit
     #: below derives from it — see docs/configuration.md "Concurrency and overload"

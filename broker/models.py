@@ -289,7 +289,20 @@ class Notification(SQLModel, table=True):
     created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime, index=True)
 
 
-class WebhookDelivery(SQLModel, table=True):
+class DeliveryState(SQLModel):
+    """The retry state of one webhook delivery (quota webhooks and per-job ones)."""
+
+    #: pending → delivered | failed (gave up after the configured attempts)
+    status: str = Field(default="pending", max_length=16)
+    attempts: int = 0
+    next_attempt_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+    last_status_code: int | None = None
+    last_error: str | None = Field(default=None, max_length=2000)
+    delivered_at: datetime | None = _ts()
+    created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+
+
+class WebhookDelivery(DeliveryState, table=True):
     """A notification sent to one configured webhook URL, with its retry state."""
 
     __tablename__ = "webhook_deliveries"
@@ -302,14 +315,6 @@ class WebhookDelivery(SQLModel, table=True):
     #: the endpoint's configured name (never its secret)
     endpoint: str = Field(max_length=64)
     url: str = Field(max_length=2000)
-    #: pending → delivered | failed (gave up after the configured attempts)
-    status: str = Field(default="pending", max_length=16)
-    attempts: int = 0
-    next_attempt_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
-    last_status_code: int | None = None
-    last_error: str | None = Field(default=None, max_length=2000)
-    delivered_at: datetime | None = _ts()
-    created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
 
 
 class JobEvent(SQLModel, table=True):
@@ -331,3 +336,34 @@ class JobEvent(SQLModel, table=True):
     previous_state: str | None = Field(default=None, max_length=16)
     pending_reason: str | None = Field(default=None, max_length=128)
     occurred_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+
+
+class JobWebhook(SQLModel, table=True):
+    """A job's own notification URL (``notify`` at submission): which transitions to
+    announce, signed with the submitter's secret (never shown back)."""
+
+    __tablename__ = "job_webhooks"
+    id: int | None = Field(default=None, primary_key=True)
+    job_id: str = Field(foreign_key="jobs.id", max_length=32, unique=True)
+    url: str = Field(max_length=2000)
+    secret: str = Field(max_length=256)
+    #: job states to announce; ``TERMINAL`` = whichever end state
+    states: list[str] = Field(default_factory=list, sa_type=JSON)
+    #: the job events up to this id have been planned (or skipped)
+    planned_event_id: int = Field(default=0, sa_type=sa.BigInteger)
+    active: bool = Field(default=True, index=True)
+    created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+
+
+class JobWebhookDelivery(DeliveryState, table=True):
+    """One announced transition of a job to its webhook, with its retry state."""
+
+    __tablename__ = "job_webhook_deliveries"
+    __table_args__ = (
+        sa.UniqueConstraint("webhook_id", "event_id", name="uq_job_delivery_event"),
+        sa.Index("ix_job_deliveries_status_due", "status", "next_attempt_at"),
+    )
+    id: int | None = Field(default=None, primary_key=True)
+    webhook_id: int = Field(foreign_key="job_webhooks.id", index=True)
+    event_id: int = Field(foreign_key="job_events.id", sa_type=sa.BigInteger)
+    state: str = Field(max_length=16)

@@ -100,6 +100,29 @@ def _no_controls(value: str, what: str, allow_newlines: bool = False) -> str:
     return value
 
 
+JOB_STATE_NAMES = ("PENDING", "RUNNING", "COMPLETING", "COMPLETED", "FAILED", "CANCELLED", "TIMEOUT",
+                   "SUBMIT_FAILED", "UNKNOWN", "TERMINAL")
+
+
+class JobNotify(Strict):
+    """A job's own webhook: POSTed (HMAC-signed with ``secret``, like the quota
+    webhooks) when the job reaches one of ``on`` (``TERMINAL`` = any end state)."""
+
+    url: Annotated[StrictStr, Field(min_length=8, max_length=2000)]
+    secret: Annotated[StrictStr, Field(min_length=16, max_length=256)]
+    on: Annotated[list[Annotated[StrictStr, Field(max_length=16)]], Field(min_length=1, max_length=10)] = \
+        Field(default_factory=lambda: ["TERMINAL"])
+
+    @field_validator("on")
+    @classmethod
+    def _states(cls, v: list[str]) -> list[str]:
+        words = sorted({s.upper() for s in v})
+        bad = [w for w in words if w not in JOB_STATE_NAMES]
+        if bad:
+            raise ValueError(f"unknown state(s) {', '.join(bad)}; use {', '.join(JOB_STATE_NAMES)}")
+        return words
+
+
 class JobRequest(Strict):
     """A job submission (**contract**).
 
@@ -124,6 +147,8 @@ class JobRequest(Strict):
     environment: dict[Annotated[StrictStr, Field(max_length=128)],
                       Annotated[StrictStr, Field(max_length=8192)]] = Field(default_factory=dict, max_length=256)
     working_directory: Annotated[StrictStr, Field(min_length=1, max_length=4096)] | None = None
+    #: optional: a webhook called on chosen transitions of this job (docs/jobs.md)
+    notify: JobNotify | None = None
 
     @field_validator("script")
     @classmethod

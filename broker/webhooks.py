@@ -14,6 +14,7 @@ import logging
 import threading
 import time
 from datetime import timedelta
+from typing import Any
 
 import httpx
 import sqlalchemy as sa
@@ -62,8 +63,10 @@ def backoff_seconds(settings: Settings, attempts: int) -> float:
                      settings.webhook_backoff_seconds * 2 ** max(0, attempts - 1)))
 
 
-def _claim(engine: Engine, delivery: WebhookDelivery) -> bool:
-    table = WebhookDelivery.__table__  # type: ignore[attr-defined]
+def claim(engine: Engine, delivery: Any) -> bool:
+    """Take the next attempt of ``delivery`` (a quota or a job webhook delivery row)
+    for this replica: a conditional UPDATE on its attempt count."""
+    table = type(delivery).__table__
     now = utcnow()
     with session_scope(engine) as session:
         result = session.execute(
@@ -85,41 +88,50 @@ def deliver_due(engine: Engine, settings: Settings, http: httpx.Client, *, limit
             .order_by(col(WebhookDelivery.next_attempt_at)).limit(limit)).all())
     delivered = 0
     for delivery, note in due:
-        if not _claim(engine, delivery):
+        if not claim(engine, delivery):
             continue
         attempt = delivery.attempts + 1
         endpoint = endpoints.get(delivery.endpoint)
         if endpoint is None:
-            _finish(engine, delivery.id or 0, ok=False, attempt=attempt, code=None, settings=settings,
+            finish(engine, delivery.id or 0, ok=False, attempt=attempt, code=None, settings=settings,
                     error="endpoint no longer configured", give_up=True)
             continue
         body = _body(note, delivery)
-        ts = int(time.time())
-        headers = {"Content-Type": "application/json", "User-Agent": "aifa-broker-webhook/1",
-                   "X-Aifa-Event": EVENTS.get(note.kind, note.kind), "X-Aifa-Delivery": str(delivery.id),
-                   "X-Aifa-Timestamp": str(ts), "X-Aifa-Signature": sign(endpoint.secret, ts, body)}
-        code: int | None = None
-        error: str | None = None
-        try:
-            response = http.post(endpoint.url, content=body, headers=headers)
-            code = response.status_code
-            if not 200 <= code < 300:
-                error = f"HTTP {code}"
-        except httpx.HTTPError as exc:
-            error = f"{type(exc).__name__}: {str(exc)[:300]}"
-        ok = error is None
-        delivered += ok
-        if not ok:
-            log.warning("webhook %s delivery %s attempt %d failed: %s", endpoint.name, delivery.id, attempt, error)
-        _finish(engine, delivery.id or 0, ok=ok, attempt=attempt, code=code, settings=settings, error=error,
-                give_up=attempt >= settings.webhook_max_attempts)
+        delivered += attempt_delivery(
+            engine, settings, http, delivery=delivery, attempt=attempt, url=endpoint.url, secret=endpoint.secret,
+            event=EVENTS.get(note.kind, note.kind), body=body, what=f"webhook {endpoint.name}")
     return delivered
 
 
-def _finish(engine: Engine, delivery_id: int, *, ok: bool, attempt: int, code: int | None,
-            settings: Settings, error: str | None, give_up: bool) -> None:
+def attempt_delivery(engine: Engine, settings: Settings, http: httpx.Client, *, delivery: Any, attempt: int,
+                     url: str, secret: str, event: str, body: bytes, what: str) -> bool:
+    """POST one signed attempt of ``delivery`` (claimed) and record its outcome (see
+    :func:`finish`); True when the receiver took it (2xx)."""
+    ts = int(time.time())
+    headers = {"Content-Type": "application/json", "User-Agent": "aifa-broker-webhook/1",
+               "X-Aifa-Event": event, "X-Aifa-Delivery": str(delivery.id),
+               "X-Aifa-Timestamp": str(ts), "X-Aifa-Signature": sign(secret, ts, body)}
+    code: int | None = None
+    error: str | None = None
+    try:
+        response = http.post(url, content=body, headers=headers)
+        code = response.status_code
+        if not 200 <= code < 300:
+            error = f"HTTP {code}"
+    except httpx.HTTPError as exc:
+        error = f"{type(exc).__name__}: {str(exc)[:300]}"
+    if error is not None:
+        log.warning("%s delivery %s attempt %d failed: %s", what, delivery.id, attempt, error)
+    finish(engine, delivery.id or 0, ok=error is None, attempt=attempt, code=code, settings=settings, error=error,
+           give_up=attempt >= settings.webhook_max_attempts, model=type(delivery))
+    return error is None
+
+
+def finish(engine: Engine, delivery_id: int, *, ok: bool, attempt: int, code: int | None,
+           settings: Settings, error: str | None, give_up: bool, model: Any = WebhookDelivery) -> None:
+    """Record an attempt's outcome: delivered, given up, or due again after the backoff."""
     with session_scope(engine) as session:
-        row = session.get(WebhookDelivery, delivery_id)
+        row = session.get(model, delivery_id)
         if row is None:
             return
         now = utcnow()

@@ -21,6 +21,7 @@ from broker.api.routers import clusters, enforcement, events, jobs, projects, re
 from broker.auth import Authenticator
 from broker.bootstrap import engine_for, ensure_local_cluster
 from broker.config import PROBE_THREADS, Settings, get_settings
+from broker.job_webhooks import JobWebhookSender
 from broker.metrics import DatabaseCollector, process_registry
 from broker.migrate import is_up_to_date
 from broker.ratelimit import make_rate_limiter
@@ -42,6 +43,7 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
     registry = AdapterRegistry(settings)
     tracker = Tracker(engine, settings, registry)
     notifier = Notifier(engine, settings)
+    job_hooks = JobWebhookSender(engine, settings)
     start_tracker = settings.run_tracker if run_tracker is None else run_tracker
 
     @asynccontextmanager
@@ -49,11 +51,13 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
         if start_tracker:
             tracker.start()
             notifier.start()
+            job_hooks.start()
         try:
             yield
         finally:
             tracker.stop()
             notifier.stop()
+            job_hooks.stop()
             registry.close()
             if getattr(app.state, "event_hub", None) is not None:
                 app.state.event_hub.close()

@@ -22,7 +22,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
 
-from broker import events
+from broker import events, job_webhooks
 from broker.adapter import (
     AdapterError,
     ClusterUnreachable,
@@ -182,6 +182,8 @@ def _reserve_answer(
                                    directive=f"--array={req.array.text}")
         dependency = _scheduler_dependency(session, req, user=user, cluster=cluster)
         record = {"project": body.project, "cluster": cluster.name, "script": body.script, **req.record()}
+        if body.notify is not None:  # never the secret
+            record["notify"] = {"url": body.notify.url, "on": body.notify.on}
         job = Job(id=uuid.uuid4().hex, project_id=prep.project.id or 0, cluster_id=cluster.id or 0,
                   user_id=user.id or 0, allocation_id=alloc.id or 0, name=req.name,
                   partition=prep.partition, request=record, username=prep.account_username,
@@ -190,6 +192,8 @@ def _reserve_answer(
         session.add(job)
         session.flush()
         events.record_for(session, job, state=JobState.ACCEPTED.value, previous=None)
+        if body.notify is not None:  # checked here: a refused URL reserves nothing
+            job_webhooks.attach(session, settings, job=job, notify=body.notify)
         if link is not None:
             link(session, job.id)  # same transaction: the job exists iff its key knows it
         try:

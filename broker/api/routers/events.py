@@ -19,6 +19,7 @@ from fastapi.routing import APIRoute
 from starlette.routing import Match
 from starlette.types import Scope
 
+from broker import job_webhooks
 from broker.api.deps import EngineDep, PrincipalDep
 from broker.api.streams import EventHub, StreamSlots, event_stream, last_event_id, parse_target, reached, wait_until
 from broker.auth import Principal
@@ -198,3 +199,16 @@ async def _open_stream(request: Request, principal: Principal, *, project: str, 
                         keepalive=request.app.state.settings.event_keepalive_seconds,
                         until_terminal=until_terminal, on_close=lambda: slots.release(principal.name))
     return StreamingResponse(body, media_type="text/event-stream", headers=SSE_HEADERS)
+
+
+def _notifications(engine: Any, principal: Principal, job_id: str) -> dict[str, Any]:
+    with session_scope(engine) as session:
+        job = job_service.get_job(session, principal=principal, job_id=job_id)
+        return {"job_id": job.id, "notify": job_webhooks.status_of(session, job.id)}
+
+
+@router.get("/v1/jobs/{job_id}/notifications", tags=["jobs"])
+def job_notifications(job_id: str, principal: PrincipalDep, engine: EngineDep) -> dict[str, Any]:
+    """The job's own webhook (``notify`` at submission; never its secret) and the
+    delivery status of every announced transition."""
+    return _notifications(engine, principal, job_id)
