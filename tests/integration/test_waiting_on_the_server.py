@@ -325,3 +325,40 @@ def test_a_stream_sees_transitions_made_by_another_process(env: BrokerEnv) -> No
     assert [g["state"] for g in got][:2] == ["ACCEPTED", "PENDING"]
     assert got[-1]["state"] == "COMPLETED" and "RUNNING" in [g["state"] for g in got]
     assert [(g["id"], g["state"]) for g in got] == [(i, s) for i, s, _ in _events(env, job["id"])]
+
+
+@pytest.fixture
+def admission_env(db_url: str, tmp_path: Path) -> Iterator[BrokerEnv]:
+    with broker_env(tmp_path, db_url, max_requests_in_flight=2, max_streams_per_user=10) as e:
+        yield e
+
+
+def test_held_requests_do_not_count_as_load(admission_env: BrokerEnv) -> None:
+    """More streams and long polls than the admission limit are held, and ordinary
+    requests are still admitted: a waiting request is not in flight."""
+    env = admission_env
+    env.setup_project()
+    job = _submit(env, script="#!/bin/sh\nsleep 60\n", minutes=120)
+    env.wait_job(job["id"], env.auth("alice"), lambda j: j["state"] == "RUNNING")
+    with live_server(env.app) as base:
+        clients = [httpx.Client(base_url=base, headers=env.auth("alice"), timeout=30) for _ in range(6)]
+        streams = [c.stream("GET", f"/v1/jobs/{job['id']}/events") for c in clients[:4]]
+        try:
+            opened = [s.__enter__() for s in streams]
+            assert all(r.status_code == 200 for r in opened)
+            with ThreadPoolExecutor(2) as pool:
+                polls = [pool.submit(c.get, f"/v1/jobs/{job['id']}", params={"wait_for": "terminal", "timeout": 3})
+                         for c in clients[4:]]
+                time.sleep(1.0)
+                for _ in range(5):
+                    r = env.call("GET", f"/v1/jobs/{job['id']}", env.auth("alice"))
+                    assert r.status_code == 200, r.text
+                with httpx.Client(base_url=base, headers=env.auth("alice"), timeout=10) as other:
+                    assert other.get("/v1/jobs").status_code == 200
+                assert [p.result().status_code for p in polls] == [200, 200]
+        finally:
+            for s in streams:
+                s.__exit__(None, None, None)
+            for c in clients:
+                c.close()
+    env.call("DELETE", f"/v1/jobs/{job['id']}", env.auth("alice"))
