@@ -47,7 +47,8 @@ _WHY = {
     404: "no such object, or one the caller may not see (`not_found`)",
     409: "conflicts with the current state (`conflict`, `quota_exceeded`, `idempotency_in_progress`, …)",
     413: "the request body is larger than the broker accepts (`payload_too_large`)",
-    422: "invalid input: every problem is listed in `errors` (`validation_error`, `request_too_large`, …)",
+    422: "invalid input: every problem is listed in `errors` (`validation_error`, `request_too_large`, "
+         "`unsupported_directive` naming the script line, `invalid_dependency`, …)",
     429: "too many requests; retry after `Retry-After` seconds (`rate_limited`)",
     503: "the database or the cluster cannot be reached now; retry after `Retry-After` seconds",
 }

@@ -129,3 +129,25 @@ def test_dependency_names_broker_jobs_of_the_same_user(slurm_env) -> None:  # ty
     for dep in (f"afterok:{uuid.uuid4().hex}", f"afterok:{a['scheduler_job_id']}"):
         r = _post(env, "/v1/jobs", cluster, f"#!/bin/bash\n#SBATCH -t 1 --dependency={dep}\n")
         assert r.status_code == 422 and r.json()["code"] in ("invalid_dependency", "unsupported_directive"), r.text
+
+
+def test_mapped_directives_reach_slurm_as_the_effective_request(slurm_env) -> None:  # type: ignore[no-untyped-def]
+    env, release, cluster = slurm_env
+    script = ("#!/bin/bash\n#SBATCH --job-name=mapped -N 1-2 -n 2 -c 2 --mem-per-cpu=700 -t 0:90\n"
+              "#SBATCH --mail-type=END,FAIL --mail-user=alice@example.eu -o ignored-%j.out\nsleep 1\n")
+    r = _post(env, "/v1/jobs", cluster, script, cpus_per_task=1)
+    assert r.status_code == 201, r.text
+    job = r.json()
+    req = job["request"]
+    # the JSON cpus_per_task overrides -c 2; the range is capped at the partition's one node
+    assert (req["cpus_per_task"], req["sources"]["cpus_per_task"]) == (1, "json")
+    assert (req["nodes"], req["min_nodes"], req["ntasks"], req["time_limit_minutes"]) == (1, None, 2, 2)
+    assert req["memory_per_node_mb"] == 1400 and any("--output" in n or "-o" in n for n in req["notes"])
+    shown = slurm.run_in(release, "scontrol", "-o", "show", "job", job["scheduler_job_id"])
+    for word in ("JobName=mapped.aifa-", "NumTasks=2", "CPUs/Task=1", "TimeLimit=00:02:00",
+                 "MailUser=alice@example.eu", "MailType=END,FAIL"):
+        assert word in shown, (word, shown)
+    assert "ignored-" not in shown  # the broker keeps the output where it can read it
+    done = env.wait_settled(job["id"], env.auth("alice"), timeout=120)
+    acct = slurm.tres(slurm.sacct_job(release, done["scheduler_job_id"])["AllocTRES"])
+    assert (acct["cpu"], acct["node"], acct["mem"]) == (2, 1, 1400)
