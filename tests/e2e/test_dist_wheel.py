@@ -19,7 +19,7 @@ import pytest
 
 from tests.support import slurm
 from tests.support.podman import clean_checkout
-from tests.support.server import free_port
+from tests.support.server import free_port, wait_ready
 
 RELEASE = "22.05"
 pytestmark = pytest.mark.slurm
@@ -63,15 +63,7 @@ def test_wheel_from_make_dist_installs_and_runs(release: str, tmp_path: Path) ->
     proc = subprocess.Popen([bin_, "serve", "--workers", "1", "--port", str(port)], env=env, cwd=tmp_path,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert proc.poll() is None and time.monotonic() < deadline, "serve from the wheel did not start"
-            time.sleep(0.2)
+        wait_ready(f"http://127.0.0.1:{port}", proc)
         asset = httpx.get(f"http://127.0.0.1:{port}/dashboard/static/vendor/chart.umd.min.js", timeout=5)
         assert asset.status_code == 200 and len(asset.content) > 50_000
     finally:

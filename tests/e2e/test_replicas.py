@@ -38,7 +38,7 @@ from broker.ratelimit import SharedRateLimiter
 from tests.support import slurm
 from tests.support.env import fresh_database
 from tests.support.redis import require_redis
-from tests.support.server import free_port
+from tests.support.server import free_port, wait_ready
 
 RELEASE = "22.05"
 pytestmark = pytest.mark.slurm
@@ -122,20 +122,12 @@ def _start(env: dict[str, str], url: str, name: str, log: Path) -> Replica:
 
 
 def _wait_ready(replicas: list[Replica], timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    pending = list(replicas)
-    while pending:
-        for r in list(pending):
-            try:
-                if httpx.get(r.base + "/readyz", timeout=1).status_code == 200:
-                    pending.remove(r)
-            except httpx.HTTPError:
-                pass
-            if not r.alive:
-                raise AssertionError(f"{r.name} exited: {r.log.read_text()[-3000:]}")
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not ready: {[r.name for r in pending]}")
-        time.sleep(0.1)
+    """All replicas ready (they start together; waiting on each in turn is the same)."""
+    for r in replicas:
+        try:
+            wait_ready(r.base, r.proc, timeout)
+        except AssertionError as exc:
+            raise AssertionError(f"{r.name}: {exc}\n{r.log.read_text()[-3000:]}") from exc
 
 
 def _cli(env: dict[str, str], *args: str) -> str:

@@ -18,7 +18,7 @@ import pytest
 import sqlalchemy as sa
 
 from tests.support.env import fresh_database
-from tests.support.server import free_port
+from tests.support.server import free_port, wait_ready
 
 BIN = str(Path(sys.executable).parent / "aifa-broker")
 
@@ -34,16 +34,10 @@ def broker_dirs(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[dict
 def serve(env: dict[str, str], port: int) -> Iterator[subprocess.Popen[bytes]]:
     proc = subprocess.Popen([BIN, "serve", "--port", str(port)], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise AssertionError(f"broker did not start: {proc.stderr.read() if proc.stderr else ''}")
-        time.sleep(0.1)
+    try:
+        wait_ready(f"http://127.0.0.1:{port}", proc)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}: {proc.stderr.read() if proc.stderr else ''}") from exc
     try:
         yield proc
     finally:

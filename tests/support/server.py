@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
+import httpx
 import uvicorn
 from fastapi import FastAPI
 
@@ -36,3 +39,19 @@ def live_server(app: FastAPI, port: int | None = None) -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(10)
+
+
+def wait_ready(base: str, proc: subprocess.Popen[Any], timeout: float = 30.0) -> None:
+    """Wait until the broker process ``proc`` answers ``base/readyz`` with 200."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None:
+            raise AssertionError(f"the broker at {base} exited with {proc.returncode}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"the broker at {base} was not ready within {timeout:.0f} s")
+        time.sleep(0.1)
