@@ -118,10 +118,17 @@ def _prepare_for(session: Session, settings: Settings, principal: Principal, bod
     return user, prep
 
 
+#: why an --array job is priced but not submitted (docs/directives.md)
+_ARRAY_REFUSAL = ("job arrays are priced (tasks × per task) but not yet tracked end to end by the broker: "
+                  "submit the tasks as separate jobs")
+
+
 def estimate(session: Session, *, settings: Settings, principal: Principal, body: JobRequest) -> EstimateOut:
     """Dry run: every denial, the cost and the remaining budget; submits nothing."""
     _, prep = _prepare_for(session, settings, principal, body)
     denials = [DenialOut(code=d.code, detail=d.detail) for d in prep.denials]
+    if prep.request is not None and prep.request.array is not None:
+        denials.append(DenialOut(code="unsupported_directive", detail=_ARRAY_REFUSAL))
     alloc = prep.allocation
     if alloc is not None:
         remaining = alloc.granted - alloc.charged - alloc.reserved
@@ -175,9 +182,7 @@ def _reserve_answer(
         assert req is not None
         if req.array is not None:
             line = req.sources.get("array", "script")
-            raise DirectiveRefused(f"Script {line.replace(':', ' line ')}: --array={req.array.text} — job arrays are "
-                                   "priced by POST /v1/jobs/estimate (tasks × per task) but not yet tracked end to "
-                                   "end by the broker; submit the tasks as separate jobs",
+            raise DirectiveRefused(f"Script {line.replace(':', ' line ')}: --array={req.array.text} — {_ARRAY_REFUSAL}",
                                    line=int(line.split(":")[1]) if ":" in line else None,
                                    directive=f"--array={req.array.text}")
         dependency = _scheduler_dependency(session, req, user=user, cluster=cluster)

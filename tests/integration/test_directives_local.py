@@ -69,6 +69,7 @@ def test_exclusive_and_memory_priced_as_what_they_hold(env: BrokerEnv) -> None:
     assert mem["estimated_cost"]["amount"] == 5.0  # 20 GB / 4 GB per CPU on one CPU
     arr = _post(env, "/v1/jobs/estimate", "#!/bin/sh\n#SBATCH --array=0-3%2 -c 2 -t 60\ntrue\n").json()
     assert arr["estimated_cost"]["amount"] == 8.0  # 4 tasks × 2 CPUs × 1 h
+    assert not arr["allowed"] and [d["code"] for d in arr["denials"]] == ["unsupported_directive"]
     r = _post(env, "/v1/jobs", "#!/bin/sh\n#SBATCH --exclusive -t 1\nsleep 1\n")
     assert r.status_code == 201, r.text
     done = env.wait_settled(r.json()["id"], env.auth("alice"))
