@@ -78,6 +78,7 @@ from broker.adapter import (
     JobStatus,
     PartitionInfo,
     SchedulerJobRef,
+    StartEstimate,
     SubmitRejected,
     UsageRecord,
     refuse_directives,
@@ -586,6 +587,11 @@ class LocalAdapter(ClusterAdapter):
     def discover(self) -> list[PartitionInfo]:
         """The partitions from the settings (or the one default ``local`` partition)."""
         return [p.info() for p in self._partitions]
+
+    def expected_start(self, spec: JobSpec) -> StartEstimate:
+        """Jobs start at once here (no queue): now, once the request fits."""
+        self._check_request(spec, self._partition_for(spec))
+        return StartEstimate(datetime.now(tz=UTC), "immediate", "the local adapter starts jobs at once")
 
     def output_location(self, ref: SchedulerJobRef, stream: str = "stdout") -> str | None:
         """``<data_dir>/local-jobs/<job id>/stdout`` (or ``stderr``) on the broker's machine."""

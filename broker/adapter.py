@@ -252,6 +252,20 @@ class PartitionInfo:
     tres: Mapping[str, float] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class StartEstimate:
+    """When a job would start if submitted now (placement, ``cluster: auto``).
+
+    ``method`` says how it was obtained: ``test-only`` (the scheduler's own
+    ``sbatch --test-only``), ``queue-depth`` (an estimate from the jobs ahead in the
+    partition's queue), or an adapter's own word. ``start`` is None when the
+    scheduler could not say; ``detail`` is the scheduler's answer for people."""
+
+    start: datetime | None
+    method: str
+    detail: str = ""
+
+
 class ClusterAdapter(abc.ABC):
     """A cluster adapter. Constructed with the cluster's name and settings mapping.
 
@@ -329,6 +343,12 @@ class ClusterAdapter(abc.ABC):
 
     def account_exists(self, account: str) -> bool | None:
         """Whether the scheduler has the account ``account`` (None: cannot tell)."""
+        return None
+
+    def expected_start(self, spec: JobSpec) -> StartEstimate | None:
+        """When ``spec`` would start if submitted now, without submitting it (None:
+        the adapter cannot tell). Raises ``AdapterError`` when the scheduler refuses
+        the request outright (it could never run there) or cannot be reached."""
         return None
 
     def close(self) -> None:  # noqa: B027 - optional hook

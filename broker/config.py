@@ -152,6 +152,15 @@ class Settings(BaseSettings):
     register_local_cluster: bool = True
 
     eligibility_chain: list[str] = Field(default_factory=lambda: list(DEFAULT_ELIGIBILITY_CHAIN))
+    #: placement (``cluster: auto``, docs/placement.md): how the cluster is chosen among
+    #: the eligible ones — ``earliest_start`` (then the lowest share of the remaining
+    #: budget) or ``lowest_share`` (then the earliest start)
+    placement_policy: Literal["earliest_start", "lowest_share"] = "earliest_start"
+    #: how long placement waits for one cluster's expected start (``sbatch
+    #: --test-only``...); a cluster that does not answer in time ranks as "start unknown"
+    placement_probe_seconds: float = Field(default=10.0, gt=0, le=120)
+    #: two expected starts closer than this count as equal (the budget share decides)
+    placement_start_tolerance_seconds: float = Field(default=60.0, ge=0, le=86_400)
     access_modes: dict[str, AccessModeLimitsConfig] = Field(default_factory=dict)
 
     max_body_bytes: int = 1_048_576

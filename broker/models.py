@@ -71,6 +71,9 @@ class Cluster(SQLModel, table=True):
     default_partition: str | None = Field(default=None, max_length=64)
     poll_interval_seconds: float = 10.0
     partitions: list[dict[str, Any]] = Field(default_factory=list, sa_type=JSON)
+    #: placement (``cluster: auto``): partition class → this cluster's partition
+    #: (``{"gpu": "boost_usr_prod"}``); a class not listed means the same-named partition
+    partition_classes: dict[str, str] = Field(default_factory=dict, sa_type=JSON)
     state: str = Field(default="online", max_length=16)
     health_ok: bool | None = None
     health_detail: str | None = Field(default=None, max_length=2000)
@@ -181,6 +184,9 @@ class Job(SQLModel, table=True):
     #: Priority, AssocGrpGRESMinutes...) and its projected start; cleared at start
     pending_reason: str | None = Field(default=None, max_length=128)
     expected_start_at: datetime | None = _ts()
+    #: ``cluster: auto``: why this cluster (policy, every candidate with its estimate,
+    #: expected start and denials); None for a job sent to a named cluster
+    placement: dict[str, Any] | None = Field(default=None, sa_type=JSON)
 
 
 class ImportedJob(SQLModel, table=True):

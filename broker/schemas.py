@@ -193,11 +193,40 @@ class DenialOut(BaseModel):
     detail: str
 
 
+class CandidateOut(BaseModel):
+    """One cluster considered by placement (``cluster: auto``)."""
+
+    cluster: str
+    partition: str | None
+    eligible: bool
+    denials: list[DenialOut]
+    estimated_cost: Money | None
+    remaining: Money | None
+    #: estimate ÷ remaining budget (None when nothing is left or no allocation)
+    budget_share: float | None
+    expected_start: datetime | None
+    #: how the start was obtained: test-only / queue-depth / immediate / none
+    start_method: str | None
+    start_detail: str | None = None
+
+
+class PlacementOut(BaseModel):
+    """Why ``cluster: auto`` chose a cluster (or none): the policy and every candidate."""
+
+    policy: str
+    chosen: str | None
+    reason: str
+    candidates: list[CandidateOut]
+
+
 class EstimateOut(BaseModel):
     allowed: bool
     denials: list[DenialOut]
     estimated_cost: Money | None
     remaining: Money | None
+    #: only for ``cluster: auto``
+    cluster: str | None = None
+    placement: PlacementOut | None = None
 
 
 class JobOut(BaseModel):
@@ -226,6 +255,8 @@ class JobOut(BaseModel):
     pending_reason: str | None = None
     #: while PENDING: the scheduler's projected start (``squeue --start``), when it has one
     expected_start: datetime | None = None
+    #: ``cluster: auto``: why this cluster (see PlacementOut)
+    placement: dict[str, Any] | None = None
 
 
 class JobPage(BaseModel):
@@ -331,6 +362,11 @@ class ProjectOut(BaseModel):
     members: list[MemberOut]
 
 
+PartitionName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.\-]{1,64}$")]
+#: placement: partition class (what a request names) → this cluster's partition
+PartitionClasses = Annotated[dict[PartitionName, PartitionName], Field(max_length=64)]
+
+
 class ClusterIn(Strict):
     name: Annotated[str, Field(pattern=CODE_RE)]
     adapter: Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]{0,63}$")]
@@ -340,6 +376,14 @@ class ClusterIn(Strict):
     default_partition: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.\-]{1,64}$")] | None = None
     poll_interval_seconds: Annotated[float, Field(ge=0.2, le=3600)] | None = None
     enforce_budgets: bool = False
+    partition_classes: PartitionClasses = Field(default_factory=dict)
+
+    @field_validator("name")
+    @classmethod
+    def _not_auto(cls, name: str) -> str:
+        if name.lower() == "auto":
+            raise ValueError("'auto' is reserved: a job request's cluster 'auto' asks the broker to choose")
+        return name
 
     @field_validator("adapter", mode="before")
     @classmethod
@@ -363,6 +407,7 @@ class ClusterPatch(Patch):
     poll_interval_seconds: Annotated[float, Field(ge=0.2, le=3600)] | SkipJsonSchema[None] = None
     state: Literal["online", "draining", "offline"] | SkipJsonSchema[None] = None
     enforce_budgets: bool | SkipJsonSchema[None] = None
+    partition_classes: PartitionClasses | SkipJsonSchema[None] = None
 
 
 class ClusterOut(BaseModel):
@@ -382,6 +427,7 @@ class ClusterOut(BaseModel):
     dev_only: bool
     enforce_budgets: bool = False
     enforcement_status: dict[str, Any] | None = None
+    partition_classes: dict[str, str] = {}
 
 
 class AccountIn(Strict):

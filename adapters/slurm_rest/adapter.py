@@ -57,6 +57,7 @@ from broker.adapter import (
     JobStatus,
     PartitionInfo,
     SchedulerJobRef,
+    StartEstimate,
     SubmitOutcomeUnknown,
     SubmitRejected,
     UsageRecord,
@@ -202,6 +203,25 @@ class SlurmRestAdapter(ClusterAdapter):
         for user, group in self._groups(refs).items():
             statuses.extend(self._poll_group(user, group))
         return statuses
+
+    def expected_start(self, spec: JobSpec) -> StartEstimate:
+        """A queue-depth estimate: slurmrestd has no ``--test-only`` (``job/submit``
+        always queues), so one ``GET jobs`` as the submitting user: now when nothing
+        waits in the partition, else the end (start + time limit) of the N-th running
+        job there to finish, N being the number of jobs waiting (beyond: the last
+        one's). It cannot see free nodes or GPUs: coarse, and documented as such."""
+        _check_spec(spec)
+        now = datetime.now(tz=UTC)
+        queue = self._queue_jobs(self.api(spec.username), spec.username, None).values()
+        part = [j for j in queue if j.partition == spec.partition and not convert.terminal(j)]
+        waiting = sum(1 for j in part if j.states and j.states[0] == "PENDING")
+        ends = sorted(j.start_time + timedelta(minutes=j.time_limit_minutes) for j in part
+                      if j.states and j.states[0] == "RUNNING" and j.start_time and j.time_limit_minutes)
+        if not waiting:
+            return StartEstimate(now, "queue-depth", f"nothing waits in partition {spec.partition}")
+        start = max(now, ends[min(waiting, len(ends)) - 1]) if ends else None
+        return StartEstimate(start, "queue-depth",
+                             f"{waiting} job(s) wait and {len(ends)} run in partition {spec.partition}")
 
     def _groups(self, refs: Sequence[SchedulerJobRef]) -> dict[str, list[SchedulerJobRef]]:
         groups: dict[str, list[SchedulerJobRef]] = {}

@@ -55,6 +55,7 @@ from broker.adapter import (
     JobStatus,
     PartitionInfo,
     SchedulerJobRef,
+    StartEstimate,
     SubmitOutcomeUnknown,
     UsageRecord,
 )
@@ -196,6 +197,16 @@ class SlurmSSHAdapter(ClusterAdapter):
         return SchedulerJobRef(
             job_id=job_id, username=spec.username, tag=spec.tag, submit_time=submitted_at
         )
+
+    def expected_start(self, spec: JobSpec) -> StartEstimate:
+        """``sbatch --test-only`` as ``spec.username``: the scheduler's own forecast
+        (backfill over the running jobs' time limits); nothing is submitted."""
+        cmd = commands.build_test_only(spec, self.config.output_dir)
+        result = self._run(spec.username, cmd.command, stdin=cmd.stdin)
+        if not result.ok:
+            raise errors.submit_failure(result.exit_status, result.stderr)
+        detail = errors.slurm_message(result.stderr, "sbatch --test-only gave no answer")
+        return StartEstimate(parse.parse_test_only(result.stderr), "test-only", detail)
 
     # ----------------------------------------------------------------- poll
 

@@ -253,6 +253,19 @@ def build_submit(spec: JobSpec, output_dir: str) -> SubmitCommand:
     return SubmitCommand(f"{render(mkdir)} && exec 4<&0 && {feed} | {sbatch} {plumbing}", script)
 
 
+def build_test_only(spec: JobSpec, output_dir: str) -> SubmitCommand:
+    """``sbatch --test-only``: the scheduler's own answer to "when would this start",
+    nothing submitted. Same options as the submission (the environment does not
+    change when a job starts, so it is left out); times printed in UTC."""
+    _validate_text(spec)
+    _validate_sizes(spec)
+    script = _validate_script(spec.script)
+    argv = sbatch_argv(spec, output_dir, export_file=False)
+    at = argv.index("sbatch")
+    argv[at:at + 1] = ["TZ=UTC", "sbatch", "--test-only"]
+    return SubmitCommand(render(argv), script)
+
+
 # --------------------------------------------------------------------------- queries
 
 

@@ -11,7 +11,7 @@ import logging
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from adapters.slurm_common.accounting import (
@@ -61,6 +61,18 @@ def parse_sbatch_job_id(stdout: str) -> str:
         if head.isdigit():
             return str(int(head))
     raise ValueError(f"no job id in sbatch output {stdout[:200]!r}")
+
+
+_TEST_ONLY_RE = re.compile(r"to start at (\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)")
+
+
+def parse_test_only(stderr: str) -> datetime | None:
+    """The start ``sbatch --test-only`` predicts (``Job 12 to start at
+    2026-11-30T04:53:48 using ...``; printed under ``TZ=UTC``), None without one."""
+    m = _TEST_ONLY_RE.search(stderr or "")
+    if m is None:
+        return None
+    return datetime.fromisoformat(m.group(1)).replace(tzinfo=UTC)
 
 
 def _load_jobs(text: str, what: str) -> list[Any]:

@@ -41,6 +41,7 @@ def cluster_out(cluster: Cluster, *, dev_only: bool = False) -> ClusterOut:
         health_checked_at=cluster.health_checked_at, unreachable_since=cluster.unreachable_since,
         dev_only=dev_only or cluster.adapter == "local",
         enforce_budgets=cluster.enforce_budgets, enforcement_status=cluster.enforcement_status,
+        partition_classes=dict(cluster.partition_classes or {}),
     )
 
 
@@ -70,7 +71,7 @@ def register_cluster(
         connection=body.connection, cost_model=body.cost_model,
         default_partition=body.default_partition,
         poll_interval_seconds=body.poll_interval_seconds or default_poll,
-        enforce_budgets=body.enforce_budgets,
+        enforce_budgets=body.enforce_budgets, partition_classes=dict(body.partition_classes),
     )
     _discover_into(cluster, registry, fail_on_config=True)
     _check_partitions(cluster)
@@ -132,6 +133,10 @@ def _check_partitions(cluster: Cluster) -> None:
     if unknown:
         raise misconfigured(cluster.name, f"the cost model prices partition(s) {', '.join(map(repr, unknown))} "
                             f"the cluster does not have (its partitions: {listed})")
+    wrong = sorted(f"{k!r} → {v!r}" for k, v in (cluster.partition_classes or {}).items() if v not in names)
+    if wrong:
+        raise misconfigured(cluster.name, f"partition_classes maps {', '.join(wrong)}, a partition the cluster "
+                            f"does not have (its partitions: {listed})")
 
 
 def scheduler_group_ids(session: Session, cluster: Cluster) -> list[int]:

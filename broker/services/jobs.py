@@ -49,9 +49,10 @@ from broker.errors import (
 )
 from broker.metrics import DENIALS, SETTLEMENTS, SUBMISSIONS, SUBMIT_ERRORS
 from broker.models import Allocation, Cluster, Job, Membership, Project, User, utcnow
+from broker.policy import Denial
 from broker.registry import AdapterRegistry
 from broker.schemas import DenialOut, EstimateOut, JobOut, JobPage, JobRequest, Money
-from broker.services import ledger, notifications
+from broker.services import ledger, notifications, placement
 from broker.services.clusters import adapter_for, breaker_retry_after, trip_breaker
 from broker.services.common import find_user, get_or_create_user, to_units, visible_project
 from broker.services.eligibility import Prepared, prepare
@@ -93,7 +94,7 @@ def job_out(job: Job, *, project: str, cluster: str, user: str) -> JobOut:
         elapsed_seconds=job.elapsed_seconds, submitted_at=job.submitted_at, created_at=job.created_at,
         started_at=job.started_at, ended_at=job.ended_at, unknown_since=job.unknown_since,
         exit_code=job.exit_code, reason=job.reason, request=job.request,
-        pending_reason=job.pending_reason, expected_start=job.expected_start_at,
+        pending_reason=job.pending_reason, expected_start=job.expected_start_at, placement=job.placement,
     )
 
 
@@ -123,8 +124,25 @@ _ARRAY_REFUSAL = ("job arrays are priced (tasks × per task) but not yet tracked
                   "submit the tasks as separate jobs")
 
 
-def estimate(session: Session, *, settings: Settings, principal: Principal, body: JobRequest) -> EstimateOut:
-    """Dry run: every denial, the cost and the remaining budget; submits nothing."""
+def estimate(
+    session: Session, *, settings: Settings, principal: Principal, body: JobRequest,
+    registry: AdapterRegistry | None = None,
+) -> EstimateOut:
+    """Dry run: every denial, the cost and the remaining budget; submits nothing.
+
+    ``cluster: auto`` (needs ``registry``): the placement — every candidate with its
+    estimate, expected start and denials, and the cluster that would be chosen."""
+    if body.cluster == placement.AUTO and registry is not None:
+        placed = _place(session, settings, registry, principal, body)
+        chosen = placed.chosen
+        if chosen is None:
+            denials = [DenialOut(code=d.code, detail=f"{c.cluster}: {d.detail}")
+                       for c in placed.candidates for d in c.denials]
+            return EstimateOut(allowed=False, denials=denials, estimated_cost=None, remaining=None,
+                               placement=placed.out())
+        out = chosen.out()
+        return EstimateOut(allowed=True, denials=[], estimated_cost=out.estimated_cost, remaining=out.remaining,
+                           cluster=chosen.cluster, placement=placed.out())
     _, prep = _prepare_for(session, settings, principal, body)
     denials = [DenialOut(code=d.code, detail=d.detail) for d in prep.denials]
     if prep.request is not None and prep.request.array is not None:
@@ -139,6 +157,31 @@ def estimate(session: Session, *, settings: Settings, principal: Principal, body
                            estimated_cost=Money(unit=alloc.unit, amount=to_units(prep.estimate) or 0.0),
                            remaining=Money(unit=alloc.unit, amount=to_units(remaining) or 0.0))
     return EstimateOut(allowed=False, denials=denials, estimated_cost=None, remaining=None)
+
+
+def _place(session: Session, settings: Settings, registry: AdapterRegistry, principal: Principal,
+           body: JobRequest) -> placement.Placement:
+    """Gather the candidates in ``session``, commit (no connection held while the
+    clusters are asked), then probe and choose."""
+    user = get_or_create_user(session, principal.name, principal.email)
+    project, _ = visible_project(session, principal, body.project)
+    candidates, adapters = placement.gather(session, settings=settings, registry=registry, user=user,
+                                            project=project, body=body,
+                                            is_quota_manager=principal.is_quota_manager)
+    session.commit()
+    for cand in candidates:  # what --test-only is asked (dependencies: checked at reservation)
+        if cand.probe is not None:
+            cand.spec = job_spec(cand.probe.request, tag="0" * 32, username=cand.probe.username,
+                                 account=cand.probe.account, partition=cand.partition)
+    return placement.plan(candidates, adapters, settings=settings)
+
+
+def _refuse_placement(placed: placement.Placement) -> EligibilityDenied:
+    """One refusal listing every candidate's reasons."""
+    DENIALS.labels("no_eligible_cluster").inc()
+    return EligibilityDenied(placed.reason, code="no_eligible_cluster",
+                             candidates=[c.model_dump(mode="json") for c in placed.out().candidates],
+                             placement=placed.record())
 
 
 #: called with the session and job id inside the transaction that writes the job row
@@ -161,6 +204,7 @@ def _reserve(
 
 def _reserve_answer(
     engine: Engine, settings: Settings, principal: Principal, body: JobRequest, link: LinkIntent | None,
+    placed: dict[str, Any] | None = None,
 ) -> tuple[Job, JobSpec, Cluster, JobOut]:
     with session_scope(engine) as session:
         user, prep = _prepare_for(session, settings, principal, body)
@@ -193,7 +237,7 @@ def _reserve_answer(
                   user_id=user.id or 0, allocation_id=alloc.id or 0, name=req.name,
                   partition=prep.partition, request=record, username=prep.account_username,
                   account=alloc.account, unit=alloc.unit, estimated=prep.estimate,
-                  reserved=prep.estimate, submit_attempted_at=utcnow())
+                  reserved=prep.estimate, submit_attempted_at=utcnow(), placement=placed)
         session.add(job)
         session.flush()
         events.record_for(session, job, state=JobState.ACCEPTED.value, previous=None)
@@ -226,6 +270,32 @@ def job_spec(req: EffectiveRequest, *, tag: str, username: str, account: str, pa
                    ntasks=req.ntasks, min_nodes=req.min_nodes, gpu_type=req.gpu_type, exclusive=req.exclusive,
                    constraint=req.constraint, mail_type=req.mail_type, mail_user=req.mail_user,
                    array=req.array.text if req.array else None, dependency=dependency)
+
+
+def _reserve_placed(
+    engine: Engine, settings: Settings, registry: AdapterRegistry, principal: Principal, body: JobRequest,
+    link: LinkIntent | None,
+) -> tuple[Job, JobSpec, Cluster, JobOut]:
+    with session_scope(engine) as session:
+        placed = _place(session, settings, registry, principal, body)
+    order = placement.ranked(placed, settings=settings)
+    if not order:
+        raise _refuse_placement(placed)
+    for i, cand in enumerate(order):
+        assert cand.body is not None
+        record = placed.record()
+        if i:  # the first choice could not be reserved: say so on the job
+            record["chosen"] = cand.cluster
+            record["reason"] = (f"{cand.cluster}: the policy's first choice(s) "
+                                f"{', '.join(c.cluster for c in order[:i])} could not be reserved any more. "
+                                + placed.reason)
+        try:
+            return _reserve_answer(engine, settings, principal, cand.body, link, record)
+        except (QuotaExceeded, ClusterUnavailable, EligibilityDenied) as exc:
+            log.info("placement: %s no longer possible (%s); trying the next candidate", cand.cluster, exc.code)
+            cand.denials.append(Denial(exc.code, exc.detail))
+    placed.chosen, placed.reason = None, placement.explain(None, placed.candidates, placed.policy)
+    raise _refuse_placement(placed)
 
 
 def _quota_answer(session: Session, alloc: Allocation, estimate: int) -> QuotaExceeded:
@@ -265,8 +335,15 @@ def submit(
     """Check, reserve, submit and record one job. See the module docstring.
 
     ``link(session, job_id)`` runs in the transaction that writes the job row (the
-    idempotency claim records the job there); raising from it writes nothing."""
-    job, spec, cluster, accepted = _reserve_answer(engine, settings, principal, body, link)
+    idempotency claim records the job there); raising from it writes nothing.
+
+    ``cluster: auto``: placement chooses the cluster (broker.services.placement) and
+    only its allocation is reserved; if its budget or state changed since, the next
+    candidate in the policy's order is tried."""
+    if body.cluster == placement.AUTO:
+        job, spec, cluster, accepted = _reserve_placed(engine, settings, registry, principal, body, link)
+    else:
+        job, spec, cluster, accepted = _reserve_answer(engine, settings, principal, body, link)
     try:
         ref = adapter_for(registry, cluster).submit(spec)
     except SubmitOutcomeUnknown as exc:

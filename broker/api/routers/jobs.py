@@ -32,9 +32,10 @@ def submit_job(
 
 @router.post("/estimate", response_model=EstimateOut)
 def estimate_job(body: JobRequest, principal: PrincipalDep, session: SessionDep,
-                 settings: SettingsDep) -> EstimateOut:
-    """Dry run: eligibility verdict, cost and remaining budget; submits nothing."""
-    return job_service.estimate(session, settings=settings, principal=principal, body=body)
+                 settings: SettingsDep, registry: RegistryDep) -> EstimateOut:
+    """Dry run: eligibility verdict, cost and remaining budget; submits nothing.
+    With ``cluster: auto``: the placement (every candidate, its start and denials)."""
+    return job_service.estimate(session, settings=settings, principal=principal, body=body, registry=registry)
 
 
 @router.get("", response_model=JobPage)
