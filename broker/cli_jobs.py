@@ -38,6 +38,9 @@ def _client(url: str, token: str) -> Iterator[BrokerClient]:
             typer.secho(f"error: {exc.detail} [{exc.code}]{hint}", fg=typer.colors.RED, err=True)
             for problem in exc.problem.get("errors", [])[:20]:
                 typer.secho(f"  {problem.get('field')}: {problem.get('message')}", err=True)
+            for cand in exc.problem.get("candidates", [])[:50]:  # cluster auto: why not each one
+                why = "; ".join(f"{d['code']}: {d['detail']}" for d in cand.get("denials", []))
+                typer.secho(f"  {cand.get('cluster')}: {why}", err=True)
             raise typer.Exit(1) from exc
 
 
@@ -51,6 +54,8 @@ def _show(job: dict[str, Any], as_json: bool) -> None:
                f"  scheduler id {job.get('scheduler_job_id') or '-'}  estimate {cost['amount']} {cost['unit']}"
                + (f"  charged {charged['amount']}" if charged else "")
                + (f"  exit {job['exit_code']}" if job.get("exit_code") is not None else ""))
+    if job.get("placement"):
+        typer.echo(f"  placed: {job['placement']['reason']}")
 
 
 def _environment(pairs: list[str]) -> dict[str, str]:
@@ -81,11 +86,13 @@ def _request(script: Path, project: str, time_limit: int | None, cluster: str | 
 Script = Annotated[Path, typer.Argument(exists=True, dir_okay=False, readable=True, help="job script")]
 Project = Annotated[str, typer.Option("--project", "-p")]
 Time = Annotated[int | None, typer.Option("--time", "-t", help="time limit in minutes (else #SBATCH --time)")]
+ClusterOpt = Annotated[str | None, typer.Option(
+    help="cluster name, or 'auto': the broker picks where the project may run it soonest within budget")]
 
 
 @job_app.command("submit")
 def submit(script: Script, project: Project, url: Url = "http://127.0.0.1:8080", token: Token = "",
-           time: Time = None, cluster: Annotated[str | None, typer.Option()] = None,
+           time: Time = None, cluster: ClusterOpt = None,
            partition: Annotated[str | None, typer.Option()] = None,
            name: Annotated[str | None, typer.Option()] = None, nodes: Annotated[int | None, typer.Option()] = None,
            cpus: Annotated[int | None, typer.Option(help="CPUs per task")] = None,
@@ -104,7 +111,7 @@ def submit(script: Script, project: Project, url: Url = "http://127.0.0.1:8080",
 
 @job_app.command("estimate")
 def estimate(script: Script, project: Project, url: Url = "http://127.0.0.1:8080", token: Token = "",
-             time: Time = None, cluster: Annotated[str | None, typer.Option()] = None,
+             time: Time = None, cluster: ClusterOpt = None,
              partition: Annotated[str | None, typer.Option()] = None,
              nodes: Annotated[int | None, typer.Option()] = None,
              cpus: Annotated[int | None, typer.Option()] = None,

@@ -37,13 +37,17 @@ PROBLEM_SCHEMA: dict[str, Any] = {
         "denials": {"type": "array", "description": "403: every eligibility denial",
                     "items": {"type": "object", "properties": {"code": {"type": "string"},
                                                                "detail": {"type": "string"}}}},
+        "candidates": {"type": "array", "description": "403 `no_eligible_cluster` (`cluster: auto`): every "
+                       "candidate cluster with its denials, estimate and expected start",
+                       "items": {"type": "object"}},
     },
     "additionalProperties": True,
 }
 
 _WHY = {
     401: "no or invalid bearer token (`unauthenticated`)",
-    403: "the caller's role or the eligibility chain refuses (`forbidden`, `project_inactive`, …)",
+    403: "the caller's role or the eligibility chain refuses (`forbidden`, `project_inactive`, …, "
+         "`no_eligible_cluster`)",
     404: "no such object, or one the caller may not see (`not_found`)",
     409: "conflicts with the current state (`conflict`, `quota_exceeded`, `idempotency_in_progress`, …)",
     413: "the request body is larger than the broker accepts (`payload_too_large`)",

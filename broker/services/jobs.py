@@ -180,8 +180,7 @@ def _refuse_placement(placed: placement.Placement) -> EligibilityDenied:
     """One refusal listing every candidate's reasons."""
     DENIALS.labels("no_eligible_cluster").inc()
     return EligibilityDenied(placed.reason, code="no_eligible_cluster",
-                             candidates=[c.model_dump(mode="json") for c in placed.out().candidates],
-                             placement=placed.record())
+                             candidates=[c.model_dump(mode="json") for c in placed.out().candidates])
 
 
 #: called with the session and job id inside the transaction that writes the job row
