@@ -98,7 +98,8 @@ def test_estimate_reports_cost_and_remaining_without_submitting(env: BrokerEnv) 
     assert r.status_code == 200
     assert r.json() == {"allowed": False, "denials": [{"code": "quota_exceeded", "detail": r.json()["denials"][0]["detail"]}],
                         "estimated_cost": {"unit": "core_hours", "amount": 4.0},
-                        "remaining": {"unit": "core_hours", "amount": 3.0}}
+                        "remaining": {"unit": "core_hours", "amount": 3.0},
+                        "cluster": None, "placement": None}  # both set only for cluster: auto
     body["cpus_per_task"] = 2
     assert env.call("POST", "/v1/jobs/estimate", alice, json=body).json()["allowed"] is True
     assert env.call("GET", "/v1/jobs", alice).json()["items"] == []
