@@ -16,11 +16,12 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session
 from starlette.concurrency import run_in_threadpool
 
-from broker.auth import Authenticator, Principal
+from broker.auth import GLOBAL_ROLES, Authenticator, Principal
 from broker.config import Settings
 from broker.db import session_scope
 from broker.errors import Unauthenticated
 from broker.registry import AdapterRegistry
+from broker.services import sessions
 from broker.services.common import provision_user
 
 log = logging.getLogger(__name__)
@@ -72,12 +73,16 @@ def _principal(request: Request) -> Principal:
 
 def _provision(engine: Engine, seen: set[str], principal: Principal) -> None:
     """Users are provisioned on first use: a read, and a write only for a new user
-    (once per process per user: ``seen``)."""
-    if principal.name in seen:
+    (once per process per user and global roles: ``seen``). A user seen with other
+    global roles than their dashboard sessions hold has those sessions revoked."""
+    roles = principal.roles & GLOBAL_ROLES
+    key = f"{principal.name}\n{','.join(sorted(roles))}"
+    if key in seen:
         return
     with session_scope(engine) as session:
         provision_user(session, principal.name, principal.email)
-    seen.add(principal.name)
+        sessions.roles_seen(session, user=principal.name, roles=roles)
+    seen.add(key)
 
 SettingsDep = Annotated[Settings, Depends(_settings)]
 EngineDep = Annotated[Engine, Depends(_engine)]

@@ -27,13 +27,23 @@ def open_session(engine: Engine, *, user: str, roles: frozenset[str], hours: flo
     sid = secrets.token_urlsafe(32)
     now = utcnow()
     with session_scope(engine) as session:
-        for other in session.execute(sa.select(_TABLE.c.id, _TABLE.c.roles).where(
-                _TABLE.c.user_name == user, _TABLE.c.revoked_at.is_(None), _TABLE.c.expires_at > now)).all():
-            if set(other.roles or []) != set(roles):
-                _revoke(session, [other.id], "role_change")
+        roles_seen(session, user=user, roles=roles)
         session.add(DashboardSession(id=sid, user_name=user, roles=sorted(roles), created_at=now,
                                      expires_at=now + timedelta(hours=hours)))
     return sid
+
+
+def roles_seen(session: Session, *, user: str, roles: frozenset[str]) -> int:
+    """The user authenticated (API token) with these global roles: revoke their open
+    dashboard sessions that were opened with other roles (a role change). A read, and
+    a write only when there is something to revoke."""
+    now = utcnow()
+    stale = [row.id for row in session.execute(sa.select(_TABLE.c.id, _TABLE.c.roles).where(
+        _TABLE.c.user_name == user, _TABLE.c.revoked_at.is_(None), _TABLE.c.expires_at > now)).all()
+        if set(row.roles or []) != set(roles)]
+    if stale:
+        _revoke(session, stale, "role_change")
+    return len(stale)
 
 
 def active(engine: Engine, sid: str) -> DashboardSession | None:

@@ -51,6 +51,11 @@ def test_a_role_change_revokes_the_users_sessions(env: BrokerEnv) -> None:
     # the IdP withdrew the role: the next login carries other roles → older sessions end
     _login(env, "qm")
     assert old.get("/dashboard", follow_redirects=False).status_code == 303
+    # ... and so does the API seeing the user with other global roles than a session holds
+    again = _login(env, "qm", "quota_manager")
+    assert again.get("/dashboard", follow_redirects=False).status_code == 200
+    assert env.call("GET", "/v1/projects", env.auth("qm")).status_code == 200  # no quota_manager any more
+    assert again.get("/dashboard", follow_redirects=False).status_code == 303
     # a project role change (PI → member) ends the user's sessions too
     env.setup_project("EHPC-ROLE-1", members=(), pi="pat")
     pat = _login(env, "pat")
