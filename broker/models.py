@@ -150,6 +150,7 @@ class Job(SQLModel, table=True):
     __table_args__ = (
         sa.Index("ix_jobs_cluster_state", "cluster_id", "state"),
         sa.Index("ix_jobs_project_created", "project_id", "created_at"),
+        sa.Index("ix_jobs_project_state", "project_id", "state"),  # eligibility's active-job counts
     )
     id: str = Field(primary_key=True, max_length=32)
     project_id: int = Field(foreign_key="projects.id")
