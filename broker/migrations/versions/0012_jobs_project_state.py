@@ -3,14 +3,14 @@
 Without it the count filters the project's whole job history (through
 ix_jobs_project_created), which grows without bound.
 
-Revision ID: 0011
-Revises: 0010
+Revision ID: 0012
+Revises: 0011
 Create Date: 2026-11-30 05:15:00
 """
 from alembic import op
 
-revision = '0011'
-down_revision = '0010'
+revision = '0012'
+down_revision = '0011'
 branch_labels = None
 depends_on = None
 
