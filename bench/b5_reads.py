@@ -50,6 +50,8 @@ from tests.support.env import LOCAL_TEST_CONNECTION, fresh_database
 from tests.support.server import free_port
 
 BIN = Path(sys.executable).with_name("aifa-broker")
+#: AIFA_B5_SOURCE=<a checkout> serves that tree's broker instead (a before/after comparison)
+SOURCE = os.environ.get("AIFA_B5_SOURCE")
 PROJECT = "EHPC-LOAD-001"
 REQUEST_TIMEOUT = 30.0  # a client gives up after this (counted as "timeout": a failure)
 
@@ -220,16 +222,20 @@ async def _run_clients(port: int, *, clients: int, submitters: int, duration: fl
 
 @contextlib.contextmanager
 def serve(db_url: str, data_dir: Path, workers: int = 1, **settings: Any) -> Iterator[tuple[int, dict[str, str]]]:
-    """One ``aifa-broker serve`` process (``workers`` API processes); yields its port and environment."""
+    """One ``aifa-broker serve`` process (``workers`` API processes; 0: no ``--workers``
+    option, for builds before it existed); yields its port and environment."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("AIFA_BROKER_")}
     env.update({"AIFA_BROKER_DATA_DIR": str(data_dir), "AIFA_BROKER_DATABASE_URL": db_url,
                 "AIFA_BROKER_LOG_LEVEL": "WARNING", "AIFA_BROKER_LOCAL_CLUSTER_POLL_SECONDS": "0.5",
                 "AIFA_BROKER_TRACKER_INTERVAL_SECONDS": "0.5"})
     env.update({f"AIFA_BROKER_{k.upper()}": str(v) for k, v in settings.items()})
+    if SOURCE:
+        env["PYTHONPATH"] = SOURCE
     data_dir.mkdir(parents=True, exist_ok=True)
     log = open(data_dir / "serve.log", "wb")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen([str(BIN), "serve", "--port", str(port), "--workers", str(workers)], env=env,
+    cmd = [str(BIN), "serve", "--port", str(port), *(["--workers", str(workers)] if workers else [])]
+    proc = subprocess.Popen(cmd, env=env,
                             stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 60
@@ -253,7 +259,8 @@ def serve(db_url: str, data_dir: Path, workers: int = 1, **settings: Any) -> Ite
         log.close()
 
 
-def _seed(base: str, db_url: str, env: dict[str, str], jobs: int, amount: float) -> tuple[list[str], list[str]]:
+def _seed(base: str, db_url: str, env: dict[str, str], jobs: int, amount: float,
+          fast_local: bool) -> tuple[list[str], list[str]]:
     """Project, allocation, members through the API; ``jobs`` finished jobs directly in
     the database (seeding 2 000 through the local adapter would take minutes)."""
     def token(sub: str, *roles: str) -> str:
@@ -267,10 +274,12 @@ def _seed(base: str, db_url: str, env: dict[str, str], jobs: int, amount: float)
                                      "access_mode": "playground"}).raise_for_status()
         c.post(f"/v1/projects/{PROJECT}/allocations", json={
             "cluster": "local", "unit": "core_hours", "amount": amount, "account": "proj-load"}).raise_for_status()
-        c.patch("/v1/clusters/local", json={"connection": LOCAL_TEST_CONNECTION}).raise_for_status()
+        if fast_local:  # submitted jobs end and settle within the run
+            c.patch("/v1/clusters/local", json={"connection": LOCAL_TEST_CONNECTION}).raise_for_status()
         for u in users:
             c.post(f"/v1/projects/{PROJECT}/members", json={"user": u, "role": "member"}).raise_for_status()
-            c.put(f"/v1/clusters/local/accounts/{u}", json={"username": u}).raise_for_status()
+            if fast_local:  # only submissions need a cluster account
+                c.put(f"/v1/clusters/local/accounts/{u}", json={"username": u}).raise_for_status()
     tokens = [token(u) for u in users]
     engine = sa.create_engine(db_url)
     ids = [uuid.uuid4().hex for _ in range(jobs)]
@@ -316,7 +325,7 @@ def run(db: str, *, clients: int, duration: float, submitters: int = 0, jobs: in
     try:
         with fresh_database(db, tmp) as url, serve(url, tmp / "data", workers, **settings) as (port, env):
             base = f"http://127.0.0.1:{port}"
-            tokens, ids = _seed(base, url, env, jobs, amount)
+            tokens, ids = _seed(base, url, env, jobs, amount, fast_local=submitters > 0)
             verdict = Verdict(result=Result(clients=clients, duration=duration))
             probe = _ProbeDuringLoad(base, delay=duration / 2)
             probe.start()
