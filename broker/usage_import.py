@@ -31,7 +31,9 @@ tracker's polling cycle, so a long accounting import cannot delay polling. Rules
 - **Incremental and bounded.** Each cycle asks accounting for jobs that ended
   after the group's watermark minus an overlap (late accounting records), at most
   ``usage_lookback_hours`` back, processes at most ``usage_import_batch`` records
-  in end-time order, and moves the watermark to the last end time processed.
+  past the watermark in end-time order (the overlap is re-checked on top: it is
+  mostly imported already and cheap), and moves the watermark to the last end time
+  processed.
 """
 
 from __future__ import annotations
@@ -150,7 +152,11 @@ class UsageImporter:
             return None
         records = sorted((r for r in records if r.state in TERMINAL_STATES),
                          key=lambda r: (r.end_time or r.submit_time, r.job_id))
-        batch = records[: self.settings.usage_import_batch]
+        # the overlap before the watermark is re-checked (cheap: mostly imported already) but
+        # does not count against the batch, or a busy overlap window would stall the import
+        reread = [r for r in records if watermark is not None and (r.end_time or r.submit_time) <= watermark]
+        new = records[len(reread):]
+        batch = reread + new[: self.settings.usage_import_batch]
         imported, held_before = self.import_records(cluster, ids, allocs, batch)
         ends = [r.end_time or r.submit_time for r in batch]
         new_mark = max(ends) if ends else None
@@ -162,8 +168,8 @@ class UsageImporter:
                 session.execute(sa.update(table).where(table.c.id.in_(ids)).values(usage_imported_until=new_mark))
         TRACKER_CYCLE.labels(f"{cluster.name}:usage-import").observe(time.perf_counter() - start)
         if len(records) > len(batch):
-            log.info("cluster %s: usage import continues next cycle (%d of %d records)", cluster.name,
-                     len(batch), len(records))
+            log.info("cluster %s: usage import continues next cycle (%d of %d new records)", cluster.name,
+                     len(batch) - len(reread), len(new))
         return imported
 
     def import_records(self, cluster: Cluster, ids: list[int], allocs: list[Allocation],
