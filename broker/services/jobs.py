@@ -55,7 +55,7 @@ from broker.schemas import DenialOut, EstimateOut, JobOut, JobPage, JobRequest, 
 from broker.services import ledger, notifications, placement
 from broker.services.clusters import adapter_for, breaker_retry_after, trip_breaker
 from broker.services.common import find_user, get_or_create_user, to_units, visible_project
-from broker.services.eligibility import Prepared, prepare
+from broker.services.eligibility import Prepared, effective, prepare
 from broker.states import TERMINAL_STATES, JobState
 
 log = logging.getLogger(__name__)
@@ -124,6 +124,14 @@ _ARRAY_REFUSAL = ("job arrays are priced (tasks × per task) but not yet tracked
                   "submit the tasks as separate jobs")
 
 
+def _array_refused(req: EffectiveRequest) -> DirectiveRefused:
+    assert req.array is not None
+    line = req.sources.get("array", "script")
+    return DirectiveRefused(f"Script {line.replace(':', ' line ')}: --array={req.array.text} — {_ARRAY_REFUSAL}",
+                            line=int(line.split(":")[1]) if ":" in line else None,
+                            directive=f"--array={req.array.text}")
+
+
 def estimate(
     session: Session, *, settings: Settings, principal: Principal, body: JobRequest,
     registry: AdapterRegistry | None = None,
@@ -133,6 +141,9 @@ def estimate(
     ``cluster: auto`` (needs ``registry``): the placement — every candidate with its
     estimate, expected start and denials, and the cluster that would be chosen."""
     if body.cluster == placement.AUTO and registry is not None:
+        if effective(body).array is not None:  # not placed: it could not be submitted anywhere
+            return EstimateOut(allowed=False, denials=[DenialOut(code="unsupported_directive", detail=_ARRAY_REFUSAL)],
+                               estimated_cost=None, remaining=None)
         placed = _place(session, settings, registry, principal, body)
         chosen = placed.chosen
         if chosen is None:
@@ -224,10 +235,7 @@ def _reserve_answer(
         req = prep.request
         assert req is not None
         if req.array is not None:
-            line = req.sources.get("array", "script")
-            raise DirectiveRefused(f"Script {line.replace(':', ' line ')}: --array={req.array.text} — {_ARRAY_REFUSAL}",
-                                   line=int(line.split(":")[1]) if ":" in line else None,
-                                   directive=f"--array={req.array.text}")
+            raise _array_refused(req)
         dependency = _scheduler_dependency(session, req, user=user, cluster=cluster)
         record = {"project": body.project, "cluster": cluster.name, "script": body.script, **req.record()}
         if body.notify is not None:  # never the secret
@@ -275,6 +283,9 @@ def _reserve_placed(
     engine: Engine, settings: Settings, registry: AdapterRegistry, principal: Principal, body: JobRequest,
     link: LinkIntent | None,
 ) -> tuple[Job, JobSpec, Cluster, JobOut]:
+    req = effective(body)
+    if req.array is not None:  # refused before any cluster is asked, as for a named cluster
+        raise _array_refused(req)
     with session_scope(engine) as session:
         placed = _place(session, settings, registry, principal, body)
     order = placement.ranked(placed, settings=settings)

@@ -215,3 +215,19 @@ def test_cli_cluster_auto_estimate_submit_and_refusal(two: BrokerEnv, tmp_path: 
         refused = runner.invoke(app, ["job", "submit", *big], env=common)
         assert refused.exit_code == 1 and "[no_eligible_cluster]" in refused.output
         assert "  local: quota_exceeded:" in refused.output and "  local-b: quota_exceeded:" in refused.output
+
+
+def test_auto_submission_is_idempotent_and_arrays_are_refused_like_elsewhere(two: BrokerEnv) -> None:
+    alice = {**two.auth("alice"), "Idempotency-Key": "place-once-1"}
+    first = two.call("POST", "/v1/jobs", alice, json=GPU_JOB)
+    again = two.call("POST", "/v1/jobs", alice, json=GPU_JOB)
+    assert first.status_code == 201 and again.status_code == 201, again.text
+    assert again.json()["id"] == first.json()["id"] and again.headers.get("Idempotent-Replayed") == "true"
+    with two.engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT count(*) FROM jobs")).scalar_one() == 1
+    two.call("POST", f"/v1/jobs/{first.json()['id']}/cancel", two.auth("alice"))
+    array = {**GPU_JOB, "script": "#!/bin/sh\n#SBATCH --partition=accel\n#SBATCH --array=0-3\nsleep 1\n"}
+    est = two.call("POST", "/v1/jobs/estimate", two.auth("alice"), json=array).json()
+    assert not est["allowed"] and [d["code"] for d in est["denials"]] == ["unsupported_directive"]
+    r = two.call("POST", "/v1/jobs", two.auth("alice"), json=array)
+    assert r.status_code == 422 and r.json()["code"] == "unsupported_directive", r.text
