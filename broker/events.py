@@ -72,7 +72,10 @@ def _write_pending(session: Session) -> None:
     postgres = session.get_bind().dialect.name == "postgresql"
     if postgres:  # ids in commit order (see the module docstring)
         session.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": _LOCK_KEY})
-    session.execute(sa.insert(JobEvent.__table__), [asdict(p) for p in pending])  # type: ignore[attr-defined]
+    # stamped at the commit, not when noted: a transition happens when it is committed
+    committed = utcnow()
+    rows = [{**asdict(p), "occurred_at": committed} for p in pending]
+    session.execute(sa.insert(JobEvent.__table__), rows)  # type: ignore[attr-defined]
     if postgres:
         session.execute(sa.text("SELECT pg_notify(:channel, '')"), {"channel": CHANNEL})
 
