@@ -113,8 +113,14 @@ class BrokerClient:
             left = max(0.0, deadline - time.monotonic())
             held = min(left, hold)
             asked = time.monotonic()
-            response = self._send("GET", f"/v1/jobs/{job_id}", params={"wait_for": state, "timeout": held},
-                                  retry=True, timeout=held + 30.0)
+            try:
+                response = self._send("GET", f"/v1/jobs/{job_id}", params={"wait_for": state, "timeout": held},
+                                      retry=True, timeout=held + 30.0)
+            except BrokerAPIError as exc:
+                if exc.code != "too_many_streams":
+                    raise
+                # the caller holds its share of waits elsewhere: a plain read, then again later
+                response = self._send("GET", f"/v1/jobs/{job_id}", retry=True)
             job = dict(response.json())
             done = response.headers.get("X-Wait-Satisfied")
             if done == "true" or (done is None and state.lower() == "terminal" and job.get("charged") is not None):

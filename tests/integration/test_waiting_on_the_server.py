@@ -252,6 +252,17 @@ def test_held_requests_are_bounded_per_user_and_hold_no_connection_or_thread(bou
                 assert r.status_code == 200 and r.headers["X-Wait-Satisfied"] == "false"
                 for f in held:
                     assert f.result().headers["X-Wait-Satisfied"] == "false"
+                # the client's wait() when the user's waits are all taken: plain reads until the end
+                blocker = [c.stream("GET", f"/v1/jobs/{job['id']}/events") for c in clients[:3]]
+                for b in blocker:
+                    assert b.__enter__().status_code == 200
+                try:
+                    with BrokerClient(base, env.token("alice")) as client:
+                        with pytest.raises(TimeoutError):
+                            client.wait(job["id"], timeout=1.5, interval=0.3)
+                finally:
+                    for b in blocker:
+                        b.__exit__(None, None, None)
         finally:
             for c in clients:
                 c.close()
