@@ -5,18 +5,30 @@ Runs over real HTTP (uvicorn on loopback) against SQLite and PostgreSQL."""
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
+import pytest
 import sqlalchemy as sa
 
 from broker.db import session_scope
 from broker.services import ledger
-from tests.support.env import BrokerEnv
+from tests.support.env import BrokerEnv, broker_env
 from tests.support.server import live_server
 
 K = 7
 N = 200
+
+
+@pytest.fixture
+def env(db_url: str, tmp_path: Path) -> Iterator[BrokerEnv]:
+    """A broker that admits the whole burst: these tests are about the budget and the
+    idempotency key under concurrency, not about shedding load (503 ``overloaded`` is
+    tested in the load tests)."""
+    with broker_env(tmp_path, db_url, max_requests_in_flight=4 * N) as e:
+        yield e
 
 
 def _post_all(base: str, headers_list: list[dict[str, str]], body: dict) -> list[httpx.Response]:
