@@ -184,7 +184,12 @@ def _place(session: Session, settings: Settings, registry: AdapterRegistry, prin
         if cand.probe is not None:
             cand.spec = job_spec(cand.probe.request, tag="0" * 32, username=cand.probe.username,
                                  account=cand.probe.account, partition=cand.partition)
-    return placement.plan(candidates, adapters, settings=settings)
+    placed = placement.plan(candidates, adapters, settings=settings)
+    for cand in placed.candidates:  # as a submission that cannot connect: fail fast for the next ones
+        if cand.unreachable:
+            trip_breaker(session, cluster_id=cand.cluster_id, detail=f"placement probe: {cand.denials[-1].detail}")
+    session.commit()
+    return placed
 
 
 def _refuse_placement(placed: placement.Placement) -> EligibilityDenied:

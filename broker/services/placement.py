@@ -29,7 +29,7 @@ from typing import Any
 
 from sqlmodel import Session, col, select
 
-from broker.adapter import AdapterError, ClusterAdapter, JobSpec, StartEstimate
+from broker.adapter import AdapterError, ClusterAdapter, ClusterUnreachable, JobSpec, StartEstimate
 from broker.config import Settings
 from broker.cost import MAX_MICRO
 from broker.directives import EffectiveRequest
@@ -76,6 +76,9 @@ class Candidate:
     probe: ProbeInput | None = None
     #: the job as the adapter would be given it (built by the caller from ``probe``)
     spec: JobSpec | None = None
+    cluster_id: int = 0
+    #: the probe could not connect: the caller opens the cluster's circuit breaker
+    unreachable: bool = False
 
     @property
     def eligible(self) -> bool:
@@ -146,7 +149,7 @@ def gather(
         if partition is not None:
             update["partition"] = partition
         concrete = body.model_copy(update=update)
-        cand = Candidate(cluster.name, partition, body=concrete)
+        cand = Candidate(cluster.name, partition, body=concrete, cluster_id=cluster.id or 0)
         candidates.append(cand)
         try:
             prep = prepare(session, settings=settings, user=user, project=project, body=concrete,
@@ -213,6 +216,7 @@ def probe(candidates: Sequence[Candidate], adapters: dict[str, ClusterAdapter], 
             except AdapterError as exc:
                 code = "cluster_unreachable" if exc.transient else "scheduler_refused"
                 cand.denials.append(Denial(code, f"Cluster {cand.cluster}: {exc}"))
+                cand.unreachable = isinstance(exc, ClusterUnreachable)
                 continue
             except Exception as exc:  # an adapter bug must not fail the placement of others
                 log.exception("placement probe of %s failed", cand.cluster)

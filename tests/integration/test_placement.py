@@ -17,7 +17,9 @@ import pytest
 import sqlalchemy as sa
 from typer.testing import CliRunner
 
+from adapters.local import LocalAdapter
 from broker import plugins
+from broker.adapter import ClusterUnreachable, JobSpec, StartEstimate
 from broker.cli import app
 from broker.config import DEFAULT_ELIGIBILITY_CHAIN
 from broker.policy import Denial, EligibilityContext
@@ -231,3 +233,32 @@ def test_auto_submission_is_idempotent_and_arrays_are_refused_like_elsewhere(two
     assert not est["allowed"] and [d["code"] for d in est["denials"]] == ["unsupported_directive"]
     r = two.call("POST", "/v1/jobs", two.auth("alice"), json=array)
     assert r.status_code == 422 and r.json()["code"] == "unsupported_directive", r.text
+
+
+class _UnreachableLocal(LocalAdapter):
+    """A local cluster whose scheduler cannot be reached when asked for a start."""
+
+    def expected_start(self, spec: JobSpec) -> StartEstimate:
+        raise ClusterUnreachable("cannot connect to login.example: connection refused")
+
+
+def test_a_cluster_that_cannot_be_reached_while_probing_is_denied_and_its_breaker_opens(
+        two_untracked: BrokerEnv) -> None:
+    env = two_untracked
+    plugins.register(plugins.ADAPTER_GROUP, "test_unreachable_local", _UnreachableLocal)
+    r = env.call("POST", "/v1/clusters", env.qm, json={
+        "name": "local-c", "adapter": "test_unreachable_local", "connection": LOCAL_TEST_CONNECTION,
+        "partition_classes": {"accel": "gpu"}})
+    assert r.status_code == 201, r.text
+    r = env.call("POST", f"/v1/projects/{P}/allocations", env.qm, json={
+        "cluster": "local-c", "unit": "gpu_hours", "amount": 1000, "account": "proj-a"})
+    assert r.status_code == 201, r.text
+    assert env.call("PUT", "/v1/clusters/local-c/accounts/alice", env.qm,
+                    json={"username": "alice"}).status_code == 200
+    est = env.call("POST", "/v1/jobs/estimate", env.auth("alice"), json=GPU_JOB).json()
+    assert est["cluster"] == "local"  # local-c has the most budget left, but does not answer
+    assert [d["code"] for d in _by_cluster(est["placement"])["local-c"]["denials"]] == ["cluster_unreachable"]
+    # its breaker is open now: a job named for it fails fast, nothing reserved
+    r = env.call("POST", "/v1/jobs", env.auth("alice"), json={**GPU_JOB, "cluster": "local-c", "partition": "gpu"})
+    assert r.status_code == 503 and r.json()["code"] == "cluster_unavailable", r.text
+    assert "placement probe" in r.json()["detail"]
