@@ -71,6 +71,17 @@ image: web
 	set -x; $(PODMAN) build $(CONTAINER_LIMITS) --network host --format docker \
 		$${base:+--build-arg BASE_IMAGE=$$base} -t $(IMAGE) -f Containerfile .
 
+# re-resolve the image's dependencies from pyproject.toml and pin them again
+image-constraints: web
+	@base='$(BASE_IMAGE)'; \
+	if [ "$$base" = local ]; then base=$$(PODMAN='$(PODMAN)' ./scripts/image-base.sh) || exit 1; fi; \
+	$(PODMAN) build $(CONTAINER_LIMITS) --network host --format docker --build-arg PIP_CONSTRAINT= \
+		$${base:+--build-arg BASE_IMAGE=$$base} -t $(IMAGE)-unpinned -f Containerfile . && \
+	{ sed -n '1,2p' deploy/image/constraints.txt; \
+	  $(PODMAN) run --rm $(CONTAINER_LIMITS) --entrypoint /opt/aifa-broker/bin/python $(IMAGE)-unpinned -c \
+	    "import importlib.metadata as m; print(chr(10).join(sorted({d.metadata['Name'].lower() + '==' + d.version for d in m.distributions() if d.metadata['Name'].lower() != 'aifa-broker'})))"; \
+	} > deploy/image/constraints.txt.new && mv deploy/image/constraints.txt.new deploy/image/constraints.txt
+
 image-base:
 	PODMAN='$(PODMAN)' ./scripts/image-base.sh
 
