@@ -28,7 +28,6 @@ from broker.schemas import AllocationIn, ClusterIn, MemberIn, ProjectIn
 from broker.services import clusters as cluster_svc
 from broker.services import ledger
 from broker.services import projects as project_svc
-from broker.services.common import get_cluster
 
 app = typer.Typer(help="aifa-broker: compute-access broker for EuroHPC AI Factory allocations.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
@@ -216,7 +215,11 @@ def cluster_add(from_file: Annotated[Path, typer.Option("--from-file", help="TOM
         c = cluster_svc.register_cluster(session, principal=None, registry=AdapterRegistry(settings),
                                          body=body, default_poll=default_poll)
         parts = ", ".join(p["name"] for p in c.partitions) or "none discovered"
-        return f"registered cluster {c.name} ({c.adapter}); partitions: {parts}; health: {c.health_detail}"
+        twins = cluster_svc.same_scheduler(session, c)
+        same = (f"; same scheduler as {', '.join(twins)} ({c.scheduler_identity}): direct jobs are imported once"
+                if twins else "")
+        return (f"registered cluster {c.name} ({c.adapter}); partitions: {parts}; health: {c.health_detail}"
+                f"{same}")
 
     typer.echo(_unit(add))
 
@@ -293,9 +296,9 @@ def allocation_grant(project: str, cluster: Annotated[str, typer.Option()],
     registry = AdapterRegistry(_settings())
 
     def grant(session: Any) -> tuple[Any, str | None]:
-        alloc = project_svc.grant_allocation(session, principal=None, code=project, body=body, actor="cli")
-        return alloc, cluster_svc.check_scheduler_account(session, registry=registry, cluster_name=cluster,
-                                                          account=account)
+        warning = cluster_svc.check_scheduler_account(session, registry=registry, cluster_name=cluster,
+                                                      account=account)
+        return project_svc.grant_allocation(session, principal=None, code=project, body=body, actor="cli"), warning
 
     alloc, warning = _unit(grant)
     registry.close()
@@ -323,9 +326,9 @@ def account_map(cluster: str, user: str, username: str) -> None:
     registry = AdapterRegistry(_settings())
 
     def map_(session: Any) -> str | None:
-        get_cluster(session, cluster)
+        warning = cluster_svc.check_posix_user(session, registry=registry, cluster_name=cluster, username=username)
         cluster_svc.map_account(session, principal=None, cluster_name=cluster, user_name=user, username=username)
-        return cluster_svc.check_posix_user(session, registry=registry, cluster_name=cluster, username=username)
+        return warning
 
     warning = _unit(map_)
     registry.close()

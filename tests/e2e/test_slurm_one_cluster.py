@@ -40,6 +40,8 @@ def test_one_slurm_cluster_two_definitions_one_charge(release: str, tmp_path: Pa
         for name in names:
             r = env.call("PUT", f"/v1/clusters/{name}/accounts/nobody", env.qm, json={"username": "no-such-user"})
             assert r.status_code == 422 and "no user 'no-such-user'" in r.json()["detail"], r.text
+            mapped = env.call("GET", f"/v1/clusters/{name}/accounts", env.qm).json()
+            assert "nobody" not in {a["user"] for a in mapped}  # nothing half-done
         r = env.call("POST", "/v1/projects", env.qm, json={"code": "EHPC-ONE-1", "title": "t"})
         assert r.status_code == 201
         r = env.call("POST", "/v1/projects/EHPC-ONE-1/allocations", env.qm, json={

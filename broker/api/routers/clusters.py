@@ -12,7 +12,7 @@ from broker.api.unit_of_work import UnitOfWorkRoute
 from broker.models import Cluster
 from broker.schemas import NAME_RE, AccountIn, AccountOut, ClusterIn, ClusterOut, ClusterPatch, HealthOut
 from broker.services import clusters as svc
-from broker.services.common import get_cluster
+from broker.services.common import get_cluster, require_role
 
 router = APIRouter(prefix="/v1/clusters", tags=["clusters"], route_class=UnitOfWorkRoute)
 
@@ -63,9 +63,10 @@ def list_accounts(name: str, principal: PrincipalDep, session: SessionDep) -> li
 @router.put("/{name}/accounts/{user}", response_model=AccountOut)
 def map_account(name: str, user: Annotated[str, Path(pattern=NAME_RE)], body: AccountIn, principal: PrincipalDep,
                 session: SessionDep, registry: RegistryDep) -> AccountOut:
+    require_role(principal, "sysadmin")  # before asking the cluster anything
+    warning = svc.check_posix_user(session, registry=registry, cluster_name=name, username=body.username)
     out = svc.map_account(session, principal=principal, cluster_name=name, user_name=user,
                           username=body.username)
-    warning = svc.check_posix_user(session, registry=registry, cluster_name=name, username=body.username)
     return out.model_copy(update={"warnings": [warning] if warning else []})
 
 

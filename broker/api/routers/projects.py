@@ -25,7 +25,7 @@ from broker.schemas import (
 from broker.services import clusters as cluster_svc
 from broker.services import projects as svc
 from broker.services import usage as usage_svc
-from broker.services.common import visible_project
+from broker.services.common import require_role, visible_project
 from broker.services.projects import allocation_out
 
 #: usage windows: dates the broker can do arithmetic on (see broker.schemas.SupportedDate)
@@ -63,9 +63,11 @@ def patch_project(code: str, body: ProjectPatch, principal: PrincipalDep, sessio
 @router.post("/projects/{code}/allocations", response_model=AllocationOut, status_code=201)
 def grant(code: str, body: AllocationIn, principal: PrincipalDep, session: SessionDep,
           registry: RegistryDep) -> AllocationOut:
-    alloc = svc.grant_allocation(session, principal=principal, code=code, body=body, actor=principal.name)
+    require_role(principal, "quota_manager")  # 403 / 404 before asking the cluster anything
+    visible_project(session, principal, code)
     warning = cluster_svc.check_scheduler_account(session, registry=registry, cluster_name=body.cluster,
                                                   account=body.account)
+    alloc = svc.grant_allocation(session, principal=principal, code=code, body=body, actor=principal.name)
     return allocation_out(alloc, body.cluster).model_copy(update={"warnings": [warning] if warning else []})
 
 
