@@ -262,3 +262,22 @@ def test_a_cluster_that_cannot_be_reached_while_probing_is_denied_and_its_breake
     r = env.call("POST", "/v1/jobs", env.auth("alice"), json={**GPU_JOB, "cluster": "local-c", "partition": "gpu"})
     assert r.status_code == 503 and r.json()["code"] == "cluster_unavailable", r.text
     assert "placement probe" in r.json()["detail"]
+
+
+def test_candidates_need_a_valid_allocation_and_a_cluster_account(two: BrokerEnv) -> None:
+    alice = two.auth("alice")
+    r = two.call("DELETE", "/v1/clusters/local/accounts/alice", two.qm)
+    assert r.status_code in (200, 204), r.text
+    est = two.call("POST", "/v1/jobs/estimate", alice, json=GPU_JOB).json()
+    assert est["cluster"] == "local-b"
+    assert "no_cluster_account" in [d["code"] for d in _by_cluster(est["placement"])["local"]["denials"]]
+    assert two.call("PUT", "/v1/clusters/local/accounts/alice", two.qm,
+                    json={"username": "alice"}).status_code == 200
+    alloc_b = next(a for a in two.call("GET", f"/v1/projects/{P}", two.qm).json()["allocations"]
+                   if a["cluster"] == "local-b")
+    r = two.call("PATCH", f"/v1/projects/{P}/allocations/{alloc_b['id']}", two.qm,
+                 json={"start_date": "2020-01-01", "end_date": "2020-12-31", "reason": "test: expired"})
+    assert r.status_code == 200, r.text
+    est = two.call("POST", "/v1/jobs/estimate", alice, json={**GPU_JOB, "time_limit_minutes": 60}).json()
+    b = _by_cluster(est["placement"])["local-b"]
+    assert not b["eligible"] and b["denials"][0]["code"] == "allocation_expired", b
