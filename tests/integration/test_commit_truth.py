@@ -157,3 +157,43 @@ def test_database_cut_is_503_then_recovers_at_once(proxied_pg: tuple[BrokerEnv, 
     assert r.status_code == 201, r.text
     with env.engine.connect() as conn:  # nothing of the outage's writes got through
         assert conn.execute(sa.text("SELECT COUNT(*) FROM projects WHERE code LIKE 'EHPC-CUT-%'")).scalar() == 0
+
+
+# --- a lost race is run again, boundedly ---------------------------------------------------
+
+def _fail_project_inserts(env: BrokerEnv, times: int) -> None:
+    """The next ``times`` inserts into projects fail with a serialization failure (a
+    sequence counts them: it is not rolled back with the failed transaction)."""
+    with env.engine.begin() as conn:
+        conn.execute(sa.text("CREATE SEQUENCE injected_failures"))
+        conn.execute(sa.text(f"""
+            CREATE FUNCTION fail_some() RETURNS trigger LANGUAGE plpgsql AS $$
+            BEGIN
+              IF nextval('injected_failures') <= {int(times)} THEN
+                RAISE EXCEPTION 'injected' USING ERRCODE = 'serialization_failure';
+              END IF;
+              RETURN NEW;
+            END $$"""))
+        conn.execute(sa.text("CREATE TRIGGER fail_some BEFORE INSERT ON projects FOR EACH ROW EXECUTE FUNCTION "
+                             "fail_some()"))
+
+
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+def test_serialization_failure_is_run_again(env: BrokerEnv) -> None:
+    _fail_project_inserts(env, 2)  # two lost races, the third attempt commits
+    r = env.call("POST", "/v1/projects", env.qm, json={"code": "EHPC-RETRY-001", "title": "t"})
+    assert r.status_code == 201, r.text
+    with env.engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT COUNT(*) FROM projects WHERE code = 'EHPC-RETRY-001'")).scalar() == 1
+        assert conn.execute(sa.text("SELECT last_value FROM injected_failures")).scalar() == 3
+
+
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+def test_serialization_failure_that_persists_is_503_after_a_bounded_number_of_tries(env: BrokerEnv) -> None:
+    _fail_project_inserts(env, 100)
+    r = env.call("POST", "/v1/projects", env.qm, json={"code": "EHPC-RETRY-002", "title": "t"})
+    assert r.status_code == 503, r.text
+    assert r.json()["code"] == "database_unavailable" and int(r.headers["retry-after"]) > 0
+    with env.engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT last_value FROM injected_failures")).scalar() == 3  # RETRIES
+        assert conn.execute(sa.text("SELECT COUNT(*) FROM projects WHERE code = 'EHPC-RETRY-002'")).scalar() == 0
