@@ -215,8 +215,8 @@ class Settings(BaseSettings):
     #: below derives from it — see docs/configuration.md "Concurrency and overload"
     worker_threads: int = Field(default=16, ge=1, le=1024)
     #: requests admitted at once (running + waiting for a thread); beyond it the answer is
-    #: an immediate 503 ``overloaded``. Default: 2 × worker_threads (more would only
-    #: lengthen the queue: a request's work is CPU-bound)
+    #: an immediate 503 ``overloaded``. Default: 4 × worker_threads (a short queue: a
+    #: request's work is CPU-bound, more would only lengthen the wait)
     max_requests_in_flight: int | None = Field(default=None, ge=1)
     #: database connections of this process. Default (and minimum): every thread that may
     #: hold one at once — worker_threads + probe threads + background threads
@@ -282,7 +282,7 @@ class Settings(BaseSettings):
     @property
     def requests_in_flight_limit(self) -> int:
         """Requests admitted at once before ``503 overloaded``."""
-        return self.max_requests_in_flight or 2 * self.worker_threads
+        return self.max_requests_in_flight or 4 * self.worker_threads
 
     @property
     def effective_database_url(self) -> str:

@@ -146,6 +146,9 @@ def make_settings(tmp_path: Path, db_url: str, **overrides: Any) -> Settings:
         data_dir=tmp_path / "data", database_url=db_url, run_tracker=True,
         tracker_interval_seconds=0.1, local_cluster_poll_seconds=0.2, reconcile_grace_seconds=1.0,
         reconcile_absent_seconds=3.0, reconcile_interval_seconds=0.5,
+        # the concurrency tests send up to ~200 requests at once and check what each
+        # one did; shedding (503 overloaded) has tests of its own (test_load, test_admission)
+        max_requests_in_flight=256,
     )
     values.update(overrides)
     return Settings(**values)

@@ -94,7 +94,7 @@ def test_pool_smaller_than_its_users_is_refused(tmp_path: Path) -> None:
         Settings(data_dir=tmp_path, worker_threads=32, database_pool_size=10)
     settings = Settings(data_dir=tmp_path, worker_threads=8)
     assert settings.pool_size == settings.database_users == 8 + 2 + 2 + 5
-    assert settings.requests_in_flight_limit == 16
+    assert settings.requests_in_flight_limit == 32
     small = make_engine(f"sqlite:///{tmp_path / 'x.db'}", pool_size=5)
     with pytest.raises(UnsafeConfiguration, match="deadlock"):
         check_pool(small, settings)
