@@ -53,7 +53,11 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
         _configure_sqlite(engine)
         return engine
     kwargs.setdefault("pool_pre_ping", True)
-    kwargs.setdefault("connect_args", {"connect_timeout": PG_CONNECT_TIMEOUT_SECONDS})
+    # a silent network partition must not hang a thread on a pooled connection forever:
+    # unacknowledged data and idle connections are given up on (libpq's TCP options)
+    kwargs.setdefault("connect_args", {"connect_timeout": PG_CONNECT_TIMEOUT_SECONDS,
+                                       "tcp_user_timeout": 10_000, "keepalives": 1, "keepalives_idle": 30,
+                                       "keepalives_interval": 10, "keepalives_count": 3})
     return sa.create_engine(url, **kwargs)
 
 
