@@ -147,7 +147,9 @@ port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 healthy_munged()     { is_running munged && rt sh -c 'munge -n | unmunge' >/dev/null 2>&1; }
 healthy_slurmdbd()   { is_running slurmdbd && rt sacctmgr -nP show cluster format=cluster >/dev/null 2>&1; }
 healthy_slurmctld()  { is_running slurmctld && rt scontrol ping 2>/dev/null | grep -q 'is UP'; }
-healthy_slurmd()     { is_running slurmd && [[ $(node_state) =~ ^(idle|mixed|allocated|completing) ]]; }
+# 23.02+ shows PLANNED while the backfill scheduler holds the node for a pending job
+# (e.g. one waiting for GPUs): the node is healthy and running jobs then.
+healthy_slurmd()     { is_running slurmd && [[ $(node_state) =~ ^(idle|mixed|allocated|completing|planned) ]]; }
 healthy_slurmrestd() { is_running slurmrestd && port_open "$REST_PORT"; }
 healthy_sshd()       { is_running sshd && port_open "$SSH_PORT"; }
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -36,9 +37,19 @@ def require_cluster(release: str) -> None:
     if not (DEV / "generated" / release / "slurm_ssh.toml").exists():
         reason = f"Slurm {release} dev cluster was never brought up (make slurm-up SLURM_RELEASE={release})"
     else:
-        done = subprocess.run([str(DEV / "status.sh"), release], capture_output=True, text=True, check=False)
+        # a daemon restarted by a test (slurmctld down → UNKNOWN) takes a few seconds to
+        # answer again: look a few times before calling the cluster not running
+        for attempt in range(4):
+            done = subprocess.run([str(DEV / "status.sh"), release], capture_output=True, text=True,
+                                  check=False)
+            if done.returncode == 0:
+                break
+            if attempt < 3:
+                time.sleep(3)
         if done.returncode != 0:
-            reason = f"Slurm {release} dev cluster is not running (make slurm-up SLURM_RELEASE={release})"
+            status = " ".join(done.stdout.split())
+            reason = (f"Slurm {release} dev cluster is not running (make slurm-up SLURM_RELEASE={release}); "
+                      f"status: {status}")
     if reason is None:
         return
     required = os.environ.get("AIFA_REQUIRED_SLURM_RELEASES", "22.05 24.11 26.05").split()
