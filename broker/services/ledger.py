@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 import sqlalchemy as sa
-from sqlmodel import Session, col, select
+from sqlmodel import Session
 
 from broker.errors import QuotaExceeded
 from broker.models import Allocation, Job, LedgerEntry, pk, utcnow
@@ -25,6 +25,7 @@ KIND_COLUMN = {
     "release": "reserved", "charge": "charged", "import": "charged",
 }
 KIND_SIGN = {"grant": 1, "adjust": 1, "reserve": 1, "release": -1, "charge": 1, "import": 1}
+BALANCE_COLUMNS = ("granted", "reserved", "charged")
 
 
 def apply(
@@ -95,29 +96,41 @@ def check(session: Session) -> list[Drift]:
     Reservations held by live jobs are normal: they appear in both the ledger
     (reserve without release yet) and the column. As an extra consistency check,
     the reserved column must equal the sum of live jobs' ``reserved``.
+
+    One SELECT reads the balances, the ledger sums and the live jobs together, so
+    they come from one snapshot: on PostgreSQL (READ COMMITTED) separate queries
+    would see a charge committed between them — the column moved, its ledger row
+    not yet counted — and report a drift that is not there while the tracker or
+    the usage importer is writing.
     """
-    sums: dict[tuple[int, str], int] = {}
-    rows = session.exec(
-        select(LedgerEntry.allocation_id, LedgerEntry.kind, sa.func.sum(LedgerEntry.amount))
-        .group_by(col(LedgerEntry.allocation_id), col(LedgerEntry.kind))
+    entry = LedgerEntry.__table__  # type: ignore[attr-defined]
+    job = Job.__table__  # type: ignore[attr-defined]
+    alloc = Allocation.__table__  # type: ignore[attr-defined]
+
+    def signed_sum(column: str) -> sa.ColumnElement[int]:
+        whens = [(entry.c.kind == kind, KIND_SIGN[kind] * entry.c.amount)
+                 for kind, target in KIND_COLUMN.items() if target == column]
+        return sa.func.coalesce(sa.func.sum(sa.case(*whens, else_=0)), 0).label(column)
+
+    sums = (sa.select(entry.c.allocation_id, *(signed_sum(c) for c in BALANCE_COLUMNS))
+            .group_by(entry.c.allocation_id).subquery())
+    held = (sa.select(job.c.allocation_id, sa.func.sum(job.c.reserved).label("live"))
+            .group_by(job.c.allocation_id).subquery())
+    rows = session.execute(
+        sa.select(alloc.c.id, *(alloc.c[c] for c in BALANCE_COLUMNS),
+                  *(sums.c[c] for c in BALANCE_COLUMNS), held.c.live)
+        .select_from(alloc.outerjoin(sums, sums.c.allocation_id == alloc.c.id)
+                     .outerjoin(held, held.c.allocation_id == alloc.c.id))
+        .order_by(alloc.c.id)
     ).all()
-    for alloc_id, kind, total in rows:
-        key = (alloc_id, KIND_COLUMN[kind])
-        sums[key] = sums.get(key, 0) + KIND_SIGN[kind] * int(total or 0)
-    held = dict(
-        session.exec(
-            select(Job.allocation_id, sa.func.sum(Job.reserved)).group_by(col(Job.allocation_id))
-        ).all()
-    )
     drifts: list[Drift] = []
-    for alloc in session.exec(select(Allocation)).all():
-        assert alloc.id is not None
-        for column in ("granted", "reserved", "charged"):
-            expected = sums.get((alloc.id, column), 0)
-            stored = int(getattr(alloc, column))
-            if stored != expected:
-                drifts.append(Drift(alloc.id, column, stored, expected))
-        live = int(held.get(alloc.id) or 0)
-        if live != alloc.reserved:
-            drifts.append(Drift(alloc.id, "reserved_by_live_jobs", alloc.reserved, live))
+    for row in rows:
+        alloc_id, stored_values = int(row[0]), row[1:1 + len(BALANCE_COLUMNS)]
+        ledger_values = row[1 + len(BALANCE_COLUMNS):1 + 2 * len(BALANCE_COLUMNS)]
+        for column, stored, expected in zip(BALANCE_COLUMNS, stored_values, ledger_values, strict=True):
+            if int(stored) != int(expected or 0):
+                drifts.append(Drift(alloc_id, column, int(stored), int(expected or 0)))
+        live, reserved = int(row[-1] or 0), int(stored_values[1])
+        if live != reserved:
+            drifts.append(Drift(alloc_id, "reserved_by_live_jobs", reserved, live))
     return drifts

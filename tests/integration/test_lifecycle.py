@@ -175,3 +175,43 @@ def test_output_tail_for_owner_only(env: BrokerEnv) -> None:
     assert env.call("GET", f"/v1/jobs/{job['id']}/output", alice, params={"tail": 4}).text == "ine\n"
     assert env.call("GET", f"/v1/jobs/{job['id']}/output", env.auth("bob")).status_code == 404
     assert env.call("GET", f"/v1/jobs/{job['id']}/output", alice, params={"stream": "x"}).status_code == 422
+
+
+def test_ledger_check_sees_one_snapshot_while_charges_commit(env: BrokerEnv) -> None:
+    """CI found `ledger check` reporting a drift that was not there: on PostgreSQL it
+    read the ledger sums and the balance columns in separate statements while the
+    usage importer committed charges in between. The check must read one snapshot."""
+    import threading
+
+    from sqlmodel import select
+
+    from broker.models import Allocation
+
+    env.setup_project(amount=1000.0)
+    stop = threading.Event()
+    written: list[int] = []
+
+    def charge_in_a_loop() -> None:
+        for i in range(5000):  # bounded: stops by itself (or when the checks are done)
+            if stop.is_set():
+                return
+            with session_scope(env.engine) as s:
+                alloc = s.exec(select(Allocation)).one()
+                ledger.apply(s, allocation=alloc, kind="import", amount=1 + i, actor="test",
+                             reason="concurrent import")
+            written.append(i)
+
+    writer = threading.Thread(target=charge_in_a_loop)
+    writer.start()
+    seen: list[list[ledger.Drift]] = []
+    try:
+        while writer.is_alive() and len(seen) < 150:
+            with session_scope(env.engine) as s:
+                seen.append(ledger.check(s))
+    finally:
+        stop.set()
+        writer.join(timeout=60)
+    assert len(written) > 10 and len(seen) >= 20, (len(written), len(seen))
+    assert [d for d in seen if d] == []
+    with session_scope(env.engine) as s:
+        assert ledger.check(s) == []
