@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
 
@@ -162,16 +163,10 @@ def check_scheduler_account(session: Session, *, registry: AdapterRegistry, clus
     cluster = get_cluster(session, cluster_name)
     if cluster.enforce_budgets:  # the enforcement sync creates the account in Slurm
         return None
-    try:
-        exists = adapter_for(registry, cluster).account_exists(account)
-    except AdapterError as exc:
-        return f"could not check that account {account!r} exists on {cluster.name}: {exc}"
-    if exists is False:
-        raise InvalidRequest(f"Cluster {cluster.name} has no account {account!r}: create it in the "
-                             "scheduler first (e.g. sacctmgr add account) or correct the name.")
-    if exists is None:
-        return f"the {cluster.adapter} adapter cannot tell whether account {account!r} exists on {cluster.name}"
-    return None
+    return _check_exists(
+        registry, cluster, f"account {account!r}", lambda adapter: adapter.account_exists(account),
+        missing=f"Cluster {cluster.name} has no account {account!r}: create it in the scheduler first "
+                "(e.g. sacctmgr add account) or correct the name.")
 
 
 def check_posix_user(session: Session, *, registry: AdapterRegistry, cluster_name: str,
@@ -179,15 +174,24 @@ def check_posix_user(session: Session, *, registry: AdapterRegistry, cluster_nam
     """Refuse a POSIX user the cluster does not know (422); a warning where the
     adapter cannot tell (or the cluster cannot be asked now), else None."""
     cluster = get_cluster(session, cluster_name)
+    return _check_exists(
+        registry, cluster, f"user {username!r}", lambda adapter: adapter.user_exists(username),
+        missing=f"Cluster {cluster.name} has no user {username!r}: create the account there first "
+                "or correct the name.")
+
+
+def _check_exists(registry: AdapterRegistry, cluster: Cluster, what: str,
+                  probe: Callable[[ClusterAdapter], bool | None], *, missing: str) -> str | None:
+    """Ask the cluster whether ``what`` exists: raise ``missing`` (422) when it does
+    not; a warning sentence when it cannot tell or cannot be asked; else None."""
     try:
-        exists = adapter_for(registry, cluster).user_exists(username)
+        exists = probe(adapter_for(registry, cluster))
     except AdapterError as exc:
-        return f"could not check that user {username!r} exists on {cluster.name}: {exc}"
+        return f"could not check that {what} exists on {cluster.name}: {exc}"
     if exists is False:
-        raise InvalidRequest(f"Cluster {cluster.name} has no user {username!r}: create the account there "
-                             "first or correct the name.")
+        raise InvalidRequest(missing)
     if exists is None:
-        return f"the {cluster.adapter} adapter cannot tell whether user {username!r} exists on {cluster.name}"
+        return f"the {cluster.adapter} adapter cannot tell whether {what} exists on {cluster.name}"
     return None
 
 
