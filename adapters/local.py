@@ -46,6 +46,14 @@ Settings (the cluster definition's ``connection`` table), all optional:
 
 Job ids are increasing integers (as strings) from a counter file under an
 ``fcntl.flock`` lock: unique across threads and processes sharing the data dir.
+
+Arrays (``JobSpec.array``) work as in Slurm: the array gets a job id of its own
+(a directory holding the spec and ``array.json``, which task runs under which id),
+each task runs as a job of its own id with ``SLURM_ARRAY_JOB_ID``/``_TASK_ID``
+set, tasks are named ``<array id>_<task>`` and at most ``%max`` run at once. The
+adapter starts the next waiting tasks when the array is submitted and whenever it
+is polled (there is no scheduler loop of its own: a waiting task starts within
+one tracker cycle of a slot freeing up).
 """
 
 from __future__ import annotations
@@ -62,12 +70,13 @@ import sys
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from adapters import local_supervisor as sup
+from adapters.slurm_common.arrays import task_key
 from broker.adapter import (
     AdapterConfigError,
     AdapterError,
@@ -84,6 +93,7 @@ from broker.adapter import (
     refuse_directives,
     reject_unknown_settings,
 )
+from broker.directives import parse_array
 
 __all__ = ["LocalAdapter"]
 
@@ -93,6 +103,10 @@ SETTINGS_KEYS = ("partitions", "gpus", "max_time_minutes", "enforce_limits", "ki
 
 JOBS_DIR = "local-jobs"
 COUNTER_FILE = ".next-job-id"
+#: in an array's directory: which task runs under which job id, which were cancelled
+ARRAY_FILE = "array.json"
+ARRAY_LOCK = "array.lock"
+_TASK_REF = re.compile(r"^(\d+)_(\d+)$")
 LAUNCH_TIMEOUT = 30.0
 _SPEC_CACHE_MAX = 10_000
 
@@ -235,7 +249,12 @@ class LocalAdapter(ClusterAdapter):
         except OSError as exc:
             raise AdapterError(f"local adapter: cannot create the job: {exc}",
                                transient=True) from exc
-        self._launch(job_id, jobdir)
+        if spec.array:  # the array's own directory: tasks start from it, each under an id of its own
+            sup.atomic_write_json(jobdir / ARRAY_FILE, {"started": {}, "cancelled": []})
+            sup.write_tag_index(jobdir, record)
+            self._advance(job_id)
+        else:
+            self._launch(job_id, jobdir)
         return SchedulerJobRef(job_id=job_id, username=spec.username, tag=spec.tag,
                                submit_time=_ts(record["submit_time"]))
 
@@ -251,7 +270,12 @@ class LocalAdapter(ClusterAdapter):
 
     def _check_request(self, spec: JobSpec, part: _Partition) -> None:
         refuse_directives(spec.script)
-        cannot = [name for name, value in (("array", spec.array), ("dependency", spec.dependency),
+        if spec.array:
+            try:
+                parse_array(spec.array)
+            except ValueError as exc:
+                raise SubmitRejected(f"invalid --array {spec.array!r}: {exc}", code="invalid_request") from exc
+        cannot = [name for name, value in (("dependency", spec.dependency),
                                            ("constraint", spec.constraint), ("mail", spec.mail_type or spec.mail_user),
                                            ("GPU type", spec.gpu_type)) if value]
         if cannot:  # refused, never dropped: the job would not be what was asked
@@ -327,6 +351,9 @@ class LocalAdapter(ClusterAdapter):
             "env": self._job_environment(job_id, spec, part, cwd, env_extra),
             "alloc_tres": self._alloc_tres(spec, part),
         }
+        if spec.array:
+            array = parse_array(spec.array)
+            record["array"] = {"text": array.text, "tasks": list(array.task_ids), "max_running": array.max_running}
         sup.atomic_write_json(jobdir / sup.SPEC_FILE, record)  # not fsynced: see the module doc
         return record
 
@@ -421,6 +448,116 @@ class LocalAdapter(ClusterAdapter):
             raise AdapterError(f"local adapter: the supervisor did not start: {detail}",
                                transient=True)
 
+    # ------------------------------------------------------------------ arrays
+
+    @contextlib.contextmanager
+    def _array_locked(self, array_id: str) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
+        """The array's spec and ``array.json`` under its lock; ``array.json`` is
+        written back when the block ends."""
+        jobdir = self._root / array_id
+        fd = os.open(jobdir / ARRAY_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            spec = self._spec(array_id) or {}
+            state = sup.read_json(jobdir / ARRAY_FILE) or {"started": {}, "cancelled": []}
+            yield spec, state
+            sup.atomic_write_json(jobdir / ARRAY_FILE, state)
+        finally:
+            os.close(fd)
+
+    def _array_spec(self, job_id: str) -> dict[str, Any] | None:
+        spec = self._spec(job_id)
+        return spec if spec is not None and isinstance(spec.get("array"), dict) else None
+
+    def _advance(self, array_id: str) -> None:
+        """Start waiting tasks while fewer than ``%max`` run (none once cancelled)."""
+        with self._array_locked(array_id) as (spec, state):
+            if not spec or (self._root / array_id / sup.CANCEL_FILE).exists():
+                return
+            started: dict[str, str] = state["started"]
+            waiting = [t for t in spec["array"]["tasks"]
+                       if str(t) not in started and t not in state["cancelled"]]
+            limit = spec["array"].get("max_running") or len(spec["array"]["tasks"])
+            running = sum(1 for raw in started.values()
+                          if (st := self._state(raw)) is None or st.get("state") not in sup.TERMINAL_RAW)
+            for task in waiting[:max(0, limit - running)]:
+                raw_id, taskdir = self._new_job_dir()
+                env = {**spec["env"], "SLURM_JOB_ID": raw_id, "SLURM_ARRAY_JOB_ID": array_id,
+                       "SLURM_ARRAY_TASK_ID": str(task),
+                       "SLURM_ARRAY_TASK_COUNT": str(len(spec["array"]["tasks"])),
+                       "SLURM_ARRAY_TASK_MIN": str(min(spec["array"]["tasks"])),
+                       "SLURM_ARRAY_TASK_MAX": str(max(spec["array"]["tasks"]))}
+                script = taskdir / sup.SCRIPT_FILE
+                shutil.copyfile(self._root / array_id / sup.SCRIPT_FILE, script)
+                script.chmod(0o700)
+                argv = [str(script)] if spec["argv"][0] != "/bin/sh" else ["/bin/sh", str(script)]
+                cwd = spec["cwd"] if spec["cwd"] != str(self._root / array_id) else str(taskdir)
+                record = {**{k: v for k, v in spec.items() if k != "array"}, "job_id": raw_id, "tag": None,
+                          "array_job_id": array_id, "array_task_id": task, "argv": argv, "cwd": cwd,
+                          "env": env, "submit_time": spec["submit_time"]}
+                sup.atomic_write_json(taskdir / sup.SPEC_FILE, record)
+                started[str(task)] = raw_id
+                self._launch(raw_id, taskdir)
+
+    def _task_statuses(self, array_id: str, tasks: Sequence[int] | None) -> list[JobStatus]:
+        """Each task as ``<array id>_<task>``: its run's status, or waiting/cancelled."""
+        self._advance(array_id)
+        spec = self._array_spec(array_id)
+        if spec is None:
+            return []
+        state = sup.read_json(self._root / array_id / ARRAY_FILE) or {"started": {}, "cancelled": []}
+        whole_cancelled = (self._root / array_id / sup.CANCEL_FILE).exists()
+        out = []
+        for task in spec["array"]["tasks"] if tasks is None else tasks:
+            key = task_key(array_id, task)
+            raw_id = state["started"].get(str(task))
+            if raw_id is not None:
+                status = self._status(raw_id)
+                if status is not None:
+                    out.append(replace(status, job_id=key, array_task_id=task, tag=spec.get("tag")))
+                continue
+            if task not in spec["array"]["tasks"]:
+                continue
+            if whole_cancelled or task in state["cancelled"]:
+                out.append(JobStatus(job_id=key, state=JobState.CANCELLED, raw_state=sup.RAW_CANCELLED, final=True,
+                                     reason="cancelled before start", submit_time=_ts(spec.get("submit_time")),
+                                     end_time=datetime.now(tz=UTC), elapsed_seconds=0,
+                                     alloc_tres=dict(spec.get("alloc_tres", {})), tag=spec.get("tag"),
+                                     array_task_id=task))
+            else:
+                out.append(JobStatus(job_id=key, state=JobState.PENDING, raw_state="PENDING",
+                                     reason="JobArrayTaskLimit", submit_time=_ts(spec.get("submit_time")),
+                                     tag=spec.get("tag"), array_task_id=task))
+        return out
+
+    def _task_run(self, ref_id: str) -> str | None:
+        """The job id task ``<array id>_<task>`` runs under (None: not started)."""
+        m = _TASK_REF.match(ref_id)
+        if m is None or self._array_spec(m.group(1)) is None:
+            return None
+        state = sup.read_json(self._root / m.group(1) / ARRAY_FILE) or {}
+        started = state.get("started") or {}
+        return started.get(m.group(2))
+
+    def _cancel_array(self, ref_id: str) -> bool:
+        """Cancel a whole array (``<id>``) or one task (``<id>_<task>``); False if
+        ``ref_id`` is no array."""
+        m = _TASK_REF.match(ref_id)
+        array_id, task = (m.group(1), int(m.group(2))) if m else (ref_id, None)
+        if self._array_spec(array_id) is None:
+            return False
+        with self._array_locked(array_id) as (_spec, state):
+            if task is None:
+                (self._root / array_id / sup.CANCEL_FILE).touch()  # no further task starts
+                runs = list(state["started"].values())
+            else:
+                if str(task) not in state["started"] and task not in state["cancelled"]:
+                    state["cancelled"].append(task)
+                runs = [state["started"][str(task)]] if str(task) in state["started"] else []
+        for raw_id in runs:
+            self.cancel(SchedulerJobRef(job_id=raw_id, username="", tag=None))
+        return True
+
     # ------------------------------------------------------------------ reading records
 
     def _jobdir(self, job_id: str) -> Path | None:
@@ -485,12 +622,23 @@ class LocalAdapter(ClusterAdapter):
     # ------------------------------------------------------------------ interface
 
     def poll(self, refs: Sequence[SchedulerJobRef]) -> list[JobStatus]:
-        """Read each job's state file; jobs this machine does not know are omitted."""
-        statuses = (self._status(ref.job_id) for ref in refs)
-        return [s for s in statuses if s is not None]
+        """Read each job's state file; jobs this machine does not know are omitted.
+        An array is answered per task (and its waiting tasks started when a slot is free)."""
+        out: list[JobStatus] = []
+        for ref in refs:
+            if self._array_spec(ref.job_id) is not None:
+                out += self._task_statuses(ref.job_id, ref.array_tasks)
+                continue
+            status = self._status(ref.job_id)
+            if status is not None:
+                out.append(status)
+        return out
 
     def cancel(self, ref: SchedulerJobRef) -> None:
-        """Ask the supervisor to cancel (file + request); finished jobs are left alone."""
+        """Ask the supervisor to cancel (file + request); finished jobs are left alone.
+        ``<array id>`` cancels every task of an array, ``<array id>_<task>`` one."""
+        if self._cancel_array(ref.job_id):
+            return
         jobdir = self._jobdir(ref.job_id)
         if jobdir is None:
             raise AdapterError(f"local adapter: no job {ref.job_id!r}", code="not_found")
@@ -552,6 +700,11 @@ class LocalAdapter(ClusterAdapter):
         """The last ``tail`` bytes of the job's stdout or stderr file."""
         if stream not in (sup.STDOUT_FILE, sup.STDERR_FILE):
             raise ValueError(f"stream must be 'stdout' or 'stderr', not {stream!r}")
+        if _TASK_REF.match(ref.job_id):
+            run = self._task_run(ref.job_id)
+            if run is None:
+                return ""  # not started yet
+            ref = replace(ref, job_id=run)
         jobdir = self._jobdir(ref.job_id)
         if jobdir is None:
             raise AdapterError(f"local adapter: no job {ref.job_id!r}", code="not_found")
@@ -595,9 +748,10 @@ class LocalAdapter(ClusterAdapter):
 
     def output_location(self, ref: SchedulerJobRef, stream: str = "stdout") -> str | None:
         """``<data_dir>/local-jobs/<job id>/stdout`` (or ``stderr``) on the broker's machine."""
-        if stream not in (sup.STDOUT_FILE, sup.STDERR_FILE) or not ref.job_id.isdigit():
+        job_id = self._task_run(ref.job_id) if _TASK_REF.match(ref.job_id) else ref.job_id
+        if stream not in (sup.STDOUT_FILE, sup.STDERR_FILE) or job_id is None or not job_id.isdigit():
             return None
-        return str(self._root / ref.job_id / stream)
+        return str(self._root / job_id / stream)
 
     def user_exists(self, username: str) -> bool | None:
         """Any name works: every job runs as the broker's own OS user (dev only)."""
@@ -618,4 +772,5 @@ def _usage_record(spec: Mapping[str, Any], status: JobStatus) -> UsageRecord:
         start_time=status.start_time, end_time=status.end_time,
         elapsed_seconds=status.elapsed_seconds or 0, alloc_tres=status.alloc_tres,
         tag=status.tag, name=spec.get("name"),
+        array_job_id=spec.get("array_job_id"), array_task_id=spec.get("array_task_id"),
     )

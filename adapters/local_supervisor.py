@@ -197,7 +197,7 @@ class _Run:
                          exit_code=exit_code_of(returncode), reason=reason)
 
 
-def _write_tag_index(jobdir: Path, spec: Mapping[str, Any]) -> None:
+def write_tag_index(jobdir: Path, spec: Mapping[str, Any]) -> None:
     """Record tag -> job id so ``find_by_tag`` needs no scan."""
     tag = spec.get("tag")
     if not tag:
@@ -270,7 +270,7 @@ class Supervisor:
                 self.runs[proc.pid] = _Run(jobdir, spec, state, proc,
                                            time.monotonic() + float(spec["time_limit_seconds"]))
         atomic_write_json(jobdir / STATE_FILE, state)
-        _write_tag_index(jobdir, spec)
+        write_tag_index(jobdir, spec)
         return "ok"
 
     @staticmethod

@@ -171,6 +171,12 @@ class SchedulerJobRef:
     submit_time: datetime | None = None
     #: the scheduler account charged (set by ``find_by_tag``: reconciliation checks it)
     account: str | None = None
+    #: an array job (``--array``): the task ids the broker still tracks. ``poll``
+    #: then reports each of these tasks as its own :class:`JobStatus` whose
+    #: ``job_id`` is ``<job_id>_<task>`` (Slurm's own notation) and whose
+    #: ``array_task_id`` is set; ``cancel`` of a ref whose ``job_id`` is
+    #: ``<job_id>_<task>`` cancels that one task, of ``<job_id>`` the whole array.
+    array_tasks: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -201,6 +207,8 @@ class JobStatus:
     alloc_tres: Mapping[str, float] = field(default_factory=dict)
     tag: str | None = None
     expected_start: datetime | None = None
+    #: set for one task of an array job (``job_id`` is then ``<array id>_<task>``)
+    array_task_id: int | None = None
 
 
 @dataclass(frozen=True)
@@ -209,7 +217,9 @@ class UsageRecord:
 
     Keyed for exactly-once import by (cluster, ``job_id``, ``submit_time``), and by
     ``global_id`` where the scheduler has a cluster-wide unique id (Slurm 26.05+
-    ``sluid``), which stays unique even when job ids restart.
+    ``sluid``), which stays unique even when job ids restart. A task of an array
+    job carries ``array_job_id``/``array_task_id`` (its ``job_id`` is the task's
+    own scheduler id), so the importer can tell a broker array's tasks apart.
     """
 
     job_id: str
@@ -226,6 +236,8 @@ class UsageRecord:
     tag: str | None = None
     name: str | None = None
     global_id: str | None = None
+    array_job_id: str | None = None
+    array_task_id: int | None = None
 
 
 @dataclass(frozen=True)

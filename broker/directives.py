@@ -50,6 +50,8 @@ MAGIC_WORDS = ("#SBATCH", "#SLURM")
 #: sbatch translates these (unless --ignore-pbs) from the first 100 non-comment lines
 FOREIGN_MAGIC = ("#PBS", "#BSUB")
 MAX_ARRAY_TASKS = 10_000
+#: Slurm's MaxArraySize is at most 4000001: no task id is larger than this
+MAX_ARRAY_INDEX = 4_000_000
 
 
 class UnsupportedDirective(ValueError):
@@ -314,6 +316,8 @@ def parse_array(text: str) -> ArraySpec:
         step = int(m.group(3)) if m.group(3) is not None else 1
         if hi < lo or step < 1:
             raise ValueError(f"bad range {part!r}")
+        if hi > MAX_ARRAY_INDEX:
+            raise ValueError(f"array index {hi} is above {MAX_ARRAY_INDEX} (Slurm's largest MaxArraySize - 1)")
         if (hi - lo) // step + 1 + len(ids) > MAX_ARRAY_TASKS:
             raise ValueError(f"more than {MAX_ARRAY_TASKS} array tasks")
         ids.update(range(lo, hi + 1, step))

@@ -188,6 +188,36 @@ class Job(SQLModel, table=True):
     #: ``cluster: auto``: why this cluster (policy, every candidate with its estimate,
     #: expected start and denials); None for a job sent to a named cluster
     placement: dict[str, Any] | None = Field(default=None, sa_type=JSON)
+    #: an array job: its tasks counted by state (``{"PENDING": 2, "COMPLETED": 1}``),
+    #: kept with the aggregate state so that reading a job needs no task query
+    array_counts: dict[str, Any] | None = Field(default=None, sa_type=JSON)
+
+
+class JobTask(SQLModel, table=True):
+    """One task of an array job (``--array``): its own scheduler id, state and money.
+
+    The job's row holds the aggregate (state derived from the tasks, the sum of
+    what is still reserved and what was charged); each task's share of the
+    reservation is released, and its usage charged, when that task ends."""
+
+    __tablename__ = "job_tasks"
+    __table_args__ = (sa.UniqueConstraint("job_id", "task", name="uq_job_task"),)
+    id: int | None = Field(default=None, primary_key=True)
+    job_id: str = Field(foreign_key="jobs.id", max_length=32)
+    task: int
+    #: ``<array id>_<task>`` once the array reached the scheduler
+    scheduler_job_id: str | None = Field(default=None, max_length=64)
+    state: str = Field(default="ACCEPTED", max_length=16)
+    raw_state: str | None = Field(default=None, max_length=64)
+    reserved: int = Field(default=0, sa_type=sa.BigInteger)
+    charged: int | None = Field(default=None, sa_type=sa.BigInteger)
+    elapsed_seconds: int | None = None
+    alloc_tres: dict[str, Any] = Field(default_factory=dict, sa_type=JSON)
+    exit_code: int | None = None
+    reason: str | None = Field(default=None, max_length=2000)
+    started_at: datetime | None = _ts()
+    ended_at: datetime | None = _ts()
+    settled_at: datetime | None = _ts()
 
 
 class ImportedJob(SQLModel, table=True):
@@ -257,8 +287,9 @@ class LedgerEntry(SQLModel, table=True):
 
     __tablename__ = "ledger_entries"
     __table_args__ = (
-        # one reserve, one release, one charge per job: settlement happens once
-        sa.UniqueConstraint("job_id", "kind", name="uq_ledger_job_kind"),
+        # one reserve, one release, one charge per job (per array task: ``task``; -1 for
+        # the whole job): settlement happens once
+        sa.UniqueConstraint("job_id", "task", "kind", name="uq_ledger_job_task_kind"),
         sa.Index("ix_ledger_alloc_created", "allocation_id", "created_at"),
     )
     id: int | None = Field(default=None, primary_key=True)
@@ -267,6 +298,9 @@ class LedgerEntry(SQLModel, table=True):
     kind: str = Field(max_length=16)
     amount: int = Field(sa_type=sa.BigInteger)
     job_id: str | None = Field(default=None, foreign_key="jobs.id", max_length=32)
+    #: the array task a release/charge row settles; -1: the whole job (never NULL, so
+    #: the unique constraint holds on every database)
+    task: int = Field(default=-1, sa_column_kwargs={"server_default": "-1"})
     imported_job_id: int | None = Field(default=None, foreign_key="imported_jobs.id", unique=True)
     user_id: int | None = Field(default=None, foreign_key="users.id")
     actor: str = Field(max_length=255)

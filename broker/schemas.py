@@ -229,6 +229,42 @@ class EstimateOut(BaseModel):
     placement: PlacementOut | None = None
 
 
+class ArrayOut(BaseModel):
+    """An array job (``--array``): one broker job, one task per array index."""
+
+    #: the ``--array`` expression as submitted (``0-15:2%4``)
+    spec: str
+    #: how many tasks the array has
+    tasks: int
+    #: the ``%max`` throttle (tasks running at once), None without one
+    max_running: int | None = None
+    #: tasks per state (``{"PENDING": 2, "RUNNING": 2, "COMPLETED": 4}``)
+    counts: dict[str, int] = Field(default_factory=dict)
+
+
+class JobTaskOut(BaseModel):
+    """One task of an array job (``GET /v1/jobs/{id}/tasks``)."""
+
+    task: int
+    #: the scheduler's name of the task (``123_4``)
+    scheduler_job_id: str | None
+    state: str
+    raw_state: str | None
+    exit_code: int | None
+    elapsed_seconds: int | None
+    #: this task's share of the job's reservation still held (0 once it ended)
+    reserved: Money
+    #: what this task was charged (None until it ended)
+    charged: Money | None
+    started_at: datetime | None
+    ended_at: datetime | None
+    reason: str | None
+
+
+class JobTaskPage(BaseModel):
+    items: list[JobTaskOut]
+
+
 class JobOut(BaseModel):
     id: str
     project: str
@@ -257,6 +293,8 @@ class JobOut(BaseModel):
     expected_start: datetime | None = None
     #: ``cluster: auto``: why this cluster (see PlacementOut)
     placement: dict[str, Any] | None = None
+    #: an array job: its tasks' counts by state (the tasks: ``GET /v1/jobs/{id}/tasks``)
+    array: ArrayOut | None = None
 
 
 class JobPage(BaseModel):

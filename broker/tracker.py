@@ -27,8 +27,9 @@ from broker.adapter import AdapterError, ClusterAdapter, Health, JobStatus, Sche
 from broker.config import Settings
 from broker.db import session_scope
 from broker.metrics import TRACKER_CYCLE
-from broker.models import Cluster, ImportedJob, Job, utcnow
+from broker.models import Cluster, ImportedJob, Job, JobTask, utcnow
 from broker.registry import AdapterRegistry
+from broker.services import arrays
 from broker.services.clusters import adapter_for, scheduler_group_ids
 from broker.services.jobs import mark_submit_failed, record_submitted, settle
 from broker.states import TERMINAL_STATES, JobState
@@ -146,8 +147,12 @@ class Tracker:
         """One batched poll; settle what accounting confirms; UNKNOWN when unreachable."""
         with session_scope(self.engine) as session:
             jobs = list(session.exec(self._live_jobs(cluster)).all())
+            tasks = arrays.unsettled_tasks(session, [j.id for j in jobs if arrays.is_array(j)])
+        # an array job is one ref (one scheduler job) naming the tasks still tracked
         refs = [SchedulerJobRef(job_id=j.scheduler_job_id or "", username=j.username, tag=j.id,
-                                submit_time=j.submitted_at) for j in jobs]
+                                submit_time=j.submitted_at,
+                                array_tasks=tuple(t.task for t in tasks.get(j.id, []))
+                                if arrays.is_array(j) else None) for j in jobs]
         if not refs:
             self._probe_idle(cluster, adapter)
             return
@@ -158,10 +163,16 @@ class Tracker:
             return
         by_id = {s.job_id: s for s in statuses}
         ended: list[tuple[str, JobStatus]] = []
+        tasks_ended: dict[str, list[tuple[int, JobStatus]]] = {}
         with session_scope(self.engine) as session:
             self._mark_reachable(session, cluster)
             # one query for the current rows (not one per job); unchanged jobs are not written
-            for live in session.exec(self._live_jobs(cluster)).all():
+            live_jobs = list(session.exec(self._live_jobs(cluster)).all())
+            live_tasks = arrays.unsettled_tasks(session, [j.id for j in live_jobs if arrays.is_array(j)])
+            for live in live_jobs:
+                if arrays.is_array(live):
+                    self._apply_tasks(session, live, live_tasks.get(live.id, []), by_id, tasks_ended)
+                    continue
                 status = by_id.get(live.scheduler_job_id or "")
                 if status is None:
                     continue
@@ -177,6 +188,35 @@ class Tracker:
                 live = session.get(Job, job_id)
                 if live is not None and live.settled_at is None:
                     settle(session, job=live, status=status, cost_model=cluster.cost_model)
+        for job_id, done in tasks_ended.items():  # an array: its ended tasks, one transaction per job
+            with session_scope(self.engine) as session:
+                live = session.get(Job, job_id)
+                if live is None or live.settled_at is not None:
+                    continue
+                for task_id, status in done:
+                    task = session.get(JobTask, task_id)
+                    if task is not None and task.settled_at is None:
+                        arrays.settle_task(session, job=live, task=task, status=status,
+                                           cost_model=cluster.cost_model)
+                arrays.refresh(session, job=live)
+
+    @staticmethod
+    def _apply_tasks(session: Session, live: Job, tasks: list[JobTask], by_id: dict[str, JobStatus],
+                     ended: dict[str, list[tuple[int, JobStatus]]]) -> None:
+        """An array job: each task's status (``<scheduler id>_<task>``); ended tasks
+        are settled after this batch, the job's aggregate state follows its tasks."""
+        expected = None
+        for task in tasks:
+            status = by_id.get(f"{live.scheduler_job_id}_{task.task}")
+            if status is None:
+                continue
+            arrays.apply_task_status(session, task, status)  # an ended task: COMPLETING until settled
+            if status.final and status.state in TERMINAL_STATES:
+                ended.setdefault(live.id, []).append((task.id or 0, status))
+                continue
+            if status.state == JobState.PENDING and status.expected_start is not None:
+                expected = min(expected or status.expected_start, status.expected_start)
+        arrays.refresh(session, job=live, expected_start=expected)
 
     @staticmethod
     def _live_jobs(cluster: Cluster):  # type: ignore[no-untyped-def]

@@ -51,7 +51,7 @@ from sqlmodel import Session, col, select
 
 from broker.adapter import AdapterError, UsageRecord
 from broker.config import Settings
-from broker.cost import cost_micro
+from broker.cost import cost_micro, memory_rule
 from broker.db import session_scope
 from broker.metrics import TRACKER_CYCLE
 from broker.models import Allocation, Cluster, ClusterAccount, ImportedJob, Job, Membership, utcnow
@@ -218,8 +218,10 @@ class UsageImporter:
 
     def _import_one(self, session: Session, cluster: Cluster, alloc: Allocation, record: UsageRecord,
                     members: dict[str, tuple[int | None, set[int]]]) -> bool:
+        # the memory rule of the estimate and of broker jobs' charges: max(CPUs, memory share)
+        partition = next((dict(p) for p in cluster.partitions if p.get("name") == record.partition), None)
         charge = cost_micro(cluster.cost_model, partition=record.partition, unit=alloc.unit,
-                            tres=record.alloc_tres, seconds=record.elapsed_seconds)
+                            tres=memory_rule(record.alloc_tres, partition), seconds=record.elapsed_seconds)
         user_id = members.get(record.username, (None, set()))[0]
         row = ImportedJob(cluster_id=cluster.id or 0, allocation_id=alloc.id or 0,
                           scheduler_job_id=record.job_id, global_id=record.global_id,
@@ -268,17 +270,24 @@ def _chunks(values: list[str]) -> Iterable[list[str]]:
 def _broker_jobs(session: Session, ids: list[int], records: Sequence[UsageRecord]) -> dict[str, list[datetime | None]]:
     """Scheduler job id → recorded submit times of broker jobs with that id in the group."""
     found: dict[str, list[datetime | None]] = {}
-    for chunk in _chunks(sorted({r.job_id for r in records})):
+    for chunk in _chunks(sorted({_scheduler_job(r) for r in records})):
         for job_id, submitted in session.exec(select(Job.scheduler_job_id, Job.submitted_at).where(
                 col(Job.cluster_id).in_(ids), col(Job.scheduler_job_id).in_(chunk))).all():
             found.setdefault(str(job_id), []).append(submitted)
     return found
 
 
+def _scheduler_job(record: UsageRecord) -> str:
+    """The id a broker job records for this accounting record: the array's id for an
+    array task (each task has its own job id in accounting), else the job's."""
+    return record.array_job_id or record.job_id
+
+
 def _is_broker_job(known: dict[str, list[datetime | None]], record: UsageRecord) -> bool:
     """Recorded for a broker job, at about the same time (job ids restart after a
-    scheduler loses its state: an old broker job's id is no proof)."""
-    for submitted in known.get(record.job_id, []):
+    scheduler loses its state: an old broker job's id is no proof). An array task
+    belongs to the broker job recorded with its array's id."""
+    for submitted in known.get(_scheduler_job(record), []):
         if submitted is None or abs(submitted - record.submit_time) <= SUBMIT_TIME_TOLERANCE:
             return True
     return False

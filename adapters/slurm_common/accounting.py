@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
+from adapters.slurm_common.arrays import ArrayPart, parse_job_id_text, task_ids_from_bitmap
 from adapters.slurm_common.shapes import (
     as_int,
     as_str,
@@ -51,6 +52,7 @@ PLACEHOLDER_JOB_NAME = "allocation"
 #: order. ``JobName`` is last so that a ``|`` inside a name cannot shift fields.
 SACCT_PARSABLE_FIELDS: tuple[str, ...] = (
     "JobIDRaw",
+    "JobID",
     "User",
     "Account",
     "Partition",
@@ -97,6 +99,8 @@ class AccountingJob:
     comment: str | None = None
     #: Slurm 26.05+ ``sluid``: unique across the cluster's whole history
     global_id: str | None = None
+    #: an array task (or the record of an array's pending tasks); None otherwise
+    array: ArrayPart | None = None
 
     @property
     def tag(self) -> str | None:
@@ -144,6 +148,8 @@ class AccountingJob:
             tag=self.tag,
             name=self.name,
             global_id=self.global_id,
+            array_job_id=self.array.array_job_id if self.array else None,
+            array_task_id=self.array.task if self.array else None,
         )
 
 
@@ -183,6 +189,17 @@ def _sub(job: Mapping[str, Any], key: str) -> Mapping[str, Any]:
     return value if isinstance(value, Mapping) else {}
 
 
+def _array_from_json(job: Mapping[str, Any]) -> ArrayPart | None:
+    array = _sub(job, "array")
+    array_id = as_int(array.get("job_id"))
+    if not array_id:
+        return None
+    task = as_int(array.get("task_id"))
+    if task is not None:
+        return ArrayPart(str(array_id), task=task)
+    return ArrayPart(str(array_id), pending=task_ids_from_bitmap(as_str(array.get("task"))))
+
+
 def accounting_job_from_json(job: Mapping[str, Any]) -> AccountingJob:
     """One ``jobs[]`` element of ``sacct --json`` (or a slurmdb REST job).
 
@@ -214,6 +231,7 @@ def accounting_job_from_json(job: Mapping[str, Any]) -> AccountingJob:
         alloc_tres=tres_list_to_map(tres.get("allocated")),
         exit_code=exit_code(job.get("exit_code")),
         comment=_comment(job.get("comment")),
+        array=_array_from_json(job),
     )
 
 
@@ -240,4 +258,5 @@ def accounting_job_from_parsable(values: Mapping[str, str]) -> AccountingJob:
         alloc_tres=parse_tres_string(values.get("AllocTRES")),
         exit_code=exit_code(values.get("ExitCode")),
         global_id=as_str(values.get("SLUID")),
+        array=parse_job_id_text(values.get("JobID", "")),
     )

@@ -25,6 +25,7 @@ import logging
 import threading
 import time
 from collections.abc import Iterable, Sequence
+from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -36,6 +37,7 @@ from adapters.slurm_common.accounting import (
     AccountingJob,
     MalformedRecord,
 )
+from adapters.slurm_common.arrays import task_key
 from adapters.slurm_common.identity import slurm_identity
 from adapters.slurm_common.queue import QueueJob
 from adapters.slurm_common.shapes import now_utc
@@ -211,8 +213,9 @@ class SlurmSSHAdapter(ClusterAdapter):
     # ----------------------------------------------------------------- poll
 
     def poll(self, refs: Sequence[SchedulerJobRef]) -> list[JobStatus]:
-        """One ``squeue`` + at most one ``sacct`` for every ref together."""
-        valid = [r for r in refs if commands.JOB_ID_RE.match(r.job_id or "")]
+        """One ``squeue`` + at most one ``sacct`` for every ref together. An array
+        ref (``array_tasks``) is answered per task (``<id>_<task>``)."""
+        valid = [r for r in refs if commands.JOB_ID_RE.match(r.job_id or "") and "_" not in r.job_id]
         if not valid:
             return []
         user = self._query_user(valid)
@@ -220,6 +223,18 @@ class SlurmSSHAdapter(ClusterAdapter):
         statuses: dict[str, JobStatus] = {}
         left = []
         for ref in valid:
+            if ref.array_tasks is not None:
+                missing = []
+                for task in ref.array_tasks:
+                    key = task_key(ref.job_id, task)
+                    job = queue.get(key)
+                    if job is not None and not job.terminal:
+                        statuses[key] = replace(_status_from_queue(job), job_id=key, array_task_id=task)
+                    else:
+                        missing.append(task)
+                if missing:
+                    left.append(replace(ref, array_tasks=tuple(missing)))
+                continue
             job = queue.get(ref.job_id)
             if job is not None and not job.terminal:
                 statuses[ref.job_id] = _status_from_queue(job)
@@ -227,9 +242,11 @@ class SlurmSSHAdapter(ClusterAdapter):
                 left.append(ref)
         if left:
             statuses.update(self._accounted(user, left, queue))
-        return [statuses[r.job_id] for r in valid if r.job_id in statuses]
+        return list(statuses.values())
 
     def _queue_jobs(self, user: str, wanted: set[str]) -> dict[str, QueueJob]:
+        """Queue records by job id, array tasks by ``<array id>_<task>`` (the record
+        of an array's pending tasks stands for each of them)."""
         honoured = self._filters_honoured(user)
         result = self._run(
             user, commands.build_squeue(sorted(wanted, key=int), filters_honoured=honoured)
@@ -242,7 +259,14 @@ class SlurmSSHAdapter(ClusterAdapter):
             jobs = parse.parse_squeue_json(result.stdout)
         except ValueError as exc:
             raise AdapterError(str(exc), code="scheduler_output_invalid", transient=True) from exc
-        return {j.job_id: j for j in jobs if j.job_id in wanted}
+        found: dict[str, QueueJob] = {}
+        for j in jobs:
+            if j.array is not None:
+                if j.array.array_job_id in wanted:
+                    found.update({key: j for key, _ in j.array.keys})
+            elif j.job_id in wanted:
+                found[j.job_id] = j
+        return found
 
     def _accounted(
         self, user: str, refs: Sequence[SchedulerJobRef], queue: dict[str, QueueJob]
@@ -256,14 +280,21 @@ class SlurmSSHAdapter(ClusterAdapter):
             records = []
         by_id: dict[str, list[AccountingJob]] = {}
         for record in records:
-            by_id.setdefault(record.job_id, []).append(record)
+            if record.array is not None:
+                for key, _ in record.array.keys:
+                    by_id.setdefault(key, []).append(record)
+            else:
+                by_id.setdefault(record.job_id, []).append(record)
         now = now_utc()
         out: dict[str, JobStatus] = {}
         for ref in refs:
-            picked = _pick(by_id.get(ref.job_id, []), ref)
-            status = self._status_after_queue(picked, queue.get(ref.job_id), now)
-            if status is not None:
-                out[ref.job_id] = status
+            keys = ([(task_key(ref.job_id, t), t) for t in ref.array_tasks] if ref.array_tasks is not None
+                    else [(ref.job_id, None)])
+            for key, task in keys:
+                picked = _pick(by_id.get(key, []), ref)
+                status = self._status_after_queue(picked, queue.get(key), now)
+                if status is not None:
+                    out[key] = status if task is None else replace(status, job_id=key, array_task_id=task)
         return out
 
     def _status_after_queue(
@@ -319,7 +350,8 @@ class SlurmSSHAdapter(ClusterAdapter):
         )
         candidates: Iterable[tuple[str, str, datetime | None, str | None, str | None]] = [
             *((q.job_id, q.user, q.submit_time, q.name, q.account) for q in queue),
-            *((a.job_id, a.user or "", a.submit_time, a.name, a.account) for a in acct),
+            *((a.array.array_job_id if a.array else a.job_id, a.user or "", a.submit_time, a.name, a.account)
+              for a in acct),
         ]
         return _first_per_tag(candidates, wanted)
 

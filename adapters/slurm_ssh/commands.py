@@ -51,7 +51,8 @@ __all__ = [
 ]
 
 ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-JOB_ID_RE = re.compile(r"^[0-9]{1,12}$")
+#: a Slurm job id, or one array task of it (``123_4``)
+JOB_ID_RE = re.compile(r"^[0-9]{1,12}(?:_[0-9]{1,7})?$")
 #: Environment names the job may not set: they steer sbatch itself.
 RESERVED_ENV_PREFIXES = ("SLURM_", "SBATCH_")
 #: ``sacct --state`` codes of end states (usage import).
@@ -107,7 +108,7 @@ def _word(arg: Arg) -> str:
 
 
 def validate_job_id(job_id: str) -> str:
-    """The job id if it is a plain Slurm job id (digits); else ValueError."""
+    """The job id if it is a Slurm job id (digits) or array task (``123_4``); else ValueError."""
     if not JOB_ID_RE.match(job_id or ""):
         raise ValueError(f"not a Slurm job id: {job_id!r}")
     return job_id
@@ -222,6 +223,8 @@ def sbatch_argv(spec: JobSpec, output_dir: str, *, export_file: bool) -> list[Ar
     ]
     if spec.working_directory:
         argv.append(f"--chdir={spec.working_directory}")
+    if spec.array:  # one file per task: %A_%a = <array id>_<task> (how the broker names tasks)
+        out, err = output_paths(output_dir, "%A_%a")
     argv += [HomePath(out, "--output="), HomePath(err, "--error=")]
     return argv
 

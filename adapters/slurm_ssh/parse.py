@@ -159,12 +159,16 @@ class QueueLine:
 
 def parse_queue_text(text: str) -> list[QueueLine]:
     """Lines of ``squeue --noheader --format=%i|%u|%V|%a|%j`` (epoch times);
-    array tasks and malformed lines are skipped."""
+    an array task (``7_3``, ``7_[2-5%2]``) stands for its array job (``7``);
+    malformed lines are skipped."""
     lines: list[QueueLine] = []
     for row in _split_rows(text, 5):
-        if isinstance(row, str) or not row[0].strip().isdigit():
+        if isinstance(row, str):
             continue
         job_id, user, submit, account, name = row
+        job_id = job_id.strip().split("_", 1)[0]
+        if not job_id.isdigit():
+            continue
         lines.append(QueueLine(str(int(job_id)), user.strip(), epoch_to_datetime(submit), account.strip(), name))
     return lines
 

@@ -40,7 +40,6 @@ from broker.errors import (
     BrokerError,
     ClusterUnavailable,
     Conflict,
-    DirectiveRefused,
     EligibilityDenied,
     Forbidden,
     InvalidRequest,
@@ -48,14 +47,14 @@ from broker.errors import (
     QuotaExceeded,
 )
 from broker.metrics import DENIALS, SETTLEMENTS, SUBMISSIONS, SUBMIT_ERRORS
-from broker.models import Allocation, Cluster, Job, Membership, Project, User, utcnow
+from broker.models import Allocation, Cluster, Job, JobTask, Membership, Project, User, utcnow
 from broker.policy import Denial
 from broker.registry import AdapterRegistry
-from broker.schemas import DenialOut, EstimateOut, JobOut, JobPage, JobRequest, Money
-from broker.services import ledger, notifications, placement
+from broker.schemas import DenialOut, EstimateOut, JobOut, JobPage, JobRequest, JobTaskOut, JobTaskPage, Money
+from broker.services import arrays, ledger, notifications, placement
 from broker.services.clusters import adapter_for, breaker_retry_after, trip_breaker
 from broker.services.common import find_user, get_or_create_user, to_units, visible_project
-from broker.services.eligibility import Prepared, effective, prepare
+from broker.services.eligibility import Prepared, prepare
 from broker.states import TERMINAL_STATES, JobState
 
 log = logging.getLogger(__name__)
@@ -95,6 +94,7 @@ def job_out(job: Job, *, project: str, cluster: str, user: str) -> JobOut:
         started_at=job.started_at, ended_at=job.ended_at, unknown_since=job.unknown_since,
         exit_code=job.exit_code, reason=job.reason, request=job.request,
         pending_reason=job.pending_reason, expected_start=job.expected_start_at, placement=job.placement,
+        array=arrays.array_out(job),
     )
 
 
@@ -119,19 +119,6 @@ def _prepare_for(session: Session, settings: Settings, principal: Principal, bod
     return user, prep
 
 
-#: why an --array job is priced but not submitted (docs/directives.md)
-_ARRAY_REFUSAL = ("job arrays are priced (tasks × per task) but not yet tracked end to end by the broker: "
-                  "submit the tasks as separate jobs")
-
-
-def _array_refused(req: EffectiveRequest) -> DirectiveRefused:
-    assert req.array is not None
-    line = req.sources.get("array", "script")
-    return DirectiveRefused(f"Script {line.replace(':', ' line ')}: --array={req.array.text} — {_ARRAY_REFUSAL}",
-                            line=int(line.split(":")[1]) if ":" in line else None,
-                            directive=f"--array={req.array.text}")
-
-
 def estimate(
     session: Session, *, settings: Settings, principal: Principal, body: JobRequest,
     registry: AdapterRegistry | None = None,
@@ -141,9 +128,6 @@ def estimate(
     ``cluster: auto`` (needs ``registry``): the placement — every candidate with its
     estimate, expected start and denials, and the cluster that would be chosen."""
     if body.cluster == placement.AUTO and registry is not None:
-        if effective(body).array is not None:  # not placed: it could not be submitted anywhere
-            return EstimateOut(allowed=False, denials=[DenialOut(code="unsupported_directive", detail=_ARRAY_REFUSAL)],
-                               estimated_cost=None, remaining=None)
         placed = _place(session, settings, registry, principal, body)
         chosen = placed.chosen
         if chosen is None:
@@ -156,8 +140,6 @@ def estimate(
                            cluster=chosen.cluster, placement=placed.out())
     _, prep = _prepare_for(session, settings, principal, body)
     denials = [DenialOut(code=d.code, detail=d.detail) for d in prep.denials]
-    if prep.request is not None and prep.request.array is not None:
-        denials.append(DenialOut(code="unsupported_directive", detail=_ARRAY_REFUSAL))
     alloc = prep.allocation
     if alloc is not None:
         remaining = alloc.granted - alloc.charged - alloc.reserved
@@ -239,8 +221,6 @@ def _reserve_answer(
                                      "try again later.", retry_after=wait)
         req = prep.request
         assert req is not None
-        if req.array is not None:
-            raise _array_refused(req)
         dependency = _scheduler_dependency(session, req, user=user, cluster=cluster)
         record = {"project": body.project, "cluster": cluster.name, "script": body.script, **req.record()}
         if body.notify is not None:  # never the secret
@@ -263,6 +243,8 @@ def _reserve_answer(
         except QuotaExceeded as exc:
             DENIALS.labels("quota_exceeded").inc()
             raise _quota_answer(session, alloc, prep.estimate) from exc
+        if req.array is not None:  # one row per task, each with its share of the reservation
+            arrays.create_tasks(session, job=job, spec=req.array)
         spec = job_spec(req, tag=job.id, username=prep.account_username, account=alloc.account,
                         partition=prep.partition, dependency=dependency)
         # the answer as committed (no reload: names are known here, values set by us)
@@ -288,9 +270,6 @@ def _reserve_placed(
     engine: Engine, settings: Settings, registry: AdapterRegistry, principal: Principal, body: JobRequest,
     link: LinkIntent | None,
 ) -> tuple[Job, JobSpec, Cluster, JobOut]:
-    req = effective(body)
-    if req.array is not None:  # refused before any cluster is asked, as for a named cluster
-        raise _array_refused(req)
     with session_scope(engine) as session:
         placed = _place(session, settings, registry, principal, body)
     order = placement.ranked(placed, settings=settings)
@@ -412,10 +391,12 @@ def record_submitted(engine: Engine, *, job_id: str, ref: SchedulerJobRef) -> da
             sa.update(table).where(table.c.id == job_id, table.c.state == JobState.ACCEPTED.value,
                                    table.c.scheduler_job_id.is_(None))
             .values(state=JobState.PENDING.value, scheduler_job_id=ref.job_id, submitted_at=submitted_at)
-            .returning(table.c.project_id, table.c.user_id)
+            .returning(table.c.project_id, table.c.user_id, table.c.request)
         ).first()
         if moved is None:
             return None
+        if (moved[2] or {}).get("array"):
+            arrays.mark_submitted(session, job_id=job_id, scheduler_job_id=ref.job_id)
         events.record(session, job_id=job_id, project_id=moved[0], user_id=moved[1],
                       state=JobState.PENDING.value, previous=JobState.ACCEPTED.value)
         return submitted_at
@@ -463,6 +444,8 @@ def settle(session: Session, *, job: Job, status: JobStatus, cost_model: dict[st
     )
     if not result.rowcount:  # type: ignore[attr-defined]
         return False
+    if arrays.is_array(job):  # ended as a whole before any task was settled (submit failed)
+        arrays.settle_all(session, job=job, status=status)
     events.record_for(session, job, state=status.state.value, previous=job.state)
     alloc = session.get(Allocation, job.allocation_id)
     assert alloc is not None
@@ -589,8 +572,71 @@ def cancel_job(session: Session, *, principal: Principal, registry: AdapterRegis
     return job_out_loaded(session, job)
 
 
+def _visible_task(session: Session, principal: Principal, job_id: str, task: int) -> tuple[Job, JobTask]:
+    """The caller's array job and one of its tasks; 404 for another project's job,
+    a plain job or a task the array does not have."""
+    job = _visible_job(session, principal, job_id)
+    row = session.exec(select(JobTask).where(JobTask.job_id == job.id, JobTask.task == task)).first()
+    if row is None:
+        raise NotFound(f"Job {job_id} has no array task {task}." if arrays.is_array(job)
+                       else f"Job {job_id} is not an array job (it has no tasks).", code="task_not_found")
+    return job, row
+
+
+def list_tasks(session: Session, *, principal: Principal, job_id: str) -> JobTaskPage:
+    """Every task of an array job, in task order (a plain job has none: 404)."""
+    job = _visible_job(session, principal, job_id)
+    if not arrays.is_array(job):
+        raise NotFound(f"Job {job_id} is not an array job (it has no tasks).", code="task_not_found")
+    rows = session.exec(select(JobTask).where(JobTask.job_id == job.id).order_by(col(JobTask.task))).all()
+    return JobTaskPage(items=[arrays.task_out(job, t) for t in rows])
+
+
+def cancel_task(
+    session: Session, *, principal: Principal, registry: AdapterRegistry, job_id: str, task: int,
+) -> JobTaskOut:
+    """Cancel one task of an array job; the tracker settles it (releasing its share
+    of the reservation) when the scheduler confirms. The other tasks go on."""
+    job, row = _visible_task(session, principal, job_id, task)
+    if principal.is_quota_manager and not _owner_or_pi(session, principal, job):
+        raise Forbidden("Only the job's owner or the project's PI can cancel it.")
+    if row.state in {s.value for s in TERMINAL_STATES} or row.settled_at is not None:
+        return arrays.task_out(job, row)
+    if job.scheduler_job_id is None:
+        raise Conflict("The job is being submitted; try again in a few seconds.")
+    cluster = session.get(Cluster, job.cluster_id)
+    assert cluster is not None
+    ref = SchedulerJobRef(job_id=f"{job.scheduler_job_id}_{task}", username=job.username, tag=job.id)
+    try:
+        adapter_for(registry, cluster).cancel(ref)
+    except AdapterError as exc:
+        if exc.transient:
+            raise ClusterUnavailable(f"Cluster {cluster.name} cannot be reached: {exc}",
+                                     retry_after=30) from exc
+        raise SubmitFailed(f"The cluster refused to cancel the task: {exc}", code=exc.code) from exc
+    row.reason = f"cancel requested by {principal.name}"
+    session.add(row)
+    return arrays.task_out(job, row)
+
+
+def _output_ref(job: Job, task: int | None) -> SchedulerJobRef:
+    """Whose output to read: the job's, or one array task's (default: the first)."""
+    assert job.scheduler_job_id is not None
+    spec = arrays.array_spec(job)
+    if spec is None:
+        if task is not None:
+            raise NotFound(f"Job {job.id} is not an array job (it has no tasks).", code="task_not_found")
+        return SchedulerJobRef(job_id=job.scheduler_job_id, username=job.username, tag=job.id)
+    if task is None:
+        task = spec.task_ids[0]
+    elif task not in spec.task_ids:
+        raise NotFound(f"Job {job.id} has no array task {task}.", code="task_not_found")
+    return SchedulerJobRef(job_id=f"{job.scheduler_job_id}_{task}", username=job.username, tag=job.id)
+
+
 def read_output(
     session: Session, *, principal: Principal, registry: AdapterRegistry, job_id: str, stream: str, tail: int,
+    task: int | None = None,
 ) -> str:
     """The tail of the job's stdout/stderr where the adapter can read it (owner or PI)."""
     job = _visible_job(session, principal, job_id)
@@ -600,7 +646,7 @@ def read_output(
         raise Conflict("The job has not reached the cluster yet.")
     cluster = session.get(Cluster, job.cluster_id)
     assert cluster is not None
-    ref = SchedulerJobRef(job_id=job.scheduler_job_id, username=job.username, tag=job.id)
+    ref = _output_ref(job, task)
     try:
         return adapter_for(registry, cluster).read_output(ref, stream, tail)
     except AdapterError as exc:
@@ -609,7 +655,8 @@ def read_output(
         raise Conflict(f"The output cannot be read: {exc}", code=exc.code) from exc
 
 
-def output_location(session: Session, *, registry: AdapterRegistry, job_id: str, stream: str) -> str | None:
+def output_location(session: Session, *, registry: AdapterRegistry, job_id: str, stream: str,
+                    task: int | None = None) -> str | None:
     """Where the job's output file is (call after :func:`read_output` checked access)."""
     job = session.get(Job, job_id)
     if job is None or job.scheduler_job_id is None:
@@ -617,7 +664,7 @@ def output_location(session: Session, *, registry: AdapterRegistry, job_id: str,
     cluster = session.get(Cluster, job.cluster_id)
     if cluster is None:
         return None
-    ref = SchedulerJobRef(job_id=job.scheduler_job_id, username=job.username, tag=job.id)
+    ref = _output_ref(job, task)
     try:
         return adapter_for(registry, cluster).output_location(ref, stream)
     except AdapterError:

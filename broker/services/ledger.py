@@ -31,9 +31,10 @@ BALANCE_COLUMNS = ("granted", "reserved", "charged")
 def apply(
     session: Session, *, allocation: Allocation, kind: str, amount: int, actor: str,
     reason: str = "", job_id: str | None = None, user_id: int | None = None,
-    imported_job_id: int | None = None, occurred_at: datetime | None = None,
+    imported_job_id: int | None = None, occurred_at: datetime | None = None, task: int = -1,
 ) -> LedgerEntry:
-    """Move one balance column by ``amount`` (micro-units) and write its ledger row."""
+    """Move one balance column by ``amount`` (micro-units) and write its ledger row
+    (``task``: the array task a release/charge settles; -1 for a whole job)."""
     column = KIND_COLUMN[kind]
     delta = KIND_SIGN[kind] * amount
     table = Allocation.__table__  # type: ignore[attr-defined]
@@ -43,7 +44,7 @@ def apply(
     entry = LedgerEntry(
         allocation_id=pk(allocation), project_id=allocation.project_id, kind=kind, amount=amount,
         job_id=job_id, imported_job_id=imported_job_id, user_id=user_id, actor=actor,
-        reason=reason, occurred_at=occurred_at or utcnow(),
+        reason=reason, occurred_at=occurred_at or utcnow(), task=task,
     )
     session.add(entry)
     session.flush()

@@ -219,7 +219,7 @@ def test_cli_cluster_auto_estimate_submit_and_refusal(two: BrokerEnv, tmp_path: 
         assert "  local: quota_exceeded:" in refused.output and "  local-b: quota_exceeded:" in refused.output
 
 
-def test_auto_submission_is_idempotent_and_arrays_are_refused_like_elsewhere(two: BrokerEnv) -> None:
+def test_auto_submission_is_idempotent_and_arrays_are_placed_like_elsewhere(two: BrokerEnv) -> None:
     alice = {**two.auth("alice"), "Idempotency-Key": "place-once-1"}
     first = two.call("POST", "/v1/jobs", alice, json=GPU_JOB)
     again = two.call("POST", "/v1/jobs", alice, json=GPU_JOB)
@@ -230,9 +230,11 @@ def test_auto_submission_is_idempotent_and_arrays_are_refused_like_elsewhere(two
     two.call("POST", f"/v1/jobs/{first.json()['id']}/cancel", two.auth("alice"))
     array = {**GPU_JOB, "script": "#!/bin/sh\n#SBATCH --partition=accel\n#SBATCH --array=0-3\nsleep 1\n"}
     est = two.call("POST", "/v1/jobs/estimate", two.auth("alice"), json=array).json()
-    assert not est["allowed"] and [d["code"] for d in est["denials"]] == ["unsupported_directive"]
+    assert est["allowed"], est
     r = two.call("POST", "/v1/jobs", two.auth("alice"), json=array)
-    assert r.status_code == 422 and r.json()["code"] == "unsupported_directive", r.text
+    assert r.status_code == 201, r.text
+    assert r.json()["array"]["tasks"] == 4 and r.json()["cluster"] == est["cluster"]
+    assert r.json()["estimated_cost"] == est["estimated_cost"]
 
 
 class _UnreachableLocal(LocalAdapter):

@@ -69,7 +69,8 @@ def test_array_specs(text: str, count: int, throttle: int | None) -> None:
     assert (spec.count, spec.max_running) == (count, throttle)
 
 
-@pytest.mark.parametrize("text", ["3-1", "0-3%0", "a-b", "0-3:0", "0-20000", "1,,2", "0-3%"])
+@pytest.mark.parametrize("text", ["3-1", "0-3%0", "a-b", "0-3:0", "0-20000", "1,,2", "0-3%", "4000001",
+                                  "3999990-4000001"])
 def test_array_refused(text: str) -> None:
     with pytest.raises(ValueError):
         parse_array(text)

@@ -1,15 +1,16 @@
-"""/v1/jobs: submit, estimate, list, get, cancel."""
+"""/v1/jobs: submit, estimate, list, get, cancel; an array job's tasks."""
 
 from __future__ import annotations
 
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Request
+from fastapi import Path as PathParam
 from fastapi.responses import JSONResponse, PlainTextResponse
 
 from broker.api.deps import EngineDep, PrincipalDep, RegistryDep, SessionDep, SettingsDep
 from broker.api.unit_of_work import UnitOfWorkRoute
-from broker.schemas import EstimateOut, JobOut, JobPage, JobRequest
+from broker.schemas import EstimateOut, JobOut, JobPage, JobRequest, JobTaskOut, JobTaskPage
 from broker.services import idempotency
 from broker.services import jobs as job_service
 
@@ -63,11 +64,13 @@ def job_output(
     job_id: str, principal: PrincipalDep, session: SessionDep, registry: RegistryDep,
     stream: Annotated[str, Query(pattern="^(stdout|stderr)$")] = "stdout",
     tail: Annotated[int, Query(ge=1, le=1_048_576)] = 65_536,
+    task: Annotated[int | None, Query(ge=0, le=4_000_000)] = None,
 ) -> PlainTextResponse:
-    """The last ``tail`` bytes of the job's stdout or stderr (owner, project PI)."""
+    """The last ``tail`` bytes of the job's stdout or stderr (owner, project PI).
+    An array job: one task's output (``task``; default its first task)."""
     text = job_service.read_output(session, principal=principal, registry=registry, job_id=job_id,
-                                   stream=stream, tail=tail)
-    where = job_service.output_location(session, registry=registry, job_id=job_id, stream=stream)
+                                   stream=stream, tail=tail, task=task)
+    where = job_service.output_location(session, registry=registry, job_id=job_id, stream=stream, task=task)
     # where the file itself is (e.g. a `local` job's file on the broker's machine)
     return PlainTextResponse(text, headers={"X-Output-Location": where} if where else None)
 
@@ -76,3 +79,21 @@ def job_output(
 def cancel_job(job_id: str, principal: PrincipalDep, session: SessionDep, registry: RegistryDep) -> JobOut:
     """Cancel; the job becomes CANCELLED when the scheduler confirms."""
     return job_service.cancel_job(session, principal=principal, registry=registry, job_id=job_id)
+
+
+@router.get("/{job_id}/tasks", response_model=JobTaskPage)
+def list_tasks(job_id: str, principal: PrincipalDep, session: SessionDep) -> JobTaskPage:
+    """An array job's tasks (``--array``), in task order: state, exit code, charge.
+    404 ``task_not_found`` for a job that is not an array."""
+    return job_service.list_tasks(session, principal=principal, job_id=job_id)
+
+
+@router.delete("/{job_id}/tasks/{task}", response_model=JobTaskOut, status_code=202)
+def cancel_task(
+    job_id: str, task: Annotated[int, PathParam(ge=0, le=4_000_000)], principal: PrincipalDep,
+    session: SessionDep, registry: RegistryDep,
+) -> JobTaskOut:
+    """Cancel one task of an array job (the others go on); it becomes CANCELLED,
+    and its share of the reservation is released, when the scheduler confirms.
+    ``DELETE /v1/jobs/{id}`` cancels the whole array."""
+    return job_service.cancel_task(session, principal=principal, registry=registry, job_id=job_id, task=task)

@@ -117,6 +117,7 @@ def sacct_row(
     return "|".join(
         [
             str(job_id),
+            str(job_id),  # JobID (an array task would be "<array>_<task>")
             "alice",
             account,
             "cpu",
@@ -345,7 +346,7 @@ def test_usage_skips_malformed_unsettled_and_old_records():
         sacct_row(2, "COMPLETED", "allocation", limit="0"),
         sacct_row(3, "RUNNING", "r"),
         sacct_row(4, "CANCELLED by 1001", "c", end_ago=7200),
-        "5|alice||cpu|COMPLETED|1|1|" + str(NOW - 5) + "|1|5||0:0|no account",
+        "5|5|alice||cpu|COMPLETED|1|1|" + str(NOW - 5) + "|1|5||0:0|no account",
         sacct_row(6, "TIMEOUT", f"t.aifa-{TAG_B}", account="proj-b"),
     ]
     a, pool = adapter({"env": ok("\n".join(rows))}, query_username="reader")

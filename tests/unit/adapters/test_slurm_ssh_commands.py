@@ -238,12 +238,23 @@ def test_queries():
     assert shlex.split(commands.build_find_queue())[-1] == "--format=%i|%u|%V|%a|%j"
 
 
-@pytest.mark.parametrize("bad", ["", "1;rm", "-1", "12 13", "1_2", "x" * 3, "1" * 13])
+@pytest.mark.parametrize("bad", ["", "1;rm", "-1", "12 13", "1_", "_2", "1_2_3", "1_[2]", "x" * 3, "1" * 13])
 def test_job_ids_validated(bad):
     with pytest.raises(ValueError):
         commands.build_cancel(bad)
     with pytest.raises(ValueError):
         commands.build_sacct_jobs(["1", bad])
+
+
+def test_array_task_ids_are_job_ids():
+    assert shlex.split(commands.build_cancel("12_3"))[-1] == "12_3"
+
+
+def test_array_output_per_task():
+    argv = commands.sbatch_argv(spec(array="0-3%2"), "out", export_file=False)
+    assert "--array=0-3%2" in argv
+    paths = [a.path for a in argv if isinstance(a, commands.HomePath)]
+    assert paths == ["out/aifa-%A_%a.out", "out/aifa-%A_%a.err"]
 
 
 def test_fake_sbatch_is_not_on_the_real_path():

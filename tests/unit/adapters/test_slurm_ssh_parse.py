@@ -90,29 +90,39 @@ def test_sacct_json(release, name):
 
 def test_sacct_parsable_rows_and_malformed():
     good = (
-        "42|bob|proj-b|cpu|COMPLETED|1795690600|1795690601|1795690661|60|5|"
+        "42|42|bob|proj-b|cpu|COMPLETED|1795690600|1795690601|1795690661|60|5|"
         f"cpu=2,mem=1G,node=1|0:0|x|y.aifa-{TAG}"
     )
-    pending = "43|bob|proj-b|cpu|PENDING|1795690600|Unknown|Unknown|0|5||0:0|p"
+    pending = "43|43|bob|proj-b|cpu|PENDING|1795690600|Unknown|Unknown|0|5||0:0|p"
+    task = "48|44_3|bob|proj-b|cpu|COMPLETED|1795690600|1795690601|1795690661|60|5|cpu=1|0:0|arr"
+    waiting = "44|44_[4-9:2%2]|bob|proj-b|cpu|PENDING|1795690600|Unknown|Unknown|0|5||0:0|arr"
     text = "\n".join(
-        [good, "short|row", pending, "abc|bob|proj-b|cpu|COMPLETED|1|1|1|1|1||0:0|n", ""]
+        [good, "short|row", pending, "abc|abc|bob|proj-b|cpu|COMPLETED|1|1|1|1|1||0:0|n", task, waiting, ""]
     )
     jobs, skipped = parse.parse_sacct_parsable(text)
-    assert [j.job_id for j in jobs] == ["42", "43"]
+    assert [j.job_id for j in jobs] == ["42", "43", "48", "44"]
     assert skipped == 2
+    assert jobs[0].array is None
+    assert jobs[2].array is not None and jobs[2].array.keys == [("44_3", 3)]
+    assert jobs[2].to_usage_record().array_job_id == "44" and jobs[2].to_usage_record().array_task_id == 3
+    assert jobs[3].array is not None and jobs[3].array.keys == [("44_4", 4), ("44_6", 6), ("44_8", 8)]
     assert jobs[0].name == f"x|y.aifa-{TAG}" and jobs[0].tag == TAG
     assert jobs[0].alloc_tres == {"cpu": 2.0, "mem": 1024.0, "node": 1.0}
     assert jobs[1].state is JobState.PENDING and jobs[1].end_time is None
 
 
 def test_queue_text():
-    text = f"12|alice|1795690600|proj-a|n.aifa-{TAG}\n13_1|bob|1795690600|proj-a|arr\nbad\n14|bob|Unknown|proj-b|a|b\n"
+    text = (f"12|alice|1795690600|proj-a|n.aifa-{TAG}\n13_1|bob|1795690600|proj-a|arr\nbad\n"
+            "14|bob|Unknown|proj-b|a|b\n15_[2-5%2]|bob|1795690600|proj-b|arr\nx_1|bob|1|p|n\n")
     lines = parse.parse_queue_text(text)
+    # an array task (13_1) and an array's pending tasks (15_[2-5%2]) stand for the array job
     assert [(q.job_id, q.user, q.account, q.name) for q in lines] == [
         ("12", "alice", "proj-a", f"n.aifa-{TAG}"),
+        ("13", "bob", "proj-a", "arr"),
         ("14", "bob", "proj-b", "a|b"),
+        ("15", "bob", "proj-b", "arr"),
     ]
-    assert lines[0].submit_time is not None and lines[1].submit_time is None
+    assert lines[0].submit_time is not None and lines[2].submit_time is None
 
 
 PARTITIONS = (

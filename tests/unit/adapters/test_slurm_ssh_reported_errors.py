@@ -30,7 +30,7 @@ def test_no_errors_is_fine() -> None:
 def test_sacct_rows_with_sluid_carry_the_global_id() -> None:
     from adapters.slurm_common.accounting import SACCT_PARSABLE_FIELDS_SLUID
 
-    row = "|".join(["193", "bob", "proj-a", "gpu", "COMPLETED", "1795690000", "1795690001", "1795690061",
+    row = "|".join(["193", "193", "bob", "proj-a", "gpu", "COMPLETED", "1795690000", "1795690001", "1795690061",
                     "60", "5", "cpu=1,gres/gpu=1,node=1", "0:0", "sA81M8BWEW7500", "name|with|bars"])
     (job,), skipped = parse.parse_sacct_parsable(row, SACCT_PARSABLE_FIELDS_SLUID)
     assert skipped == 0 and job.global_id == "sA81M8BWEW7500" and job.name == "name|with|bars"

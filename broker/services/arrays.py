@@ -1,0 +1,273 @@
+"""Array jobs (``--array``): one broker job, one :class:`JobTask` per array index.
+
+Why one job with tasks rather than one broker job per task: Slurm submits, queues,
+throttles (``%max``) and cancels an array as one job, and the budget is reserved
+for the whole array in one step (tasks × per-task estimate) — a per-task broker
+job could not be reserved atomically nor submitted as one ``sbatch --array``.
+
+Money: at submission the job's reservation is split over its tasks (shares that
+add up exactly to the job's ``reserved``). When a task ends, its share is
+released and its own usage (the scheduler's accounting of that task) charged:
+one ``release`` and one ``charge`` ledger row per task (``ledger_entries.task``),
+so the job's ``reserved`` always equals the sum of its unsettled tasks' shares
+and the ledger check holds at every moment.
+
+State of the whole job (docs/directives.md):
+
+- not every task ended: ``RUNNING`` while any task runs (or completes), else
+  ``PENDING`` (the pending reason is a waiting task's, e.g. ``JobArrayTaskLimit``);
+- every task ended: ``COMPLETED`` if all completed; otherwise the "worst" end in
+  the order ``FAILED`` > ``TIMEOUT`` > ``CANCELLED`` (so an array with one failed
+  task is ``FAILED``); the job's ``exit_code`` is the largest of its tasks'.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from datetime import datetime
+
+import sqlalchemy as sa
+from sqlmodel import Session, col, select
+
+from broker import events
+from broker.adapter import JobStatus
+from broker.cost import cost_micro, memory_rule
+from broker.directives import ArraySpec, parse_array
+from broker.metrics import SETTLEMENTS
+from broker.models import Allocation, Cluster, Job, JobTask, utcnow
+from broker.schemas import ArrayOut, JobTaskOut, Money
+from broker.services import ledger, notifications
+from broker.services.common import to_units
+from broker.states import TERMINAL_STATES, JobState
+
+__all__ = [
+    "aggregate_state",
+    "array_out",
+    "array_spec",
+    "create_tasks",
+    "finish_if_done",
+    "is_array",
+    "settle_task",
+    "shares",
+    "task_out",
+    "unsettled_tasks",
+]
+
+#: which end wins when an array's tasks ended differently (worst first)
+_END_ORDER = (JobState.FAILED, JobState.TIMEOUT, JobState.CANCELLED, JobState.COMPLETED)
+
+
+def is_array(job: Job) -> bool:
+    """True for a job submitted with ``--array``."""
+    return bool((job.request or {}).get("array"))
+
+
+def array_spec(job: Job) -> ArraySpec | None:
+    """The job's ``--array`` as parsed at submission."""
+    text = (job.request or {}).get("array")
+    return parse_array(str(text)) if text else None
+
+
+def shares(total: int, count: int) -> list[int]:
+    """``total`` split over ``count`` tasks, adding up exactly to ``total``."""
+    return [total * (i + 1) // count - total * i // count for i in range(count)]
+
+
+def create_tasks(session: Session, *, job: Job, spec: ArraySpec) -> None:
+    """One row per task, each holding its share of the job's reservation."""
+    rows = [{"job_id": job.id, "task": task, "state": JobState.ACCEPTED.value, "reserved": share,
+             "alloc_tres": {}}
+            for task, share in zip(spec.task_ids, shares(job.reserved, spec.count), strict=True)]
+    session.execute(sa.insert(JobTask.__table__), rows)  # type: ignore[attr-defined]
+    job.array_counts = {JobState.ACCEPTED.value: spec.count}
+
+
+def unsettled_tasks(session: Session, job_ids: Sequence[str]) -> dict[str, list[JobTask]]:
+    """The tasks still tracked (not settled) of each of ``job_ids``, in one query."""
+    found: dict[str, list[JobTask]] = {}
+    if not job_ids:
+        return found
+    for task in session.exec(select(JobTask).where(col(JobTask.job_id).in_(list(job_ids)),
+                                                   col(JobTask.settled_at).is_(None))
+                             .order_by(col(JobTask.job_id), col(JobTask.task))).all():
+        found.setdefault(task.job_id, []).append(task)
+    return found
+
+
+def aggregate_state(states: Iterable[str]) -> JobState:
+    """The whole array's state from its tasks' (see the module docstring)."""
+    seen = [JobState(s) for s in states]
+    live = {s for s in seen if s not in TERMINAL_STATES}
+    if not seen:
+        return JobState.ACCEPTED
+    if live:
+        for state in (JobState.RUNNING, JobState.PENDING, JobState.ACCEPTED):
+            if state in live or (state == JobState.RUNNING and JobState.COMPLETING in live):
+                return state
+        return JobState.UNKNOWN
+    for state in _END_ORDER:
+        if state in seen:
+            return state
+    return seen[0]
+
+
+def mark_submitted(session: Session, *, job_id: str, scheduler_job_id: str) -> None:
+    """The tasks reached the scheduler: ``<array id>_<task>``, PENDING."""
+    table = JobTask.__table__  # type: ignore[attr-defined]
+    session.execute(sa.update(table).where(table.c.job_id == job_id, table.c.state == JobState.ACCEPTED.value)
+                    .values(state=JobState.PENDING.value,
+                            scheduler_job_id=sa.literal(f"{scheduler_job_id}_") + sa.cast(table.c.task, sa.String)))
+    job_table = Job.__table__  # type: ignore[attr-defined]
+    counts = _counts(session, job_id)
+    session.execute(sa.update(job_table).where(job_table.c.id == job_id).values(array_counts=counts))
+
+
+def _counts(session: Session, job_id: str) -> dict[str, int]:
+    rows = session.execute(sa.select(JobTask.state, sa.func.count())  # type: ignore[call-overload]
+                           .where(JobTask.job_id == job_id).group_by(JobTask.state)).all()
+    return {str(state): int(n) for state, n in rows}
+
+
+def apply_task_status(session: Session, task: JobTask, status: JobStatus) -> bool:
+    """A not-yet-final task status (a terminal word waits for accounting as
+    COMPLETING); True if the task changed."""
+    state = JobState.COMPLETING if status.state in TERMINAL_STATES else status.state
+    if state == JobState.UNKNOWN:
+        return False
+    started = task.started_at or (status.start_time if state != JobState.PENDING else None)
+    reason = status.reason[:2000] if status.reason else None
+    if (task.state, task.raw_state, task.started_at, task.reason) == (
+            state.value, status.raw_state[:64], started, reason):
+        return False
+    task.state, task.raw_state, task.started_at, task.reason = state.value, status.raw_state[:64], started, reason
+    session.add(task)
+    return True
+
+
+def settle_task(session: Session, *, job: Job, task: JobTask, status: JobStatus,
+                cost_model: dict[str, object]) -> bool:
+    """Release the task's share of the reservation and charge what it used — once
+    (conditional update on ``settled_at IS NULL``; the ledger's unique (job, task,
+    kind) backs it)."""
+    seconds = status.elapsed_seconds or 0
+    charge = cost_micro(cost_model, partition=job.partition, unit=job.unit,
+                        tres=memory_rule(status.alloc_tres, _partition_info(session, job)), seconds=seconds)
+    now = utcnow()
+    table = JobTask.__table__  # type: ignore[attr-defined]
+    share = task.reserved
+    result = session.execute(
+        sa.update(table).where(table.c.id == task.id, table.c.settled_at.is_(None))
+        .values(settled_at=now, state=status.state.value, raw_state=status.raw_state[:64], charged=charge,
+                reserved=0, exit_code=status.exit_code, elapsed_seconds=status.elapsed_seconds,
+                alloc_tres=dict(status.alloc_tres), ended_at=status.end_time or now,
+                started_at=task.started_at or status.start_time, reason=status.reason or task.reason)
+    )
+    if not result.rowcount:  # type: ignore[attr-defined]
+        return False
+    jobs = Job.__table__  # type: ignore[attr-defined]
+    # the job's ``charged`` stays None until every task ended (clients read it as "settled")
+    session.execute(sa.update(jobs).where(jobs.c.id == job.id).values(reserved=jobs.c.reserved - share))
+    alloc = session.get(Allocation, job.allocation_id)
+    assert alloc is not None
+    occurred = status.end_time or now
+    what = f"task {task.task} {status.state.value.lower()}"
+    ledger.apply(session, allocation=alloc, kind="release", amount=share, actor="tracker", reason=what,
+                 job_id=job.id, user_id=job.user_id, occurred_at=occurred, task=task.task)
+    ledger.apply(session, allocation=alloc, kind="charge", amount=charge, actor="tracker",
+                 reason=f"task {task.task}: {seconds}s × allocated TRES", job_id=job.id, user_id=job.user_id,
+                 occurred_at=occurred, task=task.task)
+    notifications.on_settled(session, alloc.id or 0)
+    return True
+
+
+def refresh(session: Session, *, job: Job, expected_start: datetime | None = None) -> None:
+    """Recompute the job's aggregate state and counts from its tasks (written only
+    when they changed); settle the job itself — no money moves: its tasks did —
+    once every task is settled."""
+    tasks = list(session.exec(select(JobTask).where(JobTask.job_id == job.id)
+                              .execution_options(populate_existing=True)).all())
+    counts = dict(Counter(t.state for t in tasks))
+    state = aggregate_state(t.state for t in tasks)
+    if tasks and all(t.settled_at is not None for t in tasks):
+        finish_if_done(session, job=job, tasks=tasks, counts=counts, state=state)
+        return
+    waiting = state == JobState.PENDING
+    reason = next((t.reason for t in tasks if t.state == JobState.PENDING.value and t.reason), None)
+    pending_reason = reason[:128] if waiting and reason else None
+    expected = expected_start if waiting else None
+    started = [t.started_at for t in tasks if t.started_at is not None]
+    first_start = job.started_at or (min(started) if started else None)
+    if (job.state, job.raw_state, job.unknown_since, job.started_at, job.pending_reason, job.expected_start_at,
+            job.array_counts) == (state.value, state.value, None, first_start, pending_reason, expected, counts):
+        return
+    if (job.state, job.pending_reason) != (state.value, pending_reason):
+        events.record_for(session, job, state=state.value, previous=job.state, pending_reason=pending_reason)
+    job.state, job.raw_state, job.unknown_since, job.started_at = state.value, state.value, None, first_start
+    job.pending_reason, job.expected_start_at = pending_reason, expected
+    job.array_counts, job.last_polled_at = counts, utcnow()
+    session.add(job)
+
+
+def finish_if_done(session: Session, *, job: Job, tasks: list[JobTask], counts: dict[str, int],
+                   state: JobState) -> bool:
+    """Every task settled: the job ends with the aggregate state (once)."""
+    table = Job.__table__  # type: ignore[attr-defined]
+    now = utcnow()
+    exits = [t.exit_code for t in tasks if t.exit_code is not None]
+    ends = [t.ended_at for t in tasks if t.ended_at is not None]
+    starts = [t.started_at for t in tasks if t.started_at is not None]
+    elapsed = [t.elapsed_seconds for t in tasks if t.elapsed_seconds is not None]
+    result = session.execute(
+        sa.update(table).where(table.c.id == job.id, table.c.settled_at.is_(None))
+        .values(settled_at=now, state=state.value, raw_state=state.value, reserved=0,
+                charged=sum(t.charged or 0 for t in tasks), exit_code=max(exits) if exits else None,
+                elapsed_seconds=max(elapsed) if elapsed else None,
+                alloc_tres=dict(tasks[0].alloc_tres) if tasks else {},
+                ended_at=max(ends) if ends else now, started_at=job.started_at or (min(starts) if starts else None),
+                unknown_since=None, pending_reason=None, expected_start_at=None, array_counts=counts)
+    )
+    if not result.rowcount:  # type: ignore[attr-defined]
+        return False
+    events.record_for(session, job, state=state.value, previous=job.state)
+    SETTLEMENTS.labels(state.value).inc()
+    session.expire(job)
+    return True
+
+
+def settle_all(session: Session, *, job: Job, status: JobStatus) -> None:
+    """The whole array ended before reaching the scheduler (``SUBMIT_FAILED``):
+    its tasks end with it; the job's own settlement releases the whole reservation."""
+    table = JobTask.__table__  # type: ignore[attr-defined]
+    session.execute(sa.update(table).where(table.c.job_id == job.id, table.c.settled_at.is_(None))
+                    .values(settled_at=utcnow(), state=status.state.value, raw_state=status.raw_state[:64],
+                            reserved=0, charged=0, reason=status.reason))
+    jobs = Job.__table__  # type: ignore[attr-defined]
+    session.execute(sa.update(jobs).where(jobs.c.id == job.id).values(array_counts=_counts(session, job.id)))
+
+
+def _partition_info(session: Session, job: Job) -> dict[str, object] | None:
+    cluster = session.get(Cluster, job.cluster_id)
+    parts = cluster.partitions if cluster is not None else []
+    return next((dict(p) for p in parts if p.get("name") == job.partition), None)
+
+
+def array_out(job: Job) -> ArrayOut | None:
+    """The ``array`` object of the job record (None for a plain job)."""
+    text = (job.request or {}).get("array")
+    if not text:
+        return None
+    spec = parse_array(str(text))
+    counts = {str(k): int(v) for k, v in (job.array_counts or {}).items()}
+    return ArrayOut(spec=spec.text, tasks=spec.count, max_running=spec.max_running, counts=counts)
+
+
+def task_out(job: Job, task: JobTask) -> JobTaskOut:
+    """One task as the API shows it."""
+    return JobTaskOut(
+        task=task.task, scheduler_job_id=task.scheduler_job_id, state=task.state, raw_state=task.raw_state,
+        exit_code=task.exit_code, elapsed_seconds=task.elapsed_seconds,
+        reserved=Money(unit=job.unit, amount=to_units(task.reserved) or 0.0),
+        charged=None if task.charged is None else Money(unit=job.unit, amount=to_units(task.charged) or 0.0),
+        started_at=task.started_at, ended_at=task.ended_at, reason=task.reason,
+    )

@@ -1,0 +1,126 @@
+"""Job arrays end to end on the embedded `local` cluster (issue 8 point 5), on SQLite
+and PostgreSQL: one broker job per array, priced tasks × per task, tracked and
+charged per task (each task's share of the reservation released as it ends), one
+task or the whole array cancelled, never charged again by the usage import."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import sqlalchemy as sa
+from sqlmodel import Session
+
+from broker.services import ledger
+from tests.support.env import BrokerEnv
+
+PROJECT = "EHPC-TEST-001"
+
+
+def _submit(env: BrokerEnv, script: str, who: str = "alice", **over: object) -> Any:
+    return env.call("POST", "/v1/jobs", env.auth(who), json={"project": PROJECT, "script": script, **over})
+
+
+def _tasks(env: BrokerEnv, job_id: str, who: str = "alice") -> list[dict[str, Any]]:
+    r = env.call("GET", f"/v1/jobs/{job_id}/tasks", env.auth(who))
+    assert r.status_code == 200, r.text
+    return list(r.json()["items"])
+
+
+def _ledger(env: BrokerEnv, job_id: str) -> list[tuple[str, int, int]]:
+    with env.engine.connect() as conn:
+        return [(k, int(t), int(a)) for k, t, a in conn.execute(sa.text(
+            "SELECT kind, task, amount FROM ledger_entries WHERE job_id = :j ORDER BY id"), {"j": job_id})]
+
+
+def _ledger_clean(env: BrokerEnv) -> None:
+    with Session(env.engine) as session:
+        assert ledger.check(session) == []
+
+
+def test_array_runs_throttled_and_each_task_is_charged_once(env: BrokerEnv) -> None:
+    env.setup_project(unit="core_hours", amount=100)
+    script = "#!/bin/sh\n#SBATCH --array=0-6:2%2 -c 2 -t 60\necho task=$SLURM_ARRAY_TASK_ID\nsleep 1\n"
+    r = _submit(env, script)
+    assert r.status_code == 201, r.text
+    job = r.json()
+    # 4 tasks (0, 2, 4, 6) × 2 CPUs × 1 h: the reservation covers what Slurm allocates for the time limit
+    assert job["reserved"]["amount"] == 8.0 and job["estimated_cost"]["amount"] == 8.0
+    assert job["array"]["spec"] == "0-6:2%2" and job["array"]["tasks"] == 4
+    assert job["array"]["max_running"] == 2
+    most = 0
+    while True:
+        tasks = _tasks(env, job["id"])
+        most = max(most, sum(1 for t in tasks if t["state"] == "RUNNING"))
+        if all(t["charged"] is not None for t in tasks):
+            break
+        env.wait_job(job["id"], env.auth("alice"), lambda j: True)
+    assert most <= 2
+    done = env.wait_settled(job["id"], env.auth("alice"))
+    assert done["state"] == "COMPLETED" and done["exit_code"] == 0
+    assert done["array"]["counts"] == {"COMPLETED": 4} and done["reserved"]["amount"] == 0
+    tasks = _tasks(env, job["id"])
+    assert [t["task"] for t in tasks] == [0, 2, 4, 6]
+    sid = done["scheduler_job_id"]
+    for t in tasks:
+        assert t["scheduler_job_id"] == f"{sid}_{t['task']}" and t["state"] == "COMPLETED"
+        assert t["reserved"]["amount"] == 0
+        assert abs(t["charged"]["amount"] - 2 * t["elapsed_seconds"] / 3600) < 2e-6
+    assert abs(done["charged"]["amount"] - sum(t["charged"]["amount"] for t in tasks)) < 4e-6
+    rows = _ledger(env, job["id"])
+    assert [k for k, _, _ in rows].count("reserve") == 1
+    releases = [(t, a) for k, t, a in rows if k == "release"]
+    charges = [t for k, t, _ in rows if k == "charge"]
+    assert sorted(t for t, _ in releases) == [0, 2, 4, 6] and sorted(charges) == [0, 2, 4, 6]
+    assert sum(a for _, a in releases) == next(a for k, _, a in rows if k == "reserve")
+    _ledger_clean(env)
+    out = env.call("GET", f"/v1/jobs/{job['id']}/output?task=4", env.auth("alice"))
+    assert out.status_code == 200 and out.text.strip() == "task=4"
+    # the usage import sees the tasks (each under its own id) and knows they are the broker's
+    env.app.state.tracker.importer.run_cycle(force=True)
+    with env.engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT count(*) FROM imported_jobs")).scalar_one() == 0
+    _ledger_clean(env)
+
+
+def test_budget_must_cover_every_task(env: BrokerEnv) -> None:
+    env.setup_project(unit="core_hours", amount=3)
+    r = _submit(env, "#!/bin/sh\ntrue\n", time_limit_minutes=60, array="0-3")
+    assert r.status_code == 422, r.text  # `array` is no JSON field: the script says it
+    r = _submit(env, "#!/bin/sh\n#SBATCH --array=0-3\n#SBATCH -t 60\ntrue\n")
+    assert (r.status_code, r.json()["code"]) == (409, "quota_exceeded"), r.text
+    assert r.json()["estimated_cost"]["amount"] == 4.0
+    with env.engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT count(*) FROM job_tasks")).scalar_one() == 0
+    big = _submit(env, "#!/bin/sh\n#SBATCH --array=0-20000\n#SBATCH -t 1\ntrue\n")
+    assert (big.status_code, big.json()["code"]) == (422, "unsupported_directive"), big.text
+
+
+def test_cancel_one_task_then_the_whole_array(env: BrokerEnv) -> None:
+    env.setup_project(unit="core_hours", amount=100, members=("alice",))
+    env.setup_project("EHPC-TEST-002", members=("bob",), account="proj-b")
+    r = _submit(env, "#!/bin/sh\n#SBATCH --array=0-2 -t 30\nsleep 60\n")
+    assert r.status_code == 201, r.text
+    job = r.json()
+    share = job["reserved"]["amount"] / 3
+    env.wait_job(job["id"], env.auth("alice"), lambda j: j["array"]["counts"] == {"RUNNING": 3})
+    assert env.call("DELETE", f"/v1/jobs/{job['id']}/tasks/1", env.auth("bob")).status_code == 404
+    assert env.call("GET", f"/v1/jobs/{job['id']}/tasks", env.auth("bob")).status_code == 404
+    missing = env.call("DELETE", f"/v1/jobs/{job['id']}/tasks/7", env.auth("alice"))
+    assert (missing.status_code, missing.json()["code"]) == (404, "task_not_found")
+    r = env.call("DELETE", f"/v1/jobs/{job['id']}/tasks/1", env.auth("alice"))
+    assert r.status_code == 202, r.text
+    one = env.wait_job(job["id"], env.auth("alice"), lambda j: j["array"]["counts"].get("CANCELLED") == 1)
+    assert one["state"] == "RUNNING" and one["array"]["counts"] == {"RUNNING": 2, "CANCELLED": 1}
+    assert abs(one["reserved"]["amount"] - 2 * share) < 2e-6  # task 1's share released
+    states = {t["task"]: t["state"] for t in _tasks(env, job["id"])}
+    assert states == {0: "RUNNING", 1: "CANCELLED", 2: "RUNNING"}
+    _ledger_clean(env)
+    assert env.call("DELETE", f"/v1/jobs/{job['id']}", env.auth("alice")).status_code == 202
+    done = env.wait_settled(job["id"], env.auth("alice"))
+    assert done["state"] == "CANCELLED" and done["array"]["counts"] == {"CANCELLED": 3}
+    assert done["reserved"]["amount"] == 0
+    _ledger_clean(env)
+    plain = _submit(env, "#!/bin/sh\n#SBATCH -t 1\ntrue\n").json()
+    r = env.call("GET", f"/v1/jobs/{plain['id']}/tasks", env.auth("alice"))
+    assert (r.status_code, r.json()["code"]) == (404, "task_not_found")
+    assert plain["array"] is None
