@@ -226,6 +226,10 @@ class PySlurmAdapter(ClusterAdapter):
         the script's directives are already neutralised and libslurm does not read
         them — pyslurm only does on an explicit ``load_sbatch_options()``)."""
         refuse_directives(spec.script)
+        if spec.array:  # refused, never dropped: its tasks could not be tracked or charged
+            raise SubmitRejected("the pyslurm adapter does not track job array tasks (it cannot be tested "
+                                 "against a live libslurm here); submit the array through slurm_ssh or "
+                                 "slurm_rest", code="unsupported_directive")
         bad = [k for k, v in spec.environment.items()
                if not _ENV_NAME.fullmatch(k) or "\0" in v]
         if bad:

@@ -476,6 +476,9 @@ def _check_spec(spec: JobSpec) -> None:
         problems.append("sizes must be positive")
     if problems:
         raise SubmitRejected("invalid job: " + "; ".join(problems), code="invalid_request")
+    if spec.array:  # refused, never dropped: its tasks could not be tracked or charged
+        raise SubmitRejected("the slurm_rest adapter does not track job array tasks yet; submit the array "
+                             "through slurm_ssh", code="unsupported_directive")
 
 
 def _parse(parser: Any, item: Mapping[str, Any]) -> SlurmJob | None:
