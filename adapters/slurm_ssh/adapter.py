@@ -47,7 +47,7 @@ from adapters.slurm_ssh import commands, errors, parse
 from adapters.slurm_ssh.certs import CertificateAuthority, load_private_key
 from adapters.slurm_ssh.sacctmgr import SacctmgrManager
 from adapters.slurm_ssh.settings import SSHSettings
-from adapters.slurm_ssh.transport import CommandResult, SSHPool
+from adapters.slurm_ssh.transport import NO_EXIT_STATUS, CommandResult, SSHPool
 from broker.adapter import (
     AdapterConfigError,
     AdapterError,
@@ -322,7 +322,13 @@ class SlurmSSHAdapter(ClusterAdapter):
 
     def cancel(self, ref: SchedulerJobRef) -> None:
         """``scancel`` as the job's user; a finished or unknown job is fine."""
-        result = self._run(ref.username, commands.build_cancel(_job_id(ref)))
+        command = commands.build_cancel(_job_id(ref))
+        result = self._run(ref.username, command)
+        if result.exit_status == NO_EXIT_STATUS:
+            # the channel closed without an exit status (scancel died of a signal after its
+            # RPC: seen on a loaded 22.05 host); scancel is idempotent, so ask once more
+            log.info("cluster %s: scancel %s gave no exit status; asking again", self.name, ref.job_id)
+            result = self._run(ref.username, command)
         if result.ok:
             return
         error = errors.cancel_failure(result.exit_status, result.stderr)

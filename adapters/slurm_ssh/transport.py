@@ -50,6 +50,8 @@ log = logging.getLogger(__name__)
 
 IdentityProvider = Callable[[str], paramiko.PKey]
 _READ_CHUNK = 65536
+#: paramiko's exit status when the channel closed without one (the command died of a signal)
+NO_EXIT_STATUS = -1
 
 
 @dataclass(frozen=True)
@@ -454,6 +456,8 @@ class SSHPool:
 
     @staticmethod
     def _exit_status(channel: paramiko.Channel, deadline: float) -> int:
+        """The command's exit status; :data:`NO_EXIT_STATUS` when the channel closed
+        without one (the command died of a signal: sshd sends ``exit-signal``)."""
         if not channel.status_event.wait(max(0.0, deadline - time.monotonic())):
             raise TimeoutError("no exit status")
         return int(channel.exit_status)

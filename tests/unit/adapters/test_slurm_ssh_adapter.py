@@ -484,3 +484,31 @@ def test_certificate_is_short_lived_for_one_principal(tmp_path):
 
 def _openssh_line(blob) -> bytes:
     return f"{blob.key_type} {base64.b64encode(blob.key_blob).decode()}".encode()
+
+
+class SequencePool(FakePool):
+    """Answers each ``scancel`` with the next result of a list."""
+
+    def __init__(self, results: list[CommandResult]):
+        super().__init__({"scancel": ok()})
+        self.results = results
+
+    def run(self, username: str, command: str, **kwargs) -> CommandResult:
+        self.calls.append((username, command, kwargs))
+        return self.results.pop(0)
+
+
+def test_cancel_without_exit_status_asks_once_more():
+    """CI on a loaded host: the channel of one of eight concurrent scancels closed
+    without an exit status (the command died of a signal after its RPC). scancel is
+    idempotent: ask again; a second failure is reported, not hidden."""
+    a, _ = adapter({})
+    a._pool = pool = SequencePool([fail(-1, ""), fail(1, "scancel: error: Kill job error on job id 5: "
+                                                          "Job/step already completing or completed")])
+    a.cancel(ref("5"))
+    assert len(pool.calls) == 2
+    b, _ = adapter({})
+    b._pool = pool = SequencePool([fail(-1, ""), fail(-1, "")])
+    with pytest.raises(ClusterUnreachable):
+        b.cancel(ref("5"))
+    assert len(pool.calls) == 2
