@@ -62,22 +62,35 @@ say "running pytest (Slurm releases up: ${AIFA_SLURM_RELEASES_UP:-none})"
 logdir=$(mktemp -d /tmp/aifa-test-XXXXXX)
 pids=()
 names=()
+logs=()
 for rel in $SLURM_RELEASES; do
     # shellcheck disable=SC2086
     "$VENV/bin/python" -m pytest tests -m slurm -k "$rel" -q -rs -p no:cacheprovider ${PYTEST_ARGS:-} \
         > "$logdir/slurm-$rel.log" 2>&1 &
     pids+=($!)
     names+=("slurm-$rel")
+    logs+=("$logdir/slurm-$rel.log")
 done
+# The non-Slurm tests run as two processes too: the long, mostly waiting end-to-end,
+# fuzz and load tests beside the many short ones (one process: 20 of the 21 minutes).
+LONG_TESTS=(tests/e2e tests/integration/test_schemathesis.py tests/integration/test_load.py)
 # shellcheck disable=SC2086
-"$VENV/bin/python" -m pytest tests -m "not slurm" -q -rs -p no:cacheprovider ${PYTEST_ARGS:-}
+"$VENV/bin/python" -m pytest "${LONG_TESTS[@]}" -m "not slurm" -q -rs -p no:cacheprovider ${PYTEST_ARGS:-} \
+    > "$logdir/non-slurm-long.log" 2>&1 &
+pids+=($!)
+names+=("non-Slurm long (e2e, fuzz, load)")
+logs+=("$logdir/non-slurm-long.log")
+ignores=()
+for t in "${LONG_TESTS[@]}"; do ignores+=("--ignore=$t"); done
+# shellcheck disable=SC2086
+"$VENV/bin/python" -m pytest tests "${ignores[@]}" -m "not slurm" -q -rs -p no:cacheprovider ${PYTEST_ARGS:-}
 rc=$?
-say "non-Slurm tests: exit status $rc"
+say "non-Slurm tests (the rest): exit status $rc"
 for i in "${!pids[@]}"; do
     wait "${pids[$i]}"
     status=$?
     say "${names[$i]} tests (exit status $status):"
-    cat "$logdir/${names[$i]}.log"
+    cat "${logs[$i]}"
     # exit status 5 = no tests collected (release not configured): not a failure by itself
     if [ "$status" -ne 0 ] && [ "$status" -ne 5 ]; then rc=1; fi
 done

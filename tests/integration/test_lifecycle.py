@@ -205,7 +205,7 @@ def test_ledger_check_sees_one_snapshot_while_charges_commit(env: BrokerEnv) -> 
     writer.start()
     seen: list[list[ledger.Drift]] = []
     try:
-        while writer.is_alive() and len(seen) < 150:
+        while writer.is_alive() and len(seen) < 60:
             with session_scope(env.engine) as s:
                 seen.append(ledger.check(s))
     finally:

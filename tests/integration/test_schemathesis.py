@@ -112,7 +112,10 @@ def test_schemathesis_no_5xx_problems_only_documented_answers(env: BrokerEnv, ro
         session.headers.update(who)
 
         def call(case: Any) -> Any:
-            return case.call(base_url=base, session=session, timeout=30)
+            # an open project event stream never ends: its status and headers are what can be
+            # checked, and a short read timeout ends it (3 cases × 30 s were half the run)
+            stream = case.formatted_path.endswith("/events") and not case.formatted_path.startswith("/v1/jobs/")
+            return case.call(base_url=base, session=session, timeout=3 if stream else 30)
 
         operations = [r.ok() for r in schema.get_all_operations()]
         for operation in operations:
