@@ -56,6 +56,11 @@ def _show(job: dict[str, Any], as_json: bool) -> None:
                + (f"  exit {job['exit_code']}" if job.get("exit_code") is not None else ""))
     if job.get("placement"):
         typer.echo(f"  placed: {job['placement']['reason']}")
+    array = job.get("array")
+    if array:
+        counts = ", ".join(f"{n} {state}" for state, n in sorted(array["counts"].items()))
+        throttle = f", at most {array['max_running']} at once" if array.get("max_running") else ""
+        typer.echo(f"  array {array['spec']}: {array['tasks']} tasks{throttle} — {counts or 'no tasks yet'}")
 
 
 def _environment(pairs: list[str]) -> dict[str, str]:
@@ -154,9 +159,29 @@ def show(job_id: str, url: Url = "http://127.0.0.1:8080", token: Token = "", as_
 
 
 @job_app.command("cancel")
-def cancel(job_id: str, url: Url = "http://127.0.0.1:8080", token: Token = "") -> None:
-    """Cancel a job (it becomes CANCELLED when the scheduler confirms)."""
-    _show(_one(lambda c: c.cancel(job_id), url, token), False)
+def cancel(job_id: str, url: Url = "http://127.0.0.1:8080", token: Token = "",
+           task: Annotated[int | None, typer.Option(help="an array job: cancel only this task")] = None) -> None:
+    """Cancel a job (it becomes CANCELLED when the scheduler confirms); of an array
+    job, the whole array, or one task with --task."""
+    if task is None:
+        _show(_one(lambda c: c.cancel(job_id), url, token), False)
+        return
+    done = _one(lambda c: c.cancel_task(job_id, task), url, token)
+    typer.echo(f"{job_id} task {done['task']}  {done['state']}  (cancel requested)")
+
+
+@job_app.command("tasks")
+def tasks(job_id: str, url: Url = "http://127.0.0.1:8080", token: Token = "", as_json: AsJson = False) -> None:
+    """An array job's tasks: state, exit code and charge of each."""
+    items = _one(lambda c: c.tasks(job_id), url, token)
+    if as_json:
+        typer.echo(json.dumps(items, indent=2))
+        return
+    for t in items:
+        charged = t.get("charged")
+        typer.echo(f"{t['task']:>7}  {t['state']:<13} {t.get('scheduler_job_id') or '-':<14}"
+                   + (f"  exit {t['exit_code']}" if t.get("exit_code") is not None else "")
+                   + (f"  charged {charged['amount']} {charged['unit']}" if charged else ""))
 
 
 @job_app.command("output")

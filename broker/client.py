@@ -87,6 +87,14 @@ class BrokerClient:
     def cancel(self, job_id: str) -> dict[str, Any]:
         return dict(self._request("DELETE", f"/v1/jobs/{job_id}"))
 
+    def tasks(self, job_id: str) -> list[dict[str, Any]]:
+        """An array job's tasks (state, exit code, charge each), in task order."""
+        return list(self._request("GET", f"/v1/jobs/{job_id}/tasks", retry=True)["items"])
+
+    def cancel_task(self, job_id: str, task: int) -> dict[str, Any]:
+        """Cancel one task of an array job (the others go on)."""
+        return dict(self._request("DELETE", f"/v1/jobs/{job_id}/tasks/{int(task)}"))
+
     def output(self, job_id: str, *, stream: str = "stdout", tail: int = 65536) -> str:
         return self.output_and_location(job_id, stream=stream, tail=tail)[0]
 

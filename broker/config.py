@@ -184,6 +184,9 @@ class Settings(BaseSettings):
     reconcile_grace_seconds: float = 30.0
     #: ... and declared never submitted when still absent after this long
     reconcile_absent_seconds: float = 120.0
+    #: an array task cancelled before it started leaves no record in Slurm: the tracker
+    #: ends it (charging nothing) once it has not been reported this long after the cancel
+    array_cancel_grace_seconds: float = 60.0
     usage_lookback_hours: float = 48.0
     usage_import_interval_seconds: float = 300.0
     #: Slurm-native enforcement: the tracker syncs each enforcing cluster this often

@@ -218,6 +218,10 @@ class JobTask(SQLModel, table=True):
     started_at: datetime | None = _ts()
     ended_at: datetime | None = _ts()
     settled_at: datetime | None = _ts()
+    #: when its cancel (of the task or the whole array) was asked for: a task cancelled
+    #: before it started leaves no record in Slurm (queue nor accounting), so the
+    #: tracker ends it itself once the scheduler has not reported it for a while
+    cancel_requested_at: datetime | None = _ts()
 
 
 class ImportedJob(SQLModel, table=True):

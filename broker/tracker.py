@@ -171,7 +171,8 @@ class Tracker:
             live_tasks = arrays.unsettled_tasks(session, [j.id for j in live_jobs if arrays.is_array(j)])
             for live in live_jobs:
                 if arrays.is_array(live):
-                    self._apply_tasks(session, live, live_tasks.get(live.id, []), by_id, tasks_ended)
+                    self._apply_tasks(session, live, live_tasks.get(live.id, []), by_id, tasks_ended,
+                                      grace=self.settings.array_cancel_grace_seconds)
                     continue
                 status = by_id.get(live.scheduler_job_id or "")
                 if status is None:
@@ -202,12 +203,18 @@ class Tracker:
 
     @staticmethod
     def _apply_tasks(session: Session, live: Job, tasks: list[JobTask], by_id: dict[str, JobStatus],
-                     ended: dict[str, list[tuple[int, JobStatus]]]) -> None:
+                     ended: dict[str, list[tuple[int, JobStatus]]], *, grace: float) -> None:
         """An array job: each task's status (``<scheduler id>_<task>``); ended tasks
         are settled after this batch, the job's aggregate state follows its tasks."""
         expected = None
+        now = utcnow()
         for task in tasks:
-            status = by_id.get(f"{live.scheduler_job_id}_{task.task}")
+            key = f"{live.scheduler_job_id}_{task.task}"
+            status = by_id.get(key)
+            gone = arrays.vanished_after_cancel(task, status, key=key, now=now, grace_seconds=grace)
+            if gone is not None:
+                ended.setdefault(live.id, []).append((task.id or 0, gone))
+                continue
             if status is None:
                 continue
             arrays.apply_task_status(session, task, status)  # an ended task: COMPLETING until settled

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from adapters.slurm_common.arrays import ArrayPart, parse_job_id_text, task_ids_from_bitmap
+from adapters.slurm_common.arrays import ArrayPart, array_from_accounting, parse_job_id_text
 from adapters.slurm_common.shapes import (
     as_int,
     as_str,
@@ -189,17 +189,6 @@ def _sub(job: Mapping[str, Any], key: str) -> Mapping[str, Any]:
     return value if isinstance(value, Mapping) else {}
 
 
-def _array_from_json(job: Mapping[str, Any]) -> ArrayPart | None:
-    array = _sub(job, "array")
-    array_id = as_int(array.get("job_id"))
-    if not array_id:
-        return None
-    task = as_int(array.get("task_id"))
-    if task is not None:
-        return ArrayPart(str(array_id), task=task)
-    return ArrayPart(str(array_id), pending=task_ids_from_bitmap(as_str(array.get("task"))))
-
-
 def accounting_job_from_json(job: Mapping[str, Any]) -> AccountingJob:
     """One ``jobs[]`` element of ``sacct --json`` (or a slurmdb REST job).
 
@@ -231,7 +220,7 @@ def accounting_job_from_json(job: Mapping[str, Any]) -> AccountingJob:
         alloc_tres=tres_list_to_map(tres.get("allocated")),
         exit_code=exit_code(job.get("exit_code")),
         comment=_comment(job.get("comment")),
-        array=_array_from_json(job),
+        array=array_from_accounting(job),
     )
 
 

@@ -17,11 +17,22 @@ a hexadecimal bitmap (``0x3C`` = tasks 2-5).
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
+from adapters.slurm_common.shapes import as_int, as_str
 from broker.directives import parse_array
 
-__all__ = ["ArrayPart", "parse_job_id_text", "task_ids_from_bitmap", "task_ids_from_text", "task_key"]
+__all__ = [
+    "ArrayPart",
+    "array_from_accounting",
+    "array_from_queue",
+    "parse_job_id_text",
+    "task_ids_from_bitmap",
+    "task_ids_from_text",
+    "task_key",
+]
 
 _JOB_ID_TEXT = re.compile(r"^(\d+)_(?:(\d+)|\[([0-9,\-:%]+)\])$")
 
@@ -79,3 +90,29 @@ def parse_job_id_text(text: str) -> ArrayPart | None:
     if m.group(2) is not None:
         return ArrayPart(str(int(m.group(1))), task=int(m.group(2)))
     return ArrayPart(str(int(m.group(1))), pending=task_ids_from_text(m.group(3)))
+
+
+def array_from_queue(job: Mapping[str, Any]) -> ArrayPart | None:
+    """The array part of a queue record (``squeue --json`` / REST ``GET jobs``)."""
+    array_id = as_int(job.get("array_job_id"))
+    if not array_id:  # 0 / unset: not an array job
+        return None
+    task = as_int(job.get("array_task_id"))
+    pending_text = as_str(job.get("array_task_string"))
+    if task is not None and not pending_text:
+        return ArrayPart(str(array_id), task=task)
+    return ArrayPart(str(array_id), pending=task_ids_from_text(pending_text))
+
+
+def array_from_accounting(job: Mapping[str, Any]) -> ArrayPart | None:
+    """The array part of an accounting record (``sacct --json`` / REST slurmdb job)."""
+    array = job.get("array")
+    if not isinstance(array, Mapping):
+        return None
+    array_id = as_int(array.get("job_id"))
+    if not array_id:
+        return None
+    task = as_int(array.get("task_id"))
+    if task is not None:
+        return ArrayPart(str(array_id), task=task)
+    return ArrayPart(str(array_id), pending=task_ids_from_bitmap(as_str(array.get("task"))))

@@ -14,7 +14,7 @@ from datetime import datetime
 from typing import Any
 
 from adapters.slurm_common.accounting import MalformedRecord, tag_from_comment
-from adapters.slurm_common.arrays import ArrayPart, task_ids_from_text
+from adapters.slurm_common.arrays import ArrayPart, array_from_queue
 from adapters.slurm_common.shapes import (
     as_int,
     as_str,
@@ -72,17 +72,6 @@ def _reason(value: Any) -> str | None:
     return None if text in {None, "None"} else text
 
 
-def _array_part(job: Mapping[str, Any], number: int) -> ArrayPart | None:
-    array_id = as_int(job.get("array_job_id"))
-    if not array_id:  # 0 / unset: not an array job
-        return None
-    task = as_int(job.get("array_task_id"))
-    pending_text = as_str(job.get("array_task_string"))
-    if task is not None and not pending_text:
-        return ArrayPart(str(array_id), task=task)
-    return ArrayPart(str(array_id), pending=task_ids_from_text(pending_text))
-
-
 def queue_job_from_json(job: Mapping[str, Any]) -> QueueJob:
     """One ``jobs[]`` element of ``squeue --json`` (or a REST job object).
 
@@ -98,7 +87,7 @@ def queue_job_from_json(job: Mapping[str, Any]) -> QueueJob:
     raw = base_state(words) if words else "UNKNOWN"
     limit = job.get("time_limit")
     return QueueJob(
-        array=_array_part(job, number),
+        array=array_from_queue(job),
         job_id=str(number),
         raw_state=raw,
         state=translate(words or raw),

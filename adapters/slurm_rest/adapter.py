@@ -37,6 +37,7 @@ from urllib.parse import quote
 
 import httpx
 
+from adapters.slurm_common.arrays import task_key
 from adapters.slurm_common.identity import slurm_identity
 from adapters.slurm_common.tags import comment_for_tag, job_name_with_tag
 from adapters.slurm_rest import convert
@@ -235,21 +236,29 @@ class SlurmRestAdapter(ClusterAdapter):
         now = datetime.now(tz=UTC)
         wanted = {ref.job_id for ref in refs}
         queue = self._queue_jobs(layer, user, wanted)
-        need_accounting = [r for r in refs if r.job_id not in queue or convert.terminal(queue[r.job_id])]
+        need_accounting = [r for r in refs if any(k not in queue or convert.terminal(queue[k]) for k, _ in _keys(r))]
         accounted = self._accounted(layer, user, need_accounting, queue, now)
         statuses: list[JobStatus] = []
         for ref in refs:
-            status = _status_for(queue.get(ref.job_id), accounted.get(ref.job_id), now)
-            if status is not None:
-                statuses.append(status)
+            for key, task in _keys(ref):
+                status = _status_for(queue.get(key), accounted.get(key), now)
+                if status is not None:
+                    statuses.append(status if task is None else replace(status, job_id=key, array_task_id=task))
         return statuses
 
     def _queue_jobs(self, layer: ApiLayer, user: str, wanted: set[str] | None) -> dict[str, SlurmJob]:
+        """Queue records by job id, array tasks by ``<array id>_<task>`` (the record
+        of an array's pending tasks stands for each of them)."""
         body = self._client.get(layer.jobs_path, username=user, during="job list")
         jobs: dict[str, SlurmJob] = {}
         for item in layer.items(body, "jobs"):
             job = _parse(layer.parse_queue_job, item)
-            if job is not None and (wanted is None or job.job_id in wanted):
+            if job is None:
+                continue
+            if wanted is not None and job.array is not None:
+                if job.array.array_job_id in wanted:
+                    jobs.update({key: job for key, _ in job.array.keys})
+            elif wanted is None or job.job_id in wanted:
                 jobs[job.job_id] = job
         return jobs
 
@@ -263,7 +272,7 @@ class SlurmRestAdapter(ClusterAdapter):
     ) -> dict[str, SlurmJob]:
         if not refs:
             return {}
-        queued = [queue[r.job_id] for r in refs if r.job_id in queue]
+        queued = [queue[k] for r in refs for k, _ in _keys(r) if k in queue]
         since = _earliest(refs, queued, now - timedelta(hours=self.config.accounting_lookback_hours))
         query = AccountingQuery(
             lookback_seconds=_seconds_since(since, now),
@@ -276,11 +285,13 @@ class SlurmRestAdapter(ClusterAdapter):
                 raise
             log.warning("slurm_rest %s: accounting unavailable during poll: %s", self.name, exc)
             return {}
-        wanted = {r.job_id for r in refs}
+        wanted = {k for r in refs for k, _ in _keys(r)}
         by_id: dict[str, list[SlurmJob]] = {}
         for record in records:
-            if record.job_id in wanted:
-                by_id.setdefault(record.job_id, []).append(record)
+            keys = [k for k, _ in record.array.keys] if record.array is not None else [record.job_id]
+            for key in keys:
+                if key in wanted:
+                    by_id.setdefault(key, []).append(record)
         return {job_id: best for job_id, found in by_id.items() if (best := convert.newest(found))}
 
     def _accounting_jobs(self, layer: ApiLayer, user: str, query: AccountingQuery) -> list[SlurmJob]:
@@ -340,7 +351,8 @@ class SlurmRestAdapter(ClusterAdapter):
         for job in self._accounting_jobs(layer, user, query):
             _keep_tagged(found, job, wanted)
         return {
-            tag: SchedulerJobRef(job_id=job.job_id, username=job.user or user, tag=tag,
+            tag: SchedulerJobRef(job_id=job.array.array_job_id if job.array else job.job_id,
+                                 username=job.user or user, tag=tag,
                                  submit_time=job.submit_time, account=job.account)
             for tag, job in found.items()
         }
@@ -460,6 +472,13 @@ class SlurmRestAdapter(ClusterAdapter):
 
 
 # ---- helpers ---------------------------------------------------------------
+def _keys(ref: SchedulerJobRef) -> list[tuple[str, int | None]]:
+    """What a ref is answered as: its job id, or ``<id>_<task>`` per array task."""
+    if ref.array_tasks is None:
+        return [(ref.job_id, None)]
+    return [(task_key(ref.job_id, t), t) for t in ref.array_tasks]
+
+
 def _check_spec(spec: JobSpec) -> None:
     problems: list[str] = []
     for key in spec.environment:
@@ -476,9 +495,6 @@ def _check_spec(spec: JobSpec) -> None:
         problems.append("sizes must be positive")
     if problems:
         raise SubmitRejected("invalid job: " + "; ".join(problems), code="invalid_request")
-    if spec.array:  # refused, never dropped: its tasks could not be tracked or charged
-        raise SubmitRejected("the slurm_rest adapter does not track job array tasks yet; submit the array "
-                             "through slurm_ssh", code="unsupported_directive")
 
 
 def _parse(parser: Any, item: Mapping[str, Any]) -> SlurmJob | None:

@@ -95,6 +95,8 @@ def to_usage(job: SlurmJob) -> UsageRecord | None:
         tag=job_tag(job),
         name=job.name,
         global_id=job.sluid,
+        array_job_id=job.array.array_job_id if job.array else None,
+        array_task_id=job.array.task if job.array else None,
     )
 
 

@@ -11,6 +11,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
+from adapters.slurm_common.arrays import ArrayPart
+
 
 @dataclass(frozen=True)
 class SubmitRequest:
@@ -78,6 +80,8 @@ class SlurmJob:
     stdout_path: str | None = None
     sluid: str | None = None
     from_accounting: bool = False
+    #: an array task, or the record of an array's pending tasks
+    array: ArrayPart | None = None
 
 
 @dataclass(frozen=True)

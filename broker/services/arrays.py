@@ -145,6 +145,37 @@ def apply_task_status(session: Session, task: JobTask, status: JobStatus) -> boo
     return True
 
 
+def note_cancel(session: Session, *, job_id: str) -> None:
+    """The whole array's cancel was asked for: every task still tracked knows when."""
+    table = JobTask.__table__  # type: ignore[attr-defined]
+    session.execute(sa.update(table).where(table.c.job_id == job_id, table.c.settled_at.is_(None),
+                                           table.c.cancel_requested_at.is_(None))
+                    .values(cancel_requested_at=utcnow()))
+
+
+def vanished_after_cancel(task: JobTask, status: JobStatus | None, *, key: str, now: datetime,
+                          grace_seconds: float) -> JobStatus | None:
+    """The end of a task cancelled before it started, which the scheduler does not
+    confirm: Slurm drops a waiting task from the array's pending record and keeps
+    no accounting of it, and a waiting array cancelled as a whole is accounted as
+    never eligible, which slurmdb's time-window queries (slurm_rest) do not return.
+    Once ``grace_seconds`` passed since the cancel — so that a task which did start
+    meanwhile shows its usage first — it ends ``CANCELLED``; nothing ran, nothing is
+    charged. None while it may still appear or is still alive."""
+    if task.cancel_requested_at is None:
+        return None
+    if status is None:
+        if task.started_at is not None:
+            return None  # it ran: its accounting will come
+    elif status.final or status.state not in TERMINAL_STATES or status.elapsed_seconds or status.alloc_tres:
+        return None  # alive, confirmed, or it used something (settled from accounting)
+    if (now - task.cancel_requested_at).total_seconds() < grace_seconds:
+        return None
+    return JobStatus(job_id=key, state=JobState.CANCELLED, raw_state="CANCELLED", final=True,
+                     reason="cancelled before it started (the scheduler keeps no usable record of it)",
+                     end_time=task.cancel_requested_at, elapsed_seconds=0, array_task_id=task.task)
+
+
 def settle_task(session: Session, *, job: Job, task: JobTask, status: JobStatus,
                 cost_model: dict[str, object]) -> bool:
     """Release the task's share of the reservation and charge what it used — once

@@ -569,6 +569,8 @@ def cancel_job(session: Session, *, principal: Principal, registry: AdapterRegis
         raise SubmitFailed(f"The cluster refused to cancel the job: {exc}", code=exc.code) from exc
     job.reason = f"cancel requested by {principal.name}"
     session.add(job)
+    if arrays.is_array(job):
+        arrays.note_cancel(session, job_id=job.id)
     return job_out_loaded(session, job)
 
 
@@ -615,6 +617,7 @@ def cancel_task(
                                      retry_after=30) from exc
         raise SubmitFailed(f"The cluster refused to cancel the task: {exc}", code=exc.code) from exc
     row.reason = f"cancel requested by {principal.name}"
+    row.cancel_requested_at = row.cancel_requested_at or utcnow()
     session.add(row)
     return arrays.task_out(job, row)
 

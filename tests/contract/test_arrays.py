@@ -58,7 +58,7 @@ def arrays(target: ContractTarget) -> Iterator[Arrays]:
     made = Arrays(target=target, since=datetime.now(UTC) - timedelta(minutes=5))
     specs = {
         "run": _spec(target, "array-run", "#!/bin/sh\necho task $SLURM_ARRAY_TASK_ID\nsleep 3\n", "0-3%2"),
-        "cancel": _spec(target, "array-cancel", "#!/bin/sh\nsleep 600\n", "0-2", minutes=60),
+        "cancel": _spec(target, "array-cancel", "#!/bin/sh\nsleep 600\n", "0-2%2", minutes=60),
     }
     try:
         for key, spec in specs.items():
@@ -132,30 +132,45 @@ def test_find_by_tag_gives_the_array(arrays: Arrays, target: ContractTarget) -> 
 
 
 def test_cancel_one_task_then_the_whole_array(arrays: Arrays, target: ContractTarget) -> None:
+    """Task 1 runs (or waits, on a busy shared cluster), task 2 waits behind ``%2``.
+    A task cancelled while it waits may vanish: Slurm drops it from the array's
+    pending record and keeps no accounting of it (the broker ends it itself, see
+    broker.services.arrays.vanished_after_cancel); one that ran is CANCELLED."""
     ref = arrays.refs["cancel"]
     deadline = time.monotonic() + target.settle_timeout
     while time.monotonic() < deadline:
         seen = arrays.poll("cancel")
-        if set(seen) == set(CANCEL_TASKS) and all(s.state is JobState.RUNNING for s in seen.values()):
+        if set(seen) == set(CANCEL_TASKS) and all(s.state in (JobState.RUNNING, JobState.PENDING)
+                                                  for s in seen.values()):
             break
         time.sleep(_interval(target))
     else:
-        raise AssertionError(f"the tasks never all ran: {seen}")
-    target.adapter.cancel(replace(ref, job_id=f"{ref.job_id}_1", array_tasks=None))
+        raise AssertionError(f"the tasks were never all reported: {seen}")
+    for task in (2, 1):
+        target.adapter.cancel(replace(ref, job_id=f"{ref.job_id}_{task}", array_tasks=None))
     deadline = time.monotonic() + target.settle_timeout
     while time.monotonic() < deadline:
         seen = arrays.poll("cancel")
-        if seen.get(1) is not None and seen[1].final:
+        if all(t not in seen or _ended(seen[t]) for t in (1, 2)):
             break
         time.sleep(_interval(target))
-    assert seen[1].final and seen[1].state is JobState.CANCELLED, seen
-    assert not seen[0].final and not seen[2].final, "cancelling task 1 ended other tasks"
-    assert seen[0].state is JobState.RUNNING and seen[2].state is JobState.RUNNING
+    for task in (1, 2):
+        assert task not in seen or (_ended(seen[task]) and seen[task].state is JobState.CANCELLED), seen
+    assert 0 in seen and not seen[0].final, f"cancelling tasks 1 and 2 ended task 0: {seen}"
     target.adapter.cancel(replace(ref, array_tasks=None))
     deadline = time.monotonic() + target.settle_timeout
     while time.monotonic() < deadline:
         seen = arrays.poll("cancel")
-        if len(seen) == len(CANCEL_TASKS) and all(s.final for s in seen.values()):
+        if 0 in seen and all(_ended(s) for s in seen.values()):
             break
         time.sleep(_interval(target))
-    assert {t: s.state for t, s in seen.items()} == dict.fromkeys(CANCEL_TASKS, JobState.CANCELLED)
+    assert {s.state for s in seen.values()} == {JobState.CANCELLED}, seen
+    assert all(_ended(s) for s in seen.values()), seen
+
+
+def _ended(status: JobStatus) -> bool:
+    """Final — or cancelled before it ever ran: slurmdb's time-window query (slurm_rest)
+    does not return a never-eligible array record, so such a task stays unconfirmed;
+    the broker ends it itself after the cancel (broker.services.arrays)."""
+    return status.final or (status.state is JobState.CANCELLED and not status.elapsed_seconds
+                            and not status.alloc_tres)

@@ -5,13 +5,22 @@ task or the whole array cancelled, never charged again by the usage import."""
 
 from __future__ import annotations
 
+import json
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
 from sqlmodel import Session
+from typer.testing import CliRunner
 
+from adapters.local import LocalAdapter
+from broker import plugins
+from broker.adapter import JobStatus, SchedulerJobRef
+from broker.cli import app
 from broker.services import ledger
-from tests.support.env import BrokerEnv
+from tests.support.env import LOCAL_TEST_CONNECTION, BrokerEnv, broker_env
+from tests.support.server import live_server
 
 PROJECT = "EHPC-TEST-001"
 
@@ -124,3 +133,62 @@ def test_cancel_one_task_then_the_whole_array(env: BrokerEnv) -> None:
     r = env.call("GET", f"/v1/jobs/{plain['id']}/tasks", env.auth("alice"))
     assert (r.status_code, r.json()["code"]) == (404, "task_not_found")
     assert plain["array"] is None
+
+
+class _ForgetfulLocal(LocalAdapter):
+    """As Slurm does: a task cancelled before it started is not reported any more
+    (dropped from the array's pending record, no accounting of it)."""
+
+    def poll(self, refs: Sequence[SchedulerJobRef]) -> list[JobStatus]:
+        return [s for s in super().poll(refs) if s.reason != "cancelled before start"]
+
+
+def test_a_waiting_task_cancelled_and_never_reported_again_ends_after_the_grace(
+        tmp_path: Path, db_url: str) -> None:
+    with broker_env(tmp_path, db_url, array_cancel_grace_seconds=1.0) as env:
+        plugins.register(plugins.ADAPTER_GROUP, "test_forgetful_local", _ForgetfulLocal)
+        r = env.call("POST", "/v1/clusters", env.qm, json={
+            "name": "local-f", "adapter": "test_forgetful_local", "connection": LOCAL_TEST_CONNECTION,
+            "poll_interval_seconds": 0.2})
+        assert r.status_code == 201, r.text
+        env.setup_project(cluster="local-f")
+        r = _submit(env, "#!/bin/sh\n#SBATCH --array=0-2%1 -t 60\nsleep 30\n", cluster="local-f")
+        assert r.status_code == 201, r.text
+        job = r.json()
+        env.wait_job(job["id"], env.auth("alice"), lambda j: j["array"]["counts"].get("RUNNING") == 1)
+        assert env.call("DELETE", f"/v1/jobs/{job['id']}/tasks/2", env.auth("alice")).status_code == 202
+        one = env.wait_job(job["id"], env.auth("alice"), lambda j: j["array"]["counts"].get("CANCELLED") == 1)
+        assert one["state"] == "RUNNING"
+        task = {t["task"]: t for t in _tasks(env, job["id"])}[2]
+        assert (task["state"], task["charged"]["amount"], task["reserved"]["amount"]) == ("CANCELLED", 0, 0)
+        _ledger_clean(env)
+        assert env.call("DELETE", f"/v1/jobs/{job['id']}", env.auth("alice")).status_code == 202
+        done = env.wait_settled(job["id"], env.auth("alice"))
+        assert done["state"] == "CANCELLED" and done["array"]["counts"] == {"CANCELLED": 3}
+        assert done["reserved"]["amount"] == 0
+        _ledger_clean(env)
+
+
+def test_cli_shows_task_counts_lists_tasks_and_cancels_one(env: BrokerEnv, tmp_path: Path) -> None:
+    env.setup_project()
+    script = tmp_path / "sweep.sh"
+    script.write_text("#!/bin/sh\n#SBATCH --array=1-3 --time=60\nsleep 30\n")
+    runner = CliRunner()
+    with live_server(env.app) as base:
+        common = {"AIFA_BROKER_URL": base, "AIFA_BROKER_TOKEN": env.token("alice")}
+        out = runner.invoke(app, ["job", "submit", str(script), "-p", PROJECT, "--json"], env=common)
+        assert out.exit_code == 0, out.output
+        job_id = json.loads(out.output)["id"]
+        env.wait_job(job_id, env.auth("alice"), lambda j: j["array"]["counts"] == {"RUNNING": 3})
+        cancelled = runner.invoke(app, ["job", "cancel", job_id, "--task", "2"], env=common)
+        assert cancelled.exit_code == 0 and "task 2" in cancelled.output, cancelled.output
+        env.wait_job(job_id, env.auth("alice"), lambda j: j["array"]["counts"].get("CANCELLED") == 1)
+        shown = runner.invoke(app, ["job", "show", job_id], env=common)
+        assert "array 1-3: 3 tasks — 1 CANCELLED, 2 RUNNING" in shown.output, shown.output
+        listed = runner.invoke(app, ["job", "tasks", job_id], env=common)
+        lines = [line.split() for line in listed.output.splitlines()]
+        assert [(w[0], w[1]) for w in lines] == [("1", "RUNNING"), ("2", "CANCELLED"), ("3", "RUNNING")]
+        missing = runner.invoke(app, ["job", "cancel", job_id, "--task", "9"], env=common)
+        assert missing.exit_code == 1 and "task_not_found" in missing.output
+        assert runner.invoke(app, ["job", "cancel", job_id], env=common).exit_code == 0
+        env.wait_settled(job_id, env.auth("alice"))

@@ -16,6 +16,7 @@ import re
 import time
 import uuid
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -64,7 +65,7 @@ DIRECTIVES = st.lists(st.sampled_from([
     "-c 2", "--cpus-per-task=3", "-n 2", "--ntasks=3", "--ntasks-per-node=2", "-N 1", "--nodes=1-2",
     "--gres=gpu:1", "--gres=gpu:2", "-G 1", "--gpus-per-node=2", "--gpus-per-task=1", "--mem=1G",
     "--mem=5000", "--mem-per-cpu=1500", "--mem=0", "--exclusive", "-p gpu", "-p cpu", "--time=1:30",
-    "-t 2", "-J prop",
+    "-t 2", "-J prop", "--array=0-1", "--array=0-4:2%2",
 ]), max_size=4)
 JSON = st.fixed_dictionaries({}, optional={
     "cpus_per_task": st.integers(1, 4), "gpus_per_node": st.integers(0, 2),
@@ -73,14 +74,16 @@ JSON = st.fixed_dictionaries({}, optional={
 })
 
 
-def _wait_final(adapter: ClusterAdapter, ref: Any) -> JobStatus:
+def _wait_final(adapter: ClusterAdapter, ref: Any) -> list[JobStatus]:
+    """The final status of the job — of each task of an array."""
+    want = len(ref.array_tasks) if ref.array_tasks is not None else 1
     deadline = time.monotonic() + 150
     while time.monotonic() < deadline:
         got = adapter.poll([ref])
-        if got and got[0].final:
-            return got[0]
+        if len(got) == want and all(s.final for s in got):
+            return got
         time.sleep(1)
-    adapter.cancel(ref)
+    adapter.cancel(replace(ref, array_tasks=None))
     raise AssertionError(f"job {ref.job_id} not final in 150 s")
 
 
@@ -107,15 +110,21 @@ def test_reservation_covers_what_slurm_allocates(live, directives: list[str], js
                              memory_per_node_mb=req.memory_per_node_mb, exclusive=req.exclusive,
                              partition=parts[partition])
     spec = job_spec(req, tag=uuid.uuid4().hex, username="alice", account="proj-a", partition=partition)
-    event("submitted")
-    final = _wait_final(adapter, adapter.submit(spec))
-    alloc = final.alloc_tres
-    assert alloc, final
-    for tres in ("cpu", "mem", "node", "gres/gpu"):
-        assert priced.get(tres, 0.0) >= float(alloc.get(tres, 0.0)), (script, json, tres, priced, dict(alloc))
+    event("submitted array" if req.array else "submitted")
+    ref = adapter.submit(spec)
+    if req.array is not None:  # one scheduler job, answered per task
+        ref = replace(ref, array_tasks=req.array.task_ids)
+    finals = _wait_final(adapter, ref)
     limit = req.time_limit_minutes * 60
+    used = 0
+    for final in finals:  # every array task: what Slurm allocated to it, priced per task
+        alloc = final.alloc_tres
+        assert alloc, final
+        for tres in ("cpu", "mem", "node", "gres/gpu"):
+            assert priced.get(tres, 0.0) >= float(alloc.get(tres, 0.0)), (script, json, tres, priced, dict(alloc))
+        used += cost_micro(MODEL, partition=partition, unit="billing_hours", tres=alloc, seconds=limit)
+    assert len(finals) == req.tasks
     reserved = cost_micro(MODEL, partition=partition, unit="billing_hours", tres=priced, seconds=limit) * req.tasks
-    used = cost_micro(MODEL, partition=partition, unit="billing_hours", tres=alloc, seconds=limit)
     assert reserved >= used
 
 

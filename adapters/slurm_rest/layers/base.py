@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 
 from adapters.slurm_common import shapes as fields
 from adapters.slurm_common import tres
+from adapters.slurm_common.arrays import array_from_accounting, array_from_queue
 from adapters.slurm_common.states import is_terminal
 from adapters.slurm_rest.model import (
     AccountingQuery,
@@ -154,6 +155,7 @@ class ApiLayer(abc.ABC):
             alloc_tres=tres.parse_tres_string(text(item.get("tres_alloc_str"))),
             comment=text(item.get("comment")),
             stdout_path=self.stdout_path(item),
+            array=array_from_queue(item),
         )
 
     def parse_accounting_job(self, item: Mapping[str, Any]) -> SlurmJob:
@@ -179,6 +181,7 @@ class ApiLayer(abc.ABC):
             stdout_path=self.stdout_path_accounting(item),
             sluid=self.accounting_sluid(item),
             from_accounting=True,
+            array=array_from_accounting(item),
         )
 
     @abc.abstractmethod
