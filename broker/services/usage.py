@@ -116,7 +116,9 @@ def usage_rows(
     }
     keys = ["project", *group_by]
     labelled = [exprs[k].label(f"k_{k}") for k in keys]
-    q = (sa.select(*labelled, col(Allocation.unit).label("unit"), sa.func.sum(le.amount), sa.func.count())
+    # jobs, not ledger rows: an array job has one charge row per task
+    jobs = sa.func.count(sa.distinct(sa.func.coalesce(le.job_id, "i" + sa.cast(le.imported_job_id, sa.String))))
+    q = (sa.select(*labelled, col(Allocation.unit).label("unit"), sa.func.sum(le.amount), jobs)
          .select_from(LedgerEntry.__table__)  # type: ignore[attr-defined]
          .join(Allocation, col(Allocation.id) == le.allocation_id)
          .join(Project, col(Project.id) == le.project_id)

@@ -82,6 +82,8 @@ def test_array_runs_throttled_and_each_task_is_charged_once(env: BrokerEnv) -> N
     assert sorted(t for t, _ in releases) == [0, 2, 4, 6] and sorted(charges) == [0, 2, 4, 6]
     assert sum(a for _, a in releases) == next(a for k, _, a in rows if k == "reserve")
     _ledger_clean(env)
+    report = env.call("GET", f"/v1/projects/{PROJECT}/usage", env.auth("alice")).json()["rows"]
+    assert [row["jobs"] for row in report] == [1]  # one job (of four tasks, four charge rows)
     out = env.call("GET", f"/v1/jobs/{job['id']}/output?task=4", env.auth("alice"))
     assert out.status_code == 200 and out.text.strip() == "task=4"
     # the usage import sees the tasks (each under its own id) and knows they are the broker's
