@@ -2,7 +2,8 @@
 release × adapter: a script's GPUs are estimated and charged (sacct AllocTRES);
 another project's account and --uid are refused and sacct shows the broker's user and
 account; an over-budget `-G 4` is refused before anything reaches Slurm; --exclusive
-is reserved as the whole node Slurm allocates; dependencies name broker job ids."""
+is reserved as the whole node Slurm allocates; dependencies name broker job ids;
+`--array=0-3` is reserved as every task Slurm allocates, each task charged once."""
 
 # ruff: noqa: F811 - test functions take the imported `slurm_env` fixture by name
 from __future__ import annotations
@@ -11,8 +12,11 @@ import time
 import uuid
 
 import pytest
+import sqlalchemy as sa
+from sqlmodel import Session
 
 from broker.cost import slurm_tres
+from broker.services import ledger
 from tests.e2e.test_slurm_http import slurm_env  # noqa: F401 - the shared per release × adapter fixture
 from tests.support import slurm
 from tests.support.env import BrokerEnv
@@ -151,3 +155,49 @@ def test_mapped_directives_reach_slurm_as_the_effective_request(slurm_env) -> No
     done = env.wait_settled(job["id"], env.auth("alice"), timeout=120)
     acct = slurm.tres(slurm.sacct_job(release, done["scheduler_job_id"])["AllocTRES"])
     assert (acct["cpu"], acct["node"], acct["mem"]) == (2, 1, 1400)
+
+
+def test_array_reservation_covers_every_task_and_each_task_is_charged_once(slurm_env) -> None:  # type: ignore[no-untyped-def]
+    env, release, cluster = slurm_env
+    script = "#!/bin/bash\n#SBATCH --array=0-3%2\n#SBATCH --gres=gpu:1 -p gpu -t 3\nsleep 2\necho $SLURM_ARRAY_TASK_ID\n"
+    est = _post(env, "/v1/jobs/estimate", cluster, script).json()
+    assert est["allowed"] and abs(est["estimated_cost"]["amount"] - 4 * 3 / 60) < 2e-6, est
+    r = _post(env, "/v1/jobs", cluster, script)
+    assert r.status_code == 201, r.text
+    job = r.json()
+    assert abs(job["reserved"]["amount"] - 4 * 3 / 60) < 2e-6 and job["array"]["tasks"] == 4
+    sid = job["scheduler_job_id"]
+    shown = slurm.run_in(release, "scontrol", "-o", "show", "job", sid)
+    assert "ArrayTaskThrottle=2" in shown, shown  # one Slurm array, the broker's throttle
+    done = env.wait_settled(job["id"], env.auth("alice"), timeout=240)
+    assert done["state"] == "COMPLETED" and done["array"]["counts"] == {"COMPLETED": 4}, done
+    out = slurm.run_in(release, "sacct", "-X", "-n", "-P", "-j", sid, "-o",
+                       "JobID,AllocTRES,ElapsedRaw,User,Account,JobIDRaw")
+    rows = {r[0]: r[:5] for r in (line.split("|") for line in out.splitlines() if line.strip())}
+    raw_ids = [line.split("|")[5] for line in out.splitlines() if line.strip()]
+    assert sorted(rows) == [f"{sid}_{t}" for t in range(4)], out
+    tasks = {t["scheduler_job_id"]: t for t in env.call("GET", f"/v1/jobs/{job['id']}/tasks",
+                                                        env.auth("alice")).json()["items"]}
+    for key, (_, alloc, elapsed, user, account) in rows.items():
+        gpus = slurm.tres(alloc).get("gres/gpu", 0.0)
+        assert (gpus, user, account) == (1, "alice", "proj-a"), rows[key]
+        # the reservation (1 GPU × the time limit per task) covers what Slurm allocated to the task
+        assert gpus * 3 / 60 <= job["reserved"]["amount"] / 4 + 1e-9
+        assert abs(tasks[key]["charged"]["amount"] - gpus * int(elapsed) / 3600) < 2e-6, (key, tasks[key])
+    assert abs(done["charged"]["amount"] - sum(t["charged"]["amount"] for t in tasks.values())) < 5e-6
+    with env.engine.connect() as conn:
+        kinds = conn.execute(sa.text("SELECT kind, task FROM ledger_entries WHERE job_id = :j"),
+                             {"j": job["id"]}).all()
+    assert sorted(t for k, t in kinds if k == "charge") == [0, 1, 2, 3]
+    assert sorted(t for k, t in kinds if k == "release") == [0, 1, 2, 3]
+    # the usage import (every 2 s here) reads the four tasks from sacct (each under its own job
+    # id) and charges none of them again; other jobs of the shared dev cluster it may import
+    time.sleep(5)
+    env.app.state.tracker.importer.run_cycle(force=True)
+    with env.engine.connect() as conn:
+        seen = conn.execute(sa.text("SELECT count(*) FROM imported_jobs")).scalar_one()
+        again = conn.execute(sa.select(sa.func.count()).select_from(sa.table("imported_jobs", sa.column(
+            "scheduler_job_id"))).where(sa.column("scheduler_job_id").in_(raw_ids))).scalar_one()
+    assert again == 0, f"array tasks {raw_ids} imported as direct jobs ({seen} imported in all)"
+    with Session(env.engine) as session:
+        assert ledger.check(session) == []
