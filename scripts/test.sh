@@ -60,12 +60,16 @@ export AIFA_SLURM_RELEASES_UP="${slurm_up[*]:-}"
 # would triple the wall time). Each release's tests only touch that release's cluster.
 say "running pytest (Slurm releases up: ${AIFA_SLURM_RELEASES_UP:-none})"
 logdir=$(mktemp -d /tmp/aifa-test-XXXXXX)
+# Each pytest process has its own --basetemp: in the shared /tmp/pytest-of-$USER each new
+# session deletes all but the three newest others — five concurrent ones deleted each
+# other's files mid-test (CI: "No such file or directory", "Directory not empty").
 pids=()
 names=()
 logs=()
 for rel in $SLURM_RELEASES; do
     # shellcheck disable=SC2086
-    "$VENV/bin/python" -m pytest tests -m slurm -k "$rel" -q -rs -p no:cacheprovider ${PYTEST_ARGS:-} \
+    "$VENV/bin/python" -m pytest tests -m slurm -k "$rel" -q -rs -p no:cacheprovider \
+        --basetemp="$logdir/tmp-slurm-$rel" ${PYTEST_ARGS:-} \
         > "$logdir/slurm-$rel.log" 2>&1 &
     pids+=($!)
     names+=("slurm-$rel")
@@ -75,7 +79,8 @@ done
 # fuzz and load tests beside the many short ones (one process: 20 of the 21 minutes).
 LONG_TESTS=(tests/e2e tests/integration/test_schemathesis.py tests/integration/test_load.py)
 # shellcheck disable=SC2086
-"$VENV/bin/python" -m pytest "${LONG_TESTS[@]}" -m "not slurm" -q -rs -p no:cacheprovider ${PYTEST_ARGS:-} \
+"$VENV/bin/python" -m pytest "${LONG_TESTS[@]}" -m "not slurm" -q -rs -p no:cacheprovider \
+    --basetemp="$logdir/tmp-long" ${PYTEST_ARGS:-} \
     > "$logdir/non-slurm-long.log" 2>&1 &
 pids+=($!)
 names+=("non-Slurm long (e2e, fuzz, load)")
@@ -83,7 +88,8 @@ logs+=("$logdir/non-slurm-long.log")
 ignores=()
 for t in "${LONG_TESTS[@]}"; do ignores+=("--ignore=$t"); done
 # shellcheck disable=SC2086
-"$VENV/bin/python" -m pytest tests "${ignores[@]}" -m "not slurm" -q -rs -p no:cacheprovider ${PYTEST_ARGS:-}
+"$VENV/bin/python" -m pytest tests "${ignores[@]}" -m "not slurm" -q -rs -p no:cacheprovider \
+    --basetemp="$logdir/tmp-rest" ${PYTEST_ARGS:-}
 rc=$?
 say "non-Slurm tests (the rest): exit status $rc"
 for i in "${!pids[@]}"; do
@@ -94,5 +100,6 @@ for i in "${!pids[@]}"; do
     # exit status 5 = no tests collected (release not configured): not a failure by itself
     if [ "$status" -ne 0 ] && [ "$status" -ne 5 ]; then rc=1; fi
 done
+[ "$rc" -eq 0 ] && rm -rf "$logdir"/tmp-*  # kept for a look after a failure
 say "overall exit status $rc (skipped tests and their reasons are listed under each 'short test summary info')"
 exit $rc

@@ -412,9 +412,14 @@ class SSHPool:
         except (paramiko.SSHException, OSError, EOFError) as exc:
             raise self._after_send(exc, idempotent, "exec") from exc
         try:
-            if stdin:
+            if stdin is not None:
                 channel.sendall(stdin)
-            channel.shutdown_write()
+                channel.shutdown_write()
+            # Without stdin no EOF is sent at all (the commands read none; sshd ends the
+            # session when the command exits). An EOF sent after a fast command had already
+            # ended races paramiko's reply to the server's CLOSE: when it arrives second,
+            # OpenSSH drops the whole connection ("ieof packet referred to nonexistent
+            # channel") and every command in flight on it — seen under load in CI.
             out, err = self._drain(channel, deadline)
             status = self._exit_status(channel, deadline)
         except (paramiko.SSHException, OSError, EOFError, TimeoutError) as exc:
