@@ -18,7 +18,7 @@ from typing import Any, Literal
 import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
-from sqlmodel import Session
+from sqlmodel import Session, SQLModel
 
 SQLITE_BUSY_TIMEOUT_MS = 60_000
 
@@ -97,6 +97,15 @@ def session_scope(engine: Engine) -> Iterator[Session]:
         except BaseException:
             session.rollback()
             raise
+
+
+def insert_row(session: Session, row: SQLModel) -> None:
+    """INSERT ``row`` (a table model with its key set) as one Core statement, bypassing
+    the session's unit of work — several times cheaper in CPU than ``add`` + ``flush``
+    on the hot path. ``row`` stays transient; columns left None are not sent (NULL)."""
+    table: sa.Table = type(row).__table__  # type: ignore[attr-defined]
+    values = {c.key: v for c in table.columns if (v := getattr(row, c.key)) is not None}
+    session.execute(sa.insert(table), values)
 
 
 def dispose_engines() -> None:

@@ -33,6 +33,7 @@ __all__ = ["CHANNEL", "Transition", "record", "record_for"]
 CHANNEL = "aifa_job_events"
 _LOCK_KEY = zlib.crc32(b"aifa:job_events")
 _PENDING = "aifa_job_events"
+_LOCK_AND_NOTIFY = sa.text("SELECT pg_advisory_xact_lock(:k), pg_notify(:channel, '')")
 
 
 @dataclass(frozen=True)
@@ -69,15 +70,14 @@ def _write_pending(session: Session) -> None:
     pending: list[Transition] = session.info.pop(_PENDING, [])
     if not pending:
         return
-    postgres = session.get_bind().dialect.name == "postgresql"
-    if postgres:  # ids in commit order (see the module docstring)
-        session.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": _LOCK_KEY})
+    if session.get_bind().dialect.name == "postgresql":
+        # ids in commit order (see the module docstring); the notification is queued in
+        # the same round trip — PostgreSQL delivers it at commit, and drops it on rollback
+        session.execute(_LOCK_AND_NOTIFY, {"k": _LOCK_KEY, "channel": CHANNEL})
     # stamped at the commit, not when noted: a transition happens when it is committed
     committed = utcnow()
     rows = [{**asdict(p), "occurred_at": committed} for p in pending]
     session.execute(sa.insert(JobEvent.__table__), rows)  # type: ignore[attr-defined]
-    if postgres:
-        session.execute(sa.text("SELECT pg_notify(:channel, '')"), {"channel": CHANNEL})
 
 
 @event.listens_for(Session, "after_rollback")

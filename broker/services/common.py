@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 from datetime import date
+from typing import Any
 
+import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
-from sqlmodel import Session, select
+from sqlmodel import Session, col, select
 
 from broker.auth import Principal
 from broker.errors import Forbidden, NotFound
@@ -80,13 +83,23 @@ def visible_project(session: Session, principal: Principal, code: str) -> tuple[
 
     Returns the project and the caller's project role (None for a non-member QM).
     """
-    project = session.exec(select(Project).where(Project.code == code)).first()
-    if project is None:
+    row = session.execute(_visible_project_statement(), {"code": code, "me": principal.name}).first()
+    if row is None:
         raise NotFound(f"No project {code}.")
-    role = membership_role(session, project, find_user(session, principal.name))
+    project, role = row
     if role is None and not principal.is_quota_manager:
         raise NotFound(f"No project {code}.")
     return project, role
+
+
+@functools.cache
+def _visible_project_statement() -> Any:
+    """The project by code with the caller's role in it, one statement (built once)."""
+    return (sa.select(Project, col(Membership.role)).select_from(Project)
+            .outerjoin(User, col(User.name) == sa.bindparam("me"))
+            .outerjoin(Membership, sa.and_(col(Membership.project_id) == col(Project.id),
+                                           col(Membership.user_id) == col(User.id)))
+            .where(col(Project.code) == sa.bindparam("code")))
 
 
 def require_role(principal: Principal, role: str) -> None:

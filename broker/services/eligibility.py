@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import functools
+from dataclasses import dataclass, field
 from typing import Any
 
 import sqlalchemy as sa
 from sqlmodel import Session, col, select
 
 from broker import directives, plugins
+from broker.auth import Principal
 from broker.config import Settings
 from broker.cost import MAX_MICRO, allocation_tres, cost_micro, partition_misfit
 from broker.directives import EffectiveRequest, UnsupportedDirective
-from broker.errors import DirectiveRefused, Forbidden, InvalidRequest
-from broker.models import Allocation, Cluster, ClusterAccount, Job, Project, User
+from broker.errors import DirectiveRefused, Forbidden, InvalidRequest, NotFound
+from broker.models import Allocation, Cluster, ClusterAccount, Job, Membership, Project, User
 from broker.policy import (
     AccessModeLimits,
     AllocationView,
@@ -24,7 +26,7 @@ from broker.policy import (
     ProjectView,
 )
 from broker.schemas import JobRequest
-from broker.services.common import membership_role, to_units, today
+from broker.services.common import get_or_create_user, to_units, today, visible_project
 from broker.states import ACTIVE_STATES
 
 
@@ -50,41 +52,102 @@ def load_chain(names: list[str]) -> list[EligibilityPolicy]:
     return [plugins.load_policy_class(name)() for name in names]
 
 
-def _allocation_today(session: Session, project: Project, cluster: Cluster | None) -> tuple[Allocation | None, bool]:
-    if cluster is None:
-        return None, False
-    allocs = session.exec(select(Allocation).where(
-        Allocation.project_id == project.id, Allocation.cluster_id == cluster.id)).all()
-    day = today()
-    valid = [a for a in allocs if (a.start_date is None or a.start_date <= day)
-             and (a.end_date is None or day <= a.end_date)]
-    valid.sort(key=lambda a: a.id or 0, reverse=True)
-    return (valid[0] if valid else None), bool(allocs)
+@dataclass
+class Subject:
+    """Everything an admission reads about its caller, project and cluster — loaded
+    by :func:`load_subject` in one statement (it was eight)."""
+
+    project: Project
+    user: User
+    role: str | None
+    cluster: Cluster | None
+    cluster_name: str
+    #: the project's allocations on ``cluster`` (any dates)
+    allocations: list[Allocation] = field(default_factory=list)
+    account_username: str | None = None
+    active_jobs_user: int = 0
+    active_jobs_project: int = 0
+
+    def allocation_today(self) -> Allocation | None:
+        """The newest allocation valid today."""
+        day = today()
+        valid = [a for a in self.allocations if (a.start_date is None or a.start_date <= day)
+                 and (a.end_date is None or day <= a.end_date)]
+        return max(valid, key=lambda a: a.id or 0) if valid else None
 
 
-def _resolve_cluster(session: Session, project: Project, body: JobRequest) -> tuple[Cluster | None, str]:
-    if body.cluster is not None:
-        return session.exec(select(Cluster).where(Cluster.name == body.cluster)).first(), body.cluster
-    cluster_ids = select(Allocation.cluster_id).where(Allocation.project_id == project.id)
-    clusters = session.exec(select(Cluster).where(col(Cluster.id).in_(cluster_ids))).all()
-    if len(clusters) == 1:
-        return clusters[0], clusters[0].name
-    if not clusters:
-        return None, "(none)"
-    names = ", ".join(sorted(c.name for c in clusters))
-    raise InvalidRequest(f"Project {project.code} has allocations on several clusters ({names}): "
-                         "say which one in `cluster`.")
-
-
-def _active_counts(session: Session, project: Project, user: User) -> tuple[int, int]:
-    """Active jobs of the user and of the project, in one query (index on project, state)."""
+@functools.cache
+def _subject_statement() -> Any:
+    """Built once: project by code, the caller and their membership, the cluster by
+    name, the project's allocations there, the caller's account on it and the two
+    active-job counts (correlated, on the (project_id, state) index)."""
     active = [s.value for s in ACTIVE_STATES]
-    table = Job.__table__  # type: ignore[attr-defined]
-    by_project, by_user = session.execute(
-        sa.select(sa.func.count(), sa.func.count().filter(table.c.user_id == user.id))
-        .where(table.c.project_id == project.id, table.c.state.in_(active))
-    ).one()
-    return int(by_user), int(by_project)
+    job = Job.__table__  # type: ignore[attr-defined]
+    by_project = (sa.select(sa.func.count()).select_from(job)
+                  .where(job.c.project_id == Project.id, job.c.state.in_(active))
+                  .correlate(Project.__table__).scalar_subquery())  # type: ignore[attr-defined]
+    by_user = (sa.select(sa.func.count()).select_from(job)
+               .where(job.c.project_id == Project.id, job.c.user_id == User.id, job.c.state.in_(active))
+               .correlate(Project.__table__, User.__table__).scalar_subquery())  # type: ignore[attr-defined]
+    return (
+        sa.select(Project, User, col(Membership.role), Cluster, Allocation, col(ClusterAccount.username),
+                  by_user, by_project)
+        .select_from(Project)
+        .outerjoin(User, col(User.name) == sa.bindparam("me"))
+        .outerjoin(Membership, sa.and_(col(Membership.project_id) == col(Project.id),
+                                       col(Membership.user_id) == col(User.id)))
+        .outerjoin(Cluster, col(Cluster.name) == sa.bindparam("cluster"))
+        .outerjoin(Allocation, sa.and_(col(Allocation.project_id) == col(Project.id),
+                                       col(Allocation.cluster_id) == col(Cluster.id)))
+        .outerjoin(ClusterAccount, sa.and_(col(ClusterAccount.user_id) == col(User.id),
+                                           col(ClusterAccount.cluster_id) == col(Cluster.id)))
+        .where(col(Project.code) == sa.bindparam("code"))
+    )
+
+
+def load_subject(session: Session, *, user: str, project: str, cluster: str) -> Subject | None:
+    """:class:`Subject` for ``user`` submitting to ``project`` on ``cluster`` (one
+    statement); None when there is no such project or no such user yet."""
+    rows = session.execute(_subject_statement(), {"me": user, "code": project, "cluster": cluster}).all()
+    if not rows or rows[0][1] is None:
+        return None
+    first = rows[0]
+    return Subject(project=first[0], user=first[1], role=first[2], cluster=first[3], cluster_name=cluster,
+                   allocations=[r[4] for r in rows if r[4] is not None], account_username=first[5],
+                   active_jobs_user=int(first[6]), active_jobs_project=int(first[7]))
+
+
+def subject_for(session: Session, principal: Principal, body: JobRequest) -> Subject:
+    """The :class:`Subject` of ``principal`` submitting ``body``: 404 when the project
+    does not exist or the caller may not see it (member or quota manager); the
+    caller's user row is created on first sight."""
+    cluster = body.cluster
+    if cluster is None:  # the project's only cluster (rare: clients name it)
+        project, _ = visible_project(session, principal, body.project)
+        cluster = resolve_cluster_name(session, project, body)
+    subject = load_subject(session, user=principal.name, project=body.project, cluster=cluster)
+    if subject is None:
+        get_or_create_user(session, principal.name, principal.email)
+        subject = load_subject(session, user=principal.name, project=body.project, cluster=cluster)
+        if subject is None:
+            raise NotFound(f"No project {body.project}.")
+    if subject.role is None and not principal.is_quota_manager:
+        raise NotFound(f"No project {body.project}.")
+    return subject
+
+
+def resolve_cluster_name(session: Session, project: Project, body: JobRequest) -> str:
+    """The cluster a request goes to: the one it names, else the project's only one."""
+    if body.cluster is not None:
+        return body.cluster
+    cluster_ids = select(Allocation.cluster_id).where(Allocation.project_id == project.id)
+    names = sorted(session.exec(select(Cluster.name).where(col(Cluster.id).in_(cluster_ids))).all())
+    if len(names) == 1:
+        return names[0]
+    if not names:
+        return "(none)"
+    raise InvalidRequest(f"Project {project.code} has allocations on several clusters ({', '.join(names)}): "
+                         "say which one in `cluster`.")
 
 
 def _check_partition(cluster: Cluster | None, partition: str, req: EffectiveRequest) -> dict[str, Any] | None:
@@ -127,13 +190,12 @@ def estimate_micro(cluster: Cluster, unit: str, partition: str, part: dict[str, 
 
 
 def prepare(
-    session: Session, *, settings: Settings, user: User, project: Project, body: JobRequest,
-    is_quota_manager: bool,
+    session: Session, *, settings: Settings, subject: Subject, body: JobRequest, is_quota_manager: bool,
 ) -> Prepared:
-    """Resolve the request and run every policy of the chain (all denials kept).
-
-    The caller has already checked the project is visible (else 404)."""
-    role = membership_role(session, project, user)
+    """Resolve the request against ``subject`` and run every policy of the chain (all
+    denials kept). The caller has already checked the project is visible (else 404)."""
+    project, user, cluster, cluster_name = subject.project, subject.user, subject.cluster, subject.cluster_name
+    role = subject.role
     if role is None:
         raise Forbidden(f"You are not a member of {project.code}; only members submit jobs.")
     if len(body.script.encode()) > settings.max_script_bytes:
@@ -141,32 +203,29 @@ def prepare(
     req = effective(body)
     if req.time_limit_minutes > settings.max_time_limit_minutes:
         raise InvalidRequest(f"time_limit_minutes may be at most {settings.max_time_limit_minutes}.")
-    cluster, cluster_name = _resolve_cluster(session, project, body)
     partition = req.partition or (cluster.default_partition if cluster else None) or "default"
     part = _check_partition(cluster, partition, req)
     try:
         req = directives.with_partition_defaults(req, part)
     except ValueError as exc:
         raise InvalidRequest(str(exc)) from None
-    allocation, any_alloc = _allocation_today(session, project, cluster)
+    allocation = subject.allocation_today()
     if allocation is not None:
         try:
             req = directives.check_account(req, allocation.account)
         except UnsupportedDirective as exc:
             raise DirectiveRefused(f"Script line {exc.line}: {exc.text.strip()} — {exc.reason}",
                                    line=exc.line, directive=exc.text.strip()) from None
-    account = cluster and session.exec(select(ClusterAccount).where(
-        ClusterAccount.user_id == user.id, ClusterAccount.cluster_id == cluster.id)).first()
-    by_user, by_project = _active_counts(session, project, user)
+    account = subject.account_username if cluster is not None else None
     ctx = EligibilityContext(
         today=today(), user=user.name,
         project=ProjectView(project.code, project.status, project.access_mode, project.start_date,
                             project.end_date, project.attributes),
-        allocation=_alloc_view(allocation, cluster_name), allocations_on_cluster_exist=any_alloc,
-        cluster_account=account.username if account else None,
+        allocation=_alloc_view(allocation, cluster_name), allocations_on_cluster_exist=bool(subject.allocations),
+        cluster_account=account,
         request=_request_view(cluster_name, partition, req, part),
-        limits=_limits(settings, project.access_mode), active_jobs_user=by_user,
-        active_jobs_project=by_project,
+        limits=_limits(settings, project.access_mode), active_jobs_user=subject.active_jobs_user,
+        active_jobs_project=subject.active_jobs_project,
     )
     denials = [d for policy in load_chain(settings.eligibility_chain)
                if (d := policy.check(ctx)) is not None]
@@ -178,8 +237,7 @@ def prepare(
     estimate = 0
     if cluster is not None and allocation is not None:
         estimate = estimate_micro(cluster, allocation.unit, partition, part, req)
-    return Prepared(project, cluster, cluster_name, partition, allocation,
-                    account.username if account else None, denials, estimate, role, req)
+    return Prepared(project, cluster, cluster_name, partition, allocation, account, denials, estimate, role, req)
 
 
 def _request_view(cluster: str, partition: str, req: EffectiveRequest, part: dict[str, Any] | None) -> JobRequestView:

@@ -17,6 +17,7 @@ from datetime import datetime
 import sqlalchemy as sa
 from sqlmodel import Session
 
+from broker.db import insert_row
 from broker.errors import QuotaExceeded
 from broker.models import Allocation, Job, LedgerEntry, pk, utcnow
 
@@ -69,8 +70,7 @@ def reserve(
         allocation_id=pk(allocation), project_id=allocation.project_id, kind="reserve",
         amount=amount, job_id=job_id, user_id=user_id, actor=actor, reason="job estimate",
     )
-    session.add(entry)
-    session.flush()
+    insert_row(session, entry)  # one Core INSERT (the hot path: no unit of work)
     table = Allocation.__table__  # type: ignore[attr-defined]
     result = session.execute(
         sa.update(table)

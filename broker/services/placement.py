@@ -40,7 +40,7 @@ from broker.registry import AdapterRegistry
 from broker.schemas import CandidateOut, DenialOut, JobRequest, Money, PlacementOut
 from broker.services.clusters import adapter_for, breaker_retry_after
 from broker.services.common import to_units
-from broker.services.eligibility import effective, prepare
+from broker.services.eligibility import effective, load_subject, prepare
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +152,9 @@ def gather(
         cand = Candidate(cluster.name, partition, body=concrete, cluster_id=cluster.id or 0)
         candidates.append(cand)
         try:
-            prep = prepare(session, settings=settings, user=user, project=project, body=concrete,
+            subject = load_subject(session, user=user.name, project=project.code, cluster=cluster.name)
+            assert subject is not None  # the caller loaded both
+            prep = prepare(session, settings=settings, subject=subject, body=concrete,
                            is_quota_manager=is_quota_manager)
         except InvalidRequest as exc:  # e.g. no such partition there, longer than its limit
             invalid.append(exc)
