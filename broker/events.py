@@ -18,7 +18,7 @@ has seen id 8 could miss a 7 committed later:
 from __future__ import annotations
 
 import zlib
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import datetime
 
 import sqlalchemy as sa
@@ -33,6 +33,7 @@ __all__ = ["CHANNEL", "Transition", "record", "record_for"]
 CHANNEL = "aifa_job_events"
 _LOCK_KEY = zlib.crc32(b"aifa:job_events")
 _PENDING = "aifa_job_events"
+_INSERT = sa.insert(JobEvent.__table__)  # type: ignore[attr-defined]
 _LOCK_AND_NOTIFY = sa.text("SELECT pg_advisory_xact_lock(:k), pg_notify(:channel, '')")
 
 
@@ -76,8 +77,10 @@ def _write_pending(session: Session) -> None:
         session.execute(_LOCK_AND_NOTIFY, {"k": _LOCK_KEY, "channel": CHANNEL})
     # stamped at the commit, not when noted: a transition happens when it is committed
     committed = utcnow()
-    rows = [{**asdict(p), "occurred_at": committed} for p in pending]
-    session.execute(sa.insert(JobEvent.__table__), rows)  # type: ignore[attr-defined]
+    rows = [{"job_id": p.job_id, "project_id": p.project_id, "user_id": p.user_id, "state": p.state,
+             "previous_state": p.previous_state, "pending_reason": p.pending_reason, "occurred_at": committed}
+            for p in pending]  # not dataclasses.asdict: it deep-copies, and this runs at every commit
+    session.execute(_INSERT, rows[0] if len(rows) == 1 else rows)
 
 
 @event.listens_for(Session, "after_rollback")

@@ -46,7 +46,7 @@ from sqlmodel import Session, col, select
 from broker.config import Settings
 from broker.db import session_scope
 from broker.errors import InvalidRequest
-from broker.models import Job, JobEvent, JobWebhook, JobWebhookDelivery, utcnow
+from broker.models import JobEvent, JobWebhook, JobWebhookDelivery, utcnow
 from broker.schemas import JobNotify
 from broker.states import TERMINAL_STATES
 from broker.webhooks import attempt_delivery, claim, finish
@@ -108,9 +108,9 @@ def check_url(url: str, settings: Settings) -> str:
     return url
 
 
-def attach(session: Session, settings: Settings, *, job: Job, notify: JobNotify) -> None:
+def attach(session: Session, settings: Settings, *, job_id: str, notify: JobNotify) -> None:
     """Store the job's webhook (in the job's transaction: both exist, or neither)."""
-    session.add(JobWebhook(job_id=job.id, url=check_url(notify.url, settings), secret=notify.secret,
+    session.add(JobWebhook(job_id=job_id, url=check_url(notify.url, settings), secret=notify.secret,
                            states=list(notify.on)))
 
 

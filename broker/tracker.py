@@ -10,13 +10,15 @@ replica at a time (PostgreSQL advisory lock), and settlement is idempotent anywa
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import timedelta
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
@@ -27,7 +29,7 @@ from broker.adapter import AdapterError, ClusterAdapter, Health, JobStatus, Sche
 from broker.config import Settings
 from broker.db import session_scope
 from broker.metrics import TRACKER_CYCLE
-from broker.models import Cluster, ImportedJob, Job, JobTask, utcnow
+from broker.models import Cluster, ImportedJob, Job, JobTask, UTCDateTime, utcnow
 from broker.registry import AdapterRegistry
 from broker.services import arrays
 from broker.services.clusters import adapter_for, scheduler_group_ids
@@ -64,6 +66,39 @@ def named_lease(engine: Engine, name: str) -> Iterator[bool]:
             if got:
                 conn.execute(sa.text("SELECT pg_advisory_unlock(:k)"), {"k": key})
             conn.commit()
+
+
+#: what a polling cycle reads of each live job
+LIVE_COLUMNS = ("id", "scheduler_job_id", "username", "submitted_at", "project_id", "user_id", "state",
+                "raw_state", "unknown_since", "started_at", "pending_reason", "expected_start_at", "array_counts")
+
+
+def _is_array(row: Any) -> bool:
+    """An array job (its task counts are kept from its creation on)."""
+    return row.array_counts is not None
+
+
+@functools.cache
+def _live_jobs_statement() -> sa.Select[Any]:
+    """A cluster's jobs the scheduler has and that are not settled (built once)."""
+    table = Job.__table__  # type: ignore[attr-defined]
+    return sa.select(*(table.c[c] for c in LIVE_COLUMNS)).where(
+        table.c.cluster_id == sa.bindparam("cluster_id"), table.c.state.in_(POLLED_STATES),
+        table.c.scheduler_job_id.is_not(None), table.c.settled_at.is_(None))
+
+
+@functools.cache
+def _status_update_statement() -> sa.Update:
+    """One job's new scheduler status, only if it is still unsettled in the state it was read in."""
+    table = Job.__table__  # type: ignore[attr-defined]
+    # parameter names differ from column names (SQLAlchemy reserves those in UPDATE)
+    return (sa.update(table).where(table.c.id == sa.bindparam("b_id"), table.c.state == sa.bindparam("b_was"),
+                                   table.c.settled_at.is_(None))
+            .values(state=sa.bindparam("b_state"), raw_state=sa.bindparam("b_raw"), unknown_since=None,
+                    last_polled_at=sa.bindparam("b_polled", type_=UTCDateTime),
+                    started_at=sa.bindparam("b_started", type_=UTCDateTime),
+                    pending_reason=sa.bindparam("b_reason"),
+                    expected_start_at=sa.bindparam("b_expected", type_=UTCDateTime)))
 
 
 class Tracker:
@@ -144,15 +179,20 @@ class Tracker:
 
     # --- polling ---------------------------------------------------------------------
     def poll_cluster(self, cluster: Cluster, adapter: ClusterAdapter) -> None:
-        """One batched poll; settle what accounting confirms; UNKNOWN when unreachable."""
+        """One batched poll; settle what accounting confirms; UNKNOWN when unreachable.
+
+        The live jobs are read once, as plain rows of the columns the comparison needs
+        (no ORM objects: memory and CPU stay small at 10,000 jobs); a changed job is
+        written with an UPDATE conditional on the state it was read in, so a job that
+        moved meanwhile (settled, cancelled) is left to the next cycle."""
         with session_scope(self.engine) as session:
-            jobs = list(session.exec(self._live_jobs(cluster)).all())
-            tasks = arrays.unsettled_tasks(session, [j.id for j in jobs if arrays.is_array(j)])
+            jobs = session.execute(_live_jobs_statement(), {"cluster_id": cluster.id}).all()
+            tasks = arrays.unsettled_tasks(session, [j.id for j in jobs if _is_array(j)])
         # an array job is one ref (one scheduler job) naming the tasks still tracked
         refs = [SchedulerJobRef(job_id=j.scheduler_job_id or "", username=j.username, tag=j.id,
                                 submit_time=j.submitted_at,
                                 array_tasks=tuple(t.task for t in tasks.get(j.id, []))
-                                if arrays.is_array(j) else None) for j in jobs]
+                                if _is_array(j) else None) for j in jobs]
         if not refs:
             self._probe_idle(cluster, adapter)
             return
@@ -166,40 +206,42 @@ class Tracker:
         tasks_ended: dict[str, list[tuple[int, JobStatus]]] = {}
         with session_scope(self.engine) as session:
             self._mark_reachable(session, cluster)
-            # one query for the current rows (not one per job); unchanged jobs are not written
-            live_jobs = list(session.exec(self._live_jobs(cluster)).all())
-            live_tasks = arrays.unsettled_tasks(session, [j.id for j in live_jobs if arrays.is_array(j)])
-            for live in live_jobs:
-                if arrays.is_array(live):
+            array_ids = [j.id for j in jobs if _is_array(j)]
+            if array_ids:  # arrays (few): their rows and tasks as objects, read in this transaction
+                live_tasks = arrays.unsettled_tasks(session, array_ids)
+                for live in session.exec(select(Job).where(col(Job.id).in_(array_ids),
+                                                           col(Job.settled_at).is_(None))).all():
                     self._apply_tasks(session, live, live_tasks.get(live.id, []), by_id, tasks_ended,
                                       grace=self.settings.array_cancel_grace_seconds)
+            for row in jobs:  # unchanged jobs are not written
+                if _is_array(row):
                     continue
-                status = by_id.get(live.scheduler_job_id or "")
+                status = by_id.get(row.scheduler_job_id or "")
                 if status is None:
                     continue
                 if status.final and status.state in TERMINAL_STATES:
-                    ended.append((live.id, status))
+                    ended.append((row.id, status))
                 else:
-                    self._apply_status(session, cluster, live, status)
+                    self._apply_status(session, cluster, row, status)
         # Each settlement in its own short transaction: settling updates the allocation's
         # row, which every submission on that allocation queues for; settling a whole
         # cycle's worth in the batch above held that lock for the entire cycle.
         for job_id, status in ended:
             with session_scope(self.engine) as session:
-                live = session.get(Job, job_id)
-                if live is not None and live.settled_at is None:
-                    settle(session, job=live, status=status, cost_model=cluster.cost_model)
+                job = session.get(Job, job_id)
+                if job is not None and job.settled_at is None:
+                    settle(session, job=job, status=status, cost_model=cluster.cost_model)
         for job_id, done in tasks_ended.items():  # an array: its ended tasks, one transaction per job
             with session_scope(self.engine) as session:
-                live = session.get(Job, job_id)
-                if live is None or live.settled_at is not None:
+                array_job = session.get(Job, job_id)
+                if array_job is None or array_job.settled_at is not None:
                     continue
                 for task_id, status in done:
                     task = session.get(JobTask, task_id)
                     if task is not None and task.settled_at is None:
-                        arrays.settle_task(session, job=live, task=task, status=status,
+                        arrays.settle_task(session, job=array_job, task=task, status=status,
                                            cost_model=cluster.cost_model)
-                arrays.refresh(session, job=live)
+                arrays.refresh(session, job=array_job)
 
     @staticmethod
     def _apply_tasks(session: Session, live: Job, tasks: list[JobTask], by_id: dict[str, JobStatus],
@@ -225,14 +267,13 @@ class Tracker:
                 expected = min(expected or status.expected_start, status.expected_start)
         arrays.refresh(session, job=live, expected_start=expected)
 
-    @staticmethod
-    def _live_jobs(cluster: Cluster):  # type: ignore[no-untyped-def]
-        return select(Job).where(Job.cluster_id == cluster.id, col(Job.state).in_(POLLED_STATES),
-                                 col(Job.scheduler_job_id).is_not(None), col(Job.settled_at).is_(None))
-
-    def _apply_status(self, session: Session, cluster: Cluster, live: Job, status: JobStatus) -> None:
+    def _apply_status(self, session: Session, cluster: Cluster, live: Any, status: JobStatus) -> None:
+        """Write what changed of one live job (``live``: a row of :data:`LIVE_COLUMNS`
+        or a loaded job); settle it when accounting says it ended."""
         if status.final and status.state in TERMINAL_STATES:
-            settle(session, job=live, status=status, cost_model=cluster.cost_model)
+            job = session.get(Job, live.id)
+            if job is not None:
+                settle(session, job=job, status=status, cost_model=cluster.cost_model)
             return
         # not final yet: a terminal word from the queue waits for accounting
         new_state = JobState.COMPLETING if status.state in TERMINAL_STATES else status.state
@@ -247,15 +288,14 @@ class Tracker:
                 live.expected_start_at) == (new_state.value, status.raw_state[:64], None, started,
                                             pending_reason, expected):
             return
-        if (live.state, live.pending_reason) != (new_state.value, pending_reason):
-            events.record_for(session, live, state=new_state.value, previous=live.state,
-                          pending_reason=pending_reason)
-        live.state, live.raw_state, live.unknown_since = new_state.value, status.raw_state[:64], None
-        live.last_polled_at, live.started_at = utcnow(), started
-        live.pending_reason, live.expected_start_at = pending_reason, expected
-        session.add(live)
+        moved = session.execute(_status_update_statement(), {
+            "b_id": live.id, "b_was": live.state, "b_state": new_state.value, "b_raw": status.raw_state[:64],
+            "b_polled": utcnow(), "b_started": started, "b_reason": pending_reason, "b_expected": expected})
+        if moved.rowcount and (live.state, live.pending_reason) != (new_state.value, pending_reason):  # type: ignore[attr-defined]
+            events.record(session, job_id=live.id, project_id=live.project_id, user_id=live.user_id,
+                          state=new_state.value, previous=live.state, pending_reason=pending_reason)
 
-    def _mark_unreachable(self, cluster: Cluster, jobs: list[Job], exc: AdapterError) -> None:
+    def _mark_unreachable(self, cluster: Cluster, jobs: Sequence[Any], exc: AdapterError) -> None:
         log.warning("cluster %s unreachable: %s", cluster.name, exc)
         now = utcnow()
         with session_scope(self.engine) as session:
@@ -267,7 +307,8 @@ class Tracker:
                 return
             for job in jobs:
                 if job.state != JobState.UNKNOWN.value:
-                    events.record_for(session, job, state=JobState.UNKNOWN.value, previous=job.state)
+                    events.record(session, job_id=job.id, project_id=job.project_id, user_id=job.user_id,
+                                  state=JobState.UNKNOWN.value, previous=job.state)
             table = Job.__table__  # type: ignore[attr-defined]
             session.execute(
                 sa.update(table).where(table.c.id.in_([j.id for j in jobs]), table.c.settled_at.is_(None))

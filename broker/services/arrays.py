@@ -26,6 +26,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from datetime import datetime
+from typing import Any
 
 import sqlalchemy as sa
 from sqlmodel import Session, col, select
@@ -47,6 +48,7 @@ __all__ = [
     "array_spec",
     "create_tasks",
     "finish_if_done",
+    "initial_counts",
     "is_array",
     "settle_task",
     "shares",
@@ -74,13 +76,18 @@ def shares(total: int, count: int) -> list[int]:
     return [total * (i + 1) // count - total * i // count for i in range(count)]
 
 
-def create_tasks(session: Session, *, job: Job, spec: ArraySpec) -> None:
-    """One row per task, each holding its share of the job's reservation."""
-    rows = [{"job_id": job.id, "task": task, "state": JobState.ACCEPTED.value, "reserved": share,
+def initial_counts(spec: ArraySpec) -> dict[str, int]:
+    """A new array job's ``array_counts`` (written with its row)."""
+    return {JobState.ACCEPTED.value: spec.count}
+
+
+def create_tasks(session: Session, *, job_id: str, reserved: int, spec: ArraySpec) -> None:
+    """One row per task, each holding its share of the job's reservation ``reserved``
+    (the job row itself carries :func:`initial_counts`)."""
+    rows = [{"job_id": job_id, "task": task, "state": JobState.ACCEPTED.value, "reserved": share,
              "alloc_tres": {}}
-            for task, share in zip(spec.task_ids, shares(job.reserved, spec.count), strict=True)]
+            for task, share in zip(spec.task_ids, shares(reserved, spec.count), strict=True)]
     session.execute(sa.insert(JobTask.__table__), rows)  # type: ignore[attr-defined]
-    job.array_counts = {JobState.ACCEPTED.value: spec.count}
 
 
 def unsettled_tasks(session: Session, job_ids: Sequence[str]) -> dict[str, list[JobTask]]:
@@ -283,8 +290,9 @@ def _partition_info(session: Session, job: Job) -> dict[str, object] | None:
     return next((dict(p) for p in parts if p.get("name") == job.partition), None)
 
 
-def array_out(job: Job) -> ArrayOut | None:
-    """The ``array`` object of the job record (None for a plain job)."""
+def array_out(job: Any) -> ArrayOut | None:
+    """The ``array`` object of the job record (None for a plain job); ``job``: a
+    loaded job or a row with its ``request`` and ``array_counts``."""
     text = (job.request or {}).get("array")
     if not text:
         return None

@@ -94,18 +94,18 @@ def submit_once(
                                     principal=principal, body=body)
         return Answer(result.status, result.job.model_dump(mode="json"))
     validate_key(key)
-    with session_scope(engine) as session:
-        user_id = get_or_create_user(session, principal.name, principal.email).id or 0
     digest = request_hash(body.model_dump(mode="json"))
-    got = begin(engine, user_id=user_id, key=key, digest=digest, ttl_hours=settings.idempotency_ttl_hours,
+    got = begin(engine, principal=principal, key=key, digest=digest, ttl_hours=settings.idempotency_ttl_hours,
                 lease_seconds=settings.idempotency_lease_seconds)
     if isinstance(got, Answer):
         return got
     claim = got
     try:
-        result = job_service.submit(engine=engine, settings=settings, registry=registry,
-                                    principal=principal, body=body,
-                                    link=lambda session, job_id: link_job(session, claim, job_id))
+        result = job_service.submit(
+            engine=engine, settings=settings, registry=registry, principal=principal, body=body,
+            link=lambda session, job_id: link_job(session, claim, job_id),
+            keep=lambda session, kept: _store(session, claim, status=kept.status,
+                                              body=kept.job.model_dump(mode="json")))
     except BrokerError as exc:
         if exc.status >= 500:
             _quietly(release, engine, claim)  # the client may retry with the same key
@@ -116,7 +116,8 @@ def submit_once(
         _quietly(release, engine, claim)
         raise
     answer = Answer(result.status, result.job.model_dump(mode="json"))
-    finish(engine, claim, status=answer.status, body=answer.body)
+    if not result.kept:  # else stored with the scheduler id, in one transaction
+        finish(engine, claim, status=answer.status, body=answer.body)
     return answer
 
 
@@ -130,16 +131,23 @@ def _quietly(fn: Callable[..., None], *args: Any, **kwargs: Any) -> None:
 
 
 def begin(
-    engine: Engine, *, user_id: int, key: str, digest: str, ttl_hours: int, lease_seconds: float,
+    engine: Engine, *, key: str, digest: str, ttl_hours: int, lease_seconds: float,
+    user_id: int | None = None, principal: Principal | None = None,
 ) -> Claim | Answer:
     """Claim ``key`` for this request, take over a claim whose lease ran out, or return
-    the answer to give (a stored one, or the job a dead holder created)."""
+    the answer to give (a stored one, or the job a dead holder created).
+
+    The key belongs to ``user_id``, or to ``principal``'s user (looked up — created on
+    first sight — in the claim's own transaction)."""
     owner = uuid.uuid4().hex
     for _attempt in range(5):
         now = utcnow()
         lease_until = now + timedelta(seconds=lease_seconds)
         try:
             with session_scope(engine) as session:
+                if principal is not None:
+                    user_id = get_or_create_user(session, principal.name, principal.email).id or 0
+                assert user_id is not None, "begin() needs user_id or principal"
                 rec = _load(session, user_id, key)
                 if rec is not None and rec.expires_at < now:
                     session.delete(rec)
@@ -221,9 +229,14 @@ def link_job(session: Session, claim: Claim, job_id: str) -> None:
 def finish(engine: Engine, claim: Claim, *, status: int, body: dict[str, Any]) -> None:
     """Store the answer to replay (only while this request still holds the claim)."""
     with session_scope(engine) as session:
-        session.execute(sa.update(_TABLE).where(_TABLE.c.user_id == claim.user_id, _TABLE.c.key == claim.key,
-                                                _TABLE.c.owner == claim.owner)
-                        .values(state="done", response_status=status, response_body=body))
+        _store(session, claim, status=status, body=body)
+
+
+def _store(session: Session, claim: Claim, *, status: int, body: dict[str, Any]) -> None:
+    """:func:`finish` inside the caller's transaction."""
+    session.execute(sa.update(_TABLE).where(_TABLE.c.user_id == claim.user_id, _TABLE.c.key == claim.key,
+                                            _TABLE.c.owner == claim.owner)
+                    .values(state="done", response_status=status, response_body=body))
 
 
 def release(engine: Engine, claim: Claim) -> None:

@@ -16,6 +16,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
+from types import SimpleNamespace
 from typing import Any
 
 import sqlalchemy as sa
@@ -34,7 +35,7 @@ from broker.adapter import (
 from broker.auth import Principal
 from broker.config import Settings
 from broker.cost import MAX_MICRO, cost_micro, memory_rule
-from broker.db import insert_row, session_scope
+from broker.db import insert_values, session_scope
 from broker.directives import EffectiveRequest
 from broker.errors import (
     BrokerError,
@@ -47,7 +48,7 @@ from broker.errors import (
     QuotaExceeded,
 )
 from broker.metrics import DENIALS, SETTLEMENTS, SUBMISSIONS, SUBMIT_ERRORS
-from broker.models import Allocation, Cluster, Job, JobTask, Membership, Project, User, utcnow
+from broker.models import Allocation, Cluster, Job, JobTask, Membership, Project, User, UTCDateTime, utcnow
 from broker.policy import Denial
 from broker.registry import AdapterRegistry
 from broker.schemas import DenialOut, EstimateOut, JobOut, JobPage, JobRequest, JobTaskOut, JobTaskPage, Money
@@ -82,7 +83,13 @@ class SubmitFailed(BrokerError):
     status, code, title = 422, "submit_rejected", "The cluster refused the job"
 
 
-def job_out(job: Job, *, project: str, cluster: str, user: str) -> JobOut:
+#: a job row's columns not set at submission (a fresh row as :func:`job_out` reads it)
+_UNSET_JOB_COLUMNS = dict.fromkeys(("raw_state", "scheduler_job_id", "charged", "elapsed_seconds", "submitted_at",
+                                    "started_at", "ended_at", "unknown_since", "exit_code", "reason",
+                                    "pending_reason", "expected_start_at"))
+
+
+def job_out(job: Job | SimpleNamespace | sa.Row[Any], *, project: str, cluster: str, user: str) -> JobOut:
     return JobOut(
         id=job.id, project=project, cluster=cluster, user=user, name=job.name,
         partition=job.partition, state=job.state, raw_state=job.raw_state,
@@ -189,20 +196,33 @@ LinkIntent = Callable[[Session, str], None]
 class SubmitResult:
     status: int
     job: JobOut
+    #: the answer was handed to ``keep`` in the transaction that recorded the scheduler id
+    kept: bool = False
+
+
+#: called with the session and the 201 answer inside the transaction that records the
+#: scheduler's id (the idempotency key stores its answer there: one commit, not two)
+KeepAnswer = Callable[[Session, SubmitResult], None]
 
 
 def _reserve(
     engine: Engine, settings: Settings, principal: Principal, body: JobRequest, link: LinkIntent | None = None,
 ) -> tuple[Job, JobSpec, Cluster]:
     """The reservation step alone (tests simulate a crash right after it)."""
-    job, spec, cluster, _ = _reserve_answer(engine, settings, principal, body, link)
-    return job, spec, cluster
+    job_id, spec, cluster, _ = _reserve_answer(engine, settings, principal, body, link)
+    with session_scope(engine) as session:
+        job = session.get(Job, job_id)
+        assert job is not None
+        return job, spec, cluster
 
 
 def _reserve_answer(
     engine: Engine, settings: Settings, principal: Principal, body: JobRequest, link: LinkIntent | None,
     placed: dict[str, Any] | None = None,
-) -> tuple[Job, JobSpec, Cluster, JobOut]:
+) -> tuple[str, JobSpec, Cluster, JobOut]:
+    """Check and reserve in one transaction: the job row ``ACCEPTED``, its reserve
+    ledger row and the allocation's balance, committed. Returns the job's id, what
+    to submit, the cluster and the answer as committed."""
     with session_scope(engine) as session:
         user, prep = _prepare_for(session, settings, principal, body)
         if prep.denials:
@@ -225,30 +245,39 @@ def _reserve_answer(
         record = {"project": body.project, "cluster": cluster.name, "script": body.script, **req.record()}
         if body.notify is not None:  # never the secret
             record["notify"] = {"url": body.notify.url, "on": body.notify.on}
-        job = Job(id=uuid.uuid4().hex, project_id=prep.project.id or 0, cluster_id=cluster.id or 0,
-                  user_id=user.id or 0, allocation_id=alloc.id or 0, name=req.name,
-                  partition=prep.partition, request=record, username=prep.account_username,
-                  account=alloc.account, unit=alloc.unit, estimated=prep.estimate,
-                  reserved=prep.estimate, submit_attempted_at=utcnow(), placement=placed)
-        insert_row(session, job)  # Core: the ORM's unit of work cost more CPU than the rest
-        events.record_for(session, job, state=JobState.ACCEPTED.value, previous=None)
+        now = utcnow()
+        # the row as a plain mapping, inserted with one Core statement: building a table
+        # model and flushing it through the unit of work cost more CPU than the rest
+        row: dict[str, Any] = {
+            "id": uuid.uuid4().hex, "project_id": prep.project.id or 0, "cluster_id": cluster.id or 0,
+            "user_id": user.id or 0, "allocation_id": alloc.id or 0, "name": req.name,
+            "partition": prep.partition, "request": record, "username": prep.account_username,
+            "account": alloc.account, "state": JobState.ACCEPTED.value, "unit": alloc.unit,
+            "estimated": prep.estimate, "reserved": prep.estimate, "alloc_tres": {}, "created_at": now,
+            "submit_attempted_at": now, "placement": placed,
+            "array_counts": None if req.array is None else arrays.initial_counts(req.array)}
+        insert_values(session, Job, row)
+        job_id = row["id"]
+        events.record(session, job_id=job_id, project_id=row["project_id"], user_id=row["user_id"],
+                      state=JobState.ACCEPTED.value, previous=None)
         if body.notify is not None:  # checked here: a refused URL reserves nothing
-            job_webhooks.attach(session, settings, job=job, notify=body.notify)
+            job_webhooks.attach(session, settings, job_id=job_id, notify=body.notify)
         if link is not None:
-            link(session, job.id)  # same transaction: the job exists iff its key knows it
+            link(session, job_id)  # same transaction: the job exists iff its key knows it
         try:
-            ledger.reserve(session, allocation=alloc, amount=prep.estimate, job_id=job.id,
+            ledger.reserve(session, allocation=alloc, amount=prep.estimate, job_id=job_id,
                            user_id=user.id, actor=user.name)
         except QuotaExceeded as exc:
             DENIALS.labels("quota_exceeded").inc()
             raise _quota_answer(session, alloc, prep.estimate) from exc
         if req.array is not None:  # one row per task, each with its share of the reservation
-            arrays.create_tasks(session, job=job, spec=req.array)
-        spec = job_spec(req, tag=job.id, username=prep.account_username, account=alloc.account,
+            arrays.create_tasks(session, job_id=job_id, reserved=row["reserved"], spec=req.array)
+        spec = job_spec(req, tag=job_id, username=prep.account_username, account=alloc.account,
                         partition=prep.partition, dependency=dependency)
         # the answer as committed (no reload: names are known here, values set by us)
-        accepted = job_out(job, project=prep.project.code, cluster=cluster.name, user=user.name)
-        return job, spec, cluster, accepted
+        accepted = job_out(SimpleNamespace(**_UNSET_JOB_COLUMNS, **row), project=prep.project.code,
+                           cluster=cluster.name, user=user.name)
+        return job_id, spec, cluster, accepted
 
 
 def job_spec(req: EffectiveRequest, *, tag: str, username: str, account: str, partition: str | None,
@@ -268,7 +297,7 @@ def job_spec(req: EffectiveRequest, *, tag: str, username: str, account: str, pa
 def _reserve_placed(
     engine: Engine, settings: Settings, registry: AdapterRegistry, principal: Principal, body: JobRequest,
     link: LinkIntent | None,
-) -> tuple[Job, JobSpec, Cluster, JobOut]:
+) -> tuple[str, JobSpec, Cluster, JobOut]:
     with session_scope(engine) as session:
         placed = _place(session, settings, registry, principal, body)
     order = placement.ranked(placed, settings=settings)
@@ -323,48 +352,54 @@ def _scheduler_dependency(session: Session, req: EffectiveRequest, *, user: User
 
 def submit(
     *, engine: Engine, settings: Settings, registry: AdapterRegistry, principal: Principal,
-    body: JobRequest, link: LinkIntent | None = None,
+    body: JobRequest, link: LinkIntent | None = None, keep: KeepAnswer | None = None,
 ) -> SubmitResult:
     """Check, reserve, submit and record one job. See the module docstring.
 
     ``link(session, job_id)`` runs in the transaction that writes the job row (the
     idempotency claim records the job there); raising from it writes nothing.
+    ``keep(session, answer)`` runs in the transaction that records the scheduler's id,
+    with the 201 answer (then ``kept`` is set on the result).
 
     ``cluster: auto``: placement chooses the cluster (broker.services.placement) and
     only its allocation is reserved; if its budget or state changed since, the next
     candidate in the policy's order is tried."""
     if body.cluster == placement.AUTO:
-        job, spec, cluster, accepted = _reserve_placed(engine, settings, registry, principal, body, link)
+        job_id, spec, cluster, accepted = _reserve_placed(engine, settings, registry, principal, body, link)
     else:
-        job, spec, cluster, accepted = _reserve_answer(engine, settings, principal, body, link)
+        job_id, spec, cluster, accepted = _reserve_answer(engine, settings, principal, body, link)
     try:
         ref = adapter_for(registry, cluster).submit(spec)
     except SubmitOutcomeUnknown as exc:
-        log.warning("submit of job %s on %s: outcome unknown (%s); reconciling", job.id, cluster.name, exc)
+        log.warning("submit of job %s on %s: outcome unknown (%s); reconciling", job_id, cluster.name, exc)
         SUBMIT_ERRORS.labels(cluster.name, exc.code).inc()
         return SubmitResult(202, accepted)
     except AdapterError as exc:
         SUBMIT_ERRORS.labels(cluster.name, exc.code).inc()
-        mark_submit_failed(engine, job_id=job.id, reason=f"{exc.code}: {exc}")
+        mark_submit_failed(engine, job_id=job_id, reason=f"{exc.code}: {exc}")
         if isinstance(exc, ClusterUnreachable):
             with session_scope(engine) as session:
                 trip_breaker(session, cluster_id=cluster.id or 0, detail=f"submit: {exc}")
         if exc.transient:
             raise ClusterUnavailable(f"Cluster {cluster.name} cannot take jobs right now: {exc}",
-                                     retry_after=30, job_id=job.id) from exc
+                                     retry_after=30, job_id=job_id) from exc
         raise SubmitFailed(f"Cluster {cluster.name} refused the job: {exc}", code=exc.code,
-                           job_id=job.id) from exc
+                           job_id=job_id) from exc
     except Exception:
         # unexpected adapter bug: the job may or may not exist; leave it to reconciliation
-        log.exception("adapter %s failed unexpectedly submitting job %s", cluster.name, job.id)
+        log.exception("adapter %s failed unexpectedly submitting job %s", cluster.name, job_id)
         SUBMIT_ERRORS.labels(cluster.name, "adapter_bug").inc()
         return SubmitResult(202, accepted)
-    submitted_at = record_submitted(engine, job_id=job.id, ref=ref)
+    submitted_at = ref.submit_time or utcnow()
+    answer = SubmitResult(201, accepted.model_copy(update={
+        "state": JobState.PENDING.value, "scheduler_job_id": ref.job_id, "submitted_at": submitted_at}),
+        kept=keep is not None)
+    recorded = record_submitted(engine, job_id=job_id, ref=ref, submitted_at=submitted_at,
+                                then=None if keep is None else lambda session: keep(session, answer))
     SUBMISSIONS.labels(cluster.name).inc()
-    if submitted_at is None:  # the reconciler recorded it first: answer what it wrote
-        return SubmitResult(201, _load_out(engine, job.id))
-    return SubmitResult(201, accepted.model_copy(update={
-        "state": JobState.PENDING.value, "scheduler_job_id": ref.job_id, "submitted_at": submitted_at}))
+    if recorded is None:  # the reconciler recorded it first: answer what it wrote
+        return SubmitResult(201, _load_out(engine, job_id))
+    return answer
 
 
 def answer_for(engine: Engine, *, job_id: str) -> SubmitResult:
@@ -380,25 +415,35 @@ def _load_out(engine: Engine, job_id: str) -> JobOut:
         return job_out_loaded(session, job)
 
 
-def record_submitted(engine: Engine, *, job_id: str, ref: SchedulerJobRef) -> datetime | None:
+def record_submitted(engine: Engine, *, job_id: str, ref: SchedulerJobRef, submitted_at: datetime | None = None,
+                     then: Callable[[Session], None] | None = None) -> datetime | None:
     """ACCEPTED → PENDING with the scheduler id; the recorded submit time, or None if
-    another path got there first."""
-    submitted_at = ref.submit_time or utcnow()
+    another path got there first. ``then(session)`` runs in the same transaction
+    when the job moved."""
+    submitted_at = submitted_at or ref.submit_time or utcnow()
     with session_scope(engine) as session:
-        table = Job.__table__  # type: ignore[attr-defined]
-        moved = session.execute(
-            sa.update(table).where(table.c.id == job_id, table.c.state == JobState.ACCEPTED.value,
-                                   table.c.scheduler_job_id.is_(None))
-            .values(state=JobState.PENDING.value, scheduler_job_id=ref.job_id, submitted_at=submitted_at)
-            .returning(table.c.project_id, table.c.user_id, table.c.request)
-        ).first()
+        moved = session.execute(_record_submitted_statement(), {
+            "job_id": job_id, "sched_id": ref.job_id, "at": submitted_at}).first()
         if moved is None:
             return None
         if (moved[2] or {}).get("array"):
             arrays.mark_submitted(session, job_id=job_id, scheduler_job_id=ref.job_id)
         events.record(session, job_id=job_id, project_id=moved[0], user_id=moved[1],
                       state=JobState.PENDING.value, previous=JobState.ACCEPTED.value)
+        if then is not None:
+            then(session)
         return submitted_at
+
+
+@functools.cache
+def _record_submitted_statement() -> sa.Update:
+    """Built once (building it cost more CPU than running it)."""
+    table = Job.__table__  # type: ignore[attr-defined]
+    return (sa.update(table).where(table.c.id == sa.bindparam("job_id"),
+                                   table.c.state == JobState.ACCEPTED.value, table.c.scheduler_job_id.is_(None))
+            .values(state=JobState.PENDING.value, scheduler_job_id=sa.bindparam("sched_id"),
+                    submitted_at=sa.bindparam("at", type_=UTCDateTime))
+            .returning(table.c.project_id, table.c.user_id, table.c.request))
 
 
 def mark_submit_failed(engine: Engine, *, job_id: str, reason: str) -> bool:
@@ -517,23 +562,37 @@ def get_job(session: Session, *, principal: Principal, job_id: str) -> JobOut:
                           {"job_id": job_id, "me": principal.name}).first() if len(job_id) <= 64 else None
     if row is None:  # a unique prefix of an id (typed by a person): the longer path
         return job_out_loaded(session, _visible_job(session, principal, job_id))
-    job, project, cluster, user = row
-    return job_out(job, project=project, cluster=cluster, user=user)
+    return _row_out(row)
 
 
 @functools.cache
 def _one_job_statement(quota_manager: bool) -> Any:
     """Built once (building a statement costs more CPU than running this one)."""
     caller = Principal(name="", roles=frozenset({"quota_manager"} if quota_manager else set()))
-    return _visible_to(_job_rows(), caller, me=sa.bindparam("me")).where(Job.id == sa.bindparam("job_id"))
+    return _visible_to(_job_rows(), caller, me=sa.bindparam("me")).where(col(Job.id) == sa.bindparam("job_id"))
+
+
+#: the job columns an answer shows (:func:`job_out` reads them by name from a row)
+_OUT_COLUMNS = ("id", "name", "partition", "state", "raw_state", "scheduler_job_id", "unit", "estimated",
+                "reserved", "charged", "elapsed_seconds", "submitted_at", "created_at", "started_at",
+                "ended_at", "unknown_since", "exit_code", "reason", "request", "pending_reason",
+                "expected_start_at", "placement", "array_counts")
 
 
 def _job_rows() -> Any:
-    """Jobs with the names the API shows (project code, cluster and user name)."""
-    return (select(Job, Project.code, Cluster.name, User.name)
-            .join(Project, Project.id == Job.project_id)  # type: ignore[arg-type]
-            .join(Cluster, Cluster.id == Job.cluster_id)  # type: ignore[arg-type]
-            .join(User, User.id == Job.user_id))  # type: ignore[arg-type]
+    """Jobs with the names the API shows (project code, cluster and user name), as
+    plain rows of the columns an answer needs: reads load no ORM objects."""
+    table = Job.__table__  # type: ignore[attr-defined]
+    return (sa.select(*(table.c[c] for c in _OUT_COLUMNS), col(Project.code).label("project_code"),
+                      col(Cluster.name).label("cluster_name"), col(User.name).label("user_name"))
+            .select_from(table)
+            .join(Project, col(Project.id) == table.c.project_id)
+            .join(Cluster, col(Cluster.id) == table.c.cluster_id)
+            .join(User, col(User.id) == table.c.user_id))
+
+
+def _row_out(row: Any) -> JobOut:
+    return job_out(row, project=row.project_code, cluster=row.cluster_name, user=row.user_name)
 
 
 def _visible_to(q: Any, principal: Principal, me: Any = None) -> Any:
@@ -698,20 +757,36 @@ def list_jobs(
 ) -> JobPage:
     """Jobs the caller may see, newest first. Members see their own jobs, PIs their
     project's, quota managers all."""
-    q = _visible_to(_job_rows(), principal)  # one query, whatever the page size
-    if project:
-        q = q.where(Project.code == project)
+    params: dict[str, Any] = {"me": principal.name, "limit": limit + 1, "project": project,
+                              "cluster": cluster, "user": user}
     if state:
-        q = q.where(Job.state == parse_state(state))
-    if cluster:
-        q = q.where(Cluster.name == cluster)
-    if user:
-        q = q.where(User.name == user)
+        params["state"] = parse_state(state)
     if cursor:
-        created, last_id = _decode_cursor(cursor)
-        q = q.where(sa.or_(col(Job.created_at) < created,
-                           sa.and_(col(Job.created_at) == created, col(Job.id) < last_id)))
-    rows = session.exec(q.order_by(col(Job.created_at).desc(), col(Job.id).desc()).limit(limit + 1)).all()
-    items = [job_out(j, project=p, cluster=c, user=u) for j, p, c, u in rows[:limit]]
-    nxt = _encode_cursor(rows[limit - 1][0].created_at, rows[limit - 1][0].id) if len(rows) > limit else None
+        params["created"], params["last_id"] = _decode_cursor(cursor)
+    q = _list_statement(principal.is_quota_manager, bool(project), bool(state), bool(cluster), bool(user),
+                        bool(cursor))
+    rows = session.execute(q, params).all()  # one query, whatever the page size
+    items = [_row_out(r) for r in rows[:limit]]
+    nxt = _encode_cursor(rows[limit - 1].created_at, rows[limit - 1].id) if len(rows) > limit else None
     return JobPage(items=items, next_cursor=nxt)
+
+
+@functools.cache
+def _list_statement(quota_manager: bool, project: bool, state: bool, cluster: bool, user: bool,
+                    cursor: bool) -> Any:
+    """The listing for one combination of filters, built once (values are parameters)."""
+    caller = Principal(name="", roles=frozenset({"quota_manager"} if quota_manager else set()))
+    q = _visible_to(_job_rows(), caller, me=sa.bindparam("me"))
+    if project:
+        q = q.where(col(Project.code) == sa.bindparam("project"))
+    if state:
+        q = q.where(col(Job.state) == sa.bindparam("state"))
+    if cluster:
+        q = q.where(col(Cluster.name) == sa.bindparam("cluster"))
+    if user:
+        q = q.where(col(User.name) == sa.bindparam("user"))
+    if cursor:
+        created = sa.bindparam("created", type_=UTCDateTime)
+        q = q.where(sa.or_(col(Job.created_at) < created,
+                           sa.and_(col(Job.created_at) == created, col(Job.id) < sa.bindparam("last_id"))))
+    return q.order_by(col(Job.created_at).desc(), col(Job.id).desc()).limit(sa.bindparam("limit"))

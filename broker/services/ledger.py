@@ -11,13 +11,14 @@ reserved (−), ``charge``/``import`` → charged (+).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from datetime import datetime
 
 import sqlalchemy as sa
 from sqlmodel import Session
 
-from broker.db import insert_row
+from broker.db import insert_values
 from broker.errors import QuotaExceeded
 from broker.models import Allocation, Job, LedgerEntry, pk, utcnow
 
@@ -55,7 +56,7 @@ def apply(
 def reserve(
     session: Session, *, allocation: Allocation, amount: int, job_id: str, user_id: int | None,
     actor: str,
-) -> LedgerEntry:
+) -> None:
     """Reserve ``amount`` atomically: one conditional UPDATE that succeeds only if
     ``granted - charged - reserved >= amount``, plus its ``reserve`` ledger row.
     Correct under concurrency on PostgreSQL (the row lock taken by UPDATE makes a
@@ -65,22 +66,25 @@ def reserve(
 
     The ledger row is written first, so the allocation's row lock — which every
     submission on this allocation queues for — is held only from the UPDATE to
-    the caller's commit, not across one more round trip."""
-    entry = LedgerEntry(
-        allocation_id=pk(allocation), project_id=allocation.project_id, kind="reserve",
-        amount=amount, job_id=job_id, user_id=user_id, actor=actor, reason="job estimate",
-    )
-    insert_row(session, entry)  # one Core INSERT (the hot path: no unit of work)
-    table = Allocation.__table__  # type: ignore[attr-defined]
-    result = session.execute(
-        sa.update(table)
-        .where(table.c.id == allocation.id)
-        .where(table.c.granted - table.c.charged - table.c.reserved >= amount)
-        .values(reserved=table.c.reserved + amount)
-    )
+    the caller's commit, not across one more round trip. Both are Core statements
+    (the submission path: no unit of work, the UPDATE built once)."""
+    now = utcnow()
+    insert_values(session, LedgerEntry, {
+        "allocation_id": pk(allocation), "project_id": allocation.project_id, "kind": "reserve",
+        "amount": amount, "job_id": job_id, "user_id": user_id, "actor": actor, "reason": "job estimate",
+        "created_at": now, "occurred_at": now, "task": -1})
+    result = session.execute(_reserve_statement(), {"alloc_id": allocation.id, "amount": amount})
     if result.rowcount != 1:  # type: ignore[attr-defined]
         raise QuotaExceeded("The allocation has less budget left than this job's estimate.")
-    return entry
+
+
+@functools.cache
+def _reserve_statement() -> sa.Update:
+    table = Allocation.__table__  # type: ignore[attr-defined]
+    amount = sa.bindparam("amount", type_=sa.BigInteger)
+    return (sa.update(table).where(table.c.id == sa.bindparam("alloc_id"))
+            .where(table.c.granted - table.c.charged - table.c.reserved >= amount)
+            .values(reserved=table.c.reserved + amount))
 
 
 @dataclass(frozen=True)

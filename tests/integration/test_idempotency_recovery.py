@@ -62,7 +62,8 @@ def _submit_and_die(env: BrokerEnv, key: str) -> None:
 def test_crash_between_claim_and_finish_retry_gets_the_job(env: BrokerEnv, monkeypatch: pytest.MonkeyPatch) -> None:
     env.setup_project()
     # the broker dies right after the job reached the cluster, before it stored the answer
-    monkeypatch.setattr(idempotency, "finish", _die)
+    # (stored with the scheduler's id, in one transaction: dying there loses both)
+    monkeypatch.setattr(idempotency, "_store", _die)
     monkeypatch.setattr(idempotency, "_quietly", lambda *a, **k: None)
     _submit_and_die(env, "crash-after-submit")
     monkeypatch.undo()
@@ -71,6 +72,10 @@ def test_crash_between_claim_and_finish_retry_gets_the_job(env: BrokerEnv, monke
     early = _post(env, "crash-after-submit")
     assert early.status_code == 409 and early.json()["code"] == "idempotency_in_progress"
     assert early.headers["content-type"] == "application/problem+json" and int(early.headers["retry-after"]) >= 1
+    with env.engine.connect() as conn:
+        job_id = str(conn.execute(sa.text("SELECT id FROM jobs")).scalar())
+    # the tracker's reconciler finds the job on the cluster by its tag and records its id
+    env.wait_job(job_id, env.auth("alice"), lambda j: j["scheduler_job_id"] is not None)
     time.sleep(LEASE + 0.2)
     retry = _post(env, "crash-after-submit")
     assert retry.status_code == 201, retry.text
@@ -152,3 +157,18 @@ def test_replayed_error_keeps_problem_json(env: BrokerEnv) -> None:
     assert first.json() == second.json() and second.json()["code"] == "quota_exceeded"
     assert second.headers["content-type"] == first.headers["content-type"] == "application/problem+json"
     assert second.headers.get("idempotent-replayed") == "true"
+
+
+def test_the_answer_is_stored_with_the_scheduler_id(env: BrokerEnv, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A keyed submission commits its answer in the transaction that records the
+    scheduler's id: no separate step (``finish``) is left to fail after the job ran."""
+    env.setup_project()
+    monkeypatch.setattr(idempotency, "finish", _die)
+    first = _post(env, "one-commit")
+    assert first.status_code == 201, first.text
+    monkeypatch.undo()
+    assert _key_state(env, "one-commit") == "done"
+    again = _post(env, "one-commit")
+    assert again.status_code == 201 and again.headers.get("idempotent-replayed") == "true"
+    assert again.json() == first.json()
+    env.wait_settled(first.json()["id"], env.auth("alice"))

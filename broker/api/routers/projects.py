@@ -8,6 +8,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Path, Query, Request, Response
 
 from broker.api.deps import PrincipalDep, RegistryDep, SessionDep, SettingsDep
+from broker.api.responses import json_data, json_list
 from broker.api.unit_of_work import UnitOfWorkRoute
 from broker.schemas import (
     MAX_DATE,
@@ -36,8 +37,8 @@ router = APIRouter(prefix="/v1", tags=["projects"], route_class=UnitOfWorkRoute)
 
 
 @router.get("/projects", response_model=list[ProjectOut])
-def list_projects(principal: PrincipalDep, session: SessionDep) -> list[ProjectOut]:
-    return [svc.project_out(session, p) for p in svc.list_projects(session, principal=principal)]
+def list_projects(principal: PrincipalDep, session: SessionDep) -> Response:
+    return json_list(svc.list_project_outs(session, principal=principal))
 
 
 @router.post("/projects", response_model=ProjectOut, status_code=201)
@@ -110,8 +111,8 @@ def project_usage(
     totals: dict[str, float] = {}
     for r in rows:
         totals[r.unit] = round(totals.get(r.unit, 0.0) + r.amount, 6)
-    return {"project": code, "group_by": keys, "from": from_, "to": to, "totals": totals,
-            "rows": [{**r.keys, "unit": r.unit, "amount": r.amount, "jobs": r.jobs} for r in rows]}
+    return json_data({"project": code, "group_by": keys, "from": from_, "to": to, "totals": totals,
+                      "rows": [{**r.keys, "unit": r.unit, "amount": r.amount, "jobs": r.jobs} for r in rows]})
 
 
 @router.get("/usage")

@@ -9,6 +9,7 @@ from fastapi import APIRouter, Query, Request, Response
 from sqlmodel import col, select
 
 from broker.api.deps import PrincipalDep, SessionDep
+from broker.api.responses import json_data
 from broker.api.routers.projects import FromDate, ToDate
 from broker.api.unit_of_work import UnitOfWorkRoute
 from broker.models import Allocation
@@ -40,8 +41,8 @@ def usage_report(
     if _wants_csv(request, format):
         return Response(usage_svc.rows_to_csv(rows, keys), media_type="text/csv",
                         headers={"Content-Disposition": 'attachment; filename="usage.csv"'})
-    return {"group_by": keys, "from": from_, "to": to, "totals": usage_svc.totals_by_unit(rows),
-            "rows": [{**r.keys, "unit": r.unit, "amount": r.amount, "jobs": r.jobs} for r in rows]}
+    return json_data({"group_by": keys, "from": from_, "to": to, "totals": usage_svc.totals_by_unit(rows),
+                      "rows": [{**r.keys, "unit": r.unit, "amount": r.amount, "jobs": r.jobs} for r in rows]})
 
 
 @router.get("/usage/allocations", response_model=None)
@@ -68,15 +69,15 @@ def usage_allocations(
     if _wants_csv(request, format):
         return Response(usage_svc.portfolio_csv(rows), media_type="text/csv",
                         headers={"Content-Disposition": 'attachment; filename="portfolio.csv"'})
-    return {"window_days": window_days, "allocations": rows}
+    return json_data({"window_days": window_days, "allocations": rows})
 
 
-@router.get("/budget")
-def my_budget(principal: PrincipalDep, session: SessionDep, window_days: WindowDays = 14) -> dict[str, Any]:
+@router.get("/budget", response_model=dict[str, Any])
+def my_budget(principal: PrincipalDep, session: SessionDep, window_days: WindowDays = 14) -> Response:
     """The caller's projects: every allocation's granted, used, reserved and remaining
     amounts, burn rate over ``window_days`` and projected exhaustion."""
-    return {"user": principal.name, "window_days": window_days,
-            "allocations": usage_svc.my_budget(session, principal=principal, window_days=window_days)}
+    return json_data({"user": principal.name, "window_days": window_days,
+                      "allocations": usage_svc.my_budget(session, principal=principal, window_days=window_days)})
 
 
 @router.get("/projects/{code}/burndown")

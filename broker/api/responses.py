@@ -1,0 +1,43 @@
+"""Answers serialised once, by pydantic, straight to JSON bytes.
+
+A route that returns a model lets FastAPI check it against ``response_model``, turn
+it into Python objects and ``json.dumps`` those — for a page of jobs that was a
+fifth of the request's CPU. The read paths build their answer models themselves
+(already valid), so they answer with the bytes of ``model_dump_json``; the route
+keeps its ``response_model`` for the OpenAPI document, and the body is the same.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import pydantic_core
+from fastapi import Response
+from pydantic import BaseModel, TypeAdapter
+
+_LISTS: dict[type[BaseModel], TypeAdapter[Any]] = {}
+
+
+def json_model(model: BaseModel, *, status_code: int = 200, headers: Mapping[str, str] | None = None) -> Response:
+    """``model`` as an ``application/json`` answer."""
+    return Response(model.model_dump_json(), status_code=status_code, media_type="application/json",
+                    headers=headers)
+
+
+def json_list(items: Sequence[BaseModel]) -> Response:
+    """A JSON array of models of one type."""
+    if not items:
+        return Response(b"[]", media_type="application/json")
+    kind = type(items[0])
+    adapter = _LISTS.get(kind)
+    if adapter is None:
+        adapter = _LISTS[kind] = TypeAdapter(list[kind])  # type: ignore[valid-type]
+    return Response(adapter.dump_json(list(items)), media_type="application/json")
+
+
+def json_data(data: Any) -> Response:
+    """Plain data (dicts, lists, numbers, strings, dates) as JSON in one pass of
+    pydantic-core — what FastAPI's ``jsonable_encoder`` + ``json.dumps`` give, without
+    walking every value in Python first (the portfolio of 1,000 allocations: ~30,000)."""
+    return Response(pydantic_core.to_json(data), media_type="application/json")
