@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import threading
 import time
 import zlib
 from collections.abc import Iterator, Sequence
@@ -26,6 +25,7 @@ from sqlmodel import Session, col, select
 
 from broker import events
 from broker.adapter import AdapterError, ClusterAdapter, Health, JobStatus, SchedulerJobRef
+from broker.background import BackgroundLoop
 from broker.config import Settings
 from broker.db import session_scope
 from broker.metrics import TRACKER_CYCLE
@@ -101,10 +101,14 @@ def _status_update_statement() -> sa.Update:
                     expected_start_at=sa.bindparam("b_expected", type_=UTCDateTime)))
 
 
-class Tracker:
+class Tracker(BackgroundLoop):
     """Polls clusters, settles finished jobs, reconciles and imports usage."""
 
+    thread_name = "aifa-tracker"
+    failure_message = "tracker cycle failed"
+
     def __init__(self, engine: Engine, settings: Settings, registry: AdapterRegistry) -> None:
+        super().__init__()
         self.engine = engine
         self.settings = settings
         self.registry = registry
@@ -113,31 +117,22 @@ class Tracker:
         self._next_reconcile: dict[str, float] = {}
         self._next_enforce: dict[str, float] = {}
         self._next_probe: dict[str, float] = {}
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
         #: accounting import: its own thread and schedule, never inside a polling cycle
         self.importer = UsageImporter(engine, settings, registry)
 
     # --- lifecycle -----------------------------------------------------------------
     def start(self) -> None:
         """Start polling and the usage importer, each on its own thread."""
-        self._thread = threading.Thread(target=self.run_forever, name="aifa-tracker", daemon=True)
-        self._thread.start()
+        super().start()
         self.importer.start()
 
     def stop(self, timeout: float = 10.0) -> None:
         self._stop.set()
         self.importer.stop(timeout)
-        if self._thread:
-            self._thread.join(timeout)
+        super().stop(timeout)
 
-    def run_forever(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.run_cycle()
-            except Exception:  # the loop must survive any single failure
-                log.exception("tracker cycle failed")
-            self._stop.wait(self.settings.tracker_interval_seconds)
+    def pause_seconds(self) -> float:
+        return self.settings.tracker_interval_seconds
 
     def run_cycle(self, *, force: bool = False) -> None:
         """One pass: every due cluster is polled, and reconciled when due (usage import

@@ -39,7 +39,6 @@ tracker's polling cycle, so a long accounting import cannot delay polling. Rules
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Iterable, Sequence
 from datetime import datetime, timedelta
@@ -50,6 +49,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
 from broker.adapter import AdapterError, UsageRecord
+from broker.background import BackgroundLoop
 from broker.config import Settings
 from broker.cost import cost_micro, memory_rule
 from broker.db import session_scope
@@ -74,33 +74,21 @@ def group_key(cluster: Cluster) -> str:
     return cluster.scheduler_identity or f"definition:{cluster.name}"
 
 
-class UsageImporter:
+class UsageImporter(BackgroundLoop):
     """Imports accounting usage per scheduler on its own thread (see the module docstring)."""
 
+    thread_name = "aifa-usage-import"
+    failure_message = "usage import cycle failed"
+
     def __init__(self, engine: Engine, settings: Settings, registry: AdapterRegistry) -> None:
+        super().__init__()
         self.engine = engine
         self.settings = settings
         self.registry = registry
         self._next: dict[str, float] = {}
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
 
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self.run_forever, name="aifa-usage-import", daemon=True)
-        self._thread.start()
-
-    def stop(self, timeout: float = 10.0) -> None:
-        self._stop.set()
-        if self._thread:
-            self._thread.join(timeout)
-
-    def run_forever(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.run_cycle()
-            except Exception:  # the loop must survive any single failure
-                log.exception("usage import cycle failed")
-            self._stop.wait(min(self.settings.tracker_interval_seconds, 1.0))
+    def pause_seconds(self) -> float:
+        return min(self.settings.tracker_interval_seconds, 1.0)
 
     def run_cycle(self, *, force: bool = False) -> int:
         """Import every due scheduler group once; returns the number of jobs imported."""

@@ -223,7 +223,9 @@ def allocation_summaries(
     if project_ids is not None:
         burned_q = burned_q.where(le.project_id.in_(project_ids))
     burned = {int(a): int(s or 0) for a, s in session.execute(burned_q).all()}
-    q = (select(Allocation, Project, Cluster)
+    # the cluster's name only: a whole cluster row (connection, partitions, cost model
+    # as JSON) was decoded again for every one of its allocations
+    q = (select(Allocation, Project, Cluster.name)
          .join(Project, col(Project.id) == col(Allocation.project_id))
          .join(Cluster, col(Cluster.id) == col(Allocation.cluster_id))
          .order_by(col(Project.code), col(Allocation.id)))
@@ -259,7 +261,7 @@ def forecast(*, day: date, granted: int, remaining: int, per_day: float, end: da
     return Forecast(day + timedelta(days=int(days_needed)), "before_end")
 
 
-def _summary(alloc: Allocation, project: Project, cluster: Cluster, burned: int, day: date,
+def _summary(alloc: Allocation, project: Project, cluster: str, burned: int, day: date,
              window_days: int, underuse_ratio: float) -> dict[str, Any]:
     remaining = alloc.granted - alloc.charged - alloc.reserved
     start = alloc.start_date or project.start_date
@@ -276,7 +278,7 @@ def _summary(alloc: Allocation, project: Project, cluster: Cluster, burned: int,
                  and used_fraction < underuse_ratio * elapsed)
     return {
         "project": project.code, "title": project.title, "status": project.status,
-        "access_mode": project.access_mode, "cluster": cluster.name,
+        "access_mode": project.access_mode, "cluster": cluster,
         "allocation_id": alloc.id, "account": alloc.account, "unit": alloc.unit,
         "granted": to_units(alloc.granted), "used": to_units(alloc.charged),
         "reserved": to_units(alloc.reserved), "remaining": to_units(remaining),
