@@ -75,7 +75,7 @@ def _environment(pairs: list[str]) -> dict[str, str]:
 
 def _request(script: Path, project: str, time_limit: int | None, cluster: str | None, partition: str | None,
              name: str | None, nodes: int | None, cpus: int | None, gpus: int | None, mem: int | None,
-             env: list[str]) -> dict[str, Any]:
+             env: list[str], array: str | None = None) -> dict[str, Any]:
     """The request body: the script as it is (the broker reads its #SBATCH lines) and
     only the options given on this command line — they override the script's
     directives, as sbatch's command line does."""
@@ -83,7 +83,8 @@ def _request(script: Path, project: str, time_limit: int | None, cluster: str | 
     if env:
         body["environment"] = _environment(env)
     optional = {"time_limit_minutes": time_limit, "cluster": cluster, "partition": partition, "name": name,
-                "nodes": nodes, "cpus_per_task": cpus, "gpus_per_node": gpus, "memory_per_node_mb": mem}
+                "nodes": nodes, "cpus_per_task": cpus, "gpus_per_node": gpus, "memory_per_node_mb": mem,
+                "array": array}
     body.update({k: v for k, v in optional.items() if v is not None})
     return body
 
@@ -104,11 +105,12 @@ def submit(script: Script, project: Project, url: Url = "http://127.0.0.1:8080",
            gpus: Annotated[int | None, typer.Option(help="GPUs per node")] = None,
            mem: Annotated[int | None, typer.Option(help="memory per node, MB")] = None,
            env: Annotated[list[str] | None, typer.Option(help="NAME=VALUE, repeatable")] = None,
+           array: Annotated[str | None, typer.Option("--array", "-a", help="job array, as sbatch (0-15:2%4)")] = None,
            wait: Annotated[bool, typer.Option(help="wait until the job is settled")] = False,
            as_json: AsJson = False) -> None:
     """Submit SCRIPT (retried safely with an idempotency key). Its #SBATCH lines are
     read by the broker; options given here override them."""
-    body = _request(script, project, time, cluster, partition, name, nodes, cpus, gpus, mem, env or [])
+    body = _request(script, project, time, cluster, partition, name, nodes, cpus, gpus, mem, env or [], array)
     with _client(url, token) as client:
         job = client.submit(**body)
         _show(client.wait(job["id"]) if wait else job, as_json)

@@ -675,6 +675,12 @@ def effective_request(
         if key in s.values:
             vals[key] = s.values[key]
             sources[key] = f"script:{s.where[key].line}"
+    if "array" in json_set and json_values.get("array") is not None:  # as sbatch's command line
+        try:
+            vals["array"] = parse_array(str(json_values["array"]))
+        except ValueError as exc:
+            raise ValueError(f"array {json_values['array']!r}: {exc}") from None
+        sources["array"] = "json"
     if "nodes" in json_set:  # a JSON node count replaces the script's range too
         vals.pop("min_nodes", None)
         sources.pop("min_nodes", None)

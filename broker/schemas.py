@@ -147,6 +147,8 @@ class JobRequest(Strict):
     environment: dict[Annotated[StrictStr, Field(max_length=128)],
                       Annotated[StrictStr, Field(max_length=8192)]] = Field(default_factory=dict, max_length=256)
     working_directory: Annotated[StrictStr, Field(min_length=1, max_length=4096)] | None = None
+    #: a job array, as sbatch's ``--array`` (``0-15:2%4``); overrides the script's (docs/directives.md)
+    array: Annotated[StrictStr, Field(pattern=r"^[0-9][0-9,\-:%]{0,1023}$")] | None = None
     #: optional: a webhook called on chosen transitions of this job (docs/jobs.md)
     notify: JobNotify | None = None
 

@@ -95,13 +95,22 @@ def test_array_runs_throttled_and_each_task_is_charged_once(env: BrokerEnv) -> N
 
 def test_budget_must_cover_every_task(env: BrokerEnv) -> None:
     env.setup_project(unit="core_hours", amount=3)
-    r = _submit(env, "#!/bin/sh\ntrue\n", time_limit_minutes=60, array="0-3")
-    assert r.status_code == 422, r.text  # `array` is no JSON field: the script says it
     r = _submit(env, "#!/bin/sh\n#SBATCH --array=0-3\n#SBATCH -t 60\ntrue\n")
     assert (r.status_code, r.json()["code"]) == (409, "quota_exceeded"), r.text
     assert r.json()["estimated_cost"]["amount"] == 4.0
     with env.engine.connect() as conn:
         assert conn.execute(sa.text("SELECT count(*) FROM job_tasks")).scalar_one() == 0
+    # the JSON field overrides the script's --array (as sbatch's command line): 2 tasks fit
+    est = env.call("POST", "/v1/jobs/estimate", env.auth("alice"), json={
+        "project": PROJECT, "script": "#!/bin/sh\n#SBATCH --array=0-3 -t 60\ntrue\n", "array": "5,7"}).json()
+    assert est["allowed"] and est["estimated_cost"]["amount"] == 2.0, est
+    ok = _submit(env, "#!/bin/sh\n#SBATCH --array=0-3 -t 60\ntrue\n", array="5,7")
+    assert ok.status_code == 201, ok.text
+    assert ok.json()["request"]["sources"]["array"] == "json" and ok.json()["array"]["tasks"] == 2
+    assert [t["task"] for t in _tasks(env, ok.json()["id"])] == [5, 7]
+    for bad in ("0-20000", "3-1", "1%0", "x"):
+        r = _submit(env, "#!/bin/sh\ntrue\n", time_limit_minutes=60, array=bad)
+        assert (r.status_code, r.json()["code"]) == (422, "validation_error"), (bad, r.text)
     big = _submit(env, "#!/bin/sh\n#SBATCH --array=0-20000\n#SBATCH -t 1\ntrue\n")
     assert (big.status_code, big.json()["code"]) == (422, "unsupported_directive"), big.text
 
