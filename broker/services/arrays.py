@@ -44,16 +44,21 @@ from broker.states import TERMINAL_STATES, JobState
 
 __all__ = [
     "aggregate_state",
+    "apply_task_status",
     "array_out",
     "array_spec",
     "create_tasks",
     "finish_if_done",
-    "initial_counts",
     "is_array",
+    "mark_submitted",
+    "note_cancel",
+    "refresh",
+    "settle_all",
     "settle_task",
     "shares",
     "task_out",
     "unsettled_tasks",
+    "vanished_after_cancel",
 ]
 
 #: which end wins when an array's tasks ended differently (worst first)
