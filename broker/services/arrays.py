@@ -49,6 +49,7 @@ __all__ = [
     "array_spec",
     "create_tasks",
     "finish_if_done",
+    "initial_counts",
     "is_array",
     "mark_submitted",
     "note_cancel",
