@@ -181,6 +181,9 @@ class UsageImporter(BackgroundLoop):
                       records: Sequence[UsageRecord]) -> tuple[int, datetime | None]:
         imported = 0
         deferred: datetime | None = None
+        # the allocations' balances move once, at the end of the chunk: their row locks
+        # (which submissions queue for) are then held only until this commit
+        pending = ledger.PendingBalances()
         with session_scope(self.engine) as session:
             known = _broker_jobs(session, ids, records)
             waiting = _awaiting_reconciliation(session, ids, records)
@@ -199,13 +202,15 @@ class UsageImporter(BackgroundLoop):
                 alloc = attribute(allocs, record, members.get(record.username, (None, set())))
                 if alloc is None:
                     continue
-                if self._import_one(session, cluster, alloc, record, members):
+                if self._import_one(session, cluster, alloc, record, members, pending):
                     imported += 1
                 done.add((record.job_id, _key_time(record.submit_time)))
+            pending.apply(session)
         return imported, deferred
 
     def _import_one(self, session: Session, cluster: Cluster, alloc: Allocation, record: UsageRecord,
-                    members: dict[str, tuple[int | None, set[int]]]) -> bool:
+                    members: dict[str, tuple[int | None, set[int]]],
+                    pending: ledger.PendingBalances | None = None) -> bool:
         # the memory rule of the estimate and of broker jobs' charges: max(CPUs, memory share)
         partition = next((dict(p) for p in cluster.partitions if p.get("name") == record.partition), None)
         charge = cost_micro(cluster.cost_model, partition=record.partition, unit=alloc.unit,
@@ -227,7 +232,7 @@ class UsageImporter(BackgroundLoop):
             return False  # recorded (never looked at again), but nothing to charge
         ledger.apply(session, allocation=alloc, kind="import", amount=charge, actor="usage-import",
                      reason=f"{cluster.name} job {record.job_id} (not submitted via the broker)",
-                     imported_job_id=row.id, user_id=user_id, occurred_at=record.end_time)
+                     imported_job_id=row.id, user_id=user_id, occurred_at=record.end_time, pending=pending)
         return True
 
 
