@@ -494,12 +494,16 @@ def settle(session: Session, *, job: Job, status: JobStatus, cost_model: dict[st
     alloc = session.get(Allocation, job.allocation_id)
     assert alloc is not None
     occurred = status.end_time or now
+    # the ledger rows first, the allocation's balance in one UPDATE last: its row lock,
+    # which submissions on the allocation queue for, is held from there to the commit
+    pending = ledger.PendingBalances()
     ledger.apply(session, allocation=alloc, kind="release", amount=job.reserved, actor="tracker",
                  reason=f"job {status.state.value.lower()}", job_id=job.id, user_id=job.user_id,
-                 occurred_at=occurred)
+                 occurred_at=occurred, pending=pending)
     ledger.apply(session, allocation=alloc, kind="charge", amount=charge, actor="tracker",
                  reason=f"{seconds}s × allocated TRES", job_id=job.id, user_id=job.user_id,
-                 occurred_at=occurred)
+                 occurred_at=occurred, pending=pending)
+    pending.apply(session)
     SETTLEMENTS.labels(status.state.value).inc()
     notifications.on_settled(session, alloc.id or 0)  # threshold crossings, recorded once
     session.expire(job)

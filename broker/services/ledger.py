@@ -47,13 +47,16 @@ class PendingBalances:
         self._moves[key] = self._moves.get(key, 0) + delta
 
     def apply(self, session: Session) -> None:
-        """One UPDATE per allocation and column, in id order (no deadlock between two
-        batches touching the same allocations)."""
+        """One UPDATE per allocation (every column it moves), in id order (no deadlock
+        between two batches touching the same allocations)."""
         table = Allocation.__table__  # type: ignore[attr-defined]
-        for (alloc_id, column), delta in sorted(self._moves.items()):
+        by_alloc: dict[int, dict[str, int]] = {}
+        for (alloc_id, column), delta in self._moves.items():
             if delta:
-                session.execute(sa.update(table).where(table.c.id == alloc_id)
-                                .values({column: table.c[column] + delta}))
+                by_alloc.setdefault(alloc_id, {})[column] = delta
+        for alloc_id, moves in sorted(by_alloc.items()):
+            session.execute(sa.update(table).where(table.c.id == alloc_id)
+                            .values({c: table.c[c] + d for c, d in sorted(moves.items())}))
         self._moves.clear()
 
 
