@@ -293,11 +293,14 @@ class Tracker(BackgroundLoop):
     def _mark_unreachable(self, cluster: Cluster, jobs: Sequence[Any], exc: AdapterError) -> None:
         log.warning("cluster %s unreachable: %s", cluster.name, exc)
         now = utcnow()
+        clusters = Cluster.__table__  # type: ignore[attr-defined]
         with session_scope(self.engine) as session:
-            c = session.get(Cluster, cluster.id)
-            assert c is not None
-            c.unreachable_since = c.unreachable_since or now
-            c.health_ok, c.health_detail, c.health_checked_at = False, str(exc)[:2000], now
+            # one UPDATE, not ORM attributes: an attribute set to the value the session had
+            # loaded is not written, and another writer may have changed the row since
+            session.execute(
+                sa.update(clusters).where(clusters.c.id == cluster.id)
+                .values(unreachable_since=sa.func.coalesce(clusters.c.unreachable_since, now),
+                        health_ok=False, health_detail=str(exc)[:2000], health_checked_at=now))
             if not jobs:
                 return
             for job in jobs:

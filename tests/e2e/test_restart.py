@@ -35,9 +35,12 @@ def serve(env: dict[str, str], port: int) -> Iterator[subprocess.Popen[bytes]]:
     proc = subprocess.Popen([BIN, "serve", "--port", str(port)], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        wait_ready(f"http://127.0.0.1:{port}", proc)
+        wait_ready(f"http://127.0.0.1:{port}", proc, timeout=90)  # a loaded CI host starts it slowly
     except AssertionError as exc:
-        raise AssertionError(f"{exc}: {proc.stderr.read() if proc.stderr else ''}") from exc
+        if proc.poll() is None:  # its stderr ends only when it does
+            proc.kill()
+        _, err = proc.communicate(timeout=10)
+        raise AssertionError(f"{exc}: {err.decode(errors='replace')[-4000:]}") from exc
     try:
         yield proc
     finally:

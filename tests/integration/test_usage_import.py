@@ -250,15 +250,16 @@ def test_a_busy_overlap_window_never_stalls_the_import(db_url: str, tmp_path: Pa
 
 
 def test_slow_import_never_delays_polling(env: BrokerEnv) -> None:
-    """Issue 14: the import runs on its own thread; a 20 s accounting query must not
-    hold back the settlement of a job (polling every 0.2 s)."""
+    """Issue 14: the import runs on its own thread; a 60 s accounting query must not
+    hold back the settlement of a job (polling every 0.2 s). The job may take a while
+    on a loaded CI host; what matters is that it settles while the import still runs."""
     env.setup_project()
     adapter = adapter_for(env.app.state.registry, _cluster(env))
     started, release = threading.Event(), threading.Event()
 
     def slow_usage(since: datetime, *, accounts: Any = None) -> list[UsageRecord]:
         started.set()
-        release.wait(20)
+        release.wait(60)
         return []
 
     adapter.usage = slow_usage  # type: ignore[method-assign]
@@ -270,8 +271,8 @@ def test_slow_import_never_delays_polling(env: BrokerEnv) -> None:
         assert started.wait(10), "the import never started"
         t0 = time.monotonic()
         job = _submit(env)
-        done = env.wait_settled(job["id"], env.auth("alice"), timeout=10)
-        assert done["state"] == "COMPLETED" and time.monotonic() - t0 < 10
+        done = env.wait_settled(job["id"], env.auth("alice"), timeout=40)
+        assert done["state"] == "COMPLETED" and time.monotonic() - t0 < 40
         assert not release.is_set() and importing.is_alive()  # the import was still running all along
     finally:
         release.set()
