@@ -619,21 +619,28 @@ def cancel_job(session: Session, *, principal: Principal, registry: AdapterRegis
         return job_out_loaded(session, job)
     if job.scheduler_job_id is None:
         raise Conflict("The job is being submitted; try again in a few seconds.")
-    cluster = session.get(Cluster, job.cluster_id)
-    assert cluster is not None
-    try:
-        adapter_for(registry, cluster).cancel(
-            SchedulerJobRef(job_id=job.scheduler_job_id, username=job.username, tag=job.id))
-    except AdapterError as exc:
-        if exc.transient:
-            raise ClusterUnavailable(f"Cluster {cluster.name} cannot be reached: {exc}",
-                                     retry_after=30) from exc
-        raise SubmitFailed(f"The cluster refused to cancel the job: {exc}", code=exc.code) from exc
+    _cancel_at_scheduler(session, registry, job, job.scheduler_job_id, what="job")
     job.reason = f"cancel requested by {principal.name}"
     session.add(job)
     if arrays.is_array(job):
         arrays.note_cancel(session, job_id=job.id)
     return job_out_loaded(session, job)
+
+
+def _cancel_at_scheduler(session: Session, registry: AdapterRegistry, job: Job, scheduler_job_id: str,
+                         *, what: str) -> None:
+    """``scancel`` (or the adapter's equivalent) of a job or one array task; an
+    unreachable cluster is 503, a refusal 422 (``SubmitFailed``)."""
+    cluster = session.get(Cluster, job.cluster_id)
+    assert cluster is not None
+    try:
+        adapter_for(registry, cluster).cancel(
+            SchedulerJobRef(job_id=scheduler_job_id, username=job.username, tag=job.id))
+    except AdapterError as exc:
+        if exc.transient:
+            raise ClusterUnavailable(f"Cluster {cluster.name} cannot be reached: {exc}",
+                                     retry_after=30) from exc
+        raise SubmitFailed(f"The cluster refused to cancel the {what}: {exc}", code=exc.code) from exc
 
 
 def _visible_task(session: Session, principal: Principal, job_id: str, task: int) -> tuple[Job, JobTask]:
@@ -668,16 +675,7 @@ def cancel_task(
         return arrays.task_out(job, row)
     if job.scheduler_job_id is None:
         raise Conflict("The job is being submitted; try again in a few seconds.")
-    cluster = session.get(Cluster, job.cluster_id)
-    assert cluster is not None
-    ref = SchedulerJobRef(job_id=f"{job.scheduler_job_id}_{task}", username=job.username, tag=job.id)
-    try:
-        adapter_for(registry, cluster).cancel(ref)
-    except AdapterError as exc:
-        if exc.transient:
-            raise ClusterUnavailable(f"Cluster {cluster.name} cannot be reached: {exc}",
-                                     retry_after=30) from exc
-        raise SubmitFailed(f"The cluster refused to cancel the task: {exc}", code=exc.code) from exc
+    _cancel_at_scheduler(session, registry, job, f"{job.scheduler_job_id}_{task}", what="task")
     row.reason = f"cancel requested by {principal.name}"
     row.cancel_requested_at = row.cancel_requested_at or utcnow()
     session.add(row)
