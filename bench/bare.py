@@ -14,6 +14,8 @@ import sqlalchemy as sa
 import uvicorn
 from fastapi import FastAPI
 
+from broker.server import NoDelayHTTPProtocol
+
 
 def make_app() -> FastAPI:
     engine = sa.create_engine(os.environ["AIFA_BROKER_DATABASE_URL"], pool_size=10, max_overflow=10,
@@ -39,7 +41,8 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=1)
     args = ap.parse_args()
     uvicorn.run("bench.bare:make_app", factory=True, host="127.0.0.1", port=args.port,
-                workers=args.workers, log_level="warning", timeout_worker_healthcheck=60)
+                workers=args.workers, log_level="warning", timeout_worker_healthcheck=60,
+                http=NoDelayHTTPProtocol)  # the broker's server settings: same connection handling
 
 
 if __name__ == "__main__":

@@ -11,6 +11,10 @@ supervises — it brings the schema up to date once, then starts
   broker instances still never track the same cluster twice) and the notifier;
   restarted if it dies.
 
+Every accepted connection gets ``TCP_NODELAY`` (:class:`NoDelayHTTPProtocol`): with
+several workers uvicorn binds the shared socket itself, and asyncio then leaves
+Nagle's algorithm on (see the class) — 40 ms added to every request.
+
 Counters and histograms are then kept in prometheus-client's multiprocess mode
 (files under ``PROMETHEUS_MULTIPROC_DIR``, a fresh directory per start unless
 the operator sets one), so ``/metrics`` on any worker reports every process's
@@ -20,16 +24,21 @@ so a restarted broker finds its port free.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import ctypes
 import logging
 import multiprocessing
 import os
 import shutil
 import signal
+import socket
 import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
 from broker.config import Settings, get_settings
 
@@ -39,6 +48,29 @@ log = logging.getLogger(__name__)
 WORKER_FACTORY = "broker.server:worker_app"
 _PARENT_ENV = "AIFA_SERVE_PARENT_PID"
 _PR_SET_PDEATHSIG = 1
+
+
+def set_nodelay(transport: asyncio.BaseTransport) -> None:
+    """Turn Nagle's algorithm off on an accepted TCP connection (no-op otherwise)."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        with contextlib.suppress(OSError):  # the peer may already be gone
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+class NoDelayHTTPProtocol(AutoHTTPProtocol):  # type: ignore[misc,valid-type]
+    """uvicorn's HTTP protocol with ``TCP_NODELAY`` on every connection.
+
+    Why: asyncio sets ``TCP_NODELAY`` only on accepted sockets whose ``proto`` is
+    ``IPPROTO_TCP``; with ``workers > 1`` uvicorn binds the shared listening socket
+    as ``socket.socket(AF_INET)`` (proto 0), so its accepted connections kept Nagle's
+    algorithm on, and an answer written in two pieces (head, then body) waited for
+    the client's delayed ACK. Measured: ``GET /healthz`` p50 48 ms with ``--workers
+    2`` against 0.5 ms with one worker; a submission 68 ms against 9 ms."""
+
+    def connection_made(self, transport: asyncio.Transport) -> None:
+        set_nodelay(transport)
+        super().connection_made(transport)
 
 
 def default_workers() -> int:
@@ -164,7 +196,7 @@ def run(settings: Settings, *, host: str, port: int, workers: int, factory: str 
     _configure_logging(settings)
     level = settings.log_level.lower()
     if workers <= 1:
-        uvicorn.run(single(settings), host=host, port=port, log_level=level)
+        uvicorn.run(single(settings), host=host, port=port, log_level=level, http=NoDelayHTTPProtocol)
         return
     from broker.bootstrap import engine_for, ensure_local_cluster
 
@@ -180,7 +212,7 @@ def run(settings: Settings, *, host: str, port: int, workers: int, factory: str 
     try:
         # a worker's start-up (imports, first connections) can exceed uvicorn's 5 s on a busy host
         uvicorn.run(factory, factory=True, host=host, port=port, workers=workers, log_level=level,
-                    timeout_worker_healthcheck=60)
+                    timeout_worker_healthcheck=60, http=NoDelayHTTPProtocol)
     finally:
         if tracker is not None:
             tracker.stop()
