@@ -201,7 +201,11 @@ class JobTask(SQLModel, table=True):
     reservation is released, and its usage charged, when that task ends."""
 
     __tablename__ = "job_tasks"
-    __table_args__ = (sa.UniqueConstraint("job_id", "task", name="uq_job_task"),)
+    __table_args__ = (
+        sa.UniqueConstraint("job_id", "task", name="uq_job_task"),
+        # eligibility counts an active array's tasks that have not ended per submission
+        sa.Index("ix_job_tasks_job_state", "job_id", "state"),
+    )
     id: int | None = Field(default=None, primary_key=True)
     job_id: str = Field(foreign_key="jobs.id", max_length=32)
     task: int

@@ -98,6 +98,8 @@ class EligibilityContext:
     cluster_account: str | None
     request: JobRequestView
     limits: AccessModeLimits
+    #: the caller's / the project's active jobs, counted as Slurm's job limits count:
+    #: a plain job is one, an array counts each of its tasks that has not ended
     active_jobs_user: int
     active_jobs_project: int
 

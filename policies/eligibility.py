@@ -94,20 +94,29 @@ class JobLimits:
 
 
 class ConcurrencyLimits:
-    """At most N active jobs per user and per project."""
+    """At most N active jobs per user and per project, counted as Slurm's own
+    ``MaxJobs``/``MaxSubmitJobs`` count them: each array task that has not ended is
+    one job (``ctx.active_jobs_*`` already count so), and a submission of N tasks
+    is refused when the active count plus N would exceed the limit (a plain job:
+    N = 1, refused when the count has reached the limit)."""
 
     name = "concurrency_limits"
 
     def check(self, ctx: EligibilityContext) -> Denial | None:
-        lim = ctx.limits
-        if lim.max_concurrent_jobs_per_user is not None and \
-                ctx.active_jobs_user >= lim.max_concurrent_jobs_per_user:
-            return Denial("limit_exceeded",
-                          f"You already have {ctx.active_jobs_user} active jobs in this project; "
-                          f"the limit is {lim.max_concurrent_jobs_per_user}.")
-        if lim.max_concurrent_jobs_per_project is not None and \
-                ctx.active_jobs_project >= lim.max_concurrent_jobs_per_project:
-            return Denial("limit_exceeded",
-                          f"Project {ctx.project.code} already has {ctx.active_jobs_project} active "
-                          f"jobs; the limit is {lim.max_concurrent_jobs_per_project}.")
+        lim, adds = ctx.limits, ctx.request.array_tasks
+        scopes = (
+            (lim.max_concurrent_jobs_per_user, ctx.active_jobs_user,
+             "You already have {n} active jobs in this project"),
+            (lim.max_concurrent_jobs_per_project, ctx.active_jobs_project,
+             f"Project {ctx.project.code} already has {{n}} active jobs"),
+        )
+        for limit, active, has in scopes:
+            if limit is not None and active + adds > limit:
+                return Denial("limit_exceeded", f"{has.format(n=active)} (each array task not yet ended counts "
+                                                f"as one job, as in Slurm){_adding(adds)}; the limit is {limit}.")
         return None
+
+
+def _adding(tasks: int) -> str:
+    """What the refused submission would add, when it is more than one job."""
+    return f" and this array adds {tasks} tasks" if tasks > 1 else ""

@@ -15,7 +15,7 @@ from broker.config import Settings
 from broker.cost import MAX_MICRO, allocation_tres, cost_micro, partition_misfit
 from broker.directives import EffectiveRequest, UnsupportedDirective
 from broker.errors import DirectiveRefused, Forbidden, InvalidRequest, NotFound
-from broker.models import Allocation, Cluster, ClusterAccount, Job, Membership, Project, User
+from broker.models import Allocation, Cluster, ClusterAccount, Job, JobTask, Membership, Project, User
 from broker.policy import (
     AccessModeLimits,
     AllocationView,
@@ -65,6 +65,8 @@ class Subject:
     #: the project's allocations on ``cluster`` (any dates)
     allocations: list[Allocation] = field(default_factory=list)
     account_username: str | None = None
+    #: active jobs of the caller / the project in it, each array task not yet ended
+    #: counted as one job (as Slurm's job limits count)
     active_jobs_user: int = 0
     active_jobs_project: int = 0
 
@@ -76,19 +78,39 @@ class Subject:
         return max(valid, key=lambda a: a.id or 0) if valid else None
 
 
+def _active_units(*scope: Any) -> Any:
+    """Active jobs matching ``scope`` counted as Slurm counts them for its job limits:
+    a plain job is one, an array is as many as its tasks that have not ended (so an
+    array whose tasks all ended counts none). Correlated scalar subqueries: every
+    active job counted as one (``ix_jobs_project_state``), plus, for each active
+    array, its live tasks less one (``ix_job_tasks_job_state``)."""
+    active = [s.value for s in ACTIVE_STATES]
+    job = Job.__table__  # type: ignore[attr-defined]
+    task = JobTask.__table__  # type: ignore[attr-defined]
+    jobs = (sa.select(sa.func.count()).select_from(job).where(*scope, job.c.state.in_(active))
+            .correlate(Project.__table__, User.__table__).scalar_subquery())  # type: ignore[attr-defined]
+    live_tasks = (sa.select(sa.func.count()).select_from(task)
+                  .where(task.c.job_id == job.c.id, task.c.state.in_(active)).scalar_subquery())
+    # an array is a job with task rows (its lowest task: one probe of uq_job_task).
+    # ``array_counts IS NOT NULL`` only narrows the rows read, and what PostgreSQL's
+    # planner expects to read (a task count costed for every active job put
+    # admission over jit_above_cost): a row written through the ORM with None holds
+    # JSON null, which is NOT NULL in SQL
+    is_array = sa.select(sa.func.min(task.c.task)).where(task.c.job_id == job.c.id).scalar_subquery().is_not(None)
+    extra = (sa.select(sa.func.coalesce(sa.func.sum(sa.case((is_array, live_tasks - 1), else_=0)), 0))
+             .select_from(job).where(*scope, job.c.state.in_(active), job.c.array_counts.is_not(None))
+             .correlate(Project.__table__, User.__table__).scalar_subquery())  # type: ignore[attr-defined]
+    return jobs + extra
+
+
 @functools.cache
 def _subject_statement() -> Any:
     """Built once: project by code, the caller and their membership, the cluster by
     name, the project's allocations there, the caller's account on it and the two
-    active-job counts (correlated, on the (project_id, state) index)."""
-    active = [s.value for s in ACTIVE_STATES]
+    active-job counts (:func:`_active_units`: array tasks one by one)."""
     job = Job.__table__  # type: ignore[attr-defined]
-    by_project = (sa.select(sa.func.count()).select_from(job)
-                  .where(job.c.project_id == Project.id, job.c.state.in_(active))
-                  .correlate(Project.__table__).scalar_subquery())  # type: ignore[attr-defined]
-    by_user = (sa.select(sa.func.count()).select_from(job)
-               .where(job.c.project_id == Project.id, job.c.user_id == User.id, job.c.state.in_(active))
-               .correlate(Project.__table__, User.__table__).scalar_subquery())  # type: ignore[attr-defined]
+    by_project = _active_units(job.c.project_id == Project.id)
+    by_user = _active_units(job.c.project_id == Project.id, job.c.user_id == User.id)
     return (
         sa.select(Project, User, col(Membership.role), Cluster, Allocation, col(ClusterAccount.username),
                   by_user, by_project)

@@ -80,6 +80,17 @@ def ctx(**over: object) -> EligibilityContext:
      "limit_exceeded"),
     (ConcurrencyLimits(), {"limits": AccessModeLimits(max_concurrent_jobs_per_project=3),
                            "active_jobs_project": 2}, None),
+    (ConcurrencyLimits(), {"limits": AccessModeLimits(max_concurrent_jobs_per_user=1), "active_jobs_user": 0},
+     None),
+    # an array of N tasks counts N, as Slurm's MaxJobs/MaxSubmitJobs: active + N may not exceed the limit
+    (ConcurrencyLimits(), {"limits": AccessModeLimits(max_concurrent_jobs_per_user=4), "active_jobs_user": 2,
+                           "request": JobRequestView("c", "gpu", 1, 1, 1, 2, None, 60, array_tasks=2)}, None),
+    (ConcurrencyLimits(), {"limits": AccessModeLimits(max_concurrent_jobs_per_user=4), "active_jobs_user": 3,
+                           "request": JobRequestView("c", "gpu", 1, 1, 1, 2, None, 60, array_tasks=2)},
+     "limit_exceeded"),
+    (ConcurrencyLimits(), {"limits": AccessModeLimits(max_concurrent_jobs_per_project=3),
+                           "request": JobRequestView("c", "gpu", 1, 1, 1, 2, None, 60, array_tasks=4)},
+     "limit_exceeded"),
 ])
 def test_policy(policy: object, over: dict, code: str | None) -> None:
     denial = policy.check(ctx(**over))  # type: ignore[attr-defined]
