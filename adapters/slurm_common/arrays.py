@@ -28,6 +28,7 @@ __all__ = [
     "ArrayPart",
     "array_from_accounting",
     "array_from_queue",
+    "array_from_queue_text",
     "parse_job_id_text",
     "task_ids_from_bitmap",
     "task_ids_from_text",
@@ -102,6 +103,19 @@ def array_from_queue(job: Mapping[str, Any]) -> ArrayPart | None:
     if task is not None and not pending_text:
         return ArrayPart(str(array_id), task=task)
     return ArrayPart(str(array_id), pending=task_ids_from_text(pending_text))
+
+
+def array_from_queue_text(array_job_id: str, task_text: str) -> ArrayPart | None:
+    """The array part of a ``squeue --Format=ArrayJobID,ArrayTaskID`` line: ``N/A``
+    for a job that is not an array, ``3`` for one task, ``2-5%2`` for the record of
+    the pending tasks (a single pending task prints as its number: the same key)."""
+    text = task_text.strip()
+    if not text or text == "N/A" or not array_job_id.strip().isdigit():
+        return None
+    array_id = str(int(array_job_id))
+    if text.isdigit():
+        return ArrayPart(array_id, task=int(text))
+    return ArrayPart(array_id, pending=task_ids_from_text(text))
 
 
 def array_from_accounting(job: Mapping[str, Any]) -> ArrayPart | None:

@@ -1,4 +1,4 @@
-"""Queue records (``squeue --json``, slurmrestd job objects) → one shape.
+"""Queue records (``squeue --json``, ``squeue --Format``, slurmrestd job objects) → one shape.
 
 ``squeue --json`` and the REST ``/slurm/vX/job(s)`` answers share field names
 (``job_id``, ``job_state``, ``tres_alloc_str``, ``standard_output``...); 22.05
@@ -8,13 +8,14 @@ never proof that a job ended: only accounting settles a job.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
 from adapters.slurm_common.accounting import MalformedRecord, tag_from_comment
-from adapters.slurm_common.arrays import ArrayPart, array_from_queue
+from adapters.slurm_common.arrays import ArrayPart, array_from_queue, array_from_queue_text
 from adapters.slurm_common.shapes import (
     as_int,
     as_str,
@@ -28,7 +29,17 @@ from adapters.slurm_common.tags import tag_from_job_name
 from adapters.slurm_common.tres import parse_tres_string
 from broker.states import JobState
 
-__all__ = ["QueueJob", "queue_job_from_json"]
+__all__ = ["SQUEUE_POLL_FIELDS", "QueueJob", "queue_job_from_json", "queue_job_from_text", "reason_code"]
+
+#: ``squeue --Format`` fields of a poll line, in this order, ``|`` after each but the
+#: last. No job name or comment: they are the submitter's free text (a name may hold
+#: ``|`` and even a newline, i.e. a forged line for another job id); a poll matches jobs
+#: by id. The reason goes last: without a code it is the controller's free text.
+SQUEUE_POLL_FIELDS = ("JobID", "ArrayJobID", "ArrayTaskID", "State", "SubmitTime", "StartTime",
+                      "UserName", "Account", "tres-alloc", "Reason")
+#: a reason text that starts with a Slurm reason code (``ReqNodeNotAvail, UnavailableNodes:n1``,
+#: ``RaisedSignal:53(Real-time signal 19)``): the code alone, as ``squeue --json`` gives it
+_REASON_CODE_RE = re.compile(r"[A-Z][A-Za-z0-9_]*(?=$|[:,(])")
 
 
 @dataclass(frozen=True)
@@ -65,6 +76,59 @@ class QueueJob:
         """True when the queue already shows an end state (22.05 keeps finished
         jobs in ``squeue --json`` for MinJobAge)."""
         return is_terminal(self.raw_state)
+
+
+def reason_code(text: str) -> str | None:
+    """The reason of a text ``squeue`` line as ``squeue --json`` gives it (``state_reason``).
+
+    Text ``squeue`` prints the job's description instead of its reason code when the
+    controller set one; such descriptions start with the code followed by details,
+    which are cut off (details such as node lists change between polls and are not
+    the code). A description without a leading code is kept whole."""
+    text = text.strip()
+    if not text or text == "None":
+        return None
+    m = _REASON_CODE_RE.match(text)
+    return m.group(0) if m else text
+
+
+def _epoch_text(text: str) -> datetime | None:
+    """``SLURM_TIME_FORMAT=%s`` times: digits, or ``N/A``/``Unknown``/``None`` when unset."""
+    text = text.strip()
+    return epoch_to_datetime(int(text)) if text.isdigit() else None
+
+
+def queue_job_from_text(row: Sequence[str]) -> QueueJob:
+    """One line of ``squeue --noheader --Format=<SQUEUE_POLL_FIELDS>``, split on ``|``
+    into exactly that many fields (times as epoch seconds).
+
+    The state is Slurm's extended state word (a flag such as ``COMPLETING`` wins over
+    the base state, as in 22.05's JSON). The TRES are kept only once the job is
+    allocated: for a waiting job squeue prints the request (JSON: nothing).
+    Raises :class:`~adapters.slurm_common.accounting.MalformedRecord` on a wrong field
+    count, job id or state word.
+    """
+    if len(row) != len(SQUEUE_POLL_FIELDS):
+        raise MalformedRecord(f"{len(row)} fields, expected {len(SQUEUE_POLL_FIELDS)}")
+    job_id, array_id, array_task, word, submit, start, user, account, tres, reason = row
+    if not job_id.isdigit() or int(job_id) <= 0:
+        raise MalformedRecord(f"bad job id {job_id[:40]!r}")
+    raw = word.strip().upper()
+    if not raw.replace("_", "").isalpha():
+        raise MalformedRecord(f"bad job state {word[:40]!r}")
+    state = translate(raw)
+    return QueueJob(
+        job_id=str(int(job_id)),
+        raw_state=base_state(raw),
+        state=state,
+        user=user.strip() or None,
+        account=account.strip() or None,
+        reason=reason_code(reason),
+        submit_time=_epoch_text(submit),
+        start_time=_epoch_text(start),
+        alloc_tres=parse_tres_string(tres.strip()) if state is not JobState.PENDING else {},
+        array=array_from_queue_text(array_id, array_task),
+    )
 
 
 def _reason(value: Any) -> str | None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -21,7 +21,12 @@ from adapters.slurm_common.accounting import (
     accounting_job_from_json,
     accounting_job_from_parsable,
 )
-from adapters.slurm_common.queue import QueueJob, queue_job_from_json
+from adapters.slurm_common.queue import (
+    SQUEUE_POLL_FIELDS,
+    QueueJob,
+    queue_job_from_json,
+    queue_job_from_text,
+)
 from adapters.slurm_common.shapes import epoch_to_datetime
 from adapters.slurm_common.tres import gres_counts, parse_tres_string
 from broker.adapter import ClusterUnreachable, PartitionInfo
@@ -35,6 +40,7 @@ __all__ = [
     "parse_sbatch_job_id",
     "parse_scontrol_oneliner",
     "parse_squeue_json",
+    "parse_squeue_poll",
     "parse_version",
     "partitions_from_scontrol",
 ]
@@ -105,6 +111,34 @@ def parse_squeue_json(text: str) -> list[QueueJob]:
         except (MalformedRecord, TypeError, ValueError) as exc:
             log.warning("skipping malformed squeue record: %s", exc)
     return jobs
+
+
+def parse_squeue_poll(text: str, wanted: Collection[str] | None = None) -> tuple[list[QueueJob], int]:
+    """Lines of ``squeue --noheader --Format=<SQUEUE_POLL_FIELDS>`` (``|`` after each
+    field but the last, the reason). With ``wanted``, only the lines of those jobs
+    (by job id, or by array job id for array tasks) are read: a poll of many jobs
+    reads the whole queue. Returns the jobs and the number of lines skipped as
+    malformed (a reason text with a line break leaves its rest on a line of its own,
+    which is skipped: its first field is no job id). ValueError when there were
+    lines and none was readable: not squeue's answer in this format."""
+    width = len(SQUEUE_POLL_FIELDS)
+    jobs: list[QueueJob] = []
+    skipped = passed = 0
+    for line in (text or "").splitlines():
+        if not line.strip():
+            continue
+        row = line.split("|", width - 1)
+        if wanted is not None and len(row) == width and row[0] not in wanted and row[1] not in wanted:
+            passed += 1  # another job's line
+            continue
+        try:
+            jobs.append(queue_job_from_text(row))
+        except MalformedRecord as exc:
+            skipped += 1
+            log.warning("skipping malformed squeue line %r: %s", line[:200], exc)
+    if skipped and not jobs and not passed:
+        raise ValueError(f"squeue: none of {skipped} lines is readable")
+    return jobs, skipped
 
 
 def parse_sacct_json(text: str) -> list[AccountingJob]:

@@ -9,6 +9,7 @@ from adapters.slurm_common.accounting import accounting_job_from_json
 from adapters.slurm_common.arrays import (
     ArrayPart,
     array_from_queue,
+    array_from_queue_text,
     parse_job_id_text,
     task_ids_from_bitmap,
     task_ids_from_text,
@@ -66,3 +67,16 @@ def test_unreadable_task_lists_stand_for_no_task() -> None:
     assert task_ids_from_text("junk") == () and task_ids_from_text(None) == ()
     assert task_ids_from_bitmap("0xZZ") == () and task_ids_from_bitmap("12") == () and task_ids_from_bitmap(None) == ()
     assert task_ids_from_bitmap("0x5") == (0, 2)
+
+
+@pytest.mark.parametrize(("array_id", "task", "part"), [
+    ("7", "0", ArrayPart("7", task=0)),  # a running task (its own JobID differs)
+    ("7", "2-5%2", ArrayPart("7", pending=(2, 3, 4, 5))),  # the record of the pending tasks
+    ("7", "1,4,9,16", ArrayPart("7", pending=(1, 4, 9, 16))),  # SLURM_BITSTR_LEN=0: never "..."
+    ("7", "5", ArrayPart("7", task=5)),  # one task left pending: the same key 7_5
+    ("12", "N/A", None),  # not an array (ArrayJobID is the job id)
+    ("12", "", None),
+    ("N/A", "3", None),
+])
+def test_squeue_text_array_fields(array_id: str, task: str, part: ArrayPart | None) -> None:
+    assert array_from_queue_text(array_id, task) == part

@@ -4,7 +4,6 @@ call counts of poll, accounting-lag handling, error mapping, usage and tags."""
 from __future__ import annotations
 
 import base64
-import json
 import pathlib
 import shlex
 from datetime import UTC, datetime, timedelta
@@ -14,7 +13,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from cryptography.hazmat.primitives.serialization import ssh
 
-from adapters.slurm_ssh import SlurmSSHAdapter
+from adapters.slurm_ssh import SlurmSSHAdapter, commands
 from adapters.slurm_ssh.certs import CertificateAuthority
 from adapters.slurm_ssh.settings import SSHSettings
 from adapters.slurm_ssh.transport import CommandResult
@@ -45,7 +44,8 @@ class FakePool:
 
     def run(self, username: str, command: str, **kwargs) -> CommandResult:
         words = shlex.split(command)
-        program = next(w for w in words if w in self.answers or w == words[-1])
+        known = [w for w in words if w in self.answers]  # the program after ``env VAR=...``, else ``env``
+        program = next((w for w in known if w != "env"), known[0] if known else words[-1])
         self.calls.append((username, command, kwargs))
         answer = self.answers[program]
         if isinstance(answer, Exception):
@@ -83,23 +83,10 @@ def adapter(answers: dict, **extra) -> tuple[SlurmSSHAdapter, FakePool]:
 
 
 def squeue_doc(*jobs: tuple[int, str, str]) -> str:
-    """22.05-shaped squeue JSON of (id, state, name)."""
-    return json.dumps(
-        {
-            "jobs": [
-                {
-                    "job_id": i,
-                    "job_state": st,
-                    "name": name,
-                    "user_name": "alice",
-                    "submit_time": NOW - 30,
-                    "start_time": NOW - 20,
-                    "time_limit": 5,
-                    "tres_alloc_str": "cpu=1,mem=500M,node=1,billing=1",
-                }
-                for i, st, name in jobs
-            ]
-        }
+    """The poll's squeue lines (``--Format``, ``|``-separated) of (id, state, reason)."""
+    return "".join(
+        f"{i}|{i}|N/A|{st}|{NOW - 30}|{NOW - 20}|alice|proj-a|cpu=1,mem=500M,node=1,billing=1|{reason}\n"
+        for i, st, reason in jobs
     )
 
 
@@ -143,10 +130,10 @@ def ref(job_id: str, tag: str | None = None) -> SchedulerJobRef:
 
 def test_poll_many_jobs_is_one_squeue_plus_one_sacct():
     queue = squeue_doc(
-        (1, "RUNNING", "r"),
-        (2, "PENDING", "p"),
-        (3, "COMPLETED", f"x.aifa-{TAG_A}"),
-        (99, "RUNNING", "someone else"),
+        (1, "RUNNING", "None"),
+        (2, "PENDING", "JobHeldUser"),
+        (3, "COMPLETED", "None"),
+        (99, "RUNNING", "None"),
     )
     acct = "\n".join(
         [
@@ -159,11 +146,13 @@ def test_poll_many_jobs_is_one_squeue_plus_one_sacct():
     refs = [ref("1"), ref("2"), ref("3", TAG_A), ref("4"), ref("5"), ref("6")]
     statuses = {s.job_id: s for s in a.poll(refs)}
     assert a.scheduler_calls() == 2
-    programs = [shlex.split(c)[0] for _, c, _ in pool.calls]
-    assert programs == ["sinfo", "squeue", "env"]
+    programs = [next(w for w in shlex.split(c) if w in {"squeue", "sacct"}) for _, c, _ in pool.calls]
+    assert programs == ["squeue", "sacct"]
+    assert "--jobs=1,2,3,4,5,6" in pool.calls[0][1] and "--json" not in pool.calls[0][1]
     assert "--jobs=3,4,5,6" in pool.calls[-1][1]
     assert statuses["1"].state is JobState.RUNNING and not statuses["1"].final
-    assert statuses["2"].state is JobState.PENDING
+    assert statuses["2"].state is JobState.PENDING and statuses["2"].reason == "JobHeldUser"
+    assert statuses["1"].reason is None and statuses["1"].alloc_tres["cpu"] == 1
     done = statuses["3"]
     assert done.final and done.state is JobState.COMPLETED and done.exit_code == 0
     assert done.alloc_tres["gres/gpu"] == 2.0 and done.elapsed_seconds == 40 and done.tag == TAG_A
@@ -177,32 +166,47 @@ def test_poll_many_jobs_is_one_squeue_plus_one_sacct():
 
 
 def test_poll_all_queued_needs_no_sacct():
-    a, _ = adapter({"squeue": ok(squeue_doc((1, "RUNNING", "r")))})
+    a, _ = adapter({"squeue": ok(squeue_doc((1, "RUNNING", "None")))})
     (status,) = a.poll([ref("1")])
     assert status.state is JobState.RUNNING and a.scheduler_calls() == 1
 
 
-def test_poll_uses_squeue_filters_on_newer_releases():
-    a, pool = adapter(
-        {"sinfo": ok("slurm 24.11.5\n"), "squeue": ok(squeue_doc((1, "RUNNING", "r")))}
-    )
+def test_poll_names_a_few_jobs_and_reads_the_whole_queue_for_many():
+    a, pool = adapter({"squeue": ok(squeue_doc((1, "RUNNING", "None")))}, slurm_release="22.05")
     a.poll([ref("1")])
+    assert [shlex.split(c)[3] for _, c, _ in pool.calls] == ["squeue"], "no sinfo: every release filters text"
     assert "--jobs=1" in pool.calls[-1][1]
+    many = [str(i) for i in range(1, commands.MAX_FILTERED_JOBS + 2)]
+    queue = squeue_doc(*((int(i), "PENDING", "Priority") for i in many), (100000, "RUNNING", "None"))
+    b, pool = adapter({"squeue": ok(queue)})
+    statuses = {s.job_id: s for s in b.poll([ref(i) for i in many])}
+    assert "--jobs" not in pool.calls[-1][1] and b.scheduler_calls() == 1
+    assert sorted(statuses, key=int) == many, "other jobs' lines are passed over"
+    assert {s.reason for s in statuses.values()} == {"Priority"}
 
 
-def test_release_hint_used_when_sinfo_fails():
-    a, pool = adapter(
-        {"sinfo": fail(1, "boom"), "squeue": ok(squeue_doc((1, "RUNNING", "r")))},
-        slurm_release="26.05",
-    )
-    a.poll([ref("1")])
-    assert "--jobs=1" in pool.calls[-1][1]
+def test_poll_reads_array_records_and_reason_codes():
+    queue = "".join([
+        f"41|40|3|RUNNING|{NOW}|{NOW}|alice|proj-a|cpu=2,mem=1G,node=1|None\n",
+        f"40|40|4-6%2|PENDING|{NOW}|{NOW + 600}|alice|proj-a|cpu=2,mem=1G,node=1|JobArrayTaskLimit\n",
+        f"50|50|N/A|PENDING|{NOW}|N/A|alice|proj-a|cpu=1|ReqNodeNotAvail, UnavailableNodes:n[1-2]|x\n",
+        "node list continued on a line of its own\n",
+    ])
+    a, _ = adapter({"squeue": ok(queue)})
+    refs = [SchedulerJobRef(job_id="40", username="alice", array_tasks=(3, 4, 5, 6)), ref("50")]
+    statuses = {s.job_id: s for s in a.poll(refs)}
+    assert sorted(statuses) == ["40_3", "40_4", "40_5", "40_6", "50"]
+    assert statuses["40_3"].state is JobState.RUNNING and statuses["40_3"].array_task_id == 3
+    assert statuses["40_3"].alloc_tres == {"cpu": 2, "mem": 1024, "node": 1}
+    waiting = statuses["40_5"]
+    assert waiting.state is JobState.PENDING and waiting.reason == "JobArrayTaskLimit" and not waiting.alloc_tres
+    assert waiting.start_time is None and waiting.expected_start == datetime.fromtimestamp(NOW + 600, tz=UTC)
+    assert statuses["50"].reason == "ReqNodeNotAvail" and statuses["50"].expected_start is None
 
 
-def test_poll_single_purged_job_on_newer_release():
+def test_poll_single_purged_job():
     a, _ = adapter(
         {
-            "sinfo": ok("slurm 24.11.5\n"),
             "squeue": fail(1, "slurm_load_jobs error: Invalid job id specified"),
             "env": ok(sacct_row(7, "TIMEOUT", "t")),
         }
@@ -223,7 +227,7 @@ def test_accounting_lag_setting_delays_final():
 def test_sacct_failure_leaves_jobs_unconfirmed():
     a, _ = adapter(
         {
-            "squeue": ok(squeue_doc((3, "COMPLETED", "x"))),
+            "squeue": ok(squeue_doc((3, "COMPLETED", "None"))),
             "env": fail(1, "sacct: error: Problem talking to the database"),
         }
     )
@@ -258,10 +262,10 @@ def test_duplicate_job_ids_pick_the_tagged_record():
 
 
 def test_poll_queries_as_query_username_or_first_ref():
-    a, pool = adapter({"squeue": ok(squeue_doc((1, "RUNNING", "r")))})
+    a, pool = adapter({"squeue": ok(squeue_doc((1, "RUNNING", "None")))})
     a.poll([SchedulerJobRef(job_id="1", username="bob")])
     assert pool.calls[-1][0] == "bob"
-    b, pool = adapter({"squeue": ok(squeue_doc((1, "RUNNING", "r")))}, query_username="reader")
+    b, pool = adapter({"squeue": ok(squeue_doc((1, "RUNNING", "None")))}, query_username="reader")
     b.poll([SchedulerJobRef(job_id="1", username="bob")])
     assert pool.calls[-1][0] == "reader"
 

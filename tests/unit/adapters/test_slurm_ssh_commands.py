@@ -218,9 +218,36 @@ def test_home_path_rendering():
     ]
 
 
+@pytest.mark.parametrize(
+    ("ids", "jobs_option"),
+    [
+        (["7", "12"], "--jobs=7,12"),
+        ([str(i) for i in range(1, commands.MAX_FILTERED_JOBS + 1)], "--jobs=1,2,3,"),
+        ([str(i) for i in range(1, commands.MAX_FILTERED_JOBS + 2)], None),  # squeue's filter costs more
+        ([], None),
+    ],
+)
+def test_squeue_poll(ids, jobs_option):
+    argv = shlex.split(commands.build_squeue_poll(ids))
+    assert argv[:4] == ["env", "SLURM_TIME_FORMAT=%s", "SLURM_BITSTR_LEN=0", "squeue"]
+    assert {"--noheader", "--all", "--states=all"} <= set(argv) and "--json" not in argv
+    fmt = next(w for w in argv if w.startswith("--Format="))
+    assert fmt == "--Format=JobID:0|,ArrayJobID:0|,ArrayTaskID:0|,State:0|,SubmitTime:0|,StartTime:0|," \
+        "UserName:0|,Account:0|,tres-alloc:0|,Reason:0"
+    given = [w for w in argv if w.startswith("--jobs=")]
+    if jobs_option is None:
+        assert given == []
+    else:
+        assert given[0].startswith(jobs_option) and given[0].split("=")[1].split(",") == ids
+
+
+@pytest.mark.parametrize("bad", ["1;reboot", "$(id)", "1,2", "-1", "7_[1-3]"])
+def test_squeue_poll_refuses_what_is_no_job_id(bad):
+    with pytest.raises(ValueError):
+        commands.build_squeue_poll(["1", bad])
+
+
 def test_queries():
-    assert commands.build_squeue(["1", "2"], filters_honoured=False) == "squeue --json"
-    assert commands.build_squeue(["1", "2"], filters_honoured=True) == "squeue --json --jobs=1,2"
     jobs = shlex.split(commands.build_sacct_jobs(["7", "8"]))
     assert jobs[:3] == ["env", "SLURM_TIME_FORMAT=%s", "sacct"]
     assert "--jobs=7,8" in jobs and "--allusers" in jobs and "--parsable2" in jobs

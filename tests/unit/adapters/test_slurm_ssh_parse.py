@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+from datetime import UTC, datetime
 
 import pytest
 
@@ -65,6 +66,83 @@ def test_squeue_json_skips_malformed_record():
     doc["jobs"].insert(0, {"job_id": None})
     doc["jobs"].insert(0, "garbage")
     assert len(parse.parse_squeue_json(json.dumps(doc))) == 3
+
+
+@pytest.mark.parametrize("release", ["22.05", "24.11", "26.05"])
+def test_squeue_poll_lines_read_as_the_json_of_the_same_jobs(release):
+    """Captured on the dev clusters one after the other (bench: held, running, ended,
+    an array with a running task and a pending record): every field the poll uses
+    reads the same from the text line as from ``squeue --json``."""
+    by_json = {j.job_id: j for j in parse.parse_squeue_json((FIXTURES / release / "squeue_poll_same_jobs.json").read_text())}
+    jobs, skipped = parse.parse_squeue_poll((FIXTURES / release / "squeue_poll.txt").read_text())
+    assert skipped == 0 and len(jobs) == len(by_json) == 6
+    fields = ("raw_state", "state", "reason", "submit_time", "start_time", "user", "account", "alloc_tres", "array")
+    for job in jobs:
+        assert {f: getattr(job, f) for f in fields} == {f: getattr(by_json[job.job_id], f) for f in fields}
+    assert {j.raw_state for j in jobs} == {"RUNNING", "PENDING", "COMPLETED"}
+    assert sum(len(j.array.keys) for j in jobs if j.array) == 4
+
+
+LINE = "7|7|N/A|{state}|1796000000|{start}|alice|proj-a|cpu=1,mem=1G|{reason}"
+
+
+@pytest.mark.parametrize(("line", "expected"), [
+    (LINE.format(state="PENDING", start="N/A", reason="JobHeldUser"),
+     {"state": JobState.PENDING, "reason": "JobHeldUser", "start_time": None, "alloc_tres": {}}),
+    (LINE.format(state="PENDING", start="1796000600", reason="Priority"),
+     {"reason": "Priority", "start_time": datetime.fromtimestamp(1796000600, tz=UTC)}),
+    (LINE.format(state="RUNNING", start="Unknown", reason="None"),
+     {"state": JobState.RUNNING, "reason": None, "start_time": None, "alloc_tres": {"cpu": 1, "mem": 1024}}),
+    # the controller's description instead of the code: the code, as --json gives it
+    (LINE.format(state="PENDING", start="N/A", reason="ReqNodeNotAvail, UnavailableNodes:n[1-3]"),
+     {"reason": "ReqNodeNotAvail"}),
+    (LINE.format(state="FAILED", start="1796000001", reason="RaisedSignal:53(Real-time signal 19)"),
+     {"reason": "RaisedSignal", "raw_state": "FAILED", "terminal": True}),
+    (LINE.format(state="PENDING", start="N/A", reason="launch failed requeued held"),
+     {"reason": "launch failed requeued held"}),
+    (LINE.format(state="PENDING", start="N/A", reason="ReqNodeNotAvail, UnavailableNodes:a|b"),
+     {"reason": "ReqNodeNotAvail"}),  # a | in the last field is no field boundary
+    (LINE.format(state="PENDING", start="N/A", reason="Job is held by an admin"),
+     {"reason": "Job is held by an admin"}),
+    # a flag word wins over the base state (22.05's JSON does the same)
+    (LINE.format(state="COMPLETING", start="1796000001", reason="None"),
+     {"state": JobState.COMPLETING, "terminal": False}),
+    (LINE.format(state="CANCELLED", start="N/A", reason="None"), {"state": JobState.CANCELLED, "terminal": True}),
+    (LINE.format(state="SOMETHING_NEW", start="N/A", reason="None"), {"state": JobState.UNKNOWN}),
+])
+def test_squeue_poll_line(line, expected):
+    (job,), skipped = parse.parse_squeue_poll(line + "\n")
+    assert skipped == 0 and job.job_id == "7" and job.array is None
+    assert {k: getattr(job, k) for k in expected} == expected
+
+
+@pytest.mark.parametrize("line", [
+    "7|7|N/A|PENDING|1796000000|N/A|alice|proj-a|cpu=1",  # a field short
+    "x7|7|N/A|PENDING|1796000000|N/A|alice|proj-a|cpu=1|None",  # no job id
+    "0|0|N/A|PENDING|1796000000|N/A|alice|proj-a|cpu=1|None",
+    "7|7|N/A|PEND ING|1796000000|N/A|alice|proj-a|cpu=1|None",  # no state word
+    "UnavailableNodes:n[4-9]",  # the rest of a reason text with a line break
+])
+def test_squeue_poll_skips_malformed_lines(line):
+    good = "8|8|N/A|RUNNING|1796000000|1796000001|alice|proj-a|cpu=1|None"
+    jobs, skipped = parse.parse_squeue_poll(f"{good}\n{line}\n\n")
+    assert [j.job_id for j in jobs] == ["8"] and skipped == 1
+
+
+def test_squeue_poll_reads_only_the_wanted_jobs():
+    text = "".join(f"{i}|{a}|{t}|PENDING|1796000000|N/A|u|acct|cpu=1|Priority\n"
+                   for i, a, t in [(5, 5, "N/A"), (6, 6, "N/A"), (9, 7, "1"), (7, 7, "2-3"), (8, 8, "N/A")])
+    jobs, skipped = parse.parse_squeue_poll(text + "garbage\n", {"5", "7"})
+    assert [j.job_id for j in jobs] == ["5", "9", "7"] and skipped == 1
+    assert [k for j in jobs if j.array for k, _ in j.array.keys] == ["7_1", "7_2", "7_3"]
+
+
+@pytest.mark.parametrize("text", ['{"jobs": [', "squeue: error: Invalid field requested: tres-alloc\n"])
+def test_squeue_poll_nothing_readable_is_an_error(text):
+    with pytest.raises(ValueError):
+        parse.parse_squeue_poll(text)
+    assert parse.parse_squeue_poll("") == ([], 0)
+    assert parse.parse_squeue_poll("\n") == ([], 0)
 
 
 @pytest.mark.parametrize("text", ["", "not json", "[]", '{"jobs": 3}'])
