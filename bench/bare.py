@@ -14,7 +14,7 @@ import sqlalchemy as sa
 import uvicorn
 from fastapi import FastAPI
 
-from broker.server import NoDelayHTTPProtocol
+from broker.server import NoDelayHTTPProtocol, serve_workers
 
 
 def make_app() -> FastAPI:
@@ -40,9 +40,12 @@ def main() -> None:
     ap.add_argument("--port", type=int, required=True)
     ap.add_argument("--workers", type=int, default=1)
     args = ap.parse_args()
-    uvicorn.run("bench.bare:make_app", factory=True, host="127.0.0.1", port=args.port,
-                workers=args.workers, log_level="warning", timeout_worker_healthcheck=60,
-                http=NoDelayHTTPProtocol)  # the broker's server settings: same connection handling
+    # the broker's own way of serving (broker/server.py): same processes, sockets, protocol
+    if args.workers > 1:
+        serve_workers("bench.bare:make_app", host="127.0.0.1", port=args.port, workers=args.workers,
+                      log_level="warning")
+    else:
+        uvicorn.run(make_app(), host="127.0.0.1", port=args.port, log_level="warning", http=NoDelayHTTPProtocol)
 
 
 if __name__ == "__main__":

@@ -85,3 +85,53 @@ def test_workers_share_the_load_one_tracker_summed_metrics(tmp_path: Path) -> No
         time.sleep(0.1)
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"{base}/healthz", timeout=2)
+
+
+def _server_side_pids(port: int) -> set[int]:
+    """The processes owning the established server-side sockets of ``port``."""
+    out = subprocess.run(["ss", "-tnpH", "state", "established", f"( sport = :{port} )"],
+                         capture_output=True, text=True, check=True).stdout
+    return {int(p) for p in re.findall(r"pid=(\d+)", out)}
+
+
+async def _burst(base: str, n: int) -> list[httpx.AsyncClient]:
+    """``n`` connections opened at once, each kept open after one request."""
+    import asyncio
+
+    clients = [httpx.AsyncClient(base_url=base, timeout=30) for _ in range(n)]
+    answers = await asyncio.gather(*(c.get("/healthz") for c in clients))
+    assert all(a.status_code == 200 for a in answers)
+    return clients
+
+
+def test_a_burst_of_connections_is_spread_and_the_port_is_not_shared(tmp_path: Path) -> None:
+    """With a shared listening socket, asyncio accepted a whole burst in one worker, which
+    then served those keep-alive connections alone; each worker has its own socket now.
+    A second broker on the same port is refused, not mixed in (SO_REUSEPORT would allow it)."""
+    import asyncio
+
+    env = {**os.environ, "AIFA_BROKER_DATA_DIR": str(tmp_path / "data"), "AIFA_BROKER_RUN_TRACKER": "false"}
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    port = free_port()
+    proc = _start(env, port)
+    try:
+        workers = set(_children(proc.pid))
+
+        async def check() -> set[int]:
+            clients = await _burst(f"http://127.0.0.1:{port}", 16)
+            try:
+                return _server_side_pids(port) & workers
+            finally:
+                await asyncio.gather(*(c.aclose() for c in clients))
+
+        serving = asyncio.run(check())
+        assert len(serving) == 2, f"16 connections held by {len(serving)} worker(s)"  # chance of 1: 2 × 2⁻¹⁶
+        second = subprocess.run([BIN, "serve", "--port", str(port), "--workers", "2"], capture_output=True,
+                                text=True, timeout=120,
+                                env={**env, "AIFA_BROKER_DATA_DIR": str(tmp_path / "other")})
+        assert second.returncode != 0
+        assert f"cannot listen on 127.0.0.1:{port}" in second.stderr
+        assert httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=10).status_code == 200
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
