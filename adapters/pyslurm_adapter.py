@@ -15,11 +15,17 @@ no connection settings, and a broker process can serve one such cluster only
   content, the environment as a dict: only those variables plus ``SLURM_*``);
 - poll: one ``pyslurm.Jobs.load()`` (queue) + one
   ``pyslurm.db.Jobs.load(pyslurm.db.JobFilter(ids=...))`` (accounting) per call;
-- cancel: ``pyslurm.Job(id).cancel()``;
+- cancel: ``pyslurm.Job(id).cancel()`` (an array: its id, then its started tasks' own ids);
 - usage / find_by_tag: ``pyslurm.db.Jobs.load(JobFilter(start_time=..., accounts=...))``;
 - discover: ``pyslurm.Partitions.load()`` and ``pyslurm.Nodes.load()``;
 - health: ``pyslurm.slurmctld.ping_primary()`` / ``ping_backup()`` and
   ``pyslurm.db.Connection.open()``.
+
+Job arrays (``JobSpec.array``, ``JobSubmitDescription.array``) are tracked per
+task from the ``array_id``/``array_task_id``/``array_tasks_waiting`` attributes
+pyslurm documents — verified against the stand-in only; see
+``docs/adapters/pyslurm.md`` ("Job arrays"), including what cannot be cancelled
+alone through pyslurm's numeric job ids.
 
 Identity: the adapter acts with the broker host's Slurm identity. With
 ``set_user_id`` (default true) each job is submitted with ``user_id`` /
@@ -48,9 +54,11 @@ import re
 import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from adapters.slurm_common.arrays import task_ids_from_bitmap, task_ids_from_text, task_key
 from adapters.slurm_common.states import is_terminal, started_or_expected, translate
 from adapters.slurm_common.tags import comment_for_tag, job_name_with_tag, tag_from_job_name
 from broker.adapter import (
@@ -226,10 +234,6 @@ class PySlurmAdapter(ClusterAdapter):
         the script's directives are already neutralised and libslurm does not read
         them — pyslurm only does on an explicit ``load_sbatch_options()``)."""
         refuse_directives(spec.script)
-        if spec.array:  # refused, never dropped: its tasks could not be tracked or charged
-            raise SubmitRejected("the pyslurm adapter does not track job array tasks (it cannot be tested "
-                                 "against a live libslurm here); submit the array through slurm_ssh or "
-                                 "slurm_rest", code="unsupported_directive")
         bad = [k for k, v in spec.environment.items()
                if not _ENV_NAME.fullmatch(k) or "\0" in v]
         if bad:
@@ -273,25 +277,34 @@ class PySlurmAdapter(ClusterAdapter):
     # ------------------------------------------------------------------ poll
 
     def poll(self, refs: Sequence[SchedulerJobRef]) -> list[JobStatus]:
-        """One queue load + one accounting load for all ``refs``."""
-        ids = {int(r.job_id) for r in refs if r.job_id.isdigit()}
-        if not ids:
+        """One queue load + at most one accounting load for all ``refs``. An array
+        ref (``array_tasks``) is answered per task (``<id>_<task>``): a started
+        task is a record of its own, the waiting ones one record for them all."""
+        valid = [r for r in refs if r.job_id.isdigit()]
+        if not valid:
             return []
-        queue = {int(j.id): j for j in self._call("job query", self._ps.Jobs.load).values()
-                 if int(j.id) in ids}
-        need_db = [i for i in sorted(ids) if i not in queue or is_terminal(queue[i].state)]
+        queue = _by_key(self._call("job query", self._ps.Jobs.load).values(), {int(r.job_id) for r in valid})
+        wanted = [(r, key, task) for r in valid for key, task in _keys(r)]
+        need = [(r, key) for r, key, _ in wanted if key not in queue or is_terminal(queue[key].state)]
+        # a task's own id too while the queue still shows it: accounting then finds
+        # the task even where selecting by the array's id would not
+        need_db = sorted({int(r.job_id) for r, _ in need} | {int(queue[key].id) for _, key in need if key in queue})
         accounted = self._accounted(need_db)
         out = []
-        for job_id in sorted(ids):
-            db_job, live = accounted.get(job_id), queue.get(job_id)
+        for _ref, key, task in wanted:
+            db_job, live = accounted.get(key), queue.get(key)
             if db_job is not None and (live is None or is_terminal(db_job.state)):
-                out.append(self._status(db_job, accounting=True))
+                status = self._status(db_job, accounting=True)
             elif live is not None:
-                out.append(self._status(live, accounting=False))
+                status = self._status(live, accounting=False)
+            else:
+                continue
+            out.append(status if task is None else replace(status, job_id=key, array_task_id=task))
         return out
 
-    def _accounted(self, ids: list[int]) -> dict[int, Any]:
-        """Accounting records of ``ids``; empty when slurmdbd cannot answer."""
+    def _accounted(self, ids: list[int]) -> dict[str, Any]:
+        """Accounting records of ``ids`` (an array's id selects its tasks) by
+        :func:`_by_key`; empty when slurmdbd cannot answer."""
         if not ids:
             return {}
         db = self._ps.db
@@ -299,7 +312,7 @@ class PySlurmAdapter(ClusterAdapter):
             jobs = self._call("accounting query", db.Jobs.load, db.JobFilter(ids=ids))
         except AdapterError:
             return {}  # the queue still answers; finals wait for accounting
-        return _latest_by_id(jobs.values())
+        return _by_key(jobs.values(), set(ids))
 
     def _status(self, job: Any, *, accounting: bool) -> JobStatus:
         raw = str(job.state)
@@ -319,12 +332,52 @@ class PySlurmAdapter(ClusterAdapter):
     # ------------------------------------------------------------------ cancel, lookup
 
     def cancel(self, ref: SchedulerJobRef) -> None:
-        """``Job(id).cancel()``; a finished or purged job is not an error."""
-        if not ref.job_id.isdigit():
-            raise AdapterError(f"not a Slurm job id: {ref.job_id!r}", code="not_found")
+        """``Job(id).cancel()``; a finished or purged job is not an error.
+
+        ``<array id>_<task>`` cancels one started task by its own job id (pyslurm
+        addresses jobs by number only: a task still waiting has none, so it cannot
+        be cancelled alone — ``task_not_started``). ``<array id>`` cancels the whole
+        array: the array's id (which also ends the waiting tasks), then every
+        started task still alive by its own id, whether or not libslurm already
+        ended them with the array."""
+        array_id, task = _parse_key(ref.job_id)
+        if task is not None:
+            self._cancel_task(array_id, task)
+            return
+        self._kill(array_id)
+        for _ in range(3):  # a waiting task may have started while the others were cancelled
+            left = [j for j in self._array_records(array_id) if int(j.id) != array_id]
+            if not left:
+                return
+            for job in left:
+                self._kill(int(job.id))
+
+    def _cancel_task(self, array_id: int, task: int) -> None:
+        records = self._array_records(array_id)
+        record = next((j for j in records if getattr(j, "array_task_id", None) == task), None)
+        if record is None:
+            if any(task in _waiting(j) for j in records):
+                raise AdapterError(f"task {task} of array {array_id} has not started: pyslurm cancels by job id "
+                                   "and a waiting task has none of its own yet; cancel the whole array, or "
+                                   "this task once it runs", code="task_not_started", transient=False)
+            return  # ended (or never existed): nothing to cancel
+        if int(record.id) == array_id and len(records) > 1:
+            # the last task to start takes over the array's own id, and that id
+            # cancels the whole array
+            raise AdapterError(f"task {task} of array {array_id} runs under the array's own job id, which "
+                               "would cancel every task; cancel the whole array instead",
+                               code="task_not_addressable", transient=False)
+        self._kill(int(record.id))
+
+    def _array_records(self, array_id: int) -> list[Any]:
+        """The array's records slurmctld still has alive (one queue load)."""
+        return [j for j in self._call("job query", self._ps.Jobs.load).values()
+                if getattr(j, "array_id", None) == array_id and not is_terminal(str(j.state))]
+
+    def _kill(self, job_id: int) -> None:
         with self._lock:
             try:
-                self._ps.Job(int(ref.job_id)).cancel()
+                self._ps.Job(job_id).cancel()
             except self._ps.RPCError as exc:
                 if getattr(exc, "errno", None) in (_ALREADY_DONE, _INVALID_JOB_ID):
                     return
@@ -345,7 +398,9 @@ class PySlurmAdapter(ClusterAdapter):
             tag = tag_from_job_name(job.name)
             submitted = _epoch(job.submit_time)
             if tag in wanted and (since is None or submitted is None or submitted >= since):
-                found[tag] = SchedulerJobRef(job_id=str(job.id), username=str(job.user_name),
+                # an array's task records carry the array's id: the broker's id of it
+                job_id = getattr(job, "array_id", None) or job.id
+                found[tag] = SchedulerJobRef(job_id=str(job_id), username=str(job.user_name),
                                              tag=tag, submit_time=submitted,
                                              account=getattr(job, "account", None))
         return found
@@ -376,7 +431,8 @@ class PySlurmAdapter(ClusterAdapter):
         pattern = self._output_pattern
         if stream == "stderr":
             pattern = pattern[:-4] + ".err" if pattern.endswith(".out") else pattern + ".err"
-        path = expand_output_pattern(pattern, ref.job_id, str(job.user_name),
+        # %j is the job id of the record that ran: an array task's own id
+        path = expand_output_pattern(pattern, str(job.id), str(job.user_name),
                                      getattr(job, "working_directory", None))
         try:
             with open(path, "rb") as fh:
@@ -388,6 +444,8 @@ class PySlurmAdapter(ClusterAdapter):
                                code="output_unavailable") from exc
 
     def _find_job(self, ref: SchedulerJobRef) -> Any:
+        if "_" in ref.job_id:
+            return self._find_task(ref)
         if ref.job_id.isdigit():
             with self._lock:
                 try:
@@ -401,6 +459,17 @@ class PySlurmAdapter(ClusterAdapter):
             if latest is not None:
                 return latest
         raise AdapterError(f"no job {ref.job_id!r}", code="not_found")
+
+    def _find_task(self, ref: SchedulerJobRef) -> Any:
+        """The record of one array task (``<array id>_<task>``): queue, then accounting."""
+        array_id, task = _parse_key(ref.job_id)
+        live = _by_key(self._call("job query", self._ps.Jobs.load).values(), {array_id})
+        record = live.get(ref.job_id) or self._accounted([array_id]).get(ref.job_id)
+        if record is None:
+            raise AdapterError(f"no job {ref.job_id!r}", code="not_found")
+        if getattr(record, "array_task_id", None) != task:
+            raise AdapterError(f"task {ref.job_id} has not started: no output yet", code="output_unavailable")
+        return record
 
     def health(self) -> Health:
         """Ping slurmctld (primary, then backup) and open a slurmdbd connection."""
@@ -445,6 +514,57 @@ def _script_content(script: str) -> str:
     return text if "\n" in text else text + "\n"
 
 
+def _parse_key(key: str) -> tuple[int, int | None]:
+    """``7`` → (7, None); ``7_3`` → (7, 3) (an array task, as the broker names it)."""
+    job_id, sep, task = key.partition("_")
+    if not job_id.isdigit() or (sep and not task.isdigit()):
+        raise AdapterError(f"not a Slurm job id: {key!r}", code="not_found")
+    return int(job_id), int(task) if task else None
+
+
+def _keys(ref: SchedulerJobRef) -> list[tuple[str, int | None]]:
+    """What ``poll`` answers for ``ref``: its id, or ``<id>_<task>`` per tracked task."""
+    if ref.array_tasks is None:
+        return [(ref.job_id, None)]
+    return [(task_key(ref.job_id, t), t) for t in ref.array_tasks]
+
+
+def _waiting(job: Any) -> tuple[int, ...]:
+    """The tasks a record of an array's waiting tasks stands for: slurmctld gives
+    them as ranges (``2-5``), slurmdbd as a hexadecimal bitmap (``0x3C``)."""
+    text = getattr(job, "array_tasks_waiting", None)
+    text = str(text) if text else None
+    return task_ids_from_bitmap(text) or task_ids_from_text(text)
+
+
+def _record_keys(job: Any) -> list[str]:
+    """The broker's names for what one queue or accounting record stands for."""
+    array_id = getattr(job, "array_id", None)
+    if not array_id:
+        return [str(job.id)]
+    task = getattr(job, "array_task_id", None)
+    if task is not None:
+        return [task_key(array_id, task)]
+    return [task_key(array_id, t) for t in _waiting(job)]
+
+
+def _by_key(jobs: Iterable[Any], ids: set[int]) -> dict[str, Any]:
+    """Records of ``ids`` (a job's or an array's id) by :func:`_record_keys`: for each
+    name the most recently submitted (job ids can be reused) and, between records
+    of one array, a task's own record over the waiting tasks' record (should
+    slurmdbd still list a started task among the waiting ones)."""
+    ranked: dict[str, tuple[tuple[int, bool], Any]] = {}
+    for job in jobs:
+        if int(job.id) not in ids and int(getattr(job, "array_id", None) or 0) not in ids:
+            continue
+        rank = (int(job.submit_time or 0), getattr(job, "array_task_id", None) is not None)
+        for key in _record_keys(job):
+            known = ranked.get(key)
+            if known is None or rank >= known[0]:
+                ranked[key] = (rank, job)
+    return {key: job for key, (_, job) in ranked.items()}
+
+
 def _latest_by_id(jobs: Iterable[Any]) -> dict[int, Any]:
     """One record per job id: the most recently submitted (ids can be reused)."""
     latest: dict[int, Any] = {}
@@ -458,12 +578,15 @@ def _latest_by_id(jobs: Iterable[Any]) -> dict[int, Any]:
 def _usage_record(job: Any) -> UsageRecord:
     submitted = _epoch(job.submit_time) or _epoch(job.end_time)
     assert submitted is not None
+    array_id = getattr(job, "array_id", None)
     return UsageRecord(
         job_id=str(job.id), account=str(job.account), username=str(job.user_name),
         partition=job.partition or None, state=translate(str(job.state)),
         raw_state=str(job.state), submit_time=submitted, start_time=_epoch(job.start_time),
         end_time=_epoch(job.end_time), elapsed_seconds=int(job.elapsed_time or 0),
         alloc_tres=tres_map(job.allocated_tres), tag=tag_from_job_name(job.name), name=job.name,
+        array_job_id=str(array_id) if array_id else None,
+        array_task_id=getattr(job, "array_task_id", None) if array_id else None,
     )
 
 

@@ -307,7 +307,10 @@ class ClusterAdapter(abc.ABC):
 
     @abc.abstractmethod
     def cancel(self, ref: SchedulerJobRef) -> None:
-        """Cancel a job; cancelling an already finished job is not an error."""
+        """Cancel a job; cancelling an already finished job is not an error. An
+        adapter that cannot address one waiting array task alone (pyslurm: jobs by
+        number only) refuses it with a non-transient ``AdapterError`` whose code is
+        ``task_not_started`` — never by cancelling more or less than was asked."""
 
     @abc.abstractmethod
     def find_by_tag(self, tags: Sequence[str], *, since: datetime | None = None) -> dict[str, SchedulerJobRef]:

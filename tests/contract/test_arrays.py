@@ -146,15 +146,24 @@ def test_cancel_one_task_then_the_whole_array(arrays: Arrays, target: ContractTa
         time.sleep(_interval(target))
     else:
         raise AssertionError(f"the tasks were never all reported: {seen}")
+    cancelled = []
     for task in (2, 1):
-        target.adapter.cancel(replace(ref, job_id=f"{ref.job_id}_{task}", array_tasks=None))
+        try:
+            target.adapter.cancel(replace(ref, job_id=f"{ref.job_id}_{task}", array_tasks=None))
+        except AdapterError as exc:
+            # pyslurm addresses jobs by number only and a waiting task has none of its
+            # own: it may refuse (clearly, cancelling nothing) — only a waiting task
+            assert exc.code == "task_not_started" and not exc.transient, exc
+            assert seen[task].state is JobState.PENDING, (task, seen)
+            continue
+        cancelled.append(task)
     deadline = time.monotonic() + target.settle_timeout
     while time.monotonic() < deadline:
         seen = arrays.poll("cancel")
-        if all(t not in seen or _ended(seen[t]) for t in (1, 2)):
+        if all(t not in seen or _ended(seen[t]) for t in cancelled):
             break
         time.sleep(_interval(target))
-    for task in (1, 2):
+    for task in cancelled:
         assert task not in seen or (_ended(seen[task]) and seen[task].state is JobState.CANCELLED), seen
     assert 0 in seen and not seen[0].final, f"cancelling tasks 1 and 2 ended task 0: {seen}"
     target.adapter.cancel(replace(ref, array_tasks=None))

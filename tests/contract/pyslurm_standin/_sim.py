@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import os
 import pwd
 import re
@@ -73,6 +74,17 @@ class SimJob:
     exit_code: int = 0
     exit_code_signal: int = 0
     proc: subprocess.Popen[bytes] | None = None
+    #: job arrays, as slurmctld keeps them: the array's master id (0: not an
+    #: array), this record's task (None for the record of the waiting tasks), the
+    #: waiting tasks that record stands for, and the ``%max`` throttle (0: none)
+    array_id: int = 0
+    array_task_id: int | None = None
+    array_pending: list[int] = field(default_factory=list)
+    array_max: int = 0
+    #: ``standard_output``/``standard_error`` as submitted (an array task's paths
+    #: are expanded when it starts: ``%j`` is then the task's own job id)
+    output_pattern: str = ""
+    error_pattern: str = ""
 
     @property
     def elapsed(self) -> int:
@@ -91,9 +103,42 @@ class SimJob:
 
 
 def _expand(pattern: str, job: SimJob) -> str:
-    subst = {"%j": str(job.id), "%u": job.user_name, "%%": "%", "%x": job.name}
-    path = re.sub(r"%[%jux]", lambda m: subst[m.group(0)], pattern)
+    subst = {"%j": str(job.id), "%u": job.user_name, "%%": "%", "%x": job.name,
+             "%A": str(job.array_id or job.id),
+             "%a": str(job.array_task_id if job.array_task_id is not None else 4294967294)}
+    path = re.sub(r"%[%juxAa]", lambda m: subst[m.group(0)], pattern)
     return path if os.path.isabs(path) else os.path.join(job.working_directory, path)
+
+
+def parse_array(text: str) -> tuple[list[int], int]:
+    """sbatch's ``--array`` syntax (``0-15:2%4``, ``1,3,5``) → (task ids, throttle);
+    ValueError as libslurm refuses it (ESLURM_BAD_TASK_COUNT)."""
+    body, _, limit = text.partition("%")
+    tasks: set[int] = set()
+    for part in body.split(","):
+        rng, _, step = part.partition(":")
+        first, _, last = rng.partition("-")
+        lo, hi = int(first), int(last or first)
+        if lo < 0 or hi < lo or (step and int(step) < 1):
+            raise ValueError(text)
+        tasks.update(range(lo, hi + 1, int(step or 1)))
+    return sorted(tasks), int(limit or 0)
+
+
+def range_text(tasks: list[int]) -> str:
+    """``[2, 3, 4, 7]`` → ``2-4,7`` (how slurmctld shows waiting tasks)."""
+    runs: list[list[int]] = []
+    for task in sorted(tasks):
+        if runs and runs[-1][1] + 1 == task:
+            runs[-1][1] = task
+        else:
+            runs.append([task, task])
+    return ",".join(str(lo) if lo == hi else f"{lo}-{hi}" for lo, hi in runs)
+
+
+def hex_bitmap(tasks: list[int]) -> str:
+    """``[2, 3, 4, 5]`` → ``0x3C`` (how slurmdbd stores an array's waiting tasks)."""
+    return hex(sum(1 << t for t in tasks)).upper().replace("0X", "0x")
 
 
 class Controller:
@@ -123,15 +168,24 @@ class Controller:
 
     # --- submission
 
-    def submit(self, job: SimJob, uid: int | None) -> int:
+    def submit(self, job: SimJob, uid: int | None, array: str | None = None) -> int:
         with self.lock:
             self.count("submit")
             part = self._check(job, uid)
+            if array:
+                try:
+                    job.array_pending, job.array_max = parse_array(array)
+                except ValueError:
+                    raise RPCError(2116, "Job array index too large. Job not submitted.") from None
             job.partition = part.name
             job.id = self.next_id
             self.next_id += 1
-            job.standard_output = _expand(job.standard_output, job)
-            job.standard_error = _expand(job.standard_error, job)
+            job.output_pattern, job.error_pattern = job.standard_output, job.standard_error
+            if array:  # one record, the array's, standing for every task until they start
+                job.array_id = job.id
+            else:
+                job.standard_output = _expand(job.standard_output, job)
+                job.standard_error = _expand(job.standard_error, job)
             self.jobs[job.id] = job
             return job.id
 
@@ -153,11 +207,35 @@ class Controller:
     def tick(self) -> None:
         with self.lock:
             now = time.monotonic()
-            for job in self.jobs.values():
-                if job.state == "PENDING" and now - job.submit_mono >= self.start_delay:
-                    self._start(job)
+            for job in list(self.jobs.values()):
                 if job.state == "RUNNING":
                     self._check_running(job, now)
+            for job in list(self.jobs.values()):
+                if job.state != "PENDING" or now - job.submit_mono < self.start_delay:
+                    continue
+                if job.array_pending:
+                    self._start_array_tasks(job)
+                else:
+                    self._start(job)
+
+    def _start_array_tasks(self, meta: SimJob) -> None:
+        """Start waiting tasks up to the throttle, as slurmctld does: a starting task
+        is split off into a record of its own with a new job id, except the last
+        one, which takes over the array's record (and its id)."""
+        running = sum(1 for j in self.jobs.values() if j.array_id == meta.array_id and j.state == "RUNNING")
+        while meta.array_pending and (not meta.array_max or running < meta.array_max):
+            task = meta.array_pending.pop(0)
+            if meta.array_pending:
+                record = dataclasses.replace(meta, id=self.next_id, array_task_id=task, array_pending=[],
+                                             env=dict(meta.env))
+                self.next_id += 1
+                self.jobs[record.id] = record
+            else:
+                record = meta
+                record.array_task_id = task
+            self._start(record)
+            running += 1
+        meta.state_reason = "JobArrayTaskLimit" if meta.array_pending else "None"
 
     def _start(self, job: SimJob) -> None:
         self.spool.mkdir(exist_ok=True)
@@ -168,6 +246,10 @@ class Controller:
                "SLURM_JOB_ACCOUNT": job.account, "SLURM_JOB_PARTITION": job.partition,
                "SLURM_NNODES": str(job.nodes), "SLURM_NTASKS": str(job.ntasks),
                "SLURM_JOB_USER": job.user_name}
+        if job.array_id:
+            env.update(SLURM_ARRAY_JOB_ID=str(job.array_id), SLURM_ARRAY_TASK_ID=str(job.array_task_id))
+            job.standard_output = _expand(job.output_pattern, job)
+            job.standard_error = _expand(job.error_pattern, job)
         job.start_time, job.start_mono, job.state = int(time.time()), time.monotonic(), "RUNNING"
         try:
             with open(job.standard_output, "ab") as out, open(job.standard_error, "ab") as err:
@@ -201,16 +283,23 @@ class Controller:
         job.end_time, job.end_mono = int(time.time()), time.monotonic()
 
     def cancel(self, job_id: int) -> None:
+        """``slurm_kill_job``: a job's own id ends that record; the id of an array
+        whose record is still known ends the whole array — the record of its
+        waiting tasks first, then every started task (slurmctld's
+        ``job_str_signal``, which ``slurm_kill_job`` goes through)."""
         with self.lock:
             self.count("cancel")
             self.tick()
             job = self.jobs.get(job_id)
             if job is None or self._purged(job):
                 raise RPCError(2017, "Invalid job id specified")
-            if job.state in TERMINAL:
+            members = [j for j in self.jobs.values() if job.array_id == job_id and j.array_id == job_id]
+            live = [j for j in sorted(members or [job], key=lambda j: j.id != job_id) if j.state not in TERMINAL]
+            if not live:
                 raise RPCError(2021, "Job/step already completing or completed")
-            self._kill(job)
-            self._end(job, "CANCELLED", 0, signal.SIGKILL)
+            for record in live:
+                self._kill(record)
+                self._end(record, "CANCELLED", 0, signal.SIGKILL)
 
     # --- views
 

@@ -11,6 +11,7 @@ from tests.contract.pyslurm_standin._sim import (
     RPCError,
     SimJob,
     SimPartition,
+    range_text,
     user_name,
 )
 from tests.contract.pyslurm_standin.db import TrackableResources
@@ -18,7 +19,7 @@ from tests.contract.pyslurm_standin.db import TrackableResources
 _ATTRS = (
     "name", "account", "user_id", "group_id", "comment", "working_directory", "nodes",
     "partitions", "script", "environment", "time_limit", "cpus_per_task", "ntasks",
-    "ntasks_per_node", "gres_per_node", "memory_per_node", "standard_output", "standard_error",
+    "ntasks_per_node", "gres_per_node", "memory_per_node", "standard_output", "standard_error", "array",
 )
 
 
@@ -87,7 +88,7 @@ class JobSubmitDescription:
             memory_mb=int(self.memory_per_node or 1024),
         )
         uid = None if self.user_id is None else int(self.user_id)
-        return CONTROLLER.submit(job, uid)
+        return CONTROLLER.submit(job, uid, str(self.array) if self.array else None)
 
 
 class Job:
@@ -110,6 +111,28 @@ class Job:
     @property
     def run_time(self) -> int:
         return self._job.elapsed if self._job else 0
+
+    # job arrays, as documented for pyslurm 25.11's Job: a started task is a record
+    # of its own (its own ``id``; ``array_id`` the master id, ``array_task_id`` its
+    # index); the tasks still waiting are one record (``id`` = the array's id,
+    # ``array_task_id`` None, ``array_tasks_waiting`` like ``2-5`` without the
+    # ``%max`` part, which is ``array_tasks_parallel``)
+
+    @property
+    def array_id(self) -> int | None:
+        return (self._job.array_id or None) if self._job else None
+
+    @property
+    def array_task_id(self) -> int | None:
+        return self._job.array_task_id if self._job else None
+
+    @property
+    def array_tasks_waiting(self) -> str | None:
+        return range_text(self._job.array_pending) if self._job and self._job.array_pending else None
+
+    @property
+    def array_tasks_parallel(self) -> int | None:
+        return (self._job.array_max or None) if self._job else None
 
     @property
     def allocated_tres(self) -> TrackableResources | None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from tests.contract.pyslurm_standin._sim import CONTROLLER, TERMINAL, RPCError, SimJob
+from tests.contract.pyslurm_standin._sim import CONTROLLER, TERMINAL, RPCError, SimJob, hex_bitmap
 
 
 class TrackableResource:
@@ -53,8 +53,9 @@ class JobFilter:
         self.start_time, self.end_time = _ts(start_time), _ts(end_time)
 
     def matches(self, job: SimJob) -> bool:
+        # an array's id selects every task of it, as ``sacct -j <array id>`` does
         checks = [
-            self.ids is None or job.id in self.ids,
+            self.ids is None or job.id in self.ids or (bool(job.array_id) and job.array_id in self.ids),
             self.accounts is None or job.account in self.accounts,
             self.users is None or job.user_name in self.users,
             self.names is None or job.name in self.names,
@@ -81,6 +82,13 @@ class Job:
         self.allocated_tres = (TrackableResources.from_map(job.tres()) if job.start_time
                                else None)
         self.tres = self.allocated_tres
+        # an array task's record, or the record of its waiting tasks, whose
+        # ``array_tasks_waiting`` is slurmdbd's stored form: a hexadecimal bitmap
+        # (``0x3C`` = tasks 2-5; ``sacct --json`` shows the same in ``array.task``)
+        self.array_id = job.array_id or None
+        self.array_task_id = job.array_task_id
+        self.array_tasks_waiting = hex_bitmap(job.array_pending) if job.array_pending else None
+        self.array_tasks_parallel = job.array_max or None
 
 
 class Jobs(dict[int, Job]):
