@@ -20,14 +20,14 @@ from bench import admission, reads, reports, slurm, tracking
 from bench.harness import Figure, machine, write_json
 
 
-def plan(runs: int, quick: bool, held: int) -> dict[str, Callable[[], list[Figure]]]:
+def plan(runs: int, quick: bool, held: int, release: str = slurm.RELEASE) -> dict[str, Callable[[], list[Figure]]]:
     n = 150 if quick else 400
     levels = (1, 8) if quick else (1, 8, 32)
     per_point = 30 if quick else 60
     return {
         "B1": lambda: slurm.submit_figures("slurm_ssh", runs=runs, n=per_point, levels=levels, workers=2),
         "B2": lambda: slurm.submit_figures("slurm_rest", runs=runs, n=per_point, levels=levels, workers=2),
-        "B4": lambda: tracking.b4_b7(held=held),
+        "B4": lambda: tracking.b4_b7(held=held, cycles=max(runs, 1), release=release),
         "B5": lambda: reads.b5(seconds=15 if quick else 60),
         "B6": lambda: reports.b6(runs=runs, rows=200_000 if quick else 1_000_000),
         "B3": lambda: [admission.b3(runs=runs, n=n, concurrency=16, workers=2)],
@@ -41,8 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", type=int, default=3, help="runs per figure (median reported)")
     ap.add_argument("--quick", action="store_true", help="fewer requests per run (a smoke test)")
     ap.add_argument("--held", type=int, default=2000, help="B4/B7: held jobs on the dev cluster")
+    ap.add_argument("--release", default=slurm.RELEASE, help="B4/B7: which dev cluster (22.05, 24.11, 26.05)")
     args = ap.parse_args(argv)
-    steps = plan(args.runs, args.quick, args.held)
+    steps = plan(args.runs, args.quick, args.held, args.release)
     wanted = [x.strip().upper() for x in args.only.split(",") if x.strip()] or list(steps)
     meta: dict[str, Any] = {"machine": machine(), "command": " ".join(["python -m bench.run", *(argv or sys.argv[1:])]),
                             "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}

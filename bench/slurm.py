@@ -36,30 +36,30 @@ PROJECT = "EHPC-BENCH-SLURM"
 SCRIPT = "#!/bin/sh\ntrue\n"
 
 
-def cluster_unavailable() -> str | None:
-    """None when the 22.05 dev cluster answers; else why not."""
-    info = GEN / "info.json"
+def cluster_unavailable(release: str = RELEASE) -> str | None:
+    """None when the dev cluster of ``release`` (default 22.05) answers; else why not."""
+    info = GEN.parent / release / "info.json"
     if not info.exists():
-        return f"no {info} (start it with `make slurm-up SLURM_RELEASE={RELEASE}`)"
+        return f"no {info} (start it with `make slurm-up SLURM_RELEASE={release}`)"
     status = ROOT / "deploy" / "slurm-dev" / "status.sh"
-    done = subprocess.run([str(status), RELEASE], capture_output=True, text=True, timeout=60)
+    done = subprocess.run([str(status), release], capture_output=True, text=True, timeout=60)
     if done.returncode != 0:
-        return f"the {RELEASE} dev cluster is not up ({status} {RELEASE} exited {done.returncode})"
+        return f"the {release} dev cluster is not up ({status} {release} exited {done.returncode})"
     return None
 
 
-def definition(kind: str) -> dict[str, Any]:
-    with open(GEN / f"{kind}.toml", "rb") as fh:
+def definition(kind: str, release: str = RELEASE) -> dict[str, Any]:
+    with open(GEN.parent / release / f"{kind}.toml", "rb") as fh:
         return tomllib.load(fh)
 
 
-def scancel(job_ids: list[str]) -> None:
+def scancel(job_ids: list[str], release: str = RELEASE) -> None:
     """Cancel what is left of the benchmark's jobs (finished ones are no error)."""
     run_in = ROOT / "deploy" / "slurm-dev" / "run-in"
     for i in range(0, len(job_ids), 200):
         chunk = [j for j in job_ids[i:i + 200] if j.isdigit()]
         if chunk:
-            subprocess.run([str(run_in), RELEASE, "scancel", *chunk], capture_output=True, timeout=120)
+            subprocess.run([str(run_in), release, "scancel", *chunk], capture_output=True, timeout=120)
 
 
 def _spec(i: int) -> JobSpec:

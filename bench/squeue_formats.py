@@ -74,8 +74,8 @@ def measure(release: str, held: int, runs: int) -> dict[str, Any]:
         result["submit_s"] = time.perf_counter() - t0
         result["submitted"] = len(ids)
         result["queue_records"] = len(run_in(release, "squeue", "-h", "-a", "-t", "all", "-o", "%i").stdout.split())
-        poll_text = commands.build_squeue_poll(sorted(ids, key=int))
         whole_text = commands.build_squeue_poll([])
+        poll_text = f"{whole_text} --jobs={','.join(sorted(ids, key=int))}"  # squeue's own filter, any count
         json_text = "squeue --json" if release == "22.05" else f"squeue --json --jobs={','.join(ids)}"
         over_ssh = {"json": json_text, "text --jobs": poll_text, "text whole queue": whole_text}
         for name, command in over_ssh.items():  # squeue alone on the controller, output to a file
@@ -100,7 +100,7 @@ def measure(release: str, held: int, runs: int) -> dict[str, Any]:
         result["parse text jobs"] = len(jobs)
         result["parse text skipped"] = skipped
         med, lo, hi, _ = median_of(runs, lambda: adapter._queue_jobs(user, set(ids)))
-        result["adapter _queue_jobs s (text --jobs, ssh + parse)"] = (med, lo, hi)
+        result["adapter _queue_jobs s (as polled: ssh + parse)"] = (med, lo, hi)
     finally:
         cancel(release, ids)
         adapter.close()

@@ -22,7 +22,7 @@ import sqlalchemy as sa
 from sqlmodel import select
 
 from bench.harness import Figure
-from bench.slurm import PROJECT, cluster_unavailable, definition, scancel
+from bench.slurm import PROJECT, RELEASE, cluster_unavailable, definition, scancel
 from broker.adapter import JobSpec
 from broker.db import session_scope
 from broker.models import Allocation, Cluster, Job, User
@@ -56,22 +56,22 @@ def _submit_held(adapter: Any, n: int) -> list[str]:
         return list(pool.map(one, range(n)))
 
 
-def b4_b7(*, held: int, cycles: int = 3) -> list[Figure]:
-    b4_calls = Figure("B4", f"scheduler calls per cycle, {held} held jobs, slurm_ssh", "calls",
+def b4_b7(*, held: int, cycles: int = 3, release: str = RELEASE) -> list[Figure]:
+    b4_calls = Figure("B4", f"scheduler calls per cycle, {held} held jobs, slurm_ssh {release}", "calls",
                       "≤ 2 per cluster per cycle", max_value=2)
     b4_cycle = Figure("B4", f"steady tracker cycle, {held} held jobs (scheduler included)", "s", "≤ 1 s",
                       max_value=1.0)
     b4_writes = Figure("B4", "job rows written in a steady cycle", "rows", "only changed jobs (0)", max_value=0)
     b7 = Figure("B7", f"RSS of the tracking process, {held} held jobs", "MB", "≤ 300 MB", max_value=300)
     figs = [b4_calls, b4_cycle, b4_writes, b7]
-    reason = cluster_unavailable()
+    reason = cluster_unavailable(release)
     if reason:
         for f in figs:
             f.skipped = reason
         return figs
     from broker import plugins
 
-    doc = definition("slurm_ssh")
+    doc = definition("slurm_ssh", release)
     raw = plugins.load_adapter_class("slurm_ssh")(doc["name"], doc["connection"],
                                                   data_dir=tempfile.mkdtemp(prefix="aifa-bench-held-"))
     ids: list[str] = []
@@ -120,7 +120,7 @@ def b4_b7(*, held: int, cycles: int = 3) -> list[Figure]:
             b7.extra["note"] = "the benchmark process itself (app + tracker + test client): an upper bound"
     finally:
         raw.close()
-        scancel(ids)
+        scancel(ids, release)
     per_job = (b4_cycle.value or 0) / max(held, 1)
     b4_cycle.extra["seconds_per_job"] = per_job
     b4_cycle.extra["extrapolated_10000_s"] = per_job * 10_000
