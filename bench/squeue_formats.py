@@ -74,7 +74,8 @@ def measure(release: str, held: int, runs: int) -> dict[str, Any]:
         result["submit_s"] = time.perf_counter() - t0
         result["submitted"] = len(ids)
         result["queue_records"] = len(run_in(release, "squeue", "-h", "-a", "-t", "all", "-o", "%i").stdout.split())
-        whole_text = commands.build_squeue_poll([])
+        mark = "0123456789abcdef"
+        whole_text = commands.build_squeue_poll([], mark)
         poll_text = f"{whole_text} --jobs={','.join(sorted(ids, key=int))}"  # squeue's own filter, any count
         json_text = "squeue --json" if release == "22.05" else f"squeue --json --jobs={','.join(ids)}"
         over_ssh = {"json": json_text, "text --jobs": poll_text, "text whole queue": whole_text}
@@ -95,7 +96,7 @@ def measure(release: str, held: int, runs: int) -> dict[str, Any]:
         med, lo, hi, jobs = median_of(runs, lambda: parse.parse_squeue_json(outputs["json"]))
         result["parse json s"] = (med, lo, hi)
         result["parse json jobs"] = len(jobs)
-        med, lo, hi, (jobs, skipped) = median_of(runs, lambda: parse.parse_squeue_poll(outputs["text --jobs"]))
+        med, lo, hi, (jobs, skipped) = median_of(runs, lambda: parse.parse_squeue_poll(outputs["text --jobs"], mark))
         result["parse text s"] = (med, lo, hi)
         result["parse text jobs"] = len(jobs)
         result["parse text skipped"] = skipped

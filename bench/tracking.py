@@ -105,8 +105,20 @@ def b4_b7(*, held: int, cycles: int = 3, release: str = RELEASE) -> list[Figure]
                 if statement.lstrip().upper().startswith("UPDATE JOBS"):
                     writes["n"] += 1
 
+            polls: list[float] = []
+            poll = adapter.poll
+
+            def timed_poll(refs: Any) -> Any:  # the adapter's share of a cycle (squeue over SSH + parse)
+                t0 = time.perf_counter()
+                try:
+                    return poll(refs)
+                finally:
+                    polls.append(time.perf_counter() - t0)
+
+            adapter.poll = timed_poll  # type: ignore[method-assign]
             sa.event.listen(env.engine, "before_cursor_execute", count)
             tracker.poll_cluster(cluster, adapter)  # first cycle: pending reasons are recorded
+            polls.clear()
             for _ in range(cycles):
                 calls0, writes["n"] = adapter.scheduler_calls(), 0
                 t0 = time.perf_counter()
@@ -116,6 +128,8 @@ def b4_b7(*, held: int, cycles: int = 3, release: str = RELEASE) -> list[Figure]
                 b4_writes.runs.append(writes["n"])
                 b7.runs.append(_rss_mb())
             sa.event.remove(env.engine, "before_cursor_execute", count)
+            adapter.poll = poll  # type: ignore[method-assign]
+            b4_cycle.extra["adapter_poll_s"] = polls
             b7.extra["max_rss_mb_peak"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
             b7.extra["note"] = "the benchmark process itself (app + tracker + test client): an upper bound"
     finally:

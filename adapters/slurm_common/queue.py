@@ -29,12 +29,14 @@ from adapters.slurm_common.tags import tag_from_job_name
 from adapters.slurm_common.tres import parse_tres_string
 from broker.states import JobState
 
-__all__ = ["SQUEUE_POLL_FIELDS", "QueueJob", "queue_job_from_json", "queue_job_from_text", "reason_code"]
+__all__ = ["SQUEUE_POLL_FIELDS", "QueueJob", "queue_job_from_json", "queue_job_from_text", "reason_code",
+           "split_poll_line"]
 
-#: ``squeue --Format`` fields of a poll line, in this order, ``|`` after each but the
-#: last. No job name or comment: they are the submitter's free text (a name may hold
-#: ``|`` and even a newline, i.e. a forged line for another job id); a poll matches jobs
-#: by id. The reason goes last: without a code it is the controller's free text.
+#: ``squeue --Format`` fields of a poll line, in this order, ``|`` between them. No job
+#: name or comment: they are the submitter's free text (a name may hold ``|`` and
+#: newlines). The reason is the one text field (the controller's description when it
+#: set one, which may hold anything): it comes last. Each line also carries a random
+#: per-poll mark after the job id and at its end (:func:`split_poll_line`).
 SQUEUE_POLL_FIELDS = ("JobID", "ArrayJobID", "ArrayTaskID", "State", "SubmitTime", "StartTime",
                       "UserName", "Account", "tres-alloc", "Reason")
 #: a reason text that starts with a Slurm reason code (``ReqNodeNotAvail, UnavailableNodes:n1``,
@@ -99,8 +101,8 @@ def _epoch_text(text: str) -> datetime | None:
 
 
 def queue_job_from_text(row: Sequence[str]) -> QueueJob:
-    """One line of ``squeue --noheader --Format=<SQUEUE_POLL_FIELDS>``, split on ``|``
-    into exactly that many fields (times as epoch seconds).
+    """The fields of one ``squeue --noheader --Format=<SQUEUE_POLL_FIELDS>`` line as
+    :func:`split_poll_line` gives them (times as epoch seconds).
 
     The state is Slurm's extended state word (a flag such as ``COMPLETING`` wins over
     the base state, as in 22.05's JSON). The TRES are kept only once the job is
@@ -129,6 +131,26 @@ def queue_job_from_text(row: Sequence[str]) -> QueueJob:
         alloc_tres=parse_tres_string(tres.strip()) if state is not JobState.PENDING else {},
         array=array_from_queue_text(array_id, array_task),
     )
+
+
+def split_poll_line(line: str, mark: str) -> list[str]:
+    """The fields of a poll line ``<job id>|<mark>|<fields...>|<reason>|<mark>``.
+
+    ``mark`` is random per poll, so no text stored in the controller can hold it: a
+    line counts only with the mark after its job id and at its end. A line break in a
+    reason then cannot pass off the text after it as a line of another job (the text
+    before the break lacks the end mark, the text after it the first one). The reason
+    may hold ``|``. Raises :class:`~adapters.slurm_common.accounting.MalformedRecord`
+    for any other line.
+    """
+    width = len(SQUEUE_POLL_FIELDS)
+    head = line.split("|", width)
+    if len(head) != width + 1 or head[1] != mark:
+        raise MalformedRecord("line without this poll's mark after the job id")
+    reason, sep, end = head[-1].rpartition("|")
+    if not sep or end != mark:
+        raise MalformedRecord("line without this poll's mark at its end")
+    return [head[0], *head[2:-1], reason]
 
 
 def _reason(value: Any) -> str | None:

@@ -318,18 +318,27 @@ def build_health() -> str:
 MAX_FILTERED_JOBS = 300
 
 
-def build_squeue_poll(job_ids: Sequence[str]) -> str:
+_MARK_RE = re.compile(r"^[0-9a-f]{16,64}$")
+
+
+def build_squeue_poll(job_ids: Sequence[str], mark: str) -> str:
     """One ``squeue``, every state (a job that just ended still shows), a line per job
     with the fields of :data:`~adapters.slurm_common.queue.SQUEUE_POLL_FIELDS`
-    separated by ``|``, times as epoch seconds, array task lists never abbreviated
-    (``SLURM_BITSTR_LEN=0``). Up to :data:`MAX_FILTERED_JOBS` ids go in ``--jobs``
-    (every release honours it in this form); with more, or none, the whole queue.
+    separated by ``|`` and ``mark`` (random hex, new for each poll) after the job id
+    and at the end (see :func:`~adapters.slurm_common.queue.split_poll_line`), times
+    as epoch seconds, array task lists never abbreviated (``SLURM_BITSTR_LEN=0``). Up
+    to :data:`MAX_FILTERED_JOBS` ids go in ``--jobs`` (every release honours it in
+    this form); with more, or none, the whole queue.
 
     Text rather than ``--json``: 22.05 ignores every filter with ``--json``, and a
-    job's JSON is 3-7 KB against ~95 bytes for its line (B4 in bench/RESULTS.md).
+    job's JSON is 3.4 KB (22.05) to 7.5 KB (24.11) against ~130 bytes for its line
+    (B4 in bench/RESULTS.md).
     """
+    if not _MARK_RE.match(mark):
+        raise ValueError("the poll's mark must be 16-64 lowercase hex digits")
     ids = [validate_job_id(j) for j in job_ids]
-    fields = [f"{name}:0|" for name in SQUEUE_POLL_FIELDS[:-1]] + [f"{SQUEUE_POLL_FIELDS[-1]}:0"]
+    first, *middle, last = SQUEUE_POLL_FIELDS
+    fields = [f"{first}:0|{mark}|", *(f"{name}:0|" for name in middle), f"{last}:0|{mark}"]
     argv = ["env", SLURM_TIME_FORMAT_ENV, "SLURM_BITSTR_LEN=0", "squeue", "--noheader", "--all",
             "--states=all", f"--Format={','.join(fields)}"]
     if ids and len(ids) <= MAX_FILTERED_JOBS:

@@ -22,10 +22,10 @@ from adapters.slurm_common.accounting import (
     accounting_job_from_parsable,
 )
 from adapters.slurm_common.queue import (
-    SQUEUE_POLL_FIELDS,
     QueueJob,
     queue_job_from_json,
     queue_job_from_text,
+    split_poll_line,
 )
 from adapters.slurm_common.shapes import epoch_to_datetime
 from adapters.slurm_common.tres import gres_counts, parse_tres_string
@@ -113,25 +113,25 @@ def parse_squeue_json(text: str) -> list[QueueJob]:
     return jobs
 
 
-def parse_squeue_poll(text: str, wanted: Collection[str] | None = None) -> tuple[list[QueueJob], int]:
-    """Lines of ``squeue --noheader --Format=<SQUEUE_POLL_FIELDS>`` (``|`` after each
-    field but the last, the reason). With ``wanted``, only the lines of those jobs
-    (by job id, or by array job id for array tasks) are read: a poll of many jobs
-    reads the whole queue. Returns the jobs and the number of lines skipped as
-    malformed (a reason text with a line break leaves its rest on a line of its own,
-    which is skipped: its first field is no job id). ValueError when there were
+def parse_squeue_poll(
+    text: str, mark: str, wanted: Collection[str] | None = None
+) -> tuple[list[QueueJob], int]:
+    """Lines of the poll's ``squeue`` (:func:`~adapters.slurm_ssh.commands.build_squeue_poll`
+    with ``mark``). With ``wanted``, only the lines of those jobs (by job id, or by
+    array job id for array tasks) are read: a poll of many jobs reads the whole queue.
+    Returns the jobs and the number of lines skipped as malformed (such as the two
+    halves of a line whose reason holds a line break). ValueError when there were
     lines and none was readable: not squeue's answer in this format."""
-    width = len(SQUEUE_POLL_FIELDS)
     jobs: list[QueueJob] = []
     skipped = passed = 0
     for line in (text or "").splitlines():
         if not line.strip():
             continue
-        row = line.split("|", width - 1)
-        if wanted is not None and len(row) == width and row[0] not in wanted and row[1] not in wanted:
-            passed += 1  # another job's line
-            continue
         try:
+            row = split_poll_line(line, mark)
+            if wanted is not None and row[0] not in wanted and row[1] not in wanted:
+                passed += 1  # another job's line
+                continue
             jobs.append(queue_job_from_text(row))
         except MalformedRecord as exc:
             skipped += 1

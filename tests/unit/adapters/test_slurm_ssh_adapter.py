@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import pathlib
+import re
 import shlex
 from datetime import UTC, datetime, timedelta
 
@@ -33,6 +34,7 @@ HOST_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIPGAYKxMxx69R/urhyxzj2JUF0HLf+XA
 TAG_A = "a" * 32
 TAG_B = "b" * 32
 NOW = int(datetime.now(tz=UTC).timestamp())
+MARK = "{mark}"  # stands for the poll's random mark in scripted squeue lines
 
 
 class FakePool:
@@ -50,6 +52,10 @@ class FakePool:
         answer = self.answers[program]
         if isinstance(answer, Exception):
             raise answer
+        if program == "squeue" and MARK in answer.stdout:  # the poll's own mark, as squeue prints it
+            mark = re.search(r"JobID:0\|([0-9a-f]+)\|", command)
+            answer = CommandResult(answer.exit_status, answer.stdout.replace(MARK, mark.group(1) if mark else "-"),
+                                   answer.stderr, answer.seconds)
         return answer
 
     def close(self) -> None:
@@ -85,7 +91,7 @@ def adapter(answers: dict, **extra) -> tuple[SlurmSSHAdapter, FakePool]:
 def squeue_doc(*jobs: tuple[int, str, str]) -> str:
     """The poll's squeue lines (``--Format``, ``|``-separated) of (id, state, reason)."""
     return "".join(
-        f"{i}|{i}|N/A|{st}|{NOW - 30}|{NOW - 20}|alice|proj-a|cpu=1,mem=500M,node=1,billing=1|{reason}\n"
+        f"{i}|{MARK}|{i}|N/A|{st}|{NOW - 30}|{NOW - 20}|alice|proj-a|cpu=1,mem=500M,node=1,billing=1|{reason}|{MARK}\n"
         for i, st, reason in jobs
     )
 
@@ -187,10 +193,9 @@ def test_poll_names_a_few_jobs_and_reads_the_whole_queue_for_many():
 
 def test_poll_reads_array_records_and_reason_codes():
     queue = "".join([
-        f"41|40|3|RUNNING|{NOW}|{NOW}|alice|proj-a|cpu=2,mem=1G,node=1|None\n",
-        f"40|40|4-6%2|PENDING|{NOW}|{NOW + 600}|alice|proj-a|cpu=2,mem=1G,node=1|JobArrayTaskLimit\n",
-        f"50|50|N/A|PENDING|{NOW}|N/A|alice|proj-a|cpu=1|ReqNodeNotAvail, UnavailableNodes:n[1-2]|x\n",
-        "node list continued on a line of its own\n",
+        f"41|{MARK}|40|3|RUNNING|{NOW}|{NOW}|alice|proj-a|cpu=2,mem=1G,node=1|None|{MARK}\n",
+        f"40|{MARK}|40|4-6%2|PENDING|{NOW}|{NOW + 600}|alice|proj-a|cpu=2,mem=1G,node=1|JobArrayTaskLimit|{MARK}\n",
+        f"50|{MARK}|50|N/A|PENDING|{NOW}|N/A|alice|proj-a|cpu=1|ReqNodeNotAvail, UnavailableNodes:n[1-2]|x|{MARK}\n",
     ])
     a, _ = adapter({"squeue": ok(queue)})
     refs = [SchedulerJobRef(job_id="40", username="alice", array_tasks=(3, 4, 5, 6)), ref("50")]
@@ -240,6 +245,30 @@ def test_squeue_failure_raises_transient():
     with pytest.raises(ClusterUnreachable) as exc:
         a.poll([ref("1")])
     assert exc.value.transient
+
+
+@pytest.mark.parametrize("forged", [
+    f"60|{{guess}}|60|N/A|RUNNING|{NOW}|{NOW}|alice|proj-a|cpu=1|None|{{guess}}",  # a whole made-up line
+    f"60|{{guess}}|60|N/A|RUNNING|{NOW}|{NOW}|alice|proj-a|cpu=1|None",  # ending in the carrier's own end
+])
+def test_a_line_break_in_a_reason_forges_no_job(forged):
+    """Job 59's description holds line breaks and a made-up line of job 60 (RUNNING):
+    no text in the queue can hold the poll's random mark, so the made-up line and the
+    halves of job 59's line are skipped, and job 60 is left to accounting."""
+    reason = "BurstBufferStageIn: x\n" + forged.format(guess="0123456789abcdef") + "\nmore"
+    queue = (f"59|{MARK}|59|N/A|PENDING|{NOW}|N/A|mallory|proj-b|cpu=1|{reason}|{MARK}\n"
+             f"61|{MARK}|61|N/A|RUNNING|{NOW}|{NOW}|alice|proj-a|cpu=1|None|{MARK}\n")
+    a, _ = adapter({"squeue": ok(queue), "env": ok(sacct_row(60, "COMPLETED", "done"))})
+    statuses = {s.job_id: s for s in a.poll([ref("59"), ref("60"), ref("61")])}
+    assert statuses["60"].final and statuses["60"].state is JobState.COMPLETED
+    assert statuses["61"].state is JobState.RUNNING and "59" not in statuses
+
+
+def test_a_job_shown_twice_is_left_to_accounting():
+    queue = squeue_doc((7, "RUNNING", "None"), (7, "PENDING", "Priority"), (8, "RUNNING", "None"))
+    a, _ = adapter({"squeue": ok(queue), "env": ok(sacct_row(7, "FAILED", "f", exit_code="2:0"))})
+    statuses = {s.job_id: s for s in a.poll([ref("7"), ref("8")])}
+    assert statuses["7"].final and statuses["7"].exit_code == 2 and statuses["8"].state is JobState.RUNNING
 
 
 def test_garbled_squeue_output_is_transient_error():

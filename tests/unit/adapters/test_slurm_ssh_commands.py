@@ -228,12 +228,12 @@ def test_home_path_rendering():
     ],
 )
 def test_squeue_poll(ids, jobs_option):
-    argv = shlex.split(commands.build_squeue_poll(ids))
+    argv = shlex.split(commands.build_squeue_poll(ids, "0123456789abcdef"))
     assert argv[:4] == ["env", "SLURM_TIME_FORMAT=%s", "SLURM_BITSTR_LEN=0", "squeue"]
     assert {"--noheader", "--all", "--states=all"} <= set(argv) and "--json" not in argv
     fmt = next(w for w in argv if w.startswith("--Format="))
-    assert fmt == "--Format=JobID:0|,ArrayJobID:0|,ArrayTaskID:0|,State:0|,SubmitTime:0|,StartTime:0|," \
-        "UserName:0|,Account:0|,tres-alloc:0|,Reason:0"
+    assert fmt == "--Format=JobID:0|0123456789abcdef|,ArrayJobID:0|,ArrayTaskID:0|,State:0|,SubmitTime:0|," \
+        "StartTime:0|,UserName:0|,Account:0|,tres-alloc:0|,Reason:0|0123456789abcdef"
     given = [w for w in argv if w.startswith("--jobs=")]
     if jobs_option is None:
         assert given == []
@@ -244,7 +244,13 @@ def test_squeue_poll(ids, jobs_option):
 @pytest.mark.parametrize("bad", ["1;reboot", "$(id)", "1,2", "-1", "7_[1-3]"])
 def test_squeue_poll_refuses_what_is_no_job_id(bad):
     with pytest.raises(ValueError):
-        commands.build_squeue_poll(["1", bad])
+        commands.build_squeue_poll(["1", bad], "0123456789abcdef")
+
+
+@pytest.mark.parametrize("mark", ["", "short", "0123456789ABCDEF", "0123456789abcdef|", "0123456789abcde,"])
+def test_squeue_poll_mark_is_hex(mark):
+    with pytest.raises(ValueError):
+        commands.build_squeue_poll(["1"], mark)
 
 
 def test_queries():

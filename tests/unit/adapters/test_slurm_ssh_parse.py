@@ -74,7 +74,7 @@ def test_squeue_poll_lines_read_as_the_json_of_the_same_jobs(release):
     an array with a running task and a pending record): every field the poll uses
     reads the same from the text line as from ``squeue --json``."""
     by_json = {j.job_id: j for j in parse.parse_squeue_json((FIXTURES / release / "squeue_poll_same_jobs.json").read_text())}
-    jobs, skipped = parse.parse_squeue_poll((FIXTURES / release / "squeue_poll.txt").read_text())
+    jobs, skipped = parse.parse_squeue_poll((FIXTURES / release / "squeue_poll.txt").read_text(), FIXTURE_MARK)
     assert skipped == 0 and len(jobs) == len(by_json) == 6
     fields = ("raw_state", "state", "reason", "submit_time", "start_time", "user", "account", "alloc_tres", "array")
     for job in jobs:
@@ -83,7 +83,9 @@ def test_squeue_poll_lines_read_as_the_json_of_the_same_jobs(release):
     assert sum(len(j.array.keys) for j in jobs if j.array) == 4
 
 
-LINE = "7|7|N/A|{state}|1796000000|{start}|alice|proj-a|cpu=1,mem=1G|{reason}"
+FIXTURE_MARK = "0123456789abcdef"  # the mark the fixtures were captured with
+M = "fedcba9876543210"
+LINE = "7|" + M + "|7|N/A|{state}|1796000000|{start}|alice|proj-a|cpu=1,mem=1G|{reason}|" + M
 
 
 @pytest.mark.parametrize(("line", "expected"), [
@@ -111,28 +113,32 @@ LINE = "7|7|N/A|{state}|1796000000|{start}|alice|proj-a|cpu=1,mem=1G|{reason}"
     (LINE.format(state="SOMETHING_NEW", start="N/A", reason="None"), {"state": JobState.UNKNOWN}),
 ])
 def test_squeue_poll_line(line, expected):
-    (job,), skipped = parse.parse_squeue_poll(line + "\n")
+    (job,), skipped = parse.parse_squeue_poll(line + "\n", M)
     assert skipped == 0 and job.job_id == "7" and job.array is None
     assert {k: getattr(job, k) for k in expected} == expected
 
 
 @pytest.mark.parametrize("line", [
-    "7|7|N/A|PENDING|1796000000|N/A|alice|proj-a|cpu=1",  # a field short
-    "x7|7|N/A|PENDING|1796000000|N/A|alice|proj-a|cpu=1|None",  # no job id
-    "0|0|N/A|PENDING|1796000000|N/A|alice|proj-a|cpu=1|None",
-    "7|7|N/A|PEND ING|1796000000|N/A|alice|proj-a|cpu=1|None",  # no state word
-    "UnavailableNodes:n[4-9]",  # the rest of a reason text with a line break
+    f"7|{M}|7|N/A|PENDING|1796000000|N/A|alice|proj-a|cpu=1|{M}",  # a field short
+    f"x7|{M}|7|N/A|PENDING|1796000000|N/A|alice|proj-a|cpu=1|None|{M}",  # no job id
+    f"0|{M}|0|N/A|PENDING|1796000000|N/A|alice|proj-a|cpu=1|None|{M}",
+    f"7|{M}|7|N/A|PEND ING|1796000000|N/A|alice|proj-a|cpu=1|None|{M}",  # no state word
+    f"7|{M}|7|N/A|PENDING|1796000000|N/A|alice|proj-a|cpu=1|None|{FIXTURE_MARK}",  # another poll's mark
+    f"7|{FIXTURE_MARK}|7|N/A|PENDING|1796000000|N/A|alice|proj-a|cpu=1|None|{M}",
+    f"7|{M}|7|N/A|PENDING|1796000000|N/A|alice|proj-a|cpu=1|ReqNodeNotAvail, UnavailableNodes:",  # a reason's
+    f"n[4-9]|{M}",  # line break splits its line in two: neither half has both marks
+    "7|7|N/A|PENDING|1796000000|N/A|alice|proj-a|cpu=1|None",  # no mark at all
 ])
 def test_squeue_poll_skips_malformed_lines(line):
-    good = "8|8|N/A|RUNNING|1796000000|1796000001|alice|proj-a|cpu=1|None"
-    jobs, skipped = parse.parse_squeue_poll(f"{good}\n{line}\n\n")
+    good = f"8|{M}|8|N/A|RUNNING|1796000000|1796000001|alice|proj-a|cpu=1|None|{M}"
+    jobs, skipped = parse.parse_squeue_poll(f"{good}\n{line}\n\n", M)
     assert [j.job_id for j in jobs] == ["8"] and skipped == 1
 
 
 def test_squeue_poll_reads_only_the_wanted_jobs():
-    text = "".join(f"{i}|{a}|{t}|PENDING|1796000000|N/A|u|acct|cpu=1|Priority\n"
+    text = "".join(f"{i}|{M}|{a}|{t}|PENDING|1796000000|N/A|u|acct|cpu=1|Priority|{M}\n"
                    for i, a, t in [(5, 5, "N/A"), (6, 6, "N/A"), (9, 7, "1"), (7, 7, "2-3"), (8, 8, "N/A")])
-    jobs, skipped = parse.parse_squeue_poll(text + "garbage\n", {"5", "7"})
+    jobs, skipped = parse.parse_squeue_poll(text + "garbage\n", M, {"5", "7"})
     assert [j.job_id for j in jobs] == ["5", "9", "7"] and skipped == 1
     assert [k for j in jobs if j.array for k, _ in j.array.keys] == ["7_1", "7_2", "7_3"]
 
@@ -140,9 +146,9 @@ def test_squeue_poll_reads_only_the_wanted_jobs():
 @pytest.mark.parametrize("text", ['{"jobs": [', "squeue: error: Invalid field requested: tres-alloc\n"])
 def test_squeue_poll_nothing_readable_is_an_error(text):
     with pytest.raises(ValueError):
-        parse.parse_squeue_poll(text)
-    assert parse.parse_squeue_poll("") == ([], 0)
-    assert parse.parse_squeue_poll("\n") == ([], 0)
+        parse.parse_squeue_poll(text, M)
+    assert parse.parse_squeue_poll("", M) == ([], 0)
+    assert parse.parse_squeue_poll("\n", M) == ([], 0)
 
 
 @pytest.mark.parametrize("text", ["", "not json", "[]", '{"jobs": 3}'])
