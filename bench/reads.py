@@ -34,8 +34,8 @@ def read_mix(head: dict[str, str], job_ids: list[str]) -> list[Request]:
 
 def b5(*, seconds: float, clients: int = 500, workers: int = 2) -> list[Figure]:
     rate = Figure("B5", f"{clients} concurrent readers for {seconds:.0f} s, {workers} workers, PostgreSQL",
-                  "req/s", "≥ 400 req/s", min_value=400)
-    p95 = Figure("B5", "read latency p95", "ms", "< 500 ms", max_value=500)
+                  "200 answers/s", "≥ 400 req/s", min_value=400)
+    p95 = Figure("B5", "read latency p95 (every answer, 503s included)", "ms", "< 500 ms", max_value=500)
     errors = Figure("B5", "read errors", "errors", "0", max_value=0)
     calls = Figure("B5", "scheduler calls caused by reads", "calls", "0", max_value=0)
     body = {"project": PROJECT, "cluster": "noop", "script": "true", "time_limit_minutes": 5}
@@ -47,8 +47,10 @@ def b5(*, seconds: float, clients: int = 500, workers: int = 2) -> list[Figure]:
         before = adapter_calls(b["base"])
         res = run_for(b["base"], lambda i: mix[i % len(mix)], concurrency=clients, seconds=seconds)
         calls.runs.append(adapter_calls(b["base"]) - before)
-        rate.runs.append(res.rate)
+        # a 503 is not a read served: the figure is 200 answers per second
+        rate.runs.append(res.statuses.get(200, 0) / res.wall_s if res.wall_s else 0.0)
         p95.runs.append(res.p95_ms)
         errors.runs.append(res.errors(ok=(200,)))
-        rate.extra.update(statuses=dict(res.statuses), p50_ms=res.p50_ms, requests=res.requests)
+        rate.extra.update(statuses=dict(res.statuses), p50_ms=res.p50_ms, requests=res.requests,
+                          all_answers_per_s=res.rate)
     return [rate, p95, errors, calls]
