@@ -241,9 +241,17 @@ def test_held_requests_are_bounded_per_user_and_hold_no_connection_or_thread(bou
                 assert r.status_code == 429
                 assert env.call("GET", f"/v1/jobs/{job['id']}", env.qm,
                                 params={"wait_for": "terminal", "timeout": 0.2}).status_code == 200
-                # while they wait: no pooled connection checked out, no thread per waiter
-                pool_status = env.engine.pool.checkedout()  # type: ignore[attr-defined]
-                assert pool_status <= 1, env.engine.pool.status()
+                # while they wait: no pooled connection checked out, no thread per waiter. Sampled
+                # for up to 1 s (the 3 waiters hold on for 2 s more): an answer can reach its
+                # client a moment before its handler's connection is back in the pool (seen with
+                # httptools), while a waiter holding one would keep it the whole time
+                deadline, checked_out = time.monotonic() + 1.0, []
+                while time.monotonic() < deadline:
+                    checked_out.append(env.engine.pool.checkedout())  # type: ignore[attr-defined]
+                    if checked_out[-1] <= 1:
+                        break
+                    time.sleep(0.02)
+                assert min(checked_out) <= 1, (checked_out, env.engine.pool.status())
                 assert _threads_serving_held_requests() == []
                 stream.__exit__(None, None, None)
                 time.sleep(0.5)
