@@ -125,9 +125,7 @@ def _background_main() -> None:
     engine = engine_for(settings, migrate=False)
     registry = AdapterRegistry(settings)
     tracker, notifier = Tracker(engine, settings, registry), Notifier(engine, settings)
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    stop = _stop_on_signals()
     tracker.start()
     notifier.start()
     stop.wait()
@@ -170,11 +168,24 @@ class _KeptAlive:
                 self._proc.kill()
 
 
+def _family(host: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
+def _stop_on_signals() -> threading.Event:
+    """An event set by SIGTERM/SIGINT (handlers only from the main thread, where Python
+    allows them; elsewhere the caller stops the process another way)."""
+    stop = threading.Event()
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        signal.signal(signal.SIGINT, lambda *_: stop.set())
+    return stop
+
+
 def listening_socket(host: str, port: int, *, listen: bool = True) -> socket.socket:
     """A TCP socket bound to ``host:port`` with ``SO_REUSEPORT`` (listening unless
     ``listen`` is false: a bound socket only holds the port)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock = socket.socket(_family(host), socket.SOCK_STREAM, socket.IPPROTO_TCP)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
@@ -191,9 +202,8 @@ def _claim_port(host: str, port: int) -> socket.socket:
     """Hold ``host:port`` for the workers; fails (SystemExit) when anything else has it,
     also another broker: a plain bind first, since ``SO_REUSEPORT`` alone would let
     two brokers of one user share the port and split its connections."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
     try:
-        with socket.socket(family, socket.SOCK_STREAM) as probe:
+        with socket.socket(_family(host), socket.SOCK_STREAM) as probe:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is no owner
             probe.bind((host, port))
             port = probe.getsockname()[1]
@@ -218,10 +228,7 @@ def serve_workers(factory: str, *, host: str, port: int, workers: int, log_level
     ``host:port`` until SIGTERM/SIGINT; a worker that dies is started again."""
     held = _claim_port(host, port)
     port = held.getsockname()[1]
-    stop = threading.Event()
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, lambda *_: stop.set())
-        signal.signal(signal.SIGINT, lambda *_: stop.set())
+    stop = _stop_on_signals()
     children = [_KeptAlive(_worker_main, (factory, host, port, log_level), f"aifa-broker-worker-{i}")
                 for i in range(workers)]
     try:
