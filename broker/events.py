@@ -7,17 +7,20 @@ both). Readers (long polls, Server-Sent Events, see :mod:`broker.api.streams`)
 resume from an event id, so ids must grow in **commit order**, or a reader that
 has seen id 8 could miss a 7 committed later:
 
-* PostgreSQL: the insert takes a transaction-scoped advisory lock, held only from
-  the insert to the commit (the last statements of the transaction), so event
-  ids are handed out in commit order; ``pg_notify`` on :data:`CHANNEL` (delivered at
-  commit) wakes the listeners of every replica at once.
+* PostgreSQL: the row is inserted with a provisional negative id; a deferred
+  constraint trigger (migration 0016), which the server runs inside COMMIT, takes a
+  transaction-scoped advisory lock and gives the row its id from the table's
+  sequence. The lock is held from that trigger to the end of the commit, inside the
+  server (no client round trip under it), and a commit is visible before its locks
+  are released, so ids are handed out in commit order. The trigger also queues the
+  ``pg_notify`` on :data:`CHANNEL` (delivered at commit) that wakes the listeners of
+  every replica at once.
 * SQLite: every write transaction is serialised (``BEGIN IMMEDIATE``, broker/db.py),
   so ids are in commit order already; readers poll.
 """
 
 from __future__ import annotations
 
-import zlib
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -27,14 +30,12 @@ from sqlalchemy.orm import Session
 
 from broker.models import Job, JobEvent, utcnow
 
-__all__ = ["CHANNEL", "Transition", "record", "record_for"]
+__all__ = ["CHANNEL", "Transition", "flush", "record", "record_for"]
 
 #: PostgreSQL NOTIFY channel announcing new job events (no payload: readers query)
 CHANNEL = "aifa_job_events"
-_LOCK_KEY = zlib.crc32(b"aifa:job_events")
 _PENDING = "aifa_job_events"
 _INSERT = sa.insert(JobEvent.__table__)  # type: ignore[attr-defined]
-_LOCK_AND_NOTIFY = sa.text("SELECT pg_advisory_xact_lock(:k), pg_notify(:channel, '')")
 
 
 @dataclass(frozen=True)
@@ -66,21 +67,26 @@ def record_for(session: Session, job: Job, *, state: str, previous: str | None,
            previous=previous, pending_reason=pending_reason)
 
 
-@event.listens_for(Session, "before_commit")
-def _write_pending(session: Session) -> None:
+def flush(session: Session) -> None:
+    """Write the events noted so far in ``session`` now rather than at its commit.
+
+    The submit path calls it before it takes the allocation's row lock, so that
+    lock is held for the commit alone, not also for this insert."""
     pending: list[Transition] = session.info.pop(_PENDING, [])
     if not pending:
         return
-    if session.get_bind().dialect.name == "postgresql":
-        # ids in commit order (see the module docstring); the notification is queued in
-        # the same round trip — PostgreSQL delivers it at commit, and drops it on rollback
-        session.execute(_LOCK_AND_NOTIFY, {"k": _LOCK_KEY, "channel": CHANNEL})
-    # stamped at the commit, not when noted: a transition happens when it is committed
-    committed = utcnow()
+    # stamped when written (at the commit, or just before it for the submit path): a
+    # transition happens when it is committed
+    written = utcnow()
     rows = [{"job_id": p.job_id, "project_id": p.project_id, "user_id": p.user_id, "state": p.state,
-             "previous_state": p.previous_state, "pending_reason": p.pending_reason, "occurred_at": committed}
+             "previous_state": p.previous_state, "pending_reason": p.pending_reason, "occurred_at": written}
             for p in pending]  # not dataclasses.asdict: it deep-copies, and this runs at every commit
     session.execute(_INSERT, rows[0] if len(rows) == 1 else rows)
+
+
+@event.listens_for(Session, "before_commit")
+def _write_pending(session: Session) -> None:
+    flush(session)
 
 
 @event.listens_for(Session, "after_rollback")

@@ -264,20 +264,24 @@ def _reserve_answer(
             job_webhooks.attach(session, settings, job_id=job_id, notify=body.notify)
         if link is not None:
             link(session, job_id)  # same transaction: the job exists iff its key knows it
+        if req.array is not None:  # one row per task, each with its share of the reservation
+            arrays.create_tasks(session, job_id=job_id, reserved=row["reserved"], spec=req.array)
+        # Everything else is written before the reservation: the allocation's row lock,
+        # which every submission on this allocation queues for, is then held only from
+        # the reserving statement to the commit (no statement and no Python in between).
+        events.flush(session)
         try:
             ledger.reserve(session, allocation=alloc, amount=prep.estimate, job_id=job_id,
                            user_id=user.id, actor=user.name)
         except QuotaExceeded as exc:
             DENIALS.labels("quota_exceeded").inc()
             raise _quota_answer(session, alloc, prep.estimate) from exc
-        if req.array is not None:  # one row per task, each with its share of the reservation
-            arrays.create_tasks(session, job_id=job_id, reserved=row["reserved"], spec=req.array)
-        spec = job_spec(req, tag=job_id, username=prep.account_username, account=alloc.account,
-                        partition=prep.partition, dependency=dependency)
-        # the answer as committed (no reload: names are known here, values set by us)
-        accepted = job_out(SimpleNamespace(**_UNSET_JOB_COLUMNS, **row), project=prep.project.code,
-                           cluster=cluster.name, user=user.name)
-        return job_id, spec, cluster, accepted
+    spec = job_spec(req, tag=job_id, username=prep.account_username, account=alloc.account,
+                    partition=prep.partition, dependency=dependency)
+    # the answer as committed (no reload: names are known here, values set by us)
+    accepted = job_out(SimpleNamespace(**_UNSET_JOB_COLUMNS, **row), project=prep.project.code,
+                       cluster=cluster.name, user=user.name)
+    return job_id, spec, cluster, accepted
 
 
 def job_spec(req: EffectiveRequest, *, tag: str, username: str, account: str, partition: str | None,

@@ -100,16 +100,25 @@ def reserve(
     writers). Raises :class:`QuotaExceeded` when the budget does not cover it; the
     caller's transaction must then roll back (it holds the ledger row already).
 
-    The ledger row is written first, so the allocation's row lock — which every
-    submission on this allocation queues for — is held only from the UPDATE to
-    the caller's commit, not across one more round trip. Both are Core statements
-    (the submission path: no unit of work, the UPDATE built once)."""
+    On PostgreSQL both are one statement (the UPDATE in a ``WITH`` that the ledger
+    INSERT reads), so the allocation's row lock, which every submission on this
+    allocation queues for, is held from that statement to the caller's commit with
+    no other round trip in between. On SQLite the ledger row is written first, then
+    the UPDATE. Core statements, built once (the submission path)."""
     now = utcnow()
-    insert_values(session, LedgerEntry, {
-        "allocation_id": pk(allocation), "project_id": allocation.project_id, "kind": "reserve",
-        "amount": amount, "job_id": job_id, "user_id": user_id, "actor": actor, "reason": "job estimate",
-        "created_at": now, "occurred_at": now, "task": -1})
-    result = session.execute(_reserve_statement(), {"alloc_id": allocation.id, "amount": amount})
+    values = {"allocation_id": pk(allocation), "project_id": allocation.project_id, "kind": "reserve",
+              "amount": amount, "job_id": job_id, "user_id": user_id, "actor": actor, "reason": "job estimate",
+              "created_at": now, "occurred_at": now, "task": -1}
+    if session.get_bind().dialect.name == "postgresql":
+        # bind names unlike any allocations column: an UPDATE sets every column whose
+        # name is a key of its parameters
+        params = {f"entry_{k}": v for k, v in values.items()}
+        params["reserve_amount"], params["reserve_allocation"] = amount, allocation.id
+        if session.execute(_reserve_and_record_statement(), params).first() is None:
+            raise QuotaExceeded("The allocation has less budget left than this job's estimate.")
+        return
+    insert_values(session, LedgerEntry, values)
+    result = session.execute(_reserve_statement(), {"reserve_allocation": allocation.id, "reserve_amount": amount})
     if result.rowcount != 1:  # type: ignore[attr-defined]
         raise QuotaExceeded("The allocation has less budget left than this job's estimate.")
 
@@ -117,10 +126,24 @@ def reserve(
 @functools.cache
 def _reserve_statement() -> sa.Update:
     table = Allocation.__table__  # type: ignore[attr-defined]
-    amount = sa.bindparam("amount", type_=sa.BigInteger)
-    return (sa.update(table).where(table.c.id == sa.bindparam("alloc_id"))
+    amount = sa.bindparam("reserve_amount", type_=sa.BigInteger)
+    return (sa.update(table).where(table.c.id == sa.bindparam("reserve_allocation"))
             .where(table.c.granted - table.c.charged - table.c.reserved >= amount)
             .values(reserved=table.c.reserved + amount))
+
+
+@functools.cache
+def _reserve_and_record_statement() -> sa.Insert:
+    """``WITH r AS (UPDATE allocations … RETURNING id) INSERT INTO ledger_entries
+    SELECT … FROM r RETURNING id``: a row back iff the budget covered ``amount``."""
+    ledger_table = LedgerEntry.__table__  # type: ignore[attr-defined]
+    reserved = _reserve_statement().returning(Allocation.__table__.c.id).cte("reserved")  # type: ignore[attr-defined]
+    columns = ("allocation_id", "project_id", "kind", "amount", "job_id", "user_id", "actor", "reason",
+               "created_at", "occurred_at", "task")
+    values = [reserved.c.id if c == "allocation_id" else sa.bindparam(f"entry_{c}", type_=ledger_table.c[c].type)
+              for c in columns]
+    return (sa.insert(ledger_table).from_select(list(columns), sa.select(*values).select_from(reserved))
+            .returning(ledger_table.c.id))
 
 
 @dataclass(frozen=True)
