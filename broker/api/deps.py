@@ -60,15 +60,27 @@ def _commit_and_close(session: Session) -> None:
         session.commit()
 
 
-def _principal(request: Request) -> Principal:
+async def _principal(request: Request) -> Principal:
+    """The caller. ``async``: a token verified recently by a user already provisioned
+    (nearly every request) costs a dictionary lookup on the event loop, not a trip to a
+    worker thread; verification (which may fetch an issuer's keys) and the first
+    provisioning of a user run in one."""
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token:
         raise Unauthenticated("Send a bearer token in the Authorization header.")
     authenticator: Authenticator = request.app.state.authenticator
-    principal = authenticator.authenticate(token.strip())
-    _provision(request.app.state.engine, request.app.state.provisioned, principal)
+    principal = authenticator.verified_recently(token)
+    if principal is None:
+        principal = await run_in_threadpool(authenticator.authenticate, token)
+    if _provision_key(principal) not in request.app.state.provisioned:
+        await run_in_threadpool(_provision, request.app.state.engine, request.app.state.provisioned, principal)
     return principal
+
+
+def _provision_key(principal: Principal) -> str:
+    return f"{principal.name}\n{','.join(sorted(principal.roles & GLOBAL_ROLES))}"
 
 
 def _provision(engine: Engine, seen: set[str], principal: Principal) -> None:
@@ -76,7 +88,7 @@ def _provision(engine: Engine, seen: set[str], principal: Principal) -> None:
     (once per process per user and global roles: ``seen``). A user seen with other
     global roles than their dashboard sessions hold has those sessions revoked."""
     roles = principal.roles & GLOBAL_ROLES
-    key = f"{principal.name}\n{','.join(sorted(roles))}"
+    key = _provision_key(principal)
     if key in seen:
         return
     with session_scope(engine) as session:

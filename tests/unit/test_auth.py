@@ -147,6 +147,24 @@ def test_verified_token_cache_never_outlives_the_token(tmp_path: Path, monkeypat
         auth.authenticate(tok)
 
 
+def test_verified_recently_answers_only_for_a_token_verified_and_still_valid(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The API's event-loop fast path: never a verification, never a stale answer."""
+    s = _settings(tmp_path)
+    auth = Authenticator(s)
+    tok = issue_token(s, sub="alice", roles=[], lifetime=5)
+    assert auth.verified_recently(tok) is None  # never verified: the caller must verify
+    head, body, sig = tok.split(".")
+    forged = f"{head}.{body}.{sig[:-2] + ('AA' if not sig.endswith('AA') else 'BB')}"
+    auth.authenticate(tok)
+    hit = auth.verified_recently(tok)
+    assert hit is not None and hit.name == "alice"
+    assert auth.verified_recently(forged) is None
+    real = time.time
+    monkeypatch.setattr(time, "time", lambda: real() + 120)  # past exp
+    assert auth.verified_recently(tok) is None
+
+
 def test_tampered_token_is_not_served_from_the_cache(tmp_path: Path) -> None:
     s = _settings(tmp_path)
     auth = Authenticator(s)
