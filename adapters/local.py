@@ -681,9 +681,12 @@ class LocalAdapter(ClusterAdapter):
             if entry.name.isdigit() and entry.is_dir():
                 yield entry.name
 
-    def usage(self, since: datetime, *, accounts: Sequence[str] | None = None) -> list[UsageRecord]:
-        """Finished jobs (of ``accounts``) that ended after ``since``, oldest id first."""
+    def usage(self, since: datetime, *, accounts: Sequence[str] | None = None,
+              until: datetime | None = None) -> list[UsageRecord]:
+        """Finished jobs (of ``accounts``) that ended after ``since`` and not after
+        ``until``, oldest id first."""
         cutoff = since.timestamp()
+        last = until.timestamp() if until is not None else None
         records = []
         for job_id in sorted(self._job_ids(), key=int):
             spec, status = self._spec(job_id), self._status(job_id)
@@ -692,6 +695,8 @@ class LocalAdapter(ClusterAdapter):
             if accounts is not None and spec.get("account") not in accounts:
                 continue
             if status.end_time is None or status.end_time.timestamp() <= cutoff:
+                continue
+            if last is not None and status.end_time.timestamp() > last:
                 continue
             records.append(_usage_record(spec, status))
         return records

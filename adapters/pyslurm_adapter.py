@@ -405,16 +405,26 @@ class PySlurmAdapter(ClusterAdapter):
                                              account=getattr(job, "account", None))
         return found
 
-    def usage(self, since: datetime, *, accounts: Sequence[str] | None = None) -> list[UsageRecord]:
-        """Finished jobs from accounting that ended after ``since``."""
+    def usage(self, since: datetime, *, accounts: Sequence[str] | None = None,
+              until: datetime | None = None) -> list[UsageRecord]:
+        """Finished jobs from accounting that ended after ``since`` and not after
+        ``until``. ``JobFilter(start_time, end_time)`` selects the jobs eligible or
+        running in that window (slurmdb_job_cond usage_start/usage_end; this filter
+        sets no states), so ``until`` bounds the answer to them and the end times
+        are checked here."""
+        if until is not None and until <= since:
+            return []
         db = self._ps.db
-        filt = db.JobFilter(start_time=int(since.timestamp()), end_time=int(time.time()),
+        last = int(until.timestamp()) if until is not None else int(time.time())
+        filt = db.JobFilter(start_time=int(since.timestamp()), end_time=last,
                             accounts=list(accounts) if accounts is not None else None)
         jobs = _latest_by_id(self._call("accounting query", db.Jobs.load, filt).values())
         records = []
         for job in sorted(jobs.values(), key=lambda j: int(j.id)):
             end = _epoch(job.end_time)
             if not is_terminal(str(job.state)) or end is None or end <= since:
+                continue
+            if until is not None and end > until:
                 continue
             if accounts is not None and job.account not in accounts:
                 continue

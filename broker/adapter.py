@@ -17,12 +17,16 @@ Exceptions (one hierarchy, all subclasses of :class:`AdapterError`):
                               (timeout after sending): the broker must reconcile
                               by tag, never blindly resubmit.
 - ``AdapterConfigError``      permanent: the cluster definition is unusable.
+- ``OutputTooLarge``          the answer exceeded the transport's size cap (code
+                              ``output_too_large``): asking for less (a narrower
+                              accounting window) may succeed, asking again will not.
 """
 
 from __future__ import annotations
 
 import abc
 import difflib
+import inspect
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -43,6 +47,7 @@ __all__ = [
     "JobSpec",
     "JobState",
     "JobStatus",
+    "OutputTooLarge",
     "PartitionInfo",
     "SchedulerJobRef",
     "SubmitOutcomeUnknown",
@@ -50,6 +55,7 @@ __all__ = [
     "UsageRecord",
     "refuse_directives",
     "reject_unknown_settings",
+    "usage_accepts_until",
 ]
 
 
@@ -93,6 +99,16 @@ class AdapterConfigError(AdapterError):
 
     transient = False
     code = "cluster_misconfigured"
+
+
+class OutputTooLarge(AdapterError):
+    """The scheduler's answer exceeded the transport's size cap (``max_output_bytes``
+    of ``slurm_ssh``, ``usage_max_response_bytes`` of ``slurm_rest``). The same
+    question will fail the same way; a smaller one (a narrower ``usage`` window) may
+    not. Third-party adapters may raise a plain ``AdapterError`` with this ``code``."""
+
+    transient = False
+    code = "output_too_large"
 
 
 def reject_unknown_settings(adapter: str, settings: Mapping[str, Any], known: Iterable[str]) -> None:
@@ -317,8 +333,18 @@ class ClusterAdapter(abc.ABC):
         """Find jobs carrying the given broker tags; return tag -> ref for those found."""
 
     @abc.abstractmethod
-    def usage(self, since: datetime, *, accounts: Sequence[str] | None = None) -> list[UsageRecord]:
-        """Finished jobs of ``accounts`` (all when None) that ended after ``since``."""
+    def usage(self, since: datetime, *, accounts: Sequence[str] | None = None,
+              until: datetime | None = None) -> list[UsageRecord]:
+        """Finished jobs of ``accounts`` (all when None) that ended after ``since``
+        and, when ``until`` is given, not after ``until``.
+
+        ``until`` bounds the answer, so that the usage importer can read a busy
+        accounting window in pieces: an adapter must pass it on to the scheduler
+        where it can (Slurm: ``sacct --endtime``, slurmdb ``end_time``), not only
+        filter afterwards. When the answer is too large for the transport, raise
+        :class:`OutputTooLarge` (code ``output_too_large``): the importer then asks
+        for narrower windows. (Adapters written before ``until`` existed, without
+        the parameter, still work: see :func:`usage_accepts_until`.)"""
 
     @abc.abstractmethod
     def read_output(self, ref: SchedulerJobRef, stream: str = "stdout", tail: int = 65536) -> str:
@@ -368,6 +394,23 @@ class ClusterAdapter(abc.ABC):
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections and pools."""
+
+
+def usage_accepts_until(adapter: ClusterAdapter) -> bool:
+    """Whether ``adapter.usage`` takes the ``until`` bound (added to the contract
+    later). Told from the signature, not from a class attribute, which a plugin written
+    before ``until`` existed would inherit while its own ``usage`` lacks the parameter.
+    Such a plugin keeps working: the importer reads its whole window in one call, as
+    before, and cannot split a window that is too large. ``**kwargs`` counts as taking
+    it (the importer filters the answer by end time itself in any case)."""
+    try:
+        params = inspect.signature(adapter.usage).parameters
+    except (TypeError, ValueError):  # a builtin or C extension without a signature
+        return False
+    until = params.get("until")
+    if until is not None:
+        return until.kind in (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
 
 
 def refuse_directives(script: str) -> None:

@@ -195,6 +195,9 @@ class Settings(BaseSettings):
     usage_import_batch: int = Field(default=2000, ge=1)
     #: each import re-reads this far before the last imported end (late accounting records)
     usage_import_overlap_minutes: float = Field(default=30.0, ge=0)
+    #: one accounting read covers at most this much end time: a longer window (first
+    #: import, after an outage) is read in slices, oldest first (docs/usage-import.md)
+    usage_import_max_span_hours: float = Field(default=6.0, gt=0)
     log_level: str = "INFO"
 
     #: waiting on the server (docs/jobs.md): held long polls + event streams per user

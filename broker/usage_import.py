@@ -34,6 +34,24 @@ tracker's polling cycle, so a long accounting import cannot delay polling. Rules
   past the watermark in end-time order (the overlap is re-checked on top: it is
   mostly imported already and cheap), and moves the watermark to the last end time
   processed.
+- **Read in windows that fit.** A window longer than ``usage_import_max_span_hours``
+  is read in slices (``usage(since, until=...)``), oldest first; the last slice is
+  open-ended, as a single read always was. A read that fails as too large
+  (``output_too_large``: past the transport's cap) is retried on half its window,
+  down to :data:`MIN_WINDOW`; one that timed out (``command_timeout``: a slurmrestd
+  builds its whole answer before sending any of it) is halved once per cycle, as
+  it may as well be a daemon that hangs. The narrower span is kept for the group's
+  next slices and cycles and doubles back after each slice with fewer than
+  :data:`SPARSE_RECORDS` records: up to the maximum, and within one cycle never
+  past a width that failed in it (a cycle that has halved its way past a dense
+  spot reads on through the quiet hours after it without failing there again).
+  Slices are imported in end-time order, within the one batch of the cycle, and
+  the watermark moves as it always did: to the last end time processed, never over
+  a slice merely read empty, since records can reach accounting late (after a
+  slurmdbd outage, in order). A read that fails after others succeeded ends the
+  cycle there. An adapter whose ``usage`` takes no ``until`` (a plugin written
+  before it existed) is read in one call, as before; a window too large for it
+  postpones the import.
 """
 
 from __future__ import annotations
@@ -41,6 +59,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 import sqlalchemy as sa
@@ -48,7 +67,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
-from broker.adapter import AdapterError, UsageRecord
+from broker.adapter import AdapterError, ClusterAdapter, UsageRecord, usage_accepts_until
 from broker.background import BackgroundLoop
 from broker.config import Settings
 from broker.cost import cost_micro, memory_rule
@@ -67,6 +86,15 @@ log = logging.getLogger(__name__)
 SUBMIT_TIME_TOLERANCE = timedelta(hours=1)
 _CHUNK = 500
 _COMMIT_EVERY = 200
+#: a window too large to read is halved down to this span; one still too large at this
+#: span stops the group's import (logged as an error: raise the transport's cap)
+MIN_WINDOW = timedelta(minutes=1)
+#: a window with fewer records than this was sparse: the next one may be twice as long
+SPARSE_RECORDS = 1000
+#: the code of :class:`broker.adapter.OutputTooLarge` (plugins may raise a plain AdapterError with it)
+TOO_LARGE = "output_too_large"
+#: an accounting read sent but not answered in time (slurm_ssh, slurm_rest)
+TIMED_OUT = "command_timeout"
 
 
 def group_key(cluster: Cluster) -> str:
@@ -86,6 +114,8 @@ class UsageImporter(BackgroundLoop):
         self.settings = settings
         self.registry = registry
         self._next: dict[str, float] = {}
+        #: per group: the span its last reads fitted in (narrowed by too-large reads)
+        self._span: dict[str, timedelta] = {}
 
     def pause_seconds(self) -> float:
         return min(self.settings.tracker_interval_seconds, 1.0)
@@ -134,31 +164,94 @@ class UsageImporter(BackgroundLoop):
             since = max(since, watermark - timedelta(minutes=self.settings.usage_import_overlap_minutes))
         try:
             adapter = adapter_for(self.registry, cluster)
-            records = adapter.usage(since, accounts=accounts)
         except AdapterError as exc:
             log.warning("cluster %s: usage import postponed: %s", cluster.name, exc)
             return None
-        records = sorted((r for r in records if r.state in TERMINAL_STATES),
-                         key=lambda r: (r.end_time or r.submit_time, r.job_id))
-        # the overlap before the watermark is re-checked (cheap: mostly imported already) but
-        # does not count against the batch, or a busy overlap window would stall the import
-        reread = [r for r in records if watermark is not None and (r.end_time or r.submit_time) <= watermark]
-        new = records[len(reread):]
-        batch = reread + new[: self.settings.usage_import_batch]
-        imported, held_before = self.import_records(cluster, ids, allocs, batch)
-        ends = [r.end_time or r.submit_time for r in batch]
-        new_mark = max(ends) if ends else None
-        if held_before is not None and (new_mark is None or held_before < new_mark):
-            new_mark = held_before - timedelta(seconds=1)
+        key = group_key(cluster)
+        run = _Run(watermark=watermark, budget=self.settings.usage_import_batch)
+        max_span = timedelta(hours=self.settings.usage_import_max_span_hours)
+        # None: this adapter cannot bound a read (no ``until``), one open read as before
+        span = min(self._span.get(key, max_span), max_span) if usage_accepts_until(adapter) else None
+        # no read in this cycle grows past half a window that failed (each failure would repeat)
+        lo, ceiling, timeout_halved = since, max_span, False
+        while True:
+            hi = lo + span if span is not None and lo + span < now else None  # None: up to now
+            try:
+                records = self._read(adapter, lo, hi, accounts, first=lo == since)
+            except AdapterError as exc:
+                width = (hi or now) - lo
+                retry = exc.code == TOO_LARGE or (exc.code == TIMED_OUT and not timeout_halved)
+                if span is not None and retry and width > MIN_WINDOW:
+                    timeout_halved = timeout_halved or exc.code == TIMED_OUT
+                    span = ceiling = max(width / 2, MIN_WINDOW)
+                    log.info("cluster %s: accounting window %s..%s not read (%s); reading %s at a time",
+                             cluster.name, lo, hi or "now", exc.code, span)
+                    continue
+                self._span[key] = span or max_span
+                if exc.code == TOO_LARGE:  # it will fail the same way every cycle: say what helps
+                    log.error("cluster %s: usage import stuck at %s: %s; %s", cluster.name, lo, exc,
+                              "raise the adapter's output cap (docs/usage-import.md)" if span is not None else
+                              "its adapter's usage() takes no `until`, so the window cannot be read in parts")
+                else:
+                    log.warning("cluster %s: usage import %s: %s", cluster.name,
+                                "postponed" if run.reads == 0 else f"stops at {lo} this cycle", exc)
+                if run.reads == 0:
+                    return None  # the group's next definition may read it
+                break
+            self._process(cluster, ids, allocs, records, run)
+            if run.more or run.held_before is not None or hi is None or run.budget == 0:
+                break
+            if span is not None and len(records) < SPARSE_RECORDS:
+                span = min(span * 2, ceiling)  # sparse again: fewer, wider reads
+            lo = hi
+        self._span[key] = span or max_span
+        new_mark = run.mark
+        if run.held_before is not None and (new_mark is None or run.held_before < new_mark):
+            new_mark = run.held_before - timedelta(seconds=1)
         if new_mark is not None and (watermark is None or new_mark > watermark):
             with session_scope(self.engine) as session:
                 table = Cluster.__table__  # type: ignore[attr-defined]
                 session.execute(sa.update(table).where(table.c.id.in_(ids)).values(usage_imported_until=new_mark))
         TRACKER_CYCLE.labels(f"{cluster.name}:usage-import").observe(time.perf_counter() - start)
-        if len(records) > len(batch):
-            log.info("cluster %s: usage import continues next cycle (%d of %d new records)", cluster.name,
-                     len(batch) - len(reread), len(new))
-        return imported
+        if run.more:
+            log.info("cluster %s: usage import continues next cycle (%d new records imported up to %s)",
+                     cluster.name, self.settings.usage_import_batch - run.budget, new_mark)
+        return run.imported
+
+    @staticmethod
+    def _read(adapter: ClusterAdapter, since: datetime, until: datetime | None, accounts: list[str], *,
+              first: bool) -> list[UsageRecord]:
+        """The finished records of one window in end-time order. The end times are
+        checked here too (an adapter may take ``until`` through ``**kwargs`` and
+        ignore it); a later window drops records ending exactly at its start, which
+        the window before it handled."""
+        if until is None:
+            found = adapter.usage(since, accounts=accounts)
+        else:
+            found = adapter.usage(since, accounts=accounts, until=until)
+        return sorted((r for r in found if r.state in TERMINAL_STATES and (first or _end(r) > since)
+                       and (until is None or _end(r) <= until)), key=lambda r: (_end(r), r.job_id))
+
+    def _process(self, cluster: Cluster, ids: list[int], allocs: list[Allocation],
+                 records: list[UsageRecord], run: _Run) -> None:
+        """Import one window's records (sorted by end) within the cycle's batch
+        (``run.more`` when the batch ended first)."""
+        # the overlap before the watermark is re-checked (cheap: mostly imported already) but
+        # does not count against the batch, or a busy overlap window would stall the import
+        watermark = run.watermark
+        reread = [r for r in records if watermark is not None and _end(r) <= watermark]
+        new = records[len(reread):]
+        taken = new[: run.budget]
+        batch = reread + taken
+        run.budget -= len(taken)
+        run.reads += 1
+        imported, held_before = self.import_records(cluster, ids, allocs, batch)
+        run.imported += imported
+        if held_before is not None:
+            run.held_before = held_before if run.held_before is None else min(run.held_before, held_before)
+        if batch:
+            run.advance(max(_end(r) for r in batch))
+        run.more = len(taken) < len(new)
 
     def import_records(self, cluster: Cluster, ids: list[int], allocs: list[Allocation],
                        records: Sequence[UsageRecord]) -> tuple[int, datetime | None]:
@@ -234,6 +327,30 @@ class UsageImporter(BackgroundLoop):
                      reason=f"{cluster.name} job {record.job_id} (not submitted via the broker)",
                      imported_job_id=row.id, user_id=user_id, occurred_at=record.end_time, pending=pending)
         return True
+
+
+@dataclass
+class _Run:
+    """What one import cycle of a group has done so far."""
+
+    watermark: datetime | None
+    #: new records (past the watermark) this cycle may still process
+    budget: int
+    reads: int = 0
+    imported: int = 0
+    #: the watermark may move up to here (end of what was processed)
+    mark: datetime | None = None
+    #: earliest end of a deferred record: the watermark must stay before it
+    held_before: datetime | None = None
+    #: the batch ended the cycle before the window did
+    more: bool = False
+
+    def advance(self, moment: datetime) -> None:
+        self.mark = moment if self.mark is None else max(self.mark, moment)
+
+
+def _end(record: UsageRecord) -> datetime:
+    return record.end_time or record.submit_time
 
 
 def attribute(allocs: Iterable[Allocation], record: UsageRecord,

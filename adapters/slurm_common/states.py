@@ -56,6 +56,15 @@ SLURM_STATES: dict[str, JobState] = {
     "SPECIAL_EXIT": JobState.FAILED,
 }
 
+#: the end states usage import asks slurmdbd for (``sacct --state`` / slurmdb ``state``):
+#: with states given, slurmdbd selects jobs by their *end* time in the window
+#: (``_state_time_string``), not by when they were eligible or running.
+#: The same list as ``slurm_ssh``'s ``TERMINAL_STATE_CODES`` (CA,CD,DL,F,NF,OOM,PR,TO,BF).
+ACCOUNTING_END_STATES = (
+    "CANCELLED", "COMPLETED", "DEADLINE", "FAILED", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED", "TIMEOUT",
+    "BOOT_FAIL",
+)
+
 _TERMINAL_RAW = {
     "COMPLETED", "FAILED", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE",
     "TIMEOUT", "CANCELLED", "PREEMPTED", "REVOKED", "SPECIAL_EXIT",

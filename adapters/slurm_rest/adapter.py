@@ -39,6 +39,7 @@ import httpx
 
 from adapters.slurm_common.arrays import task_key
 from adapters.slurm_common.identity import slurm_identity
+from adapters.slurm_common.states import ACCOUNTING_END_STATES
 from adapters.slurm_common.tags import comment_for_tag, job_name_with_tag
 from adapters.slurm_rest import convert
 from adapters.slurm_rest import errors as slurm_errors
@@ -294,9 +295,11 @@ class SlurmRestAdapter(ClusterAdapter):
                     by_id.setdefault(key, []).append(record)
         return {job_id: best for job_id, found in by_id.items() if (best := convert.newest(found))}
 
-    def _accounting_jobs(self, layer: ApiLayer, user: str, query: AccountingQuery) -> list[SlurmJob]:
+    def _accounting_jobs(self, layer: ApiLayer, user: str, query: AccountingQuery,
+                         max_bytes: int | None = None) -> list[SlurmJob]:
         params = layer.accounting_params(query)
-        body = self._client.get(layer.db_jobs_path, username=user, during="accounting", params=params)
+        body = self._client.get(layer.db_jobs_path, username=user, during="accounting", params=params,
+                                max_bytes=max_bytes)
         records: list[SlurmJob] = []
         for item in layer.items(body, "jobs"):
             record = _parse(layer.parse_accounting_job, item)
@@ -358,23 +361,36 @@ class SlurmRestAdapter(ClusterAdapter):
         }
 
     # ---- usage -------------------------------------------------------------
-    def usage(self, since: datetime, *, accounts: Sequence[str] | None = None) -> list[UsageRecord]:
-        """Settled jobs of ``accounts`` (all when None) that ended at or after ``since``.
+    def usage(self, since: datetime, *, accounts: Sequence[str] | None = None,
+              until: datetime | None = None) -> list[UsageRecord]:
+        """Settled jobs of ``accounts`` (all when None) that ended at or after ``since``
+        and not after ``until``.
+
+        One slurmdb jobs query with the end states, ``start_time`` and ``end_time``:
+        with states given slurmdbd selects by end time, so ``until`` bounds the
+        answer. The window is widened by a margin for the controller's clock and the
+        records filtered here by their end time. An answer past
+        ``usage_max_response_bytes`` raises ``OutputTooLarge``.
 
         Runs as ``query_username``; with ``PrivateData=jobs``/``usage`` that must
         be an operator/admin account or ``SlurmUser`` to see every user's jobs.
         """
+        since = _aware(since)
+        end = _aware(until) if until is not None else None
+        if end is not None and end <= since:
+            return []
         user = self._query_user("usage")
         layer = self.api(user)
         now = datetime.now(tz=UTC)
-        since = _aware(since)
         query = AccountingQuery(
             lookback_seconds=_seconds_since(since - _LOOKBACK_MARGIN, now),
             accounts=sorted(set(accounts)) if accounts else (),
+            states=ACCOUNTING_END_STATES,
+            until_seconds=None if end is None else max(0, int((now - end - _LOOKBACK_MARGIN).total_seconds())),
         )
         records: list[UsageRecord] = []
-        for job in self._accounting_jobs(layer, user, query):
-            record = _usage_of(job, since, accounts)
+        for job in self._accounting_jobs(layer, user, query, max_bytes=self.config.usage_max_response_bytes):
+            record = _usage_of(job, since, end, accounts)
             if record is not None:
                 records.append(record)
         return records
@@ -559,10 +575,11 @@ def _keep_tagged(found: dict[str, SlurmJob], job: SlurmJob, wanted: set[str]) ->
         found[tag] = job
 
 
-def _usage_of(job: SlurmJob, since: datetime, accounts: Sequence[str] | None) -> UsageRecord | None:
+def _usage_of(job: SlurmJob, since: datetime, until: datetime | None,
+              accounts: Sequence[str] | None) -> UsageRecord | None:
     if accounts and job.account not in accounts:
         return None
-    if job.end_time is None or job.end_time < since:
+    if job.end_time is None or job.end_time < since or (until is not None and job.end_time > until):
         return None
     record = convert.to_usage(job)
     if record is None and convert.terminal(job):

@@ -5,10 +5,15 @@ authentication headers. Failures become adapter exceptions here, in one place:
 
 - connection refused / connect timeout / pool exhausted → ``ClusterUnreachable``;
 - a timeout or broken connection after a submit was sent → ``SubmitOutcomeUnknown``
-  (the job may exist: the broker reconciles by tag, never resubmits blindly);
+  (the job may exist: the broker reconciles by tag, never resubmits blindly); after
+  another request → ``ClusterUnreachable``, code ``command_timeout`` for a timeout
+  (slurmrestd builds its whole answer first: a big accounting window can take
+  longer than ``timeout``, which the usage importer answers by halving it);
 - ``errors`` in the body (HTTP 200, 500 or 422 alike) → classified Slurm errors,
   except 22.05's ``[9003] Nothing found`` in a 200 answer, which is an empty result;
-- 401/403 → ``AdapterConfigError`` (``auth_failed``), the cached token dropped.
+- 401/403 → ``AdapterConfigError`` (``auth_failed``), the cached token dropped;
+- an answer longer than the caller's ``max_bytes`` → ``OutputTooLarge`` (read as it
+  arrives and dropped at the cap, never held whole).
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import logging
 import ssl
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import httpx
@@ -30,6 +35,7 @@ from broker.adapter import (
     AdapterConfigError,
     AdapterError,
     ClusterUnreachable,
+    OutputTooLarge,
     SubmitOutcomeUnknown,
     SubmitRejected,
 )
@@ -37,6 +43,7 @@ from broker.adapter import (
 log = logging.getLogger("adapters.slurm_rest")
 
 JsonObject = dict[str, Any]
+Params = Mapping[str, str | Sequence[str]]
 
 #: before the request could reach the server: nothing happened on the cluster
 _NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout, httpx.UnsupportedProtocol)
@@ -103,15 +110,17 @@ class RestClient:
                                       code="tls_error")
         return ClusterUnreachable(f"slurmrestd {during}: cannot connect to {url}: {exc}")
 
-    def get(self, path: str, *, username: str, during: str, params: Mapping[str, str] | None = None) -> JsonObject:
-        """GET ``path`` as ``username``; retried once on a dropped keep-alive connection."""
+    def get(self, path: str, *, username: str, during: str, params: Params | None = None,
+            max_bytes: int | None = None) -> JsonObject:
+        """GET ``path`` as ``username``; retried once on a dropped keep-alive connection.
+        An answer longer than ``max_bytes`` raises ``OutputTooLarge``."""
         try:
-            return self.request("GET", path, username=username, during=during, params=params)
+            return self.request("GET", path, username=username, during=during, params=params, max_bytes=max_bytes)
         except ClusterUnreachable as exc:
             if not isinstance(exc.__cause__, httpx.RemoteProtocolError | httpx.ReadError):
                 raise
             log.debug("slurm_rest: retrying GET %s after a dropped connection", path)
-            return self.request("GET", path, username=username, during=during, params=params)
+            return self.request("GET", path, username=username, during=during, params=params, max_bytes=max_bytes)
 
     def request(
         self,
@@ -120,9 +129,10 @@ class RestClient:
         *,
         username: str,
         during: str,
-        params: Mapping[str, str] | None = None,
+        params: Params | None = None,
         body: JsonObject | None = None,
         submitting: bool = False,
+        max_bytes: int | None = None,
     ) -> JsonObject:
         """One call; returns the JSON object body or raises an AdapterError."""
         headers = self._identity.headers(username)
@@ -130,7 +140,12 @@ class RestClient:
             self._calls += 1
         started = time.perf_counter()
         try:
-            response = self._http.request(method, path, params=params, json=body, headers=headers)
+            request = self._http.build_request(method, path, params=params, json=body, headers=headers)
+            response = self._http.send(request, stream=True)
+            try:
+                content = _read_capped(response, max_bytes, during)
+            finally:
+                response.close()
         except _NOT_SENT as exc:
             raise self._connect_failure(during, exc) from exc
         except _MAYBE_SENT as exc:
@@ -138,16 +153,17 @@ class RestClient:
                 raise SubmitOutcomeUnknown(
                     f"slurmrestd {during}: no answer after sending ({type(exc).__name__}); the job may exist"
                 ) from exc
-            raise ClusterUnreachable(f"slurmrestd {during}: {type(exc).__name__}: {exc}") from exc
+            raise ClusterUnreachable(f"slurmrestd {during}: {type(exc).__name__}: {exc}",
+                                     code="command_timeout" if isinstance(exc, httpx.ReadTimeout) else None) from exc
         except httpx.HTTPError as exc:
             raise ClusterUnreachable(f"slurmrestd {during}: {exc}") from exc
         elapsed_ms = (time.perf_counter() - started) * 1000
         log.debug("slurm_rest %s %s -> %s in %.1f ms", method, path, response.status_code, elapsed_ms)
-        return self._interpret(response, username=username, during=during, submitting=submitting)
+        return self._interpret(response.status_code, content, username=username, during=during,
+                               submitting=submitting)
 
-    def _interpret(self, response: httpx.Response, *, username: str, during: str, submitting: bool) -> JsonObject:
-        status = response.status_code
-        body = _json_body(response)
+    def _interpret(self, status: int, content: bytes, *, username: str, during: str, submitting: bool) -> JsonObject:
+        body = _json_body(content)
         found = slurm_errors.errors_in(body)
         if status < 400:  # "nothing found" in a 200 answer is an empty result (22.05)
             found = slurm_errors.without_empty_results(found)
@@ -161,7 +177,7 @@ class RestClient:
         if found:
             raise slurm_errors.to_exception(found, during=during, submitting=submitting, http_status=status)
         if status >= 400:
-            raise _status_error(status, response, during=during, submitting=submitting)
+            raise _status_error(status, content, during=during, submitting=submitting)
         if body is None:
             raise AdapterError(
                 f"slurmrestd {during}: HTTP {status} without a JSON object body",
@@ -183,16 +199,34 @@ def _tls_error(exc: BaseException) -> str | None:
     return None
 
 
-def _json_body(response: httpx.Response) -> JsonObject | None:
+def _read_capped(response: httpx.Response, max_bytes: int | None, during: str) -> bytes:
+    """The (decoded) body, or ``OutputTooLarge`` once it passes ``max_bytes``: a
+    declared length is refused before reading, otherwise reading stops at the cap."""
+    if max_bytes is None:
+        return response.read()
+    declared = response.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > max_bytes:
+        raise OutputTooLarge(f"slurmrestd {during}: answer of {int(declared)} bytes exceeds {max_bytes}")
+    chunks: list[bytes] = []
+    size = 0
+    for chunk in response.iter_bytes():
+        size += len(chunk)
+        if size > max_bytes:
+            raise OutputTooLarge(f"slurmrestd {during}: answer exceeds {max_bytes} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _json_body(content: bytes) -> JsonObject | None:
     try:
-        body = response.json()
+        body = json.loads(content)
     except (json.JSONDecodeError, UnicodeDecodeError, ValueError):
         return None
     return body if isinstance(body, dict) else None
 
 
-def _status_error(status: int, response: httpx.Response, *, during: str, submitting: bool) -> AdapterError:
-    snippet = response.text[:200].strip()
+def _status_error(status: int, content: bytes, *, during: str, submitting: bool) -> AdapterError:
+    snippet = content[:800].decode("utf-8", "replace")[:200].strip()
     message = f"slurmrestd {during}: HTTP {status}" + (f": {snippet}" if snippet else "")
     if status == 404:
         return AdapterError(message, code="endpoint_not_found")

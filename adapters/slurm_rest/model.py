@@ -86,12 +86,17 @@ class SlurmJob:
 
 @dataclass(frozen=True)
 class AccountingQuery:
-    """One slurmdb ``jobs`` query: jobs active after ``lookback_seconds`` ago."""
+    """One slurmdb ``jobs`` query over the window from ``lookback_seconds`` to
+    ``until_seconds`` ago (None: now). Without ``states`` slurmdbd returns the jobs
+    eligible or running at some point of the window; with end states, the jobs in
+    those states whose end falls in it."""
 
     lookback_seconds: int
     accounts: Sequence[str] = ()
     users: Sequence[str] = ()
     job_names: Sequence[str] = ()
+    until_seconds: int | None = None
+    states: Sequence[str] = ()
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,10 @@ key                        meaning
                            (default ``/home/{username}``)
 ``accounting_lookback_hours``  how far back poll/find_by_tag search accounting
                            when a job's submit time is unknown (default 168)
+``usage_max_response_bytes``  cap on one usage-import answer (default 16 MiB,
+                           ~3,800 jobs at 4.4 KB each on 24.11); past it the read
+                           fails with ``output_too_large`` and the importer asks
+                           for a narrower window
 =========================  =====================================================
 """
 
@@ -63,6 +67,7 @@ class RestSettings:
     slurm_release: str | None = None
     home_template: str = "/home/{username}"
     accounting_lookback_hours: int = 168
+    usage_max_response_bytes: int = 16 * 1024 * 1024
 
     @classmethod
     def from_mapping(cls, raw: Mapping[str, Any]) -> RestSettings:
@@ -96,6 +101,7 @@ class RestSettings:
             slurm_release=_optional_str(raw, "slurm_release"),
             home_template=_optional_str(raw, "home_template") or "/home/{username}",
             accounting_lookback_hours=int(_positive_number(raw, "accounting_lookback_hours", 168)),
+            usage_max_response_bytes=int(_positive_number(raw, "usage_max_response_bytes", 16 * 1024 * 1024)),
         )
 
 

@@ -362,16 +362,25 @@ class SlurmSSHAdapter(ClusterAdapter):
 
     # ---------------------------------------------------------------- usage
 
-    def usage(self, since: datetime, *, accounts: Sequence[str] | None = None) -> list[UsageRecord]:
+    def usage(self, since: datetime, *, accounts: Sequence[str] | None = None,
+              until: datetime | None = None) -> list[UsageRecord]:
         """Every finished job (any submitter) of ``accounts`` that ended after
-        ``since``, from one ``sacct --allusers -X -P``. Malformed rows and
-        not-yet-settled records are skipped."""
+        ``since`` (and not after ``until``), from one ``sacct --allusers -X -P
+        --state=<end states> --starttime --endtime``: with end states given, sacct
+        selects by end time, so ``until`` bounds the output. The window is widened by
+        a slack for the login node's clock and the records filtered here by their
+        end time. Malformed rows and not-yet-settled records are skipped; an output
+        past ``max_output_bytes`` raises ``OutputTooLarge``."""
+        if until is not None and until <= since:
+            return []
         user = self._query_user()
         now = now_utc()
         seconds = int((now - since).total_seconds()) + _USAGE_SLACK_SECONDS
+        until_back = 0 if until is None else max(0, int((now - until).total_seconds()) - _USAGE_SLACK_SECONDS)
         try:
             fields = self._usage_fields(user)
-            command = commands.build_sacct_window(seconds, accounts=accounts, terminal_only=True, fields=fields)
+            command = commands.build_sacct_window(seconds, accounts=accounts, terminal_only=True, fields=fields,
+                                                  until_seconds_back=until_back)
         except ValueError as exc:
             raise AdapterError(str(exc), code="invalid_request") from exc
         jobs, skipped = parse.parse_sacct_parsable(self._query(user, command, "sacct"), fields)
@@ -379,7 +388,7 @@ class SlurmSSHAdapter(ClusterAdapter):
         for job in jobs:
             if not job.is_settled(now, self.config.accounting_lag_seconds):
                 continue
-            if job.end_time is None or job.end_time < since:
+            if job.end_time is None or job.end_time < since or (until is not None and job.end_time > until):
                 continue
             try:
                 records.append(job.to_usage_record())

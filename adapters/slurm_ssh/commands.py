@@ -374,10 +374,21 @@ def build_sacct_window(
     accounts: Sequence[str] | None = None,
     terminal_only: bool = False,
     fields: Sequence[str] = SACCT_PARSABLE_FIELDS,
+    until_seconds_back: int = 0,
 ) -> str:
-    """``sacct -P`` of allocations (``-X``) in the last ``seconds_back`` seconds,
-    all users, times as epoch seconds. The window is relative (``now-N``) so the
-    login node's time zone never matters."""
+    """``sacct -P`` of allocations (``-X``) from ``seconds_back`` to
+    ``until_seconds_back`` seconds ago (default: now), all users, times as epoch
+    seconds. The window is relative (``now-N``) so the login node's time zone never
+    matters.
+
+    What the window selects depends on the states (sacct(1), ``--endtime``; slurmdbd
+    ``_state_time_string``): with ``terminal_only`` (``--state`` of end states) the
+    jobs in those states whose *end* falls in the window; without, every job
+    eligible or running at some point of it. Callers filter by end time again."""
+    start = max(int(seconds_back), 1)
+    end = max(int(until_seconds_back), 0)
+    if end >= start:
+        raise ValueError(f"empty sacct window: from now-{start} to now-{end}")
     argv = [
         "env",
         SLURM_TIME_FORMAT_ENV,
@@ -386,8 +397,8 @@ def build_sacct_window(
         "--allocations",
         "--parsable2",
         "--noheader",
-        f"--starttime=now-{max(int(seconds_back), 1)}",
-        "--endtime=now",
+        f"--starttime=now-{start}",
+        f"--endtime=now-{end}" if end else "--endtime=now",
         f"--format={','.join(fields)}",
     ]
     if terminal_only:

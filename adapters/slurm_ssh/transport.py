@@ -41,6 +41,7 @@ from broker.adapter import (
     AdapterConfigError,
     AdapterError,
     ClusterUnreachable,
+    OutputTooLarge,
     SubmitOutcomeUnknown,
 )
 
@@ -454,9 +455,7 @@ class SSHPool:
                 out_open = _read_some(channel.recv, out, out_open)
                 err_open = _read_some(channel.recv_stderr, err, err_open)
                 if len(out) + len(err) > cap:
-                    raise AdapterError(
-                        f"command output exceeds max_output_bytes ({cap})", code="output_too_large"
-                    )
+                    raise OutputTooLarge(f"command output exceeds max_output_bytes ({cap})")
         return bytes(out), bytes(err)
 
     @staticmethod

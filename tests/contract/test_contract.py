@@ -28,7 +28,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from broker.adapter import AdapterError, JobSpec, JobState, JobStatus, SchedulerJobRef
+from broker.adapter import AdapterError, JobSpec, JobState, JobStatus, SchedulerJobRef, UsageRecord
 from tests.contract.target import ContractTarget
 
 CANARY = f"/tmp/aifa-contract-canary-{uuid.uuid4().hex}"
@@ -260,8 +260,8 @@ def test_find_by_tag(batch: Batch, target: ContractTarget) -> None:
     assert target.adapter.find_by_tag([unknown]) == {}
 
 
-def test_usage_includes_finished_jobs(batch: Batch, target: ContractTarget) -> None:
-    keys = ["ok", "fail"] + (["gpu"] if "gpu" in batch.refs else [])
+def _usage_of(batch: Batch, target: ContractTarget, keys: list[str]) -> tuple[dict[str, str], dict[str, UsageRecord]]:
+    """The jobs ``keys`` once usage reports them all: (job id -> key, job id -> record)."""
     for key in keys:
         batch.wait_final(key)
     wanted = {batch.refs[k].job_id: k for k in keys}
@@ -273,6 +273,12 @@ def test_usage_includes_finished_jobs(batch: Batch, target: ContractTarget) -> N
             break
         time.sleep(_interval(target))
     assert set(wanted) <= set(records), f"missing from usage: {set(wanted) - set(records)}"
+    return wanted, records
+
+
+def test_usage_includes_finished_jobs(batch: Batch, target: ContractTarget) -> None:
+    keys = ["ok", "fail"] + (["gpu"] if "gpu" in batch.refs else [])
+    wanted, records = _usage_of(batch, target, keys)
     for job_id, key in wanted.items():
         rec = records[job_id]
         assert (rec.account, rec.username) == (target.account, target.username)
@@ -281,6 +287,29 @@ def test_usage_includes_finished_jobs(batch: Batch, target: ContractTarget) -> N
     if "gpu" in wanted.values():
         gpu = records[batch.refs["gpu"].job_id]
         assert gpu.alloc_tres.get("gres/gpu") == 1 and gpu.elapsed_seconds > 0
+
+
+def test_usage_until_excludes_jobs_ended_after_it(batch: Batch, target: ContractTarget) -> None:
+    """``usage(since, until=...)``: the jobs that ended after ``since`` and not after
+    ``until`` (the usage importer reads a busy accounting window in such pieces)."""
+    # the time-limit job ends a minute after the others when the suite ran its test already
+    keys = ["ok", "fail"] + [k for k in ("gpu", "timeout") if k in batch.finals]
+    wanted, records = _usage_of(batch, target, keys)
+    ends = {job_id: records[job_id].end_time for job_id in wanted}
+    assert all(end is not None for end in ends.values())
+    first, last = min(e for e in ends.values() if e), max(e for e in ends.values() if e)
+
+    def bounded(until: datetime) -> set[str]:
+        found = target.adapter.usage(batch.since, accounts=[target.account], until=until)
+        assert all(r.end_time is not None and batch.since <= r.end_time <= until for r in found), found
+        return {r.job_id for r in found} & set(wanted)
+
+    assert bounded(first - timedelta(seconds=1)) == set(), "jobs that ended after until"
+    assert bounded(first) == {j for j, e in ends.items() if e == first}
+    assert bounded(last) == set(wanted)
+    if last - first >= timedelta(seconds=2):
+        middle = first + (last - first) / 2
+        assert bounded(middle) == {j for j, e in ends.items() if e and e <= middle}
 
 
 # ----------------------------------------------------------------------------- health, discovery

@@ -6,9 +6,11 @@ charges; incremental, bounded, and on its own thread (polling never waits for it
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -17,7 +19,7 @@ import pytest
 import sqlalchemy as sa
 from sqlmodel import select
 
-from broker.adapter import JobState, UsageRecord
+from broker.adapter import AdapterError, ClusterUnreachable, JobState, OutputTooLarge, UsageRecord, usage_accepts_until
 from broker.db import session_scope
 from broker.models import Allocation, Cluster
 from broker.services.clusters import adapter_for, scheduler_group_ids
@@ -277,3 +279,240 @@ def test_slow_import_never_delays_polling(env: BrokerEnv) -> None:
     finally:
         release.set()
         importing.join(10)
+
+
+# ----------------------------------------------------------------------------- busy accounting windows
+
+
+class BusyAccounting:
+    """A scheduler's accounting that cannot answer more than ``cap`` records at once
+    (like ``sacct`` past ``max_output_bytes``: ``OutputTooLarge``) and records every
+    window asked for. Windows include their start, like ``sacct``, so neighbouring
+    windows overlap by the records ending exactly on their border."""
+
+    def __init__(self, records: list[UsageRecord], cap: int) -> None:
+        self.records = records
+        self.cap = cap
+        self.calls: list[tuple[datetime, datetime | None, str]] = []
+        #: (since, until) -> an error to raise instead of answering
+        self.fail: Callable[[datetime, datetime | None], AdapterError | None] = lambda since, until: None
+
+    def usage(self, since: datetime, *, accounts: Any = None, until: datetime | None = None) -> list[UsageRecord]:
+        error = self.fail(since, until)
+        found = [r for r in self.records if r.end_time and r.end_time >= since
+                 and (until is None or r.end_time <= until)]
+        if error is None and len(found) > self.cap:
+            error = OutputTooLarge(f"{len(found)} records")
+        self.calls.append((since, until, "ok" if error is None else error.code))
+        if error is not None:
+            raise error
+        return found
+
+
+def _busy_env(tmp_path: Path, db_url: str, records: list[UsageRecord], cap: int,
+              **settings: Any) -> Iterator[tuple[BrokerEnv, BusyAccounting]]:
+    with broker_env(tmp_path, db_url, run_tracker=False, **settings) as env:
+        env.setup_project(unit="gpu_hours", amount=10_000, members=("alice", "bob"))
+        fake = BusyAccounting(records, cap)
+        adapter_for(env.app.state.registry, _cluster(env)).usage = fake.usage  # type: ignore[method-assign]
+        yield env, fake
+
+
+busy_env = contextlib.contextmanager(_busy_env)
+
+
+def _spread(count: int, *, hours: float = 10, first: int = 1000) -> list[UsageRecord]:
+    """``count`` direct jobs of 10 minutes ending evenly over the last ``hours`` (the last
+    one 5 minutes ago); every fifth ends at the same second as the one before it."""
+    now = datetime.now(UTC).replace(microsecond=0)
+    step = timedelta(hours=hours) / count
+    records = []
+    for i in range(count):
+        end = now - timedelta(minutes=5) - step * (count - 1 - (i - (i % 5 == 4)))
+        records.append(_record(str(first + i), submitted=end - timedelta(minutes=10), elapsed=600))
+    return records
+
+
+def _charges(env: BrokerEnv) -> dict[str, int]:
+    """scheduler job id -> how many import ledger entries charged it."""
+    with env.engine.connect() as conn:
+        rows = conn.execute(sa.text("SELECT i.scheduler_job_id, COUNT(l.id) FROM imported_jobs i "
+                                    "LEFT JOIN ledger_entries l ON l.imported_job_id = i.id AND l.kind = 'import' "
+                                    "GROUP BY i.scheduler_job_id")).all()
+    return {str(job): int(n) for job, n in rows}
+
+
+def _cycles(env: BrokerEnv, fake: BusyAccounting, limit: int = 20) -> list[tuple[int, list[tuple]]]:
+    """Import cycles until two in a row import nothing: (count, the calls it made) each."""
+    importer = env.app.state.tracker.importer
+    done: list[tuple[int, list[tuple]]] = []
+    for _ in range(limit):
+        before = len(fake.calls)
+        done.append((importer.run_cycle(force=True), fake.calls[before:]))
+        if len(done) >= 2 and done[-1][0] == done[-2][0] == 0:
+            return done
+    raise AssertionError(f"the import never settled: {[c for c, _ in done]}")
+
+
+def _assert_windows_in_end_order(calls: list[tuple]) -> None:
+    """Within one cycle the windows read succeed oldest first, each starting where the last ended."""
+    read = [(since, until) for since, until, outcome in calls if outcome == "ok"]
+    for (_, until), (since, _) in itertools.pairwise(read):
+        assert until is not None and since == until
+
+
+def test_a_window_too_large_to_read_is_split_and_each_job_charged_once(db_url: str, tmp_path: Path) -> None:
+    """A first import whose whole 48 h window is too large for one read (more than 8 records
+    here, ~50,000 for sacct's 16 MiB) is read in halves until the pieces fit: each job is
+    charged exactly once and the watermark ends at the last job's end."""
+    records = _spread(60)
+    with busy_env(tmp_path, db_url, records, cap=8, usage_import_max_span_hours=48,
+                  usage_import_batch=1000) as (env, fake):
+        cycles = _cycles(env, fake)
+        assert cycles[0][0] == 60, "the first cycle imports everything, in pieces"
+        first_calls = cycles[0][1]
+        assert any(outcome == "output_too_large" for *_, outcome in first_calls)
+        assert len(first_calls) < 80, "splitting is bounded"
+        _assert_windows_in_end_order(first_calls)
+        assert _charges(env) == {r.job_id: 1 for r in records}
+        assert len(_import_ledger(env)) == 60
+        assert _cluster(env).usage_imported_until == max(r.end_time for r in records if r.end_time)
+        # later cycles re-read the overlap (several pieces: the span learnt) and charge nothing again
+        assert all(count == 0 for count, _ in cycles[1:])
+        assert all(outcome == "ok" for _, calls in cycles[1:] for *_, outcome in calls)
+
+
+def test_busy_windows_with_a_small_batch_move_the_watermark_only_over_what_was_imported(
+        db_url: str, tmp_path: Path) -> None:
+    records = _spread(40, hours=6)
+    with busy_env(tmp_path, db_url, records, cap=8, usage_import_max_span_hours=48,
+                  usage_import_batch=5, usage_import_overlap_minutes=1) as (env, _):
+        importer = env.app.state.tracker.importer
+        ends = sorted(r.end_time for r in records if r.end_time)
+        marks: list[datetime] = []
+        counts: list[int] = []
+        for _ in range(30):
+            counts.append(importer.run_cycle(force=True))
+            mark = _cluster(env).usage_imported_until
+            assert mark is not None and mark in ends, "the watermark is the end of a job imported"
+            imported = set(_charges(env))
+            # every job ending at or before the watermark is imported: nothing skipped
+            assert {r.job_id for r in records if r.end_time and r.end_time <= mark} <= imported
+            marks.append(mark)
+            if counts[-1] == 0:
+                break
+        assert all(c <= 5 for c in counts) and sum(counts) == 40
+        assert marks == sorted(marks) and marks[-1] == ends[-1]
+        assert _charges(env) == {r.job_id: 1 for r in records}
+
+
+def test_a_read_failing_after_others_keeps_what_they_imported(db_url: str, tmp_path: Path) -> None:
+    """Windows read before a failing one are imported and the watermark covers them only;
+    the next cycle goes on from there."""
+    records = _spread(30, hours=6)
+    middle = sorted(r.end_time for r in records if r.end_time)[14]
+    with busy_env(tmp_path, db_url, records, cap=100, usage_import_max_span_hours=1) as (env, fake):
+        fake.fail = lambda since, until: ClusterUnreachable("slurmdbd down") if until is None or until > middle else None
+        importer = env.app.state.tracker.importer
+        first = importer.run_cycle(force=True)
+        mark = _cluster(env).usage_imported_until
+        assert 0 < first < 30 and mark is not None and mark <= middle
+        assert set(_charges(env)) == {r.job_id for r in records if r.end_time and r.end_time <= mark}
+        fake.fail = lambda since, until: None
+        assert first + importer.run_cycle(force=True) == 30
+        assert _charges(env) == {r.job_id: 1 for r in records}
+
+
+def test_too_large_even_at_the_narrowest_window_stops_without_skipping(
+        db_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Twelve jobs ending in the same second, eight at most per read: no window can be
+    narrow enough. The import stops there (an error says what helps), skips nothing,
+    and asks a bounded number of times."""
+    end = datetime.now(UTC).replace(microsecond=0) - timedelta(hours=3)
+    records = [_record(str(500 + i), submitted=end - timedelta(minutes=10), elapsed=600) for i in range(12)]
+    with busy_env(tmp_path, db_url, records, cap=8, usage_import_max_span_hours=48) as (env, fake):
+        importer = env.app.state.tracker.importer
+        assert importer.run_cycle(force=True) == 0
+        # about two reads per halving from 48 h to a minute (12 of them), and per doubling back
+        assert 0 < len(fake.calls) <= 40
+        narrowest = min((until or datetime.now(UTC)) - since for since, until, _ in fake.calls)
+        assert narrowest <= timedelta(minutes=2)
+        assert _charges(env) == {} and _cluster(env).usage_imported_until is None
+        assert "raise the adapter's output cap" in caplog.text
+        before = len(fake.calls)
+        assert importer.run_cycle(force=True) == 0  # and so every cycle, never skipping the jobs
+        assert 0 < len(fake.calls) - before <= 40 and _charges(env) == {}
+
+
+def test_an_adapter_without_until_is_read_in_one_call(db_url: str, tmp_path: Path,
+                                                     caplog: pytest.LogCaptureFixture) -> None:
+    """A plugin written before ``until`` existed keeps working (one read per cycle, as
+    before); a window too large for it postpones the import and says why."""
+    records = _spread(12, hours=3)
+    with busy_env(tmp_path, db_url, records, cap=8) as (env, fake):
+        adapter = adapter_for(env.app.state.registry, _cluster(env))
+        calls: list[datetime] = []
+
+        def old_usage(since: datetime, *, accounts: Any = None) -> list[UsageRecord]:
+            calls.append(since)
+            return fake.usage(since, accounts=accounts)
+
+        adapter.usage = old_usage  # type: ignore[method-assign]
+        assert not usage_accepts_until(adapter)
+        importer = env.app.state.tracker.importer
+        assert importer.run_cycle(force=True) == 0 and len(calls) == 1
+        assert "takes no `until`" in caplog.text
+        fake.cap = 100
+        assert importer.run_cycle(force=True) == 12 and len(calls) == 2
+        assert _charges(env) == {r.job_id: 1 for r in records}
+
+
+def test_a_read_timing_out_is_halved_once_a_cycle(db_url: str, tmp_path: Path) -> None:
+    """slurmrestd builds its whole answer before sending it: a busy window can time out
+    instead of being too large. Such a window is halved once per cycle (a hung daemon
+    must not be asked a dozen times a cycle), and the narrower span is kept."""
+    records = _spread(10, hours=5)
+    with busy_env(tmp_path, db_url, records, cap=100, usage_import_max_span_hours=48) as (env, fake):
+        fake.fail = lambda since, until: (ClusterUnreachable("read timed out", code="command_timeout")
+                                          if (until or datetime.now(UTC)) - since > timedelta(hours=7) else None)
+        counts, timeouts = [], []
+        importer = env.app.state.tracker.importer
+        for _ in range(6):
+            before = len(fake.calls)
+            counts.append(importer.run_cycle(force=True))
+            timeouts.append(sum(outcome == "command_timeout" for *_, outcome in fake.calls[before:]))
+        assert max(timeouts) <= 2, "at most the first read and its half time out in one cycle"
+        assert counts[:2] == [0, 0] and sum(counts) == 10  # 48 h -> 24 h, 24 h -> 12 h, then 6 h reads
+        assert _charges(env) == {r.job_id: 1 for r in records}
+
+
+class _KeywordUntil:
+    def usage(self, since: datetime, *, accounts: Any = None, until: datetime | None = None) -> list[UsageRecord]:
+        return []
+
+
+class _PositionalUntil:
+    def usage(self, since: datetime, accounts: Any = None, until: datetime | None = None) -> list[UsageRecord]:
+        return []
+
+
+class _AnyKeyword:
+    def usage(self, since: datetime, **kwargs: Any) -> list[UsageRecord]:
+        return []
+
+
+class _Before:  # written before ``until`` existed
+    def usage(self, since: datetime, *, accounts: Any = None) -> list[UsageRecord]:
+        return []
+
+
+class _OnlyPositional:
+    def usage(self, since: datetime, *args: Any) -> list[UsageRecord]:
+        return []
+
+
+@pytest.mark.parametrize(("plugin", "accepted"), [
+    (_KeywordUntil, True), (_PositionalUntil, True), (_AnyKeyword, True), (_Before, False), (_OnlyPositional, False),
+])
+def test_usage_accepts_until_is_told_from_the_signature(plugin: type, accepted: bool) -> None:
+    assert usage_accepts_until(plugin()) is accepted

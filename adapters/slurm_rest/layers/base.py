@@ -27,6 +27,8 @@ from adapters.slurm_rest.model import (
 )
 
 JsonObject = dict[str, Any]
+#: query parameters; a list value is sent as the parameter repeated
+QueryParams = dict[str, str | list[str]]
 
 
 class ApiLayer(abc.ABC):
@@ -104,7 +106,7 @@ class ApiLayer(abc.ABC):
         return job if isinstance(job, Mapping) else {}
 
     @abc.abstractmethod
-    def accounting_params(self, query: AccountingQuery) -> dict[str, str]:
+    def accounting_params(self, query: AccountingQuery) -> QueryParams:
         """Query parameters of ``GET slurmdb/jobs``."""
 
     # ---- responses ---------------------------------------------------------
@@ -231,6 +233,23 @@ class ApiLayer(abc.ABC):
 def relative_time(seconds_ago: int) -> str:
     """A Slurm relative time (``now-3600seconds``): no time zone, no URL-encoding issue."""
     return f"now-{max(0, int(seconds_ago))}seconds"
+
+
+def window_params(query: AccountingQuery) -> QueryParams:
+    """What every version's ``GET slurmdb/jobs`` takes alike: the window (times
+    relative, ``now-Nseconds``), no steps, accounts and job names. ``end_time`` is
+    required with ``state``: without it slurmdbd ends the window at its start and
+    finds nothing (seen on 24.11). ``users`` and ``state`` differ by version."""
+    params: QueryParams = {"start_time": relative_time(query.lookback_seconds), "skip_steps": "true"}
+    if query.until_seconds:
+        params["end_time"] = relative_time(query.until_seconds)
+    elif query.states or query.until_seconds is not None:
+        params["end_time"] = "now"
+    if query.accounts:
+        params["account"] = ",".join(query.accounts)
+    if query.job_names:
+        params["job_name"] = ",".join(query.job_names)
+    return params
 
 
 def text(value: Any) -> str | None:

@@ -17,9 +17,10 @@ from adapters.slurm_common import tres
 from adapters.slurm_rest.layers.base import (
     ApiLayer,
     JsonObject,
+    QueryParams,
     mapping,
-    relative_time,
     text,
+    window_params,
 )
 from adapters.slurm_rest.model import (
     AccountingQuery,
@@ -86,13 +87,13 @@ class V0038(ApiLayer):
         job.update(request.optional_fields())
         return {"script": request.script, "job": job}
 
-    def accounting_params(self, query: AccountingQuery) -> dict[str, str]:
-        """No ``users`` filter exists in dbv0.0.38; the caller filters users itself."""
-        params = {"start_time": relative_time(query.lookback_seconds), "skip_steps": "true"}
-        if query.accounts:
-            params["account"] = ",".join(query.accounts)
-        if query.job_names:
-            params["job_name"] = ",".join(query.job_names)
+    def accounting_params(self, query: AccountingQuery) -> QueryParams:
+        """No ``users`` filter exists in dbv0.0.38; the caller filters users itself.
+        States go as one comma list (a repeated ``state`` counts only once: "Nothing
+        found" on 22.05)."""
+        params = window_params(query)
+        if query.states:
+            params["state"] = ",".join(query.states)
         return params
 
     def queue_exit_code(self, value: Any) -> int | None:

@@ -22,10 +22,11 @@ from adapters.slurm_common import tres
 from adapters.slurm_rest.layers.base import (
     ApiLayer,
     JsonObject,
+    QueryParams,
     environment_pairs,
     mapping,
-    relative_time,
     text,
+    window_params,
 )
 from adapters.slurm_rest.model import (
     AccountingQuery,
@@ -98,17 +99,17 @@ class V0040(ApiLayer):
         job.update(request.optional_fields())
         return {"job": job}
 
-    def accounting_params(self, query: AccountingQuery) -> dict[str, str]:
-        """``start_time`` relative (``now-Nseconds``), filters by account/user/name,
-        no steps. The schema says "UNIX timestamp", but v0.0.40/41 on 24.11
-        reject a bare timestamp (error 9202) while every version takes this."""
-        params = {"start_time": relative_time(query.lookback_seconds), "skip_steps": "true"}
-        if query.accounts:
-            params["account"] = ",".join(query.accounts)
+    def accounting_params(self, query: AccountingQuery) -> QueryParams:
+        """``start_time``/``end_time`` relative (``now-Nseconds``), filters by
+        account/user/name/state, no steps. The schema says "UNIX timestamp", but
+        v0.0.40/41 on 24.11 reject a bare timestamp (error 9202) while every version
+        takes this. States go as the parameter repeated (a comma list is an "Unknown
+        flag", error 9207, on v0.0.40-45)."""
+        params = window_params(query)
+        if query.states:
+            params["state"] = list(query.states)
         if query.users:
             params["users"] = ",".join(query.users)
-        if query.job_names:
-            params["job_name"] = ",".join(query.job_names)
         return params
 
     # ---- jobs --------------------------------------------------------------

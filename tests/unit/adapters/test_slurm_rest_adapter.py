@@ -18,12 +18,14 @@ from typing import Any
 import httpx
 import pytest
 
+from adapters.slurm_common.states import ACCOUNTING_END_STATES
 from adapters.slurm_rest import SlurmRestAdapter
 from broker.adapter import (
     AdapterConfigError,
     AdapterError,
     ClusterUnreachable,
     JobSpec,
+    OutputTooLarge,
     SchedulerJobRef,
     SubmitRejected,
 )
@@ -480,6 +482,78 @@ def test_usage_filters_accounts_and_time(fake: FakeSlurmrestd, make: Any) -> Non
     assert adapter.usage(datetime.now(tz=UTC)) == [], "ended before since"
     naive = datetime.now(tz=UTC).replace(tzinfo=None) - timedelta(hours=1)
     assert len(adapter.usage(naive)) == 2
+
+
+def _ended(job_id: int, seconds_ago: int, state: str = "COMPLETED") -> dict[str, Any]:
+    item = db_item(job_id, state)
+    item["time"].update(submission=NOW - seconds_ago - 60, start=NOW - seconds_ago - 50, end=NOW - seconds_ago)
+    return item
+
+
+@pytest.mark.parametrize(
+    ("until_ago", "end_time", "kept"),
+    [
+        (None, "now", ["1", "2", "3"]),
+        (60, "now", ["1", "2"]),  # within the 5-minute clock margin: slurmdbd up to now, filtered here
+        (1200, "now-900seconds", ["1"]),  # widened by the margin, then filtered exactly
+    ],
+)
+def test_usage_until_bounds_the_query_and_the_records(
+    fake: FakeSlurmrestd, make: Any, until_ago: int | None, end_time: str, kept: list[str]
+) -> None:
+    """End states and an ``end_time``: slurmdbd then selects by end time, so ``until``
+    bounds the answer; the records are checked against it again here."""
+    fake.accounting = [_ended(1, 1800), _ended(2, 120, "FAILED"), _ended(3, 30, "CANCELLED")]
+    now = datetime.fromtimestamp(NOW, tz=UTC)
+    until = None if until_ago is None else now - timedelta(seconds=until_ago)
+    records = make(fake).usage(now - timedelta(hours=1), accounts=["proj-a"], until=until)
+    assert [r.job_id for r in records] == kept
+    params = fake.calls("/slurmdb/")[-1].url.params
+    assert params.get_list("state") == list(ACCOUNTING_END_STATES)  # v0.0.42: repeated
+    given = params["end_time"]
+    if end_time == "now":
+        assert given == "now"
+    else:  # relative; the clock moved on since NOW
+        late = int(datetime.now(tz=UTC).timestamp()) - NOW
+        assert 900 <= int(given.removeprefix("now-").removesuffix("seconds")) <= 900 + late + 1
+
+
+def test_usage_of_an_empty_window_asks_nothing(fake: FakeSlurmrestd, make: Any) -> None:
+    since = datetime.now(tz=UTC) - timedelta(hours=1)
+    assert make(fake).usage(since, until=since - timedelta(minutes=1)) == []
+    assert fake.calls("/slurmdb/") == []
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+def test_usage_answer_past_the_cap_is_output_too_large(fake: FakeSlurmrestd, make: Any, chunked: bool) -> None:
+    """Refused by its Content-Length, or while reading when there is none; other reads
+    (poll) are not capped."""
+    fake.accounting = [_ended(i, 120) for i in range(1, 40)]
+    body = json.dumps({"jobs": fake.accounting, "errors": []}).encode()
+    plain = fake.handler
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if "/slurmdb/" not in request.url.path or "state" not in request.url.params:  # not a usage read
+            return plain(request)
+        if chunked:  # no Content-Length
+            return httpx.Response(200, content=iter([body[i:i + 4096] for i in range(0, len(body), 4096)]))
+        return httpx.Response(200, content=body)
+
+    fake.handler = handler  # type: ignore[method-assign]
+    adapter = make(fake, usage_max_response_bytes=len(body) - 1)
+    since = datetime.now(tz=UTC) - timedelta(hours=1)
+    with pytest.raises(OutputTooLarge) as info:
+        adapter.usage(since)
+    assert info.value.code == "output_too_large" and not info.value.transient
+    assert len(make(fake, usage_max_response_bytes=len(body)).usage(since)) == 39
+    fake.accounting = [db_item(i, "COMPLETED") for i in range(1, 40)]
+    assert len(adapter.poll([ref(i) for i in range(1, 40)])) == 39
+
+
+def test_usage_max_response_bytes_setting(fake: FakeSlurmrestd, make: Any) -> None:
+    assert make(fake).config.usage_max_response_bytes == 16 * 1024 * 1024
+    with pytest.raises(AdapterConfigError):
+        make(fake, usage_max_response_bytes=0)
 
 
 # ------------------------------------------------------------------ health, discover

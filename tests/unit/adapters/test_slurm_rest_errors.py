@@ -219,7 +219,8 @@ def test_submit_failures(
     ("handler", "cls", "code", "transient"),
     [
         (raise_(httpx.ConnectError("Connection refused")), ClusterUnreachable, "cluster_unavailable", True),
-        (raise_(httpx.ReadTimeout("read timed out")), ClusterUnreachable, "cluster_unavailable", True),
+        (raise_(httpx.ReadTimeout("read timed out")), ClusterUnreachable, "command_timeout", True),
+        (raise_(httpx.RemoteProtocolError("Server disconnected")), ClusterUnreachable, "cluster_unavailable", True),
         (respond(500, live("delete_unknown")["body"]), AdapterError, "job_not_found", False),
         (respond(500, {"errors": [{"error": "brand new failure"}]}), AdapterError, "cluster_error", True),
         (respond(404, {}), AdapterError, "endpoint_not_found", False),

@@ -332,6 +332,35 @@ def test_accounting_params(version: str, has_users: bool) -> None:
 
 
 @pytest.mark.parametrize(
+    ("version", "until", "states", "end_time", "state"),
+    [
+        # poll/find_by_tag: no end, no states (jobs eligible or running since the start)
+        ("v0.0.38", None, (), None, None),
+        ("v0.0.45", None, (), None, None),
+        # usage up to now: end states need an explicit end (without one slurmdbd finds nothing)
+        ("v0.0.38", None, ("CANCELLED", "COMPLETED"), "now", "CANCELLED,COMPLETED"),
+        ("v0.0.40", None, ("CANCELLED", "COMPLETED"), "now", ["CANCELLED", "COMPLETED"]),
+        ("v0.0.40", 0, ("CANCELLED",), "now", ["CANCELLED"]),
+        # usage of a bounded window: 22.05 takes one comma list, v0.0.40+ the parameter repeated
+        ("v0.0.38", 600, ("CANCELLED", "COMPLETED"), "now-600seconds", "CANCELLED,COMPLETED"),
+        ("v0.0.41", 600, ("CANCELLED", "COMPLETED"), "now-600seconds", ["CANCELLED", "COMPLETED"]),
+        ("v0.0.45", 86400, ("TIMEOUT",), "now-86400seconds", ["TIMEOUT"]),
+        ("v0.0.45", 600, (), "now-600seconds", None),
+    ],
+)
+def test_accounting_params_window_end_and_states(
+    version: str, until: int | None, states: tuple[str, ...], end_time: str | None, state: object
+) -> None:
+    """Live-checked on 22.05 (v0.0.38), 24.11 (v0.0.40-42), 26.05 (v0.0.42-45): a comma
+    list is "Unknown flag" (9207) on v0.0.40+, a repeated ``state`` finds nothing on v0.0.38."""
+    query = AccountingQuery(lookback_seconds=7200, accounts=["proj-a"], until_seconds=until, states=states)
+    params = layer(version).accounting_params(query)
+    assert params["start_time"] == "now-7200seconds"
+    assert params.get("end_time") == end_time
+    assert params.get("state") == state
+
+
+@pytest.mark.parametrize(
     ("version", "jobs", "db_jobs"),
     [
         ("v0.0.38", "/slurm/v0.0.38/jobs", "/slurmdb/v0.0.38/jobs"),

@@ -23,6 +23,7 @@ from broker.adapter import (
     AdapterError,
     ClusterUnreachable,
     JobSpec,
+    OutputTooLarge,
     SchedulerJobRef,
     SubmitOutcomeUnknown,
     SubmitRejected,
@@ -391,6 +392,47 @@ def test_usage_skips_malformed_unsettled_and_old_records():
     command = pool.calls[-1][1]
     assert "--accounts=proj-a,proj-b" in command and "--allusers" in command
     assert pool.calls[-1][0] == "reader"
+
+
+@pytest.mark.parametrize(
+    ("until_ago", "endtime", "kept"),
+    [
+        (None, "--endtime=now", ["1", "2", "3"]),
+        (0, "--endtime=now", ["1", "2", "3"]),
+        (60, "--endtime=now", ["1", "2"]),  # within the clock slack: sacct up to now, filtered here
+        (1200, "--endtime=now-900", ["1"]),  # widened by the 300 s slack, then filtered exactly
+    ],
+)
+def test_usage_until_bounds_sacct_and_the_records(until_ago, endtime, kept):
+    rows = [sacct_row(1, "COMPLETED", "a", end_ago=1800), sacct_row(2, "COMPLETED", "b", end_ago=120),
+            sacct_row(3, "FAILED", "c", end_ago=30)]
+    a, pool = adapter({"env": ok("\n".join(rows))}, query_username="reader")
+    now = datetime.fromtimestamp(NOW, tz=UTC)
+    until = None if until_ago is None else now - timedelta(seconds=until_ago)
+    records = a.usage(now - timedelta(hours=1), accounts=["proj-a"], until=until)
+    assert [r.job_id for r in records] == kept
+    argv = shlex.split(pool.calls[-1][1])
+    [given] = [w for w in argv if w.startswith("--endtime=")]
+    if endtime == "--endtime=now":
+        assert given == endtime
+    else:  # relative; the clock moved on since NOW
+        late = int(datetime.now(tz=UTC).timestamp()) - NOW
+        assert 900 <= int(given.removeprefix("--endtime=now-")) <= 900 + late + 1
+
+
+def test_usage_of_an_empty_window_asks_nothing():
+    a, pool = adapter({}, query_username="reader")
+    since = datetime.now(tz=UTC) - timedelta(hours=1)
+    assert a.usage(since, until=since) == [] and a.usage(since, until=since - timedelta(hours=1)) == []
+    assert pool.calls == []
+
+
+def test_usage_past_the_output_cap_is_output_too_large():
+    a, _ = adapter({"env": OutputTooLarge("command output exceeds max_output_bytes (1024)")},
+                   query_username="reader")
+    with pytest.raises(AdapterError) as exc:
+        a.usage(datetime.now(tz=UTC) - timedelta(hours=1), until=datetime.now(tz=UTC))
+    assert exc.value.code == "output_too_large" and not exc.value.transient
 
 
 def test_cluster_wide_reads_need_a_query_user():

@@ -271,6 +271,31 @@ def test_queries():
     assert shlex.split(commands.build_find_queue())[-1] == "--format=%i|%u|%V|%a|%j"
 
 
+@pytest.mark.parametrize(
+    ("back", "until_back", "start", "end"),
+    [
+        (3600, 0, "--starttime=now-3600", "--endtime=now"),  # open-ended: up to now
+        (3600, 600, "--starttime=now-3600", "--endtime=now-600"),
+        (90_000, 86_400, "--starttime=now-90000", "--endtime=now-86400"),
+        (0, 0, "--starttime=now-1", "--endtime=now"),  # at least one second back
+        (3600, -5, "--starttime=now-3600", "--endtime=now"),  # a bound in the future: now
+    ],
+)
+def test_sacct_window_bounds(back, until_back, start, end):
+    """``until`` becomes ``--endtime=now-N``, relative like the start; both appear once."""
+    argv = shlex.split(commands.build_sacct_window(back, terminal_only=True, until_seconds_back=until_back))
+    assert [w for w in argv if w.startswith("--starttime=")] == [start]
+    assert [w for w in argv if w.startswith("--endtime=")] == [end]
+    # end states given: sacct selects by end time inside the window (see the builder's docstring)
+    assert f"--state={','.join(commands.TERMINAL_STATE_CODES)}" in argv
+
+
+@pytest.mark.parametrize(("back", "until_back"), [(600, 600), (600, 3600)])
+def test_sacct_window_refuses_an_empty_window(back, until_back):
+    with pytest.raises(ValueError):
+        commands.build_sacct_window(back, until_seconds_back=until_back)
+
+
 @pytest.mark.parametrize("bad", ["", "1;rm", "-1", "12 13", "1_", "_2", "1_2_3", "1_[2]", "x" * 3, "1" * 13])
 def test_job_ids_validated(bad):
     with pytest.raises(ValueError):
