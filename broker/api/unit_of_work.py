@@ -29,23 +29,35 @@ from fastapi.routing import APIRoute
 from sqlmodel import Session
 
 from broker.api.deps import OUTSIDE_TRANSACTION
-from broker.db import classify, dependents
+from broker.db import READ_ONLY, READ_ONLY_KEY, classify, dependents, refuse_pending_writes
 from broker.errors import Conflict
 
 log = logging.getLogger(__name__)
 
 RETRIES = 3
+#: routes answering these methods only read (see :func:`unit_of_work`)
+READ_METHODS = frozenset({"GET", "HEAD"})
+WRITES = "_aifa_writes"
 
 
 class UnitOfWorkRoute(APIRoute):
     """An API route whose request session commits inside the endpoint's thread."""
 
     def __init__(self, path: str, endpoint: Callable[..., Any], **kwargs: Any) -> None:
-        wrapped = unit_of_work(endpoint)
+        methods = {m.upper() for m in kwargs.get("methods") or ()}
+        read_only = bool(methods) and methods <= READ_METHODS and not getattr(endpoint, WRITES, False)
+        wrapped = unit_of_work(endpoint, read_only=read_only)
         super().__init__(path, wrapped, **kwargs)
         if wrapped is not endpoint:
             calls = _dependency_calls(self.dependant)
             wrapped.retry_ok = not (calls & set(OUTSIDE_TRANSACTION))  # type: ignore[attr-defined]
+
+
+def writes(endpoint: Callable[..., Any]) -> Callable[..., Any]:
+    """Mark a GET endpoint that writes (e.g. a live probe that records what it found):
+    it runs in a transaction like the other methods, not as a read-only unit of work."""
+    setattr(endpoint, WRITES, True)
+    return endpoint
 
 
 def _dependency_calls(dependant: Any) -> set[Callable[..., Any]]:
@@ -57,9 +69,16 @@ def _dependency_calls(dependant: Any) -> set[Callable[..., Any]]:
     return calls
 
 
-def unit_of_work(endpoint: Callable[..., Any]) -> Callable[..., Any]:
+def unit_of_work(endpoint: Callable[..., Any], *, read_only: bool = False) -> Callable[..., Any]:
     """``endpoint`` run as one unit of work (async endpoints are returned as they are:
-    they must not use the request session)."""
+    they must not use the request session).
+
+    ``read_only`` (the GET routes): on PostgreSQL the session's connection runs in
+    autocommit (:data:`broker.db.READ_ONLY`), which saves the ``BEGIN`` and ``COMMIT``
+    round trips of every read and changes nothing it sees — at READ COMMITTED, the
+    broker's level, each statement takes its own snapshot inside a transaction too.
+    A write on such a connection is refused (broker.db), so a GET cannot lose the
+    atomicity of a transaction without a test noticing."""
     if inspect.iscoroutinefunction(endpoint):
         return endpoint
 
@@ -69,10 +88,16 @@ def unit_of_work(endpoint: Callable[..., Any]) -> Callable[..., Any]:
         if session is None:
             return endpoint(**kwargs)
         session.info["unit_of_work"] = True
+        if read_only:
+            session.info[READ_ONLY_KEY] = True
+            if session.get_bind().dialect.name == "postgresql":
+                session.connection(execution_options=READ_ONLY)
         try:
             for attempt in range(1, RETRIES + 1):
                 try:
                     result = endpoint(**kwargs)
+                    if read_only:
+                        refuse_pending_writes(session)
                     session.commit()
                     return result
                 except sa.exc.DBAPIError as exc:

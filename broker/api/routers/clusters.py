@@ -8,7 +8,7 @@ from fastapi import APIRouter, Path, Response
 from sqlmodel import col, select
 
 from broker.api.deps import PrincipalDep, RegistryDep, SessionDep, SettingsDep
-from broker.api.unit_of_work import UnitOfWorkRoute
+from broker.api.unit_of_work import UnitOfWorkRoute, writes
 from broker.models import Cluster
 from broker.schemas import NAME_RE, AccountIn, AccountOut, ClusterIn, ClusterOut, ClusterPatch, HealthOut
 from broker.services import clusters as svc
@@ -49,6 +49,7 @@ def delete(name: str, principal: PrincipalDep, session: SessionDep, registry: Re
 
 
 @router.get("/{name}/health", response_model=HealthOut)
+@writes  # records the cluster's health
 def health(name: str, _: PrincipalDep, session: SessionDep, registry: RegistryDep) -> HealthOut:
     """A live check through the adapter."""
     h = svc.check_health(session, registry=registry, name=name)
