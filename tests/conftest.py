@@ -13,6 +13,14 @@ from tests.support.env import BrokerEnv, broker_env, fresh_database
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A new database at the newest schema revision (a copy of a migrated template)."""
+    with fresh_database(request.param, tmp_path, migrated=True) as url:
+        yield url
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def empty_db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A new, empty database: for the tests of the migrations themselves."""
     with fresh_database(request.param, tmp_path) as url:
         yield url
 

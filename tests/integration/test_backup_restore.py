@@ -50,7 +50,7 @@ def test_dump_and_restore_keeps_a_consistent_ledger(tmp_path: Path) -> None:
         if not shutil.which(tool):
             pytest.skip(f"{tool} missing (PostgreSQL client tools)")
     dump = tmp_path / "broker.dump"
-    with fresh_database("postgresql", tmp_path / "src") as src_url:
+    with fresh_database("postgresql", tmp_path / "src", migrated=True) as src_url:
         with broker_env(tmp_path / "src", src_url) as env:
             env.setup_project(amount=50)
             alice = env.auth("alice")

@@ -120,7 +120,7 @@ def test_20_concurrent_creates_of_one_project_give_one_201_and_19_409(env: Broke
 @pytest.fixture
 def proxied_pg(tmp_path: Path) -> Iterator[tuple[BrokerEnv, TcpProxy]]:
     """A broker whose PostgreSQL connections all pass through a local TCP proxy."""
-    with fresh_database("postgresql", tmp_path) as url, TcpProxy("127.0.0.1", 5432) as proxy:
+    with fresh_database("postgresql", tmp_path, migrated=True) as url, TcpProxy("127.0.0.1", 5432) as proxy:
         proxied = url.replace("@127.0.0.1:5432/", f"@127.0.0.1:{proxy.port}/")
         assert proxied != url
         with broker_env(tmp_path, proxied, run_tracker=False) as e:

@@ -3,9 +3,14 @@ real app, real local adapter, real tracker thread. Used by unit/integration/e2e.
 
 from __future__ import annotations
 
+import atexit
+import hashlib
 import os
+import shutil
+import tempfile
 import time
 import uuid
+import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -22,7 +27,7 @@ from broker.api.app import create_app
 from broker.auth import issue_token
 from broker.config import Settings
 from broker.db import make_engine
-from broker.migrate import upgrade
+from broker.migrate import MIGRATIONS_DIR, upgrade
 
 PG_ADMIN_URL = os.environ.get("AIFA_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
 
@@ -40,10 +45,18 @@ def postgres_available() -> str | None:
 
 
 @contextmanager
-def fresh_database(kind: str, tmp_path: Path) -> Iterator[str]:
-    """A URL to an empty database of ``kind`` (sqlite/postgresql), dropped afterwards."""
+def fresh_database(kind: str, tmp_path: Path, *, migrated: bool = False) -> Iterator[str]:
+    """A URL to a new database of ``kind`` (sqlite/postgresql), dropped afterwards.
+
+    Empty, or with ``migrated`` a copy of a database that ``upgrade`` brought to the
+    newest revision (what a broker's first start leaves behind, before it registers
+    the local cluster). Migrating costs 0.2–0.5 s per database and most tests do not
+    test migrations: copying a template migrated once is much cheaper."""
     if kind == "sqlite":
-        yield f"sqlite:///{tmp_path / 'broker.sqlite3'}"
+        path = tmp_path / "broker.sqlite3"
+        if migrated:
+            shutil.copyfile(_sqlite_template(), path)
+        yield f"sqlite:///{path}"
         return
     reason = postgres_available()
     if reason:
@@ -52,10 +65,13 @@ def fresh_database(kind: str, tmp_path: Path) -> Iterator[str]:
         pytest.skip(reason)
     name = f"aifa_test_{uuid.uuid4().hex[:12]}"
     admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
     try:
-        yield PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+        if migrated:
+            _clone_pg_template(admin, name)
+        else:
+            with admin.connect() as conn:
+                conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+        yield _pg_url(name)
     finally:
         from broker.db import dispose_engines
 
@@ -63,6 +79,110 @@ def fresh_database(kind: str, tmp_path: Path) -> Iterator[str]:
         with admin.connect() as conn:
             conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         admin.dispose()
+
+
+# --- migrated templates ---------------------------------------------------------------------
+# PostgreSQL: one template database per schema version, shared by the test processes that
+# run at once (scripts/test.sh starts five) and by later runs; built on demand by the first
+# process that needs it (a clean CI machine has none). SQLite: one file per process.
+
+PG_TEMPLATE_PREFIX = "aifa_tpl_"
+#: where a template is migrated before it is renamed to its final name: a template with
+#: the final name is always complete, whatever happened to the process that built it
+PG_TEMPLATE_BUILD_PREFIX = "aifa_tplbuild_"
+#: session-level advisory lock held while a process looks for, builds or drops templates
+PG_TEMPLATE_LOCK_KEY = zlib.crc32(b"aifa:test-template")
+#: another schema version's template unused for this long is dropped. Not at once: other
+#: checkouts on this machine (worktrees, another branch's run) may be using theirs now.
+PG_TEMPLATE_STALE_SECONDS = 24 * 3600
+
+_templates: dict[str, str] = {}  # kind → this process's template (PG database name / SQLite file)
+
+
+def _pg_url(database: str) -> str:
+    return PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{database}"
+
+
+def schema_key() -> str:
+    """A digest of what a freshly migrated database depends on: the migration scripts
+    (and Alembic's environment) and the versions of the tools that run them."""
+    import alembic
+
+    digest = hashlib.sha256(f"alembic {alembic.__version__} sqlalchemy {sa.__version__}".encode())
+    for script in sorted(MIGRATIONS_DIR.rglob("*.py")):
+        digest.update(script.relative_to(MIGRATIONS_DIR).as_posix().encode() + b"\0")
+        digest.update(script.read_bytes() + b"\0")
+    return digest.hexdigest()[:20]
+
+
+def _sqlite_template() -> Path:
+    """This process's migrated SQLite file (built on first use, removed at exit)."""
+    if "sqlite" not in _templates:
+        directory = Path(tempfile.mkdtemp(prefix="aifa-sqlite-template-"))
+        atexit.register(shutil.rmtree, directory, True)
+        path = directory / "template.sqlite3"
+        engine = make_engine(f"sqlite:///{path}")
+        upgrade(engine)
+        engine.dispose()  # the last connection checkpoints the WAL: the file alone is the database
+        _templates["sqlite"] = str(path)
+    return Path(_templates["sqlite"])
+
+
+def _clone_pg_template(admin: Engine, name: str) -> None:
+    """Create database ``name`` as a copy of the migrated template."""
+    for attempt in (1, 2):
+        if "postgresql" not in _templates:
+            _templates["postgresql"] = _ensure_pg_template(admin)
+        try:
+            with admin.connect() as conn:
+                conn.execute(sa.text(f'CREATE DATABASE "{name}" TEMPLATE "{_templates["postgresql"]}"'))
+            return
+        except sa.exc.ProgrammingError as exc:
+            # dropped since this process found it (by hand, say): build it again, once
+            if attempt == 2 or getattr(exc.orig, "sqlstate", None) != "3D000":
+                raise
+            del _templates["postgresql"]
+
+
+def _ensure_pg_template(admin: Engine) -> str:
+    """The name of the migrated template database of this schema version, built if missing.
+
+    Under an advisory lock: concurrent test processes wait for the one that builds it.
+    The template accepts no connections (``CREATE DATABASE … TEMPLATE`` refuses a source
+    anyone is connected to). Its comment records when a test run last used it."""
+    key = schema_key()
+    name = PG_TEMPLATE_PREFIX + key
+    with admin.connect() as conn:
+        conn.execute(sa.text("SELECT pg_advisory_lock(:k)"), {"k": PG_TEMPLATE_LOCK_KEY})
+        try:
+            found: dict[str, str | None] = {row[0]: row[1] for row in conn.execute(sa.text(
+                "SELECT datname, shobj_description(oid, 'pg_database') FROM pg_database "
+                "WHERE datname LIKE 'aifa\\_tpl%'"))}
+            for other, comment in found.items():
+                if other.startswith(PG_TEMPLATE_BUILD_PREFIX):  # left by a process that died building it
+                    conn.execute(sa.text(f'DROP DATABASE "{other}" WITH (FORCE)'))
+                elif other != name and _template_unused_since(comment) < time.time() - PG_TEMPLATE_STALE_SECONDS:
+                    conn.execute(sa.text(f'ALTER DATABASE "{other}" IS_TEMPLATE false'))
+                    conn.execute(sa.text(f'DROP DATABASE "{other}"'))
+            if name not in found:
+                build = PG_TEMPLATE_BUILD_PREFIX + key
+                conn.execute(sa.text(f'CREATE DATABASE "{build}"'))
+                engine = make_engine(_pg_url(build))
+                upgrade(engine)
+                engine.dispose()
+                conn.execute(sa.text(f'ALTER DATABASE "{build}" RENAME TO "{name}"'))
+                conn.execute(sa.text(f'ALTER DATABASE "{name}" WITH ALLOW_CONNECTIONS false IS_TEMPLATE true'))
+            conn.execute(sa.text(f"COMMENT ON DATABASE \"{name}\" IS 'aifa-broker test template, last used "
+                                 f"{int(time.time())}'"))
+        finally:
+            conn.execute(sa.text("SELECT pg_advisory_unlock(:k)"), {"k": PG_TEMPLATE_LOCK_KEY})
+    return name
+
+
+def _template_unused_since(comment: str | None) -> float:
+    """The time a template's comment says it was last used (0 when it says nothing)."""
+    word = (comment or "").rsplit(" ", 1)[-1]
+    return float(word) if word.isdigit() else 0.0
 
 
 @dataclass

@@ -1,8 +1,10 @@
 """The schema comes only from migrations: upgrading an empty database gives exactly
-the models' tables, on SQLite and PostgreSQL; downgrade works too."""
+the models' tables, on SQLite and PostgreSQL; downgrade works too. The tests' migrated
+databases (copies of a template, tests/support/env.py) are what a migration leaves."""
 
 from __future__ import annotations
 
+import sqlalchemy as sa
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
@@ -13,8 +15,8 @@ from broker.db import make_engine
 from broker.migrate import alembic_config, is_up_to_date, upgrade
 
 
-def test_migrations_match_models_and_downgrade(db_url: str) -> None:
-    engine = make_engine(db_url)
+def test_migrations_match_models_and_downgrade(empty_db_url: str) -> None:
+    engine = make_engine(empty_db_url)
     assert not is_up_to_date(engine)
     upgrade(engine)
     assert is_up_to_date(engine)
@@ -28,4 +30,17 @@ def test_migrations_match_models_and_downgrade(db_url: str) -> None:
     assert not is_up_to_date(engine)
     upgrade(engine)
     assert is_up_to_date(engine)
+    engine.dispose()
+
+
+def test_the_tests_migrated_database_is_what_a_fresh_migration_leaves(db_url: str) -> None:
+    engine = make_engine(db_url)
+    assert is_up_to_date(engine)
+    assert upgrade(engine) is False  # nothing left to apply
+    with engine.connect() as conn:
+        assert compare_metadata(MigrationContext.configure(conn), SQLModel.metadata) == []
+        tables = sa.inspect(conn).get_table_names()
+        rows = {t: conn.execute(sa.text(f'SELECT COUNT(*) FROM "{t}"')).scalar() for t in tables}
+    assert rows.pop("alembic_version") == 1
+    assert set(rows.values()) == {0}, rows  # no data: the broker's start-up adds the local cluster
     engine.dispose()
