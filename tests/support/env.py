@@ -51,7 +51,9 @@ def fresh_database(kind: str, tmp_path: Path, *, migrated: bool = False) -> Iter
     Empty, or with ``migrated`` a copy of a database that ``upgrade`` brought to the
     newest revision (what a broker's first start leaves behind, before it registers
     the local cluster). Migrating costs 0.2–0.5 s per database and most tests do not
-    test migrations: copying a template migrated once is much cheaper."""
+    test migrations: copying a template migrated once is much cheaper. A migrated
+    PostgreSQL database may instead be emptied and kept for a later test of this
+    process (see "recycled PostgreSQL databases" below): to the test, the same."""
     if kind == "sqlite":
         path = tmp_path / "broker.sqlite3"
         if migrated:
@@ -63,11 +65,11 @@ def fresh_database(kind: str, tmp_path: Path, *, migrated: bool = False) -> Iter
         if os.environ.get("AIFA_REQUIRE_POSTGRES") == "1":
             pytest.fail(reason)
         pytest.skip(reason)
-    name = f"aifa_test_{uuid.uuid4().hex[:12]}"
+    name = _new_pg_name()
     admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
     try:
         if migrated:
-            _clone_pg_template(admin, name)
+            _migrated_pg_database(admin, name)
         else:
             with admin.connect() as conn:
                 conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
@@ -76,8 +78,9 @@ def fresh_database(kind: str, tmp_path: Path, *, migrated: bool = False) -> Iter
         from broker.db import dispose_engines
 
         dispose_engines()
-        with admin.connect() as conn:
-            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        if not (migrated and _recycle_pg_database(admin, name)):
+            with admin.connect() as conn:
+                conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         admin.dispose()
 
 
@@ -126,6 +129,146 @@ def _sqlite_template() -> Path:
         engine.dispose()  # the last connection checkpoints the WAL: the file alone is the database
         _templates["sqlite"] = str(path)
     return Path(_templates["sqlite"])
+
+
+# --- recycled PostgreSQL databases --------------------------------------------------------------
+# Creating a database from the template and dropping it costs ~0.5 s per test (and on
+# PostgreSQL 15 each DROP DATABASE forces a checkpoint that the other test processes
+# wait for too). A used database is instead emptied and kept for the process's next
+# test, when that provably gives what a new copy would: its schema is the template's
+# (a digest of the catalogue: tables, columns, defaults, constraints, indexes, sequences,
+# functions, triggers, types, grants, settings), every table is emptied and every
+# sequence restarted. Anything else — a test changed the schema (a trigger, a deferrable
+# constraint, a new sequence), no superuser — and it is dropped as before. The database
+# is renamed the moment its test ends: a thread a test left behind cannot reach the next
+# test's database (its reconnects fail as they would after the drop).
+
+#: used databases kept per process (a test uses one, seldom two)
+PG_SPARES = 2
+#: a database that held more rows than this is dropped, not recycled: the dead rows
+#: would slow the next tests' scans until autovacuum gets round to them
+PG_RECYCLE_MAX_ROWS = 5000
+_pg_spares: list[str] = []
+#: the catalogue digest and the alembic revision of a new copy of the template, per process
+_pg_fresh: dict[str, str] = {}
+
+PG_SCHEMA_DIGEST = """
+SELECT md5(string_agg(x, E'\\n' ORDER BY x)) FROM (
+  SELECT concat_ws(' ', 'n', nspname, nspacl) AS x FROM pg_namespace
+    WHERE nspname NOT LIKE 'pg\\_%' AND nspname <> 'information_schema'
+  UNION ALL SELECT concat_ws(' ', 'c', c.oid::regclass, c.relkind, c.relpersistence, c.relacl, c.reloptions,
+      c.relrowsecurity, c.relreplident)
+    FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+    WHERE n.nspname NOT LIKE 'pg\\_%' AND n.nspname <> 'information_schema'
+  UNION ALL SELECT concat_ws(' ', 'a', a.attrelid::regclass, a.attnum, a.attname, format_type(a.atttypid, a.atttypmod),
+      a.attnotnull, a.attidentity, a.attgenerated, a.attcollation, pg_get_expr(d.adbin, d.adrelid))
+    FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid JOIN pg_namespace n ON n.oid = c.relnamespace
+    LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
+    WHERE n.nspname NOT LIKE 'pg\\_%' AND n.nspname <> 'information_schema' AND a.attnum > 0 AND NOT a.attisdropped
+  UNION ALL SELECT concat_ws(' ', 'k', conrelid::regclass, contypid::regtype, conname, pg_get_constraintdef(oid))
+    FROM pg_constraint WHERE connamespace NOT IN ('pg_catalog'::regnamespace, 'information_schema'::regnamespace)
+  UNION ALL SELECT concat_ws(' ', 'i', schemaname, indexdef) FROM pg_indexes
+    WHERE schemaname NOT LIKE 'pg\\_%' AND schemaname <> 'information_schema'
+  UNION ALL SELECT concat_ws(' ', 'q', schemaname, sequencename, data_type, start_value, increment_by, max_value,
+      cycle, cache_size) FROM pg_sequences
+  UNION ALL SELECT concat_ws(' ', 'f', p.oid::regprocedure, md5(p.prosrc)) FROM pg_proc p
+    WHERE p.pronamespace NOT IN ('pg_catalog'::regnamespace, 'information_schema'::regnamespace)
+  UNION ALL SELECT concat_ws(' ', 't', tgrelid::regclass, tgname, tgenabled) FROM pg_trigger WHERE NOT tgisinternal
+  UNION ALL SELECT concat_ws(' ', 'e', evtname) FROM pg_event_trigger
+  UNION ALL SELECT concat_ws(' ', 'r', ev_class::regclass, rulename) FROM pg_rewrite
+    WHERE ev_class >= 16384 AND rulename <> '_RETURN'
+  UNION ALL SELECT concat_ws(' ', 'p', polrelid::regclass, polname) FROM pg_policy
+  UNION ALL SELECT concat_ws(' ', 'y', t.typnamespace::regnamespace, t.typname, t.typtype) FROM pg_type t
+    WHERE t.oid >= 16384 AND t.typrelid = 0 AND t.typelem = 0
+  UNION ALL SELECT concat_ws(' ', 'v', enumtypid::regtype, enumsortorder, enumlabel) FROM pg_enum
+  UNION ALL SELECT concat_ws(' ', 'x', extname, extversion) FROM pg_extension
+  UNION ALL SELECT concat_ws(' ', 'o', count(*)) FROM pg_largeobject_metadata
+  UNION ALL SELECT concat_ws(' ', 's', setrole, setconfig) FROM pg_db_role_setting
+    WHERE setdatabase = (SELECT oid FROM pg_database WHERE datname = current_database())
+) schema
+"""
+
+
+def _new_pg_name() -> str:
+    return f"aifa_test_{uuid.uuid4().hex[:12]}"
+
+
+def _pg_fresh_state(conn: sa.Connection) -> tuple[str, str]:
+    """The catalogue digest and the alembic revision(s) of the database ``conn`` is on."""
+    digest = conn.execute(sa.text(PG_SCHEMA_DIGEST)).scalar_one()
+    revisions = ",".join(sorted(v for (v,) in conn.execute(sa.text("SELECT version_num FROM alembic_version"))))
+    return str(digest), revisions
+
+
+def _migrated_pg_database(admin: Engine, name: str) -> None:
+    """Create database ``name`` at the newest revision: a recycled one, else a new copy."""
+    while _pg_spares:
+        spare = _pg_spares.pop()
+        try:
+            with admin.connect() as conn:
+                conn.execute(sa.text(f'ALTER DATABASE "{spare}" RENAME TO "{name}"'))
+            return
+        except sa.exc.DBAPIError:  # gone, say: a new copy then
+            with admin.connect() as conn:
+                conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{spare}" WITH (FORCE)'))
+    _clone_pg_template(admin, name)
+    if not _pg_fresh:
+        engine = sa.create_engine(_pg_url(name), poolclass=sa.pool.NullPool)
+        with engine.connect() as conn:
+            _pg_fresh["digest"], _pg_fresh["revisions"] = _pg_fresh_state(conn)
+        engine.dispose()
+
+
+def _recycle_pg_database(admin: Engine, name: str) -> bool:
+    """Keep the used migrated database ``name`` for a later test, emptied, if that gives
+    what a new copy would; True when ``name`` is gone (kept under another name, or dropped)."""
+    if len(_pg_spares) >= PG_SPARES or not _pg_fresh:
+        return False
+    spare = _new_pg_name()
+    try:
+        with admin.connect() as conn:
+            conn.execute(sa.text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                                 "WHERE datname = :d AND pid <> pg_backend_pid()"), {"d": name})
+            conn.execute(sa.text(f'ALTER DATABASE "{name}" RENAME TO "{spare}"'))
+    except sa.exc.DBAPIError:  # still in use after the wait ALTER DATABASE allows: drop it
+        return False
+    engine = sa.create_engine(_pg_url(spare), poolclass=sa.pool.NullPool)
+    try:
+        with engine.begin() as conn:
+            if _pg_fresh_state(conn) != (_pg_fresh["digest"], _pg_fresh["revisions"]):
+                raise LookupError("the schema is not the template's")
+            # no foreign key order needed: the constraint triggers are off for this transaction
+            conn.execute(sa.text("SET LOCAL session_replication_role = replica"))
+            tables = conn.execute(sa.text(
+                "SELECT format('%I.%I', schemaname, tablename) FROM pg_tables "
+                "WHERE schemaname NOT IN ('pg_catalog', 'information_schema') "
+                "AND (schemaname, tablename) <> ('public', 'alembic_version')")).scalars().all()
+            deleted = sum(conn.execute(sa.text(f"DELETE FROM {table}")).rowcount for table in tables)
+            if deleted > PG_RECYCLE_MAX_ROWS:
+                raise LookupError("too many dead rows")
+            for seq in conn.execute(sa.text("SELECT format('%I.%I', schemaname, sequencename) FROM pg_sequences "
+                                            "WHERE last_value IS NOT NULL")).scalars().all():
+                conn.execute(sa.text(f"ALTER SEQUENCE {seq} RESTART"))
+        _pg_spares.append(spare)
+    except (sa.exc.DBAPIError, LookupError):  # changed schema, or no superuser: a new copy next time
+        engine.dispose()
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{spare}" WITH (FORCE)'))
+    finally:
+        engine.dispose()
+    return True
+
+
+@atexit.register
+def _drop_pg_spares() -> None:
+    if not _pg_spares:
+        return
+    admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        for spare in _pg_spares:
+            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{spare}" WITH (FORCE)'))
+    admin.dispose()
+    _pg_spares.clear()
 
 
 def _clone_pg_template(admin: Engine, name: str) -> None:
