@@ -25,7 +25,7 @@ from tests.support.env import BrokerEnv, broker_env, fresh_database
 
 @pytest.fixture
 def pg_env(tmp_path: Path) -> Iterator[BrokerEnv]:
-    with fresh_database("postgresql", tmp_path) as url, broker_env(tmp_path, url, run_tracker=False) as env:
+    with fresh_database("postgresql", tmp_path, migrated=True) as url, broker_env(tmp_path, url, run_tracker=False) as env:
         yield env
 
 
