@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -499,10 +500,14 @@ def _ended(job_id: int, seconds_ago: int, state: str = "COMPLETED") -> dict[str,
     ],
 )
 def test_usage_until_bounds_the_query_and_the_records(
-    fake: FakeSlurmrestd, make: Any, until_ago: int | None, end_time: str, kept: list[str]
+    fake: FakeSlurmrestd, make: Any, until_ago: int | None, end_time: str, kept: list[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """End states and an ``end_time``: slurmdbd then selects by end time, so ``until``
     bounds the answer; the records are checked against it again here."""
+    # NOW was taken at import; a full run gets here minutes later, and "until" is
+    # compared with the adapter's own clock (5 minutes of slack): the test's time is now
+    monkeypatch.setattr(sys.modules[__name__], "NOW", int(datetime.now(tz=UTC).timestamp()))
     fake.accounting = [_ended(1, 1800), _ended(2, 120, "FAILED"), _ended(3, 30, "CANCELLED")]
     now = datetime.fromtimestamp(NOW, tz=UTC)
     until = None if until_ago is None else now - timedelta(seconds=until_ago)

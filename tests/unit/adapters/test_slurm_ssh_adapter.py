@@ -7,6 +7,7 @@ import base64
 import pathlib
 import re
 import shlex
+import sys
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -403,7 +404,10 @@ def test_usage_skips_malformed_unsettled_and_old_records():
         (1200, "--endtime=now-900", ["1"]),  # widened by the 300 s slack, then filtered exactly
     ],
 )
-def test_usage_until_bounds_sacct_and_the_records(until_ago, endtime, kept):
+def test_usage_until_bounds_sacct_and_the_records(until_ago, endtime, kept, monkeypatch):
+    # NOW was taken at import; a full run gets here minutes later, and "until" is
+    # compared with the adapter's own clock (5 minutes of slack): the test's time is now
+    monkeypatch.setattr(sys.modules[__name__], "NOW", int(datetime.now(tz=UTC).timestamp()))
     rows = [sacct_row(1, "COMPLETED", "a", end_ago=1800), sacct_row(2, "COMPLETED", "b", end_ago=120),
             sacct_row(3, "FAILED", "c", end_ago=30)]
     a, pool = adapter({"env": ok("\n".join(rows))}, query_username="reader")
