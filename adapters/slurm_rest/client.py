@@ -45,6 +45,14 @@ log = logging.getLogger("adapters.slurm_rest")
 JsonObject = dict[str, Any]
 Params = Mapping[str, str | Sequence[str]]
 
+#: connections to one slurmrestd, all kept alive between calls. The keep-alive limit must
+#: equal the connection limit: httpcore 1.0 closes an idle connection whenever more
+#: connections exist than the keep-alive limit (it counts all of them, busy ones too), so
+#: with 16/8 every call above 8 at once opened a new connection, and a connection just
+#: handed to a waiting call could be closed under it (encode/httpcore#1110) — a submit
+#: then failed with EBADF as "outcome unknown". 32 covers the broker's worker threads.
+POOL_CONNECTIONS = 32
+
 #: before the request could reach the server: nothing happened on the cluster
 _NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout, httpx.UnsupportedProtocol)
 #: after (part of) the request may have reached the server
@@ -72,7 +80,7 @@ class RestClient:
         self._http = httpx.Client(
             base_url=settings.url,
             timeout=httpx.Timeout(settings.timeout, connect=settings.connect_timeout),
-            limits=httpx.Limits(max_connections=16, max_keepalive_connections=8),
+            limits=httpx.Limits(max_connections=POOL_CONNECTIONS, max_keepalive_connections=POOL_CONNECTIONS),
             headers={"Accept": "application/json"},
             transport=transport,
             trust_env=False,
