@@ -2,14 +2,17 @@
 
 A route that returns a model lets FastAPI check it against ``response_model``, turn
 it into Python objects and ``json.dumps`` those — for a page of jobs that was a
-fifth of the request's CPU. The read paths build their answer models themselves
-(already valid), so they answer with the bytes of ``model_dump_json``; the route
-keeps its ``response_model`` for the OpenAPI document, and the body is the same.
+fifth of the request's CPU. The read paths build their answers themselves (already
+valid): as models, answered with the bytes of their own serialisation, or — where
+building the models cost more than the rest (job reads) — as plain data with the
+models' fields and values, which pydantic-core writes to the same bytes
+(tests/integration/test_read_answers.py). The route keeps its ``response_model`` for
+the OpenAPI document.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import pydantic_core
@@ -17,12 +20,6 @@ from fastapi import Response
 from pydantic import BaseModel, TypeAdapter
 
 _LISTS: dict[type[BaseModel], TypeAdapter[Any]] = {}
-
-
-def json_model(model: BaseModel, *, status_code: int = 200, headers: Mapping[str, str] | None = None) -> Response:
-    """``model`` as an ``application/json`` answer."""
-    return Response(model.model_dump_json(), status_code=status_code, media_type="application/json",
-                    headers=headers)
 
 
 def json_list(items: Sequence[BaseModel]) -> Response:

@@ -51,7 +51,7 @@ from broker.metrics import DENIALS, SETTLEMENTS, SUBMISSIONS, SUBMIT_ERRORS
 from broker.models import Allocation, Cluster, Job, JobTask, Membership, Project, User, UTCDateTime, utcnow
 from broker.policy import Denial
 from broker.registry import AdapterRegistry
-from broker.schemas import DenialOut, EstimateOut, JobOut, JobPage, JobRequest, JobTaskOut, JobTaskPage, Money
+from broker.schemas import DenialOut, EstimateOut, JobOut, JobRequest, JobTaskOut, JobTaskPage, Money
 from broker.services import arrays, ledger, notifications, placement
 from broker.services.clusters import adapter_for, breaker_retry_after, trip_breaker
 from broker.services.common import find_user, get_or_create_user, to_units, visible_project
@@ -564,20 +564,27 @@ def _owner_or_pi(session: Session, principal: Principal, job: Job) -> bool:
 
 
 def get_job(session: Session, *, principal: Principal, job_id: str) -> JobOut:
-    """One job in one query (its names joined, visibility in the WHERE); else 404.
-    An id prefix is looked up as :func:`_visible_job` does."""
+    """One job the caller may see (else 404), as :func:`get_job_answer` finds it."""
+    return JobOut.model_validate(get_job_answer(session, principal=principal, job_id=job_id))
+
+
+def get_job_answer(session: Session, *, principal: Principal, job_id: str) -> dict[str, Any]:
+    """One job in one query (its names joined, visibility in the WHERE); else 404 —
+    as JSON-ready data with the fields and values of its :class:`JobOut` (what
+    ``GET /v1/jobs/{id}`` answers). An id prefix is looked up as :func:`_visible_job` does."""
     row = session.execute(_one_job_statement(principal.is_quota_manager),
                           {"job_id": job_id, "me": principal.name}).first() if len(job_id) <= 64 else None
     if row is None:  # a unique prefix of an id (typed by a person): the longer path
-        return job_out_loaded(session, _visible_job(session, principal, job_id))
-    return _row_out(row)
+        return job_out_loaded(session, _visible_job(session, principal, job_id)).model_dump()
+    return _answer(row)
 
 
 @functools.cache
 def _one_job_statement(quota_manager: bool) -> Any:
     """Built once (building a statement costs more CPU than running this one)."""
     caller = Principal(name="", roles=frozenset({"quota_manager"} if quota_manager else set()))
-    return _visible_to(_job_rows(), caller, me=sa.bindparam("me")).where(col(Job.id) == sa.bindparam("job_id"))
+    jobs = Job.__table__  # type: ignore[attr-defined]
+    return _visible_to(_job_rows(), caller, me=sa.bindparam("me")).where(jobs.c.id == sa.bindparam("job_id"))
 
 
 #: the job columns an answer shows (:func:`job_out` reads them by name from a row)
@@ -589,18 +596,60 @@ _OUT_COLUMNS = ("id", "name", "partition", "state", "raw_state", "scheduler_job_
 
 def _job_rows() -> Any:
     """Jobs with the names the API shows (project code, cluster and user name), as
-    plain rows of the columns an answer needs: reads load no ORM objects."""
-    table = Job.__table__  # type: ignore[attr-defined]
-    return (sa.select(*(table.c[c] for c in _OUT_COLUMNS), col(Project.code).label("project_code"),
-                      col(Cluster.name).label("cluster_name"), col(User.name).label("user_name"))
-            .select_from(table)
-            .join(Project, col(Project.id) == table.c.project_id)
-            .join(Cluster, col(Cluster.id) == table.c.cluster_id)
-            .join(User, col(User.id) == table.c.user_id))
+    plain rows of the columns an answer needs: reads load no ORM objects. Tables'
+    own columns, not the models' attributes: a statement of ORM attributes runs
+    through the ORM's compile and result layers on every execution."""
+    jobs, projects, clusters, users = _tables()
+    return (sa.select(*(jobs.c[c] for c in _OUT_COLUMNS), projects.c.code.label("project_code"),
+                      clusters.c.name.label("cluster_name"), users.c.name.label("user_name"))
+            .select_from(jobs)
+            .join(projects, projects.c.id == jobs.c.project_id)
+            .join(clusters, clusters.c.id == jobs.c.cluster_id)
+            .join(users, users.c.id == jobs.c.user_id))
 
 
-def _row_out(row: Any) -> JobOut:
-    return job_out(row, project=row.project_code, cluster=row.cluster_name, user=row.user_name)
+def _tables() -> tuple[sa.Table, sa.Table, sa.Table, sa.Table]:
+    """The tables of jobs, projects, clusters and users (Core)."""
+    return (Job.__table__, Project.__table__, Cluster.__table__, User.__table__)  # type: ignore[attr-defined]
+
+
+#: a row of :func:`_job_rows`, by position
+_ROW_KEYS = (*_OUT_COLUMNS, "project_code", "cluster_name", "user_name")
+
+
+def _answer(row: Any) -> dict[str, Any]:
+    """A row of :func:`_job_rows` as :func:`job_out` would answer it, as plain data:
+    JobOut's fields in its order, each value as the model holds it, so pydantic-core
+    writes the same JSON (tests/integration/test_read_answers.py compares them). Building
+    and validating a model per job (and reading a row by attribute) was most of a
+    job list's CPU."""
+    j = dict(zip(_ROW_KEYS, row, strict=True))
+    unit = j["unit"]
+    return {
+        "id": j["id"], "project": j["project_code"], "cluster": j["cluster_name"], "user": j["user_name"],
+        "name": j["name"], "partition": j["partition"], "state": j["state"], "raw_state": j["raw_state"],
+        "scheduler_job_id": j["scheduler_job_id"], "estimated_cost": _money(unit, j["estimated"]),
+        "reserved": _money(unit, j["reserved"]),
+        "charged": None if j["charged"] is None else _money(unit, j["charged"]),
+        "elapsed_seconds": j["elapsed_seconds"], "submitted_at": j["submitted_at"], "created_at": j["created_at"],
+        "started_at": j["started_at"], "ended_at": j["ended_at"], "unknown_since": j["unknown_since"],
+        "exit_code": j["exit_code"], "reason": j["reason"], "request": j["request"],
+        "pending_reason": j["pending_reason"], "expected_start": j["expected_start_at"],
+        "placement": j["placement"], "array": _array_answer(j["request"], j["array_counts"]),
+    }
+
+
+def _money(unit: str, micro: int) -> dict[str, Any]:
+    """A :class:`Money` as data (as :func:`job_out` builds it)."""
+    return {"unit": unit, "amount": to_units(micro) or 0.0}
+
+
+def _array_answer(request: dict[str, Any] | None, counts: dict[str, Any] | None) -> dict[str, Any] | None:
+    """An array job's ``array`` object as data; None for a plain job."""
+    if not (request or {}).get("array"):
+        return None
+    out = arrays.array_out(SimpleNamespace(request=request, array_counts=counts))
+    return None if out is None else out.model_dump()
 
 
 def _visible_to(q: Any, principal: Principal, me: Any = None) -> Any:
@@ -608,10 +657,13 @@ def _visible_to(q: Any, principal: Principal, me: Any = None) -> Any:
     they are PI of; quota managers all — as subqueries (no lookups of their own)."""
     if principal.is_quota_manager:
         return q
-    caller = sa.orm.aliased(User)
-    my_id = select(caller.id).where(caller.name == (principal.name if me is None else me)).scalar_subquery()
-    pi_projects = select(Membership.project_id).where(Membership.user_id == my_id, Membership.role == "pi")
-    return q.where(sa.or_(col(Job.user_id) == my_id, col(Job.project_id).in_(pi_projects)))
+    jobs = Job.__table__  # type: ignore[attr-defined]
+    members = Membership.__table__  # type: ignore[attr-defined]
+    caller = User.__table__.alias("caller")  # type: ignore[attr-defined]  # not the joined users
+    my_id = (sa.select(caller.c.id).where(caller.c.name == (principal.name if me is None else me))
+             .scalar_subquery())
+    pi_projects = sa.select(members.c.project_id).where(members.c.user_id == my_id, members.c.role == "pi")
+    return q.where(sa.or_(jobs.c.user_id == my_id, jobs.c.project_id.in_(pi_projects)))
 
 
 def cancel_job(session: Session, *, principal: Principal, registry: AdapterRegistry, job_id: str) -> JobOut:
@@ -760,9 +812,10 @@ def _decode_cursor(cursor: str) -> tuple[datetime, str]:
 def list_jobs(
     session: Session, *, principal: Principal, project: str | None, state: str | None,
     cluster: str | None, user: str | None, limit: int, cursor: str | None,
-) -> JobPage:
+) -> dict[str, Any]:
     """Jobs the caller may see, newest first. Members see their own jobs, PIs their
-    project's, quota managers all."""
+    project's, quota managers all. A :class:`JobPage` as JSON-ready data (its
+    fields and values, no model built; see :func:`_answer`)."""
     params: dict[str, Any] = {"me": principal.name, "limit": limit + 1, "project": project,
                               "cluster": cluster, "user": user}
     if state:
@@ -772,9 +825,9 @@ def list_jobs(
     q = _list_statement(principal.is_quota_manager, bool(project), bool(state), bool(cluster), bool(user),
                         bool(cursor))
     rows = session.execute(q, params).all()  # one query, whatever the page size
-    items = [_row_out(r) for r in rows[:limit]]
+    items = [_answer(r) for r in rows[:limit]]
     nxt = _encode_cursor(rows[limit - 1].created_at, rows[limit - 1].id) if len(rows) > limit else None
-    return JobPage(items=items, next_cursor=nxt)
+    return {"items": items, "next_cursor": nxt}
 
 
 @functools.cache
@@ -782,17 +835,18 @@ def _list_statement(quota_manager: bool, project: bool, state: bool, cluster: bo
                     cursor: bool) -> Any:
     """The listing for one combination of filters, built once (values are parameters)."""
     caller = Principal(name="", roles=frozenset({"quota_manager"} if quota_manager else set()))
+    jobs, projects, clusters, users = _tables()
     q = _visible_to(_job_rows(), caller, me=sa.bindparam("me"))
     if project:
-        q = q.where(col(Project.code) == sa.bindparam("project"))
+        q = q.where(projects.c.code == sa.bindparam("project"))
     if state:
-        q = q.where(col(Job.state) == sa.bindparam("state"))
+        q = q.where(jobs.c.state == sa.bindparam("state"))
     if cluster:
-        q = q.where(col(Cluster.name) == sa.bindparam("cluster"))
+        q = q.where(clusters.c.name == sa.bindparam("cluster"))
     if user:
-        q = q.where(col(User.name) == sa.bindparam("user"))
+        q = q.where(users.c.name == sa.bindparam("user"))
     if cursor:
         created = sa.bindparam("created", type_=UTCDateTime)
-        q = q.where(sa.or_(col(Job.created_at) < created,
-                           sa.and_(col(Job.created_at) == created, col(Job.id) < sa.bindparam("last_id"))))
-    return q.order_by(col(Job.created_at).desc(), col(Job.id).desc()).limit(sa.bindparam("limit"))
+        q = q.where(sa.or_(jobs.c.created_at < created,
+                           sa.and_(jobs.c.created_at == created, jobs.c.id < sa.bindparam("last_id"))))
+    return q.order_by(jobs.c.created_at.desc(), jobs.c.id.desc()).limit(sa.bindparam("limit"))

@@ -9,7 +9,7 @@ from fastapi import Path as PathParam
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from broker.api.deps import EngineDep, PrincipalDep, RegistryDep, SessionDep, SettingsDep
-from broker.api.responses import json_model
+from broker.api.responses import json_data
 from broker.api.unit_of_work import UnitOfWorkRoute
 from broker.schemas import EstimateOut, JobOut, JobPage, JobRequest, JobTaskOut, JobTaskPage
 from broker.services import idempotency
@@ -51,13 +51,13 @@ def list_jobs(
     cursor: Annotated[str | None, Query(max_length=512)] = None,
 ) -> Response:
     """Jobs visible to the caller, newest first; follow ``next_cursor`` for more."""
-    return json_model(job_service.list_jobs(session, principal=principal, project=project, state=state,
+    return json_data(job_service.list_jobs(session, principal=principal, project=project, state=state,
                                             cluster=cluster, user=user, limit=limit, cursor=cursor))
 
 
 @router.get("/{job_id}", response_model=JobOut)
 def get_job(job_id: str, principal: PrincipalDep, session: SessionDep) -> Response:
-    return json_model(job_service.get_job(session, principal=principal, job_id=job_id))
+    return json_data(job_service.get_job_answer(session, principal=principal, job_id=job_id))
 
 
 @router.get("/{job_id}/output", response_class=PlainTextResponse)
