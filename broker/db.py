@@ -69,9 +69,11 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
 
 #: a pooled PostgreSQL connection unused for longer than this is pinged before use
 PING_AFTER_IDLE_SECONDS = 1.0
+#: execution options of a connection in autocommit (PostgreSQL): no BEGIN/COMMIT round trips
+AUTOCOMMIT: dict[str, Any] = {"isolation_level": "AUTOCOMMIT"}
 #: execution options of a read-only unit of work (broker/api/unit_of_work.py): autocommit
-#: (no BEGIN/COMMIT round trips) and no writes
-READ_ONLY: dict[str, Any] = {"isolation_level": "AUTOCOMMIT"}
+#: and no writes
+READ_ONLY = AUTOCOMMIT
 #: ``Session.info`` key marking a read-only unit of work's session
 READ_ONLY_KEY = "aifa_read_only"
 
@@ -147,9 +149,15 @@ def get_engine(url: str, **kwargs: Any) -> Engine:
 
 
 @contextmanager
-def session_scope(engine: Engine) -> Iterator[Session]:
-    """A unit of work: commits on success, rolls back on error."""
+def session_scope(engine: Engine, *, autocommit: bool = False) -> Iterator[Session]:
+    """A unit of work: commits on success, rolls back on error.
+
+    ``autocommit`` (PostgreSQL; ignored elsewhere): every statement is its own
+    transaction, with no ``BEGIN``/``COMMIT`` round trips — for a caller whose
+    writes are each one statement (broker/services/single_statement.py)."""
     with Session(engine, expire_on_commit=False) as session:
+        if autocommit and engine.dialect.name == "postgresql":
+            session.connection(execution_options=AUTOCOMMIT)
         try:
             yield session
             session.commit()

@@ -30,7 +30,7 @@ from sqlalchemy.orm import Session
 
 from broker.models import Job, JobEvent, utcnow
 
-__all__ = ["CHANNEL", "Transition", "flush", "record", "record_for"]
+__all__ = ["CHANNEL", "Transition", "flush", "insert_from", "record", "record_for"]
 
 #: PostgreSQL NOTIFY channel announcing new job events (no payload: readers query)
 CHANNEL = "aifa_job_events"
@@ -82,6 +82,23 @@ def flush(session: Session) -> None:
              "previous_state": p.previous_state, "pending_reason": p.pending_reason, "occurred_at": written}
             for p in pending]  # not dataclasses.asdict: it deep-copies, and this runs at every commit
     session.execute(_INSERT, rows[0] if len(rows) == 1 else rows)
+
+
+def insert_from(source: sa.CTE, *, state: str, previous: str | None) -> sa.Insert:
+    """``INSERT INTO job_events … SELECT … FROM source``: one event per row of
+    ``source`` (its ``id``, ``project_id`` and ``user_id`` columns: the jobs a
+    data-modifying ``WITH`` of the same statement just wrote), at the time bound as
+    ``event_at``. For a statement that changes jobs and records their transitions in
+    one round trip (broker/services/single_statement.py); the rows get their ids at
+    commit like every event row."""
+    table = JobEvent.__table__  # type: ignore[attr-defined]
+    columns = ["job_id", "project_id", "user_id", "state", "occurred_at"]
+    values = [source.c.id, source.c.project_id, source.c.user_id, sa.literal(state, table.c.state.type),
+              sa.bindparam("event_at", type_=table.c.occurred_at.type)]
+    if previous is not None:
+        columns.append("previous_state")
+        values.append(sa.literal(previous, table.c.previous_state.type))
+    return sa.insert(table).from_select(columns, sa.select(*values).select_from(source))
 
 
 @event.listens_for(Session, "before_commit")

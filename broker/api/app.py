@@ -73,6 +73,7 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
     db_metrics = CollectorRegistry(auto_describe=False)
     db_metrics.register(DatabaseCollector(engine))
     problems.install(app)
+    _add_probes(app, engine, db_metrics)
     # events first: its long-poll route takes GET /v1/jobs/{id} only when ?wait_for= is given
     for router in (events.router, jobs.router, projects.router, clusters.router, enforcement.router,
                    reports.router):
@@ -80,7 +81,6 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
     dashboard.install(app, settings)
     docs.install(app)
     openapi.install(app)
-    _add_probes(app, engine, db_metrics)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(UrlCheck)
     app.add_middleware(ETag)

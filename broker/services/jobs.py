@@ -52,7 +52,7 @@ from broker.models import Allocation, Cluster, Job, JobTask, Membership, Project
 from broker.policy import Denial
 from broker.registry import AdapterRegistry
 from broker.schemas import DenialOut, EstimateOut, JobOut, JobRequest, JobTaskOut, JobTaskPage, Money
-from broker.services import arrays, ledger, notifications, placement
+from broker.services import arrays, ledger, notifications, placement, single_statement
 from broker.services.clusters import adapter_for, breaker_retry_after, trip_breaker
 from broker.services.common import find_user, get_or_create_user, to_units, visible_project
 from broker.services.eligibility import Prepared, prepare, subject_for
@@ -216,46 +216,86 @@ def _reserve(
         return job, spec, cluster
 
 
+@dataclass(frozen=True)
+class _Admitted:
+    """A request that passed admission: the job row to write and what to submit."""
+
+    user: User
+    prep: Prepared
+    cluster: Cluster
+    allocation: Allocation
+    request: EffectiveRequest
+    dependency: str | None
+    #: the job row's columns, as inserted (None: left NULL)
+    row: dict[str, Any]
+
+
+def _admit(session: Session, settings: Settings, principal: Principal, body: JobRequest,
+           placed: dict[str, Any] | None) -> _Admitted:
+    """Eligibility, cluster state and the job row to write (reads only, except the
+    caller's user row on first sight); raises the refusal the caller gets."""
+    user, prep = _prepare_for(session, settings, principal, body)
+    if prep.denials:
+        first = prep.denials[0]
+        DENIALS.labels(first.code).inc()
+        raise EligibilityDenied(first.detail, code=first.code,
+                                denials=[{"code": d.code, "detail": d.detail} for d in prep.denials])
+    cluster, alloc = prep.cluster, prep.allocation
+    assert cluster is not None and alloc is not None and prep.account_username is not None
+    if cluster.state != "online":
+        raise ClusterUnavailable(f"Cluster {cluster.name} is {cluster.state}.", retry_after=300)
+    wait = breaker_retry_after(cluster)
+    if wait is not None:  # fail fast: nothing reserved, no connection attempt
+        raise ClusterUnavailable(f"Cluster {cluster.name} does not answer (since "
+                                 f"{cluster.unreachable_since:%H:%M:%S} UTC: {cluster.health_detail}); "
+                                 "try again later.", retry_after=wait)
+    req = prep.request
+    assert req is not None
+    dependency = _scheduler_dependency(session, req, user=user, cluster=cluster)
+    record = {"project": body.project, "cluster": cluster.name, "script": body.script, **req.record()}
+    if body.notify is not None:  # never the secret
+        record["notify"] = {"url": body.notify.url, "on": body.notify.on}
+    now = utcnow()
+    # the row as a plain mapping, inserted with one Core statement: building a table
+    # model and flushing it through the unit of work cost more CPU than the rest
+    row: dict[str, Any] = {
+        "id": uuid.uuid4().hex, "project_id": prep.project.id or 0, "cluster_id": cluster.id or 0,
+        "user_id": user.id or 0, "allocation_id": alloc.id or 0, "name": req.name,
+        "partition": prep.partition, "request": record, "username": prep.account_username,
+        "account": alloc.account, "state": JobState.ACCEPTED.value, "unit": alloc.unit,
+        "estimated": prep.estimate, "reserved": prep.estimate, "alloc_tres": {}, "created_at": now,
+        "submit_attempted_at": now, "placement": placed,
+        "array_counts": None if req.array is None else arrays.initial_counts(req.array)}
+    return _Admitted(user, prep, cluster, alloc, req, dependency, row)
+
+
 def _reserve_answer(
     engine: Engine, settings: Settings, principal: Principal, body: JobRequest, link: LinkIntent | None,
     placed: dict[str, Any] | None = None,
 ) -> tuple[str, JobSpec, Cluster, JobOut]:
-    """Check and reserve in one transaction: the job row ``ACCEPTED``, its reserve
-    ledger row and the allocation's balance, committed. Returns the job's id, what
-    to submit, the cluster and the answer as committed."""
+    """Check and reserve, committed: the job row ``ACCEPTED``, its event, its reserve
+    ledger row and the allocation's balance. Returns the job's id, what to submit,
+    the cluster and the answer as committed.
+
+    On PostgreSQL a plain job (no idempotency key, no webhook, not an array) is read
+    and written in autocommit, the writes as one statement
+    (broker/services/single_statement.py): two round trips in all. Otherwise one
+    transaction writes them."""
+    if link is None and body.notify is None and engine.dialect.name == "postgresql":
+        with session_scope(engine, autocommit=True) as session:
+            admitted = _admit(session, settings, principal, body, placed)
+            if admitted.request.array is None:
+                alloc, estimate = admitted.allocation, admitted.prep.estimate
+                if not single_statement.reserve_job(session, job=admitted.row, amount=estimate,
+                                                    actor=admitted.user.name, at=admitted.row["created_at"]):
+                    DENIALS.labels("quota_exceeded").inc()
+                    raise _quota_answer(session, alloc, estimate)
+                return _accepted(admitted)
+        # an array job: its task rows are written with it, in the transaction below
     with session_scope(engine) as session:
-        user, prep = _prepare_for(session, settings, principal, body)
-        if prep.denials:
-            first = prep.denials[0]
-            DENIALS.labels(first.code).inc()
-            raise EligibilityDenied(first.detail, code=first.code,
-                                    denials=[{"code": d.code, "detail": d.detail} for d in prep.denials])
-        cluster, alloc = prep.cluster, prep.allocation
-        assert cluster is not None and alloc is not None and prep.account_username is not None
-        if cluster.state != "online":
-            raise ClusterUnavailable(f"Cluster {cluster.name} is {cluster.state}.", retry_after=300)
-        wait = breaker_retry_after(cluster)
-        if wait is not None:  # fail fast: nothing reserved, no connection attempt
-            raise ClusterUnavailable(f"Cluster {cluster.name} does not answer (since "
-                                     f"{cluster.unreachable_since:%H:%M:%S} UTC: {cluster.health_detail}); "
-                                     "try again later.", retry_after=wait)
-        req = prep.request
-        assert req is not None
-        dependency = _scheduler_dependency(session, req, user=user, cluster=cluster)
-        record = {"project": body.project, "cluster": cluster.name, "script": body.script, **req.record()}
-        if body.notify is not None:  # never the secret
-            record["notify"] = {"url": body.notify.url, "on": body.notify.on}
-        now = utcnow()
-        # the row as a plain mapping, inserted with one Core statement: building a table
-        # model and flushing it through the unit of work cost more CPU than the rest
-        row: dict[str, Any] = {
-            "id": uuid.uuid4().hex, "project_id": prep.project.id or 0, "cluster_id": cluster.id or 0,
-            "user_id": user.id or 0, "allocation_id": alloc.id or 0, "name": req.name,
-            "partition": prep.partition, "request": record, "username": prep.account_username,
-            "account": alloc.account, "state": JobState.ACCEPTED.value, "unit": alloc.unit,
-            "estimated": prep.estimate, "reserved": prep.estimate, "alloc_tres": {}, "created_at": now,
-            "submit_attempted_at": now, "placement": placed,
-            "array_counts": None if req.array is None else arrays.initial_counts(req.array)}
+        admitted = _admit(session, settings, principal, body, placed)
+        user, alloc, row, req = admitted.user, admitted.allocation, admitted.row, admitted.request
+        estimate = admitted.prep.estimate
         insert_values(session, Job, row)
         job_id = row["id"]
         events.record(session, job_id=job_id, project_id=row["project_id"], user_id=row["user_id"],
@@ -271,17 +311,24 @@ def _reserve_answer(
         # the reserving statement to the commit (no statement and no Python in between).
         events.flush(session)
         try:
-            ledger.reserve(session, allocation=alloc, amount=prep.estimate, job_id=job_id,
+            ledger.reserve(session, allocation=alloc, amount=estimate, job_id=job_id,
                            user_id=user.id, actor=user.name)
         except QuotaExceeded as exc:
             DENIALS.labels("quota_exceeded").inc()
-            raise _quota_answer(session, alloc, prep.estimate) from exc
-    spec = job_spec(req, tag=job_id, username=prep.account_username, account=alloc.account,
-                    partition=prep.partition, dependency=dependency)
-    # the answer as committed (no reload: names are known here, values set by us)
+            raise _quota_answer(session, alloc, estimate) from exc
+    return _accepted(admitted)
+
+
+def _accepted(admitted: _Admitted) -> tuple[str, JobSpec, Cluster, JobOut]:
+    """The job's id, what to submit and the answer as committed (no reload: names are
+    known here, values set by us)."""
+    prep, row, alloc = admitted.prep, admitted.row, admitted.allocation
+    assert prep.account_username is not None
+    spec = job_spec(admitted.request, tag=row["id"], username=prep.account_username, account=alloc.account,
+                    partition=prep.partition, dependency=admitted.dependency)
     accepted = job_out(SimpleNamespace(**_UNSET_JOB_COLUMNS, **row), project=prep.project.code,
-                       cluster=cluster.name, user=user.name)
-    return job_id, spec, cluster, accepted
+                       cluster=admitted.cluster.name, user=admitted.user.name)
+    return row["id"], spec, admitted.cluster, accepted
 
 
 def job_spec(req: EffectiveRequest, *, tag: str, username: str, account: str, partition: str | None,
@@ -399,7 +446,8 @@ def submit(
         "state": JobState.PENDING.value, "scheduler_job_id": ref.job_id, "submitted_at": submitted_at}),
         kept=keep is not None)
     recorded = record_submitted(engine, job_id=job_id, ref=ref, submitted_at=submitted_at,
-                                then=None if keep is None else lambda session: keep(session, answer))
+                                then=None if keep is None else lambda session: keep(session, answer),
+                                plain=spec.array is None)
     SUBMISSIONS.labels(cluster.name).inc()
     if recorded is None:  # the reconciler recorded it first: answer what it wrote
         return SubmitResult(201, _load_out(engine, job_id))
@@ -420,11 +468,18 @@ def _load_out(engine: Engine, job_id: str) -> JobOut:
 
 
 def record_submitted(engine: Engine, *, job_id: str, ref: SchedulerJobRef, submitted_at: datetime | None = None,
-                     then: Callable[[Session], None] | None = None) -> datetime | None:
+                     then: Callable[[Session], None] | None = None, plain: bool = False) -> datetime | None:
     """ACCEPTED → PENDING with the scheduler id; the recorded submit time, or None if
     another path got there first. ``then(session)`` runs in the same transaction
-    when the job moved."""
+    when the job moved. ``plain``: the caller knows the job is no array job; then,
+    without ``then``, PostgreSQL records it in one statement
+    (broker/services/single_statement.py)."""
     submitted_at = submitted_at or ref.submit_time or utcnow()
+    if plain and then is None and engine.dialect.name == "postgresql":
+        with session_scope(engine, autocommit=True) as session:
+            recorded = single_statement.record_submitted(session, job_id=job_id, scheduler_job_id=ref.job_id,
+                                                         at=submitted_at)
+        return submitted_at if recorded else None
     with session_scope(engine) as session:
         moved = session.execute(_record_submitted_statement(), {
             "job_id": job_id, "sched_id": ref.job_id, "at": submitted_at}).first()

@@ -28,6 +28,7 @@ KIND_COLUMN = {
 }
 KIND_SIGN = {"grant": 1, "adjust": 1, "reserve": 1, "release": -1, "charge": 1, "import": 1}
 BALANCE_COLUMNS = ("granted", "reserved", "charged")
+ALLOCATIONS: sa.Table = Allocation.__table__  # type: ignore[attr-defined]
 
 
 class PendingBalances:
@@ -118,14 +119,17 @@ def reserve(
             raise QuotaExceeded("The allocation has less budget left than this job's estimate.")
         return
     insert_values(session, LedgerEntry, values)
-    result = session.execute(_reserve_statement(), {"reserve_allocation": allocation.id, "reserve_amount": amount})
+    result = session.execute(reserve_statement(), {"reserve_allocation": allocation.id, "reserve_amount": amount})
     if result.rowcount != 1:  # type: ignore[attr-defined]
         raise QuotaExceeded("The allocation has less budget left than this job's estimate.")
 
 
 @functools.cache
-def _reserve_statement() -> sa.Update:
-    table = Allocation.__table__  # type: ignore[attr-defined]
+def reserve_statement() -> sa.Update:
+    """``UPDATE allocations SET reserved = reserved + :reserve_amount WHERE id =
+    :reserve_allocation AND granted - charged - reserved >= :reserve_amount``: the one
+    conditional UPDATE every reservation is (a row iff the budget covered it)."""
+    table = ALLOCATIONS
     amount = sa.bindparam("reserve_amount", type_=sa.BigInteger)
     return (sa.update(table).where(table.c.id == sa.bindparam("reserve_allocation"))
             .where(table.c.granted - table.c.charged - table.c.reserved >= amount)
@@ -137,7 +141,7 @@ def _reserve_and_record_statement() -> sa.Insert:
     """``WITH r AS (UPDATE allocations … RETURNING id) INSERT INTO ledger_entries
     SELECT … FROM r RETURNING id``: a row back iff the budget covered ``amount``."""
     ledger_table = LedgerEntry.__table__  # type: ignore[attr-defined]
-    reserved = _reserve_statement().returning(Allocation.__table__.c.id).cte("reserved")  # type: ignore[attr-defined]
+    reserved = reserve_statement().returning(ALLOCATIONS.c.id).cte("reserved")
     columns = ("allocation_id", "project_id", "kind", "amount", "job_id", "user_id", "actor", "reason",
                "created_at", "occurred_at", "task")
     values = [reserved.c.id if c == "allocation_id" else sa.bindparam(f"entry_{c}", type_=ledger_table.c[c].type)

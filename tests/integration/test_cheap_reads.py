@@ -3,29 +3,8 @@ If-None-Match, and no database write on the auth path for a known user."""
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
-from typing import Any
-
-import sqlalchemy as sa
-
 from tests.support.env import BrokerEnv
-
-
-@contextmanager
-def statements(env: BrokerEnv) -> Iterator[list[str]]:
-    seen: list[str] = []
-
-    def record(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
-        if not threading.current_thread().name.startswith("aifa-"):  # not the tracker's/notifier's
-            seen.append(statement.strip().split(None, 1)[0].upper())
-
-    sa.event.listen(env.engine, "before_cursor_execute", record)
-    try:
-        yield seen
-    finally:
-        sa.event.remove(env.engine, "before_cursor_execute", record)
+from tests.support.statements import statements
 
 
 def _queries(seen: list[str]) -> list[str]:

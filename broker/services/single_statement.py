@@ -1,0 +1,99 @@
+"""PostgreSQL: a plain submission's two writes, each one statement run in autocommit.
+
+A submission writes twice (broker/services/jobs.py): the reservation with the job
+row ``ACCEPTED`` and its event, committed before the scheduler is asked; then the
+scheduler's id (``PENDING``) with its event. In a transaction each write is three or
+four statements plus ``BEGIN`` and ``COMMIT``: a round trip each, and SQLAlchemy's CPU
+for each. Here each write is one statement of data-modifying ``WITH`` clauses, sent
+in autocommit: a statement is its own transaction, so its rows are written all
+together or not at all, exactly as the transaction wrote them, in one round trip.
+
+* :func:`reserve_job` — ``WITH reserved AS (UPDATE allocations … WHERE the balance
+  covers it RETURNING id), job AS (INSERT INTO jobs … SELECT … FROM reserved
+  RETURNING id), event AS (INSERT INTO job_events … SELECT … FROM job) INSERT INTO
+  ledger_entries … SELECT … FROM reserved RETURNING id``. The job and its event are
+  inserted from the reserving UPDATE's row only: when the budget does not cover the
+  job, the statement writes nothing and returns no row. The allocation's row lock
+  is held from this statement's UPDATE to its own commit, inside the server.
+* :func:`record_submitted` — ``WITH moved AS (UPDATE jobs … WHERE state = 'ACCEPTED'
+  … RETURNING …), event AS (INSERT INTO job_events … SELECT … FROM moved) SELECT …
+  FROM moved``.
+
+The callers use them only when nothing else belongs in the same transaction (no
+idempotency key, no webhook, not an array job); otherwise the transactional path
+runs. Event ids are given at commit by the trigger of migration 0016, as for every
+event row (broker/events.py). Statements are built once per shape: building them
+costs more CPU than running them.
+"""
+
+from __future__ import annotations
+
+import functools
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlmodel import Session
+
+from broker import events
+from broker.models import Job, LedgerEntry, UTCDateTime
+from broker.services import ledger
+from broker.states import JobState
+
+#: the ledger row's columns, sent as ``entry_<column>`` (allocation_id comes from the UPDATE)
+_ENTRY_COLUMNS = ("project_id", "kind", "amount", "job_id", "user_id", "actor", "reason", "created_at",
+                  "occurred_at", "task")
+
+
+def reserve_job(session: Session, *, job: dict[str, Any], amount: int, actor: str, at: datetime) -> bool:
+    """Reserve ``amount`` on the job's allocation and write the job row ``job`` (its
+    columns; None values are left NULL), its ``ACCEPTED`` event and its reserve
+    ledger row, in one statement. False, with nothing written, when the allocation's
+    budget does not cover ``amount``."""
+    columns = tuple(k for k, v in job.items() if v is not None)
+    params = {f"new_job_{k}": job[k] for k in columns}
+    entry = {"project_id": job["project_id"], "kind": "reserve", "amount": amount, "job_id": job["id"],
+             "user_id": job["user_id"], "actor": actor, "reason": "job estimate", "created_at": at,
+             "occurred_at": at, "task": -1}
+    params.update({f"entry_{k}": v for k, v in entry.items()})
+    params.update(reserve_amount=amount, reserve_allocation=job["allocation_id"], event_at=at)
+    return session.execute(_reserve_job_statement(columns), params).first() is not None
+
+
+@functools.cache
+def _reserve_job_statement(columns: tuple[str, ...]) -> sa.Insert:
+    jobs = Job.__table__  # type: ignore[attr-defined]
+    entries = LedgerEntry.__table__  # type: ignore[attr-defined]
+    reserved = ledger.reserve_statement().returning(ledger.ALLOCATIONS.c.id).cte("reserved")
+    # bind names unlike any column of the tables written: an UPDATE or INSERT sets
+    # every column whose name is a key of the parameters
+    job_values = [sa.bindparam(f"new_job_{c}", type_=jobs.c[c].type) for c in columns]
+    job = (sa.insert(jobs).from_select(list(columns), sa.select(*job_values).select_from(reserved))
+           .returning(jobs.c.id, jobs.c.project_id, jobs.c.user_id).cte("job"))
+    event = events.insert_from(job, state=JobState.ACCEPTED.value, previous=None).cte("event")
+    entry_values = [reserved.c.id, *(sa.bindparam(f"entry_{c}", type_=entries.c[c].type) for c in _ENTRY_COLUMNS)]
+    return (sa.insert(entries).from_select(["allocation_id", *_ENTRY_COLUMNS],
+                                           sa.select(*entry_values).select_from(reserved))
+            .returning(entries.c.id).add_cte(job, event))
+
+
+def record_submitted(session: Session, *, job_id: str, scheduler_job_id: str, at: datetime) -> bool:
+    """``ACCEPTED`` → ``PENDING`` with the scheduler's id and its event, in one
+    statement; False (nothing written) when the job is no longer ``ACCEPTED`` or has
+    a scheduler id already (the reconciler got there first)."""
+    row = session.execute(_record_submitted_statement(),
+                          {"rec_job": job_id, "rec_sched": scheduler_job_id, "rec_at": at, "event_at": at}).first()
+    return row is not None
+
+
+@functools.cache
+def _record_submitted_statement() -> sa.Select[Any]:
+    jobs = Job.__table__  # type: ignore[attr-defined]
+    moved = (sa.update(jobs)
+             .where(jobs.c.id == sa.bindparam("rec_job"), jobs.c.state == JobState.ACCEPTED.value,
+                    jobs.c.scheduler_job_id.is_(None))
+             .values(state=JobState.PENDING.value, scheduler_job_id=sa.bindparam("rec_sched"),
+                     submitted_at=sa.bindparam("rec_at", type_=UTCDateTime))
+             .returning(jobs.c.id, jobs.c.project_id, jobs.c.user_id).cte("moved"))
+    event = events.insert_from(moved, state=JobState.PENDING.value, previous=JobState.ACCEPTED.value).cte("event")
+    return sa.select(moved.c.id).add_cte(event)
