@@ -12,25 +12,10 @@ the OpenAPI document.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import pydantic_core
 from fastapi import Response
-from pydantic import BaseModel, TypeAdapter
-
-_LISTS: dict[type[BaseModel], TypeAdapter[Any]] = {}
-
-
-def json_list(items: Sequence[BaseModel]) -> Response:
-    """A JSON array of models of one type."""
-    if not items:
-        return Response(b"[]", media_type="application/json")
-    kind = type(items[0])
-    adapter = _LISTS.get(kind)
-    if adapter is None:
-        adapter = _LISTS[kind] = TypeAdapter(list[kind])  # type: ignore[valid-type]
-    return Response(adapter.dump_json(list(items)), media_type="application/json")
 
 
 def json_data(data: Any) -> Response:

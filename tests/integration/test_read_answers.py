@@ -6,16 +6,18 @@ micro-units (tiny, zero, huge), nested JSON, an array job, non-ASCII text."""
 from __future__ import annotations
 
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from pathlib import Path
 
 import pytest
-from sqlmodel import Session
+from pydantic import TypeAdapter
+from sqlmodel import Session, col, select
 
 from broker.auth import Principal
-from broker.models import Job
-from broker.schemas import JobOut, JobPage
+from broker.models import Allocation, Job, Project
+from broker.schemas import JobOut, JobPage, ProjectOut
 from broker.services import jobs as job_service
+from broker.services import projects as project_service
 from tests.support.env import BrokerEnv, broker_env
 
 
@@ -96,3 +98,34 @@ def test_job_answers_are_the_models_json(quiet_env: BrokerEnv) -> None:
     with Session(env.engine) as session:
         alice_p = Principal(name="alice", roles=frozenset())
         assert job_service.get_job(session, principal=alice_p, job_id=done) == models[done]
+
+
+def _projects_json(env: BrokerEnv, codes: list[str]) -> bytes:
+    """The projects as their models build them from ORM rows (the reference)."""
+    with Session(env.engine) as session:
+        rows = session.exec(select(Project).where(col(Project.code).in_(codes)).order_by(col(Project.code))).all()
+        return TypeAdapter(list[ProjectOut]).dump_json([project_service.project_out(session, p) for p in rows])
+
+
+def test_project_list_is_the_models_json(quiet_env: BrokerEnv) -> None:
+    env = quiet_env
+    env.setup_project("EHPC-TEST-001", members=("alice", "bob"), pi="carol")
+    env.setup_project("EHPC-TEST-002", members=("zoe", "alice"), amount=1e12, unit="gpu_hours", account="proj-b")
+    r = env.call("POST", "/v1/projects", env.qm, json={
+        "code": "EHPC-TEST-000", "title": "Ünïcode \"title\" ✓", "status": "pending", "start_date": "2026-01-01",
+        "end_date": "2027-12-31", "attributes": {"grant": "ERC-123", "nested": {"a": [1, 2.5, None, True]}}})
+    assert r.status_code == 201, r.text
+    with Session(env.engine) as session:  # values the API does not write: int thresholds, dates, tiny money
+        alloc = session.exec(select(Allocation).order_by(col(Allocation.id))).first()
+        assert alloc is not None
+        alloc.thresholds, alloc.start_date, alloc.end_date = [50, 75.5, 100], date(2026, 3, 1), date(2026, 9, 30)
+        alloc.charged, alloc.reserved = 1, 3
+        session.add(alloc)
+        session.commit()
+    everything = ["EHPC-TEST-000", "EHPC-TEST-001", "EHPC-TEST-002"]
+    for who, codes in ((env.auth("alice"), everything[1:]), (env.auth("carol"), everything[1:2]),
+                       (env.auth("zoe"), everything[2:]), (env.auth("nobody"), []), (env.qm, everything)):
+        r = env.call("GET", "/v1/projects", who)
+        assert r.status_code == 200, r.text
+        assert [p["code"] for p in r.json()] == codes
+        assert r.content == _projects_json(env, codes)

@@ -8,7 +8,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Path, Query, Request, Response
 
 from broker.api.deps import PrincipalDep, RegistryDep, SessionDep, SettingsDep
-from broker.api.responses import json_data, json_list
+from broker.api.responses import json_data
 from broker.api.unit_of_work import UnitOfWorkRoute
 from broker.schemas import (
     MAX_DATE,
@@ -38,7 +38,7 @@ router = APIRouter(prefix="/v1", tags=["projects"], route_class=UnitOfWorkRoute)
 
 @router.get("/projects", response_model=list[ProjectOut])
 def list_projects(principal: PrincipalDep, session: SessionDep) -> Response:
-    return json_list(svc.list_project_outs(session, principal=principal))
+    return json_data(svc.list_project_answers(session, principal=principal))
 
 
 @router.post("/projects", response_model=ProjectOut, status_code=201)
