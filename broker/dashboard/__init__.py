@@ -9,18 +9,39 @@ library copied into ``static/vendor/`` by ``make web``), the OpenID client when
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote
 
 from fastapi import FastAPI, Request
 from fastapi.responses import RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.middleware.sessions import SessionMiddleware
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from broker.config import Settings
 from broker.dashboard import session as sess
 from broker.dashboard.routes import LoginRequired, router
 
 STATIC_DIR = Path(__file__).parent / "static"
+PREFIX = "/dashboard"
+
+
+class DashboardSessions:
+    """Starlette's ``SessionMiddleware`` for the dashboard's paths only: its cookie is
+    scoped to ``/dashboard``, so an API request (a bearer token, no cookie) has no
+    session to read, and skipping the middleware saves it the cookie parsing and a
+    wrapper around every message it sends."""
+
+    def __init__(self, app: ASGIApp, **session_options: Any) -> None:
+        self.app = app
+        self.sessions = SessionMiddleware(app, **session_options)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope.get("path", "")
+        if path == PREFIX or path.startswith(PREFIX + "/"):
+            await self.sessions(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)
 
 
 def install(app: FastAPI, settings: Settings) -> None:
@@ -39,6 +60,6 @@ def install(app: FastAPI, settings: Settings) -> None:
         return RedirectResponse(f"/dashboard/login?next={quote(sess.safe_next(target), safe='')}",
                                 status_code=303)
 
-    app.add_middleware(SessionMiddleware, secret_key=sess.session_secret(settings),
+    app.add_middleware(DashboardSessions, secret_key=sess.session_secret(settings),
                        session_cookie=sess.COOKIE_NAME, max_age=int(settings.dashboard_session_hours * 3600),
-                       same_site="lax", https_only=sess.https_only(settings), path="/dashboard")
+                       same_site="lax", https_only=sess.https_only(settings), path=PREFIX)
