@@ -32,7 +32,7 @@ class DashboardSessions:
     session to read, and skipping the middleware saves it the cookie parsing and a
     wrapper around every message it sends."""
 
-    def __init__(self, app: ASGIApp, **session_options: Any) -> None:
+    def __init__(self, app: ASGIApp, /, **session_options: Any) -> None:
         self.app = app
         self.sessions = SessionMiddleware(app, **session_options)
 
