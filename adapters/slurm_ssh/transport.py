@@ -50,6 +50,12 @@ __all__ = ["CommandResult", "SSHPool"]
 log = logging.getLogger(__name__)
 
 IdentityProvider = Callable[[str], paramiko.PKey]
+#: offered first: with AES-GCM the packet's integrity check runs inside the cipher (C),
+#: while with paramiko's default first choice (aes128-ctr + hmac-sha2-256) paramiko builds
+#: an HMAC and compares it byte by byte in Python for every packet — a quarter of the
+#: client's CPU per command (callgrind, one sbatch: 2.40 -> 1.73 M instructions). Only
+#: the order changes: a server without AES-GCM agrees on the next of paramiko's defaults.
+PREFERRED_CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com")
 _READ_CHUNK = 65536
 #: paramiko's exit status when the channel closed without one (the command died of a signal)
 NO_EXIT_STATUS = -1
@@ -139,6 +145,17 @@ class _RejectUnpinned(paramiko.MissingHostKeyPolicy):
         raise OfferedKeyRejected(key)
 
 
+def client_transport(sock: Any, /, **kwargs: Any) -> paramiko.Transport:
+    """paramiko's transport with :data:`PREFERRED_CIPHERS` offered first (``SSHClient.connect``'s
+    ``transport_factory``: it passes the socket and paramiko's keyword options)."""
+    transport = paramiko.Transport(sock, **kwargs)
+    options = transport.get_security_options()
+    known = options.ciphers
+    options.ciphers = tuple(c for c in PREFERRED_CIPHERS if c in known) + tuple(
+        c for c in known if c not in PREFERRED_CIPHERS)
+    return transport
+
+
 def ssh_login(
     settings: SSHSettings, sock: socket.socket, login: str, pkey: paramiko.PKey
 ) -> paramiko.SSHClient:
@@ -160,6 +177,7 @@ def ssh_login(
             channel_timeout=settings.connect_timeout,
             allow_agent=False,
             look_for_keys=False,
+            transport_factory=client_transport,
         )
     except BaseException:
         client.close()
