@@ -227,6 +227,16 @@ def test_idle_connections_are_closed(connection: dict) -> None:
         quick.close()
 
 
+def test_pooled_connection_runs_aes_gcm(adapter: SlurmSSHAdapter) -> None:
+    """The dev sshd (OpenSSH defaults) offers AES-GCM, so the pooled connection uses it,
+    not paramiko's default first choice aes128-ctr + an HMAC checked in Python."""
+    assert adapter._pool.run("alice", "true").ok
+    (conn,) = adapter._pool._conns.values()
+    transport = conn.client.get_transport()
+    assert transport is not None
+    assert (transport.local_cipher, transport.remote_cipher) == ("aes128-gcm@openssh.com",) * 2
+
+
 def test_large_output_is_drained_without_deadlock(adapter: SlurmSSHAdapter) -> None:
     result = adapter._pool.run("alice", "head -c 3000000 /dev/zero; head -c 3000000 /dev/zero >&2")
     assert len(result.stdout) == 3_000_000 and len(result.stderr) == 3_000_000

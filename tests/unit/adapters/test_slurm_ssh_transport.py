@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from typing import Any
 
+import paramiko
+
 from adapters.slurm_ssh.settings import SSHSettings
-from adapters.slurm_ssh.transport import SSHPool
+from adapters.slurm_ssh.transport import PREFERRED_CIPHERS, SSHPool, client_transport
 from tests.unit.adapters.test_slurm_ssh_adapter import HOST_KEY
 
 
@@ -78,3 +81,18 @@ def test_a_command_with_stdin_gets_it_then_eof() -> None:
     with RecordingChannel() as channel:  # an empty stdin is still ended
         _pool()._drive(channel, "cat", b"", time.monotonic(), 60.0, False)  # type: ignore[arg-type]
     assert channel.steps == ["exec cat", "send 0", "eof"]
+
+
+def test_aes_gcm_is_offered_first_and_nothing_is_dropped() -> None:
+    """The order of the offer changes, not its content: a server without AES-GCM still
+    finds paramiko's other ciphers."""
+    mine, theirs = socket.socketpair()
+    try:
+        transport = client_transport(mine)
+        default = paramiko.Transport(theirs).get_security_options().ciphers
+        offered = transport.get_security_options().ciphers
+        assert offered[: len(PREFERRED_CIPHERS)] == PREFERRED_CIPHERS
+        assert sorted(offered) == sorted(default)
+    finally:
+        mine.close()
+        theirs.close()
