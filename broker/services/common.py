@@ -8,7 +8,7 @@ from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
-from sqlmodel import Session, col, select
+from sqlmodel import Session, select
 
 from broker.auth import Principal
 from broker.errors import Forbidden, NotFound
@@ -84,6 +84,20 @@ def visible_project(session: Session, principal: Principal, code: str) -> tuple[
     Returns the project and the caller's project role (None for a non-member QM).
     """
     row = session.execute(_visible_project_statement(), {"code": code, "me": principal.name}).first()
+    project, role = _visible(row, principal, code)
+    return project, role
+
+
+def visible_project_id(session: Session, principal: Principal, code: str) -> int:
+    """:func:`visible_project` for a read that needs only the project's id: one plain
+    row, no ORM object loaded."""
+    row = session.execute(_visible_project_id_statement(), {"code": code, "me": principal.name}).first()
+    project_id, _ = _visible(row, principal, code)
+    return int(project_id)
+
+
+def _visible(row: Any, principal: Principal, code: str) -> tuple[Any, str | None]:
+    """The one rule: a project is visible to its members and to quota managers; 404 otherwise."""
     if row is None:
         raise NotFound(f"No project {code}.")
     project, role = row
@@ -95,11 +109,23 @@ def visible_project(session: Session, principal: Principal, code: str) -> tuple[
 @functools.cache
 def _visible_project_statement() -> Any:
     """The project by code with the caller's role in it, one statement (built once)."""
-    return (sa.select(Project, col(Membership.role)).select_from(Project)
-            .outerjoin(User, col(User.name) == sa.bindparam("me"))
-            .outerjoin(Membership, sa.and_(col(Membership.project_id) == col(Project.id),
-                                           col(Membership.user_id) == col(User.id)))
-            .where(col(Project.code) == sa.bindparam("code")))
+    return _project_and_role(Project)
+
+
+@functools.cache
+def _visible_project_id_statement() -> Any:
+    """The same for the project's id alone, on the tables' columns: plain Core (no ORM
+    compile or row processing per execution)."""
+    return _project_and_role(Project.__table__.c.id)  # type: ignore[attr-defined]
+
+
+def _project_and_role(what: Any) -> Any:
+    """``what`` of the project named ``:code``, and ``:me``'s role in it (None: no member)."""
+    projects, members, users = (t.__table__ for t in (Project, Membership, User))  # type: ignore[union-attr]
+    return (sa.select(what, members.c.role).select_from(projects)
+            .outerjoin(users, users.c.name == sa.bindparam("me"))
+            .outerjoin(members, sa.and_(members.c.project_id == projects.c.id, members.c.user_id == users.c.id))
+            .where(projects.c.code == sa.bindparam("code")))
 
 
 def require_role(principal: Principal, role: str) -> None:
