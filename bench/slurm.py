@@ -86,8 +86,9 @@ def raw_rate(submit: Callable[[JobSpec], str], *, n: int, concurrency: int) -> t
 
 
 @contextmanager
-def slurm_broker(kind: str, *, workers: int, db: str = "postgresql") -> Iterator[dict[str, Any]]:
-    """A fresh database with the dev cluster registered and a broker serving it."""
+def slurm_broker(kind: str, *, workers: int, db: str = "postgresql", tracker: bool = True) -> Iterator[dict[str, Any]]:
+    """A fresh database with the dev cluster registered and a broker serving it
+    (``tracker=False``: without the tracker, whose polls would count as the server's CPU)."""
     tmp = Path(tempfile.mkdtemp(prefix="aifa-bench-slurm-"))
     doc = definition(kind)
     with fresh_database(db, tmp) as url:
@@ -99,7 +100,7 @@ def slurm_broker(kind: str, *, workers: int, db: str = "postgresql") -> Iterator
         settings = make_settings(tmp, url)
         port = free_port()
         senv = {**os.environ, "AIFA_BROKER_DATA_DIR": str(settings.data_dir), "AIFA_BROKER_DATABASE_URL": url,
-                "AIFA_BROKER_LOG_LEVEL": "WARNING"}
+                "AIFA_BROKER_LOG_LEVEL": "WARNING", "AIFA_BROKER_RUN_TRACKER": str(tracker).lower()}
         senv.pop("PROMETHEUS_MULTIPROC_DIR", None)
         bin_ = str(Path(PY).parent / "aifa-broker")
         with server([bin_, "serve", "--port", str(port), "--workers", str(workers)], senv, port) as proc:
