@@ -9,7 +9,7 @@ from typing import TypeVar
 
 import anyio
 import sqlalchemy as sa
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from sqlalchemy.engine import Engine
@@ -77,7 +77,7 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
     # events first: its long-poll route takes GET /v1/jobs/{id} only when ?wait_for= is given
     for router in (events.router, jobs.router, projects.router, clusters.router, enforcement.router,
                    reports.router):
-        app.include_router(router)
+        _add_routes(app, router)
     dashboard.install(app, settings)
     docs.install(app)
     openapi.install(app)
@@ -87,6 +87,17 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
     # outermost: a request over the limit costs no more than this check
     app.add_middleware(Admission, limit=settings.requests_in_flight_limit, threads=settings.worker_threads)
     return app
+
+
+def _add_routes(app: FastAPI, router: APIRouter) -> None:
+    """``router``'s routes as the app's own, in order. ``include_router`` (FastAPI
+    0.165) keeps the router as one lazily combined route, and matching a request
+    against each of its routes costs several times a plain route's path match
+    (measured: ~18,000 instructions a route, 6 % of a GET of one job). Our routers
+    carry their prefix, tags and route class themselves and are included with no
+    options, so their routes are the same as the app's: the OpenAPI document is
+    identical (tests/integration/test_openapi_contract.py)."""
+    app.router.routes.extend(router.routes)
 
 
 class UnsafeConfiguration(ValueError):
