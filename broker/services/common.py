@@ -91,7 +91,7 @@ def visible_project(session: Session, principal: Principal, code: str) -> tuple[
 def visible_project_id(session: Session, principal: Principal, code: str) -> int:
     """:func:`visible_project` for a read that needs only the project's id: one plain
     row, no ORM object loaded."""
-    row = session.execute(_visible_project_id_statement(), {"code": code, "me": principal.name}).first()
+    row = session.connection().execute(_visible_project_id_statement(), {"code": code, "me": principal.name}).first()
     project_id, _ = _visible(row, principal, code)
     return int(project_id)
 

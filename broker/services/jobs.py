@@ -627,8 +627,10 @@ def get_job_answer(session: Session, *, principal: Principal, job_id: str) -> di
     """One job in one query (its names joined, visibility in the WHERE); else 404 —
     as JSON-ready data with the fields and values of its :class:`JobOut` (what
     ``GET /v1/jobs/{id}`` answers). An id prefix is looked up as :func:`_visible_job` does."""
-    row = session.execute(_one_job_statement(principal.is_quota_manager),
-                          {"job_id": job_id, "me": principal.name}).first() if len(job_id) <= 64 else None
+    # the session's connection itself: a Core statement needs none of Session.execute's steps
+    row = session.connection().execute(_one_job_statement(principal.is_quota_manager),
+                                       {"job_id": job_id, "me": principal.name}).first() \
+        if len(job_id) <= 64 else None
     if row is None:  # a unique prefix of an id (typed by a person): the longer path
         return job_out_loaded(session, _visible_job(session, principal, job_id)).model_dump()
     return _answer(row)
@@ -879,7 +881,7 @@ def list_jobs(
         params["created"], params["last_id"] = _decode_cursor(cursor)
     q = _list_statement(principal.is_quota_manager, bool(project), bool(state), bool(cluster), bool(user),
                         bool(cursor))
-    rows = session.execute(q, params).all()  # one query, whatever the page size
+    rows = session.connection().execute(q, params).all()  # one query, whatever the page size
     items = [_answer(r) for r in rows[:limit]]
     nxt = _encode_cursor(rows[limit - 1].created_at, rows[limit - 1].id) if len(rows) > limit else None
     return {"items": items, "next_cursor": nxt}

@@ -113,16 +113,17 @@ def list_project_answers(session: Session, *, principal: Principal) -> list[dict
     objects, no model validated per project, allocation and member."""
     projects_q, allocs_q, members_q = _listing_statements(principal.is_quota_manager)
     params = {"me": principal.name}
+    conn = session.connection()  # plain Core statements: none of Session.execute's steps
     allocs: dict[int, list[dict[str, Any]]] = {}
-    for project_id, *alloc in session.execute(allocs_q, params):
+    for project_id, *alloc in conn.execute(allocs_q, params):
         allocs.setdefault(project_id, []).append(_allocation_answer(*alloc))
     members: dict[int, list[dict[str, str]]] = {}
-    for project_id, name, role in session.execute(members_q, params):
+    for project_id, name, role in conn.execute(members_q, params):
         members.setdefault(project_id, []).append({"user": name, "role": role})
     return [{"code": code, "title": title, "status": status, "access_mode": mode, "start_date": start,
              "end_date": end, "attributes": attributes, "allocations": allocs.get(pid, []),
              "members": members.get(pid, [])}
-            for pid, code, title, status, mode, start, end, attributes in session.execute(projects_q, params)]
+            for pid, code, title, status, mode, start, end, attributes in conn.execute(projects_q, params)]
 
 
 def _allocation_answer(alloc_id: int, cluster: str, unit: str, account: str, granted: int, charged: int,

@@ -114,7 +114,7 @@ def usage_rows(
         params["project_ids" if projects == "many" else "project_id"] = \
             project_ids if projects == "many" else project_ids[0]
     rows: list[UsageRow] = []
-    for *values, unit, amount, jobs in session.execute(q, params).all():
+    for *values, unit, amount, jobs in session.connection().execute(q, params).all():
         rows.append(UsageRow(dict(zip(keys, (str(v) for v in values), strict=True)), unit,
                              to_units(int(amount or 0)) or 0.0, int(jobs)))
     rows.sort(key=lambda r: (*(r.keys[k] for k in keys), r.unit))
