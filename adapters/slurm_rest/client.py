@@ -1,4 +1,5 @@
-"""HTTP transport to slurmrestd: one pooled, thread-safe ``httpx.Client`` per adapter.
+"""JSON calls to slurmrestd: one pooled, thread-safe client per adapter, sending
+``httpx`` requests through :class:`adapters.slurm_rest.http.StdlibTransport`.
 
 Every call names the POSIX user it acts as; the identity provider adds the
 authentication headers. Failures become adapter exceptions here, in one place:
@@ -30,6 +31,7 @@ import httpx
 
 from adapters.slurm_rest import errors as slurm_errors
 from adapters.slurm_rest.auth import Identity
+from adapters.slurm_rest.http import StdlibTransport
 from adapters.slurm_rest.settings import RestSettings
 from broker.adapter import (
     AdapterConfigError,
@@ -45,12 +47,11 @@ log = logging.getLogger("adapters.slurm_rest")
 JsonObject = dict[str, Any]
 Params = Mapping[str, str | Sequence[str]]
 
-#: connections to one slurmrestd, all kept alive between calls. The keep-alive limit must
-#: equal the connection limit: httpcore 1.0 closes an idle connection whenever more
-#: connections exist than the keep-alive limit (it counts all of them, busy ones too), so
-#: with 16/8 every call above 8 at once opened a new connection, and a connection just
-#: handed to a waiting call could be closed under it (encode/httpcore#1110) — a submit
-#: then failed with EBADF as "outcome unknown". 32 covers the broker's worker threads.
+#: idle connections kept to one slurmrestd: enough for every worker thread of the broker
+#: to find one (a call that finds none opens one). httpcore's pool, used before, kept 8
+#: of 16: it reconnected at nearly every call above 8 at once and could close a
+#: connection under a waiting call (encode/httpcore#1110: a submit then ended as
+#: "outcome unknown").
 POOL_CONNECTIONS = 32
 #: parsed URLs kept per client (paths of one job are parsed anew past it)
 _URL_CACHE = 512
@@ -79,14 +80,12 @@ class RestClient:
     ) -> None:
         self._settings = settings
         self._identity = identity
-        # The transport itself, not an httpx.Client around it: the Client's layers
-        # (base-URL merge and URL re-parse, cookie jar, auth and redirect handling,
-        # event hooks) cost ~0.2 ms of CPU per call and do nothing for slurmrestd.
-        self._transport = transport or httpx.HTTPTransport(
-            limits=httpx.Limits(max_connections=POOL_CONNECTIONS, max_keepalive_connections=POOL_CONNECTIONS),
-            trust_env=False,
-        )
-        self._timeout = httpx.Timeout(settings.timeout, connect=settings.connect_timeout).as_dict()
+        # A transport, not an httpx.Client around one: the Client's layers (base-URL
+        # merge and URL re-parse, cookie jar, auth and redirect handling, event hooks)
+        # cost a third of a call's CPU and do nothing for slurmrestd.
+        self._transport = transport or StdlibTransport(
+            settings.url, timeout=settings.timeout, connect_timeout=settings.connect_timeout,
+            max_idle=POOL_CONNECTIONS)
         self._urls: dict[str, httpx.URL] = {}
         self._calls = 0
         self._calls_lock = threading.Lock()
@@ -123,8 +122,7 @@ class RestClient:
     def _build(self, method: str, path: str, headers: dict[str, str], *, params: Params | None = None,
                body: JsonObject | None = None) -> httpx.Request:
         return httpx.Request(method, self._url(path), params=params, json=body,
-                             headers={"Accept": "application/json", **headers},
-                             extensions={"timeout": self._timeout})
+                             headers={"Accept": "application/json", **headers})
 
     def _connect_failure(self, during: str, exc: httpx.HTTPError) -> AdapterError:
         """A failure to connect: a TLS mismatch is a definition that cannot work

@@ -1,4 +1,5 @@
-"""The slurm_rest HTTP client against a real local HTTP/1.1 server (keep-alive, threads)."""
+"""The slurm_rest HTTP client and its transport against a real local HTTP/1.1 server
+(keep-alive, threads, a server that drops connections, slow or chunked answers)."""
 
 from __future__ import annotations
 
@@ -8,19 +9,28 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 
 import pytest
 
 from adapters.slurm_rest.auth import Identity
 from adapters.slurm_rest.client import POOL_CONNECTIONS, RestClient
 from adapters.slurm_rest.settings import RestSettings
+from broker.adapter import ClusterUnreachable, OutputTooLarge, SubmitOutcomeUnknown
+from tests.contract.factory_slurm_ssh import closed_port
+
+SUBMIT = "/slurm/v0.0.38/job/submit"
+JOBS = "/slurm/v0.0.38/jobs"
 
 
 class _Slurmrestd(BaseHTTPRequestHandler):
-    """Answers every call after a short pause (so calls overlap) over keep-alive."""
+    """Answers after a short pause (so calls overlap), as ``mode`` says:
+    ``ok``; ``drop_after`` (answers, then closes without saying so); ``no_answer``
+    (closes without answering); ``slow`` (answers after 1 s); ``chunked``."""
 
     protocol_version = "HTTP/1.1"
     connections = 0
+    mode = "ok"
     lock = threading.Lock()
 
     def setup(self) -> None:  # once per TCP connection
@@ -32,13 +42,30 @@ class _Slurmrestd(BaseHTTPRequestHandler):
         length = int(self.headers.get("content-length") or 0)
         if length:
             self.rfile.read(length)
-        time.sleep(0.02)
-        body = json.dumps({"job_id": 7, "errors": [], "user": self.headers["X-SLURM-USER-NAME"]}).encode()
+        if self.mode == "no_answer":
+            self.close_connection = True
+            return
+        time.sleep(1.0 if self.mode == "slow" else 0.02)
+        body = json.dumps({"job_id": 7, "errors": [], "user": self.headers["X-SLURM-USER-NAME"],
+                           "pad": "x" * (200_000 if self.mode == "chunked" else 0)}).encode()
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+        if self.mode == "chunked":
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            try:
+                for i in range(0, len(body), 10_000):
+                    part = body[i:i + 10_000]
+                    self.wfile.write(f"{len(part):x}\r\n".encode() + part + b"\r\n")
+                self.wfile.write(b"0\r\n\r\n")
+            except (BrokenPipeError, ConnectionResetError):  # the client stopped reading at its cap
+                self.close_connection = True
+        else:
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+        if self.mode == "drop_after":
+            self.close_connection = True
 
     do_GET = do_POST = _answer
 
@@ -53,7 +80,7 @@ class _User(Identity):
 
 @pytest.fixture
 def server() -> Iterator[str]:
-    _Slurmrestd.connections = 0
+    _Slurmrestd.connections, _Slurmrestd.mode = 0, "ok"
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Slurmrestd)
     httpd.daemon_threads = True
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
@@ -63,24 +90,92 @@ def server() -> Iterator[str]:
     httpd.server_close()
 
 
-def test_concurrent_calls_reuse_their_connections(server: str) -> None:
-    """12 threads × 8 calls at once: each connection opened is kept and reused (with a
-    keep-alive limit below the calls in flight, httpcore closed one at nearly every
-    release and reconnected — 40+ connections — and could close one under a call)."""
+@pytest.fixture
+def make() -> Iterator[Any]:
+    made: list[RestClient] = []
+
+    def build(url: str, **settings: Any) -> RestClient:
+        conf = {"url": url, "auth": "proxy_token", "proxy_token_file": "/x", **settings}
+        made.append(RestClient(RestSettings.from_mapping(conf), _User()))
+        return made[-1]
+
+    yield build
+    for rest in made:
+        rest.close()
+
+
+def _submit(rest: RestClient) -> Any:
+    return rest.request("POST", SUBMIT, username="alice", during="submit", body={"job": {}}, submitting=True)
+
+
+def test_concurrent_calls_reuse_their_connections(server: str, make: Any) -> None:
+    """12 threads × 8 calls at once: each connection opened is kept and reused (with
+    httpcore's pool and a keep-alive limit below the calls in flight, one was closed
+    at nearly every release and reopened — 91 connections — and one could be closed
+    under a call)."""
     threads, calls = 12, 8
     assert threads <= POOL_CONNECTIONS
-    rest = RestClient(RestSettings.from_mapping({"url": server, "auth": "proxy_token", "proxy_token_file": "/x"}),
-                      _User())
-    try:
-        def one(i: int) -> object:
-            if i % 2:
-                return rest.request("POST", "/slurm/v0.0.38/job/submit", username="alice", during="submit",
-                                    body={"job": {}}, submitting=True)["job_id"]
-            return rest.get("/slurm/v0.0.38/jobs", username="alice", during="job list")["user"]
+    rest = make(server)
 
-        with ThreadPoolExecutor(threads) as pool:
-            answers = list(pool.map(one, range(threads * calls)))
-    finally:
-        rest.close()
+    def one(i: int) -> object:
+        if i % 2:
+            return _submit(rest)["job_id"]
+        return rest.get(JOBS, username="alice", during="job list")["user"]
+
+    with ThreadPoolExecutor(threads) as pool:
+        answers = list(pool.map(one, range(threads * calls)))
     assert answers == [7 if i % 2 else "alice" for i in range(threads * calls)]
     assert _Slurmrestd.connections <= threads
+
+
+def test_a_connection_the_server_closed_is_not_used_for_a_submit(server: str, make: Any) -> None:
+    """The server drops each connection after its answer without saying so: the next
+    submit goes out on a new connection (on the dropped one it could only end as
+    'outcome unknown')."""
+    _Slurmrestd.mode = "drop_after"
+    rest = make(server)
+    for _ in range(3):
+        assert _submit(rest)["job_id"] == 7
+        time.sleep(0.05)  # the server's FIN arrives
+    assert _Slurmrestd.connections == 3
+
+
+def test_nothing_listening_is_unreachable_even_for_a_submit(make: Any) -> None:
+    rest = make(f"http://127.0.0.1:{closed_port()}")
+    with pytest.raises(ClusterUnreachable) as info:
+        _submit(rest)
+    assert info.value.code == "cluster_unavailable"
+
+
+def test_closed_without_an_answer(server: str, make: Any) -> None:
+    """A submit the server read but never answered may have been run: outcome unknown.
+    A GET is retried once on a new connection, then unreachable."""
+    _Slurmrestd.mode = "no_answer"
+    rest = make(server)
+    with pytest.raises(SubmitOutcomeUnknown):
+        _submit(rest)
+    with pytest.raises(ClusterUnreachable):
+        rest.get(JOBS, username="alice", during="job list")
+    assert _Slurmrestd.connections == 3
+
+
+def test_slow_answer_is_a_timeout(server: str, make: Any) -> None:
+    _Slurmrestd.mode = "slow"
+    rest = make(server, timeout=0.3)
+    with pytest.raises(SubmitOutcomeUnknown):
+        _submit(rest)
+    with pytest.raises(ClusterUnreachable) as info:
+        rest.get(JOBS, username="alice", during="job list")
+    assert info.value.code == "command_timeout"
+
+
+def test_chunked_answer_is_read_whole_or_refused_past_the_cap(server: str, make: Any) -> None:
+    _Slurmrestd.mode = "chunked"
+    rest = make(server)
+    assert rest.get(JOBS, username="alice", during="job list", max_bytes=300_000)["pad"] == "x" * 200_000
+    assert rest.get(JOBS, username="alice", during="job list")["user"] == "alice"  # the connection was kept
+    assert _Slurmrestd.connections == 1
+    with pytest.raises(OutputTooLarge):
+        rest.get(JOBS, username="alice", during="job list", max_bytes=100_000)
+    assert _submit(rest)["job_id"] == 7  # the half-read connection was dropped, not reused
+    assert _Slurmrestd.connections == 2
