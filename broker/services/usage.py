@@ -121,7 +121,12 @@ def usage_rows(
     return rows
 
 
-@functools.cache
+#: report shapes kept built: the group keys' orders alone make hundreds of shapes a
+#: caller could ask for, and an unbounded cache would keep every one of them
+USAGE_STATEMENTS_KEPT = 256
+
+
+@functools.lru_cache(maxsize=USAGE_STATEMENTS_KEPT)
 def _usage_statement(dialect: str, group_by: tuple[str, ...], projects: str | None, since: bool,
                      until: bool) -> Any:
     """The usage query for one shape of report (values are parameters: ``:project_id``

@@ -129,3 +129,25 @@ def test_project_list_is_the_models_json(quiet_env: BrokerEnv) -> None:
         assert r.status_code == 200, r.text
         assert [p["code"] for p in r.json()] == codes
         assert r.content == _projects_json(env, codes)
+
+
+def test_usage_statements_kept_are_bounded(quiet_env: BrokerEnv) -> None:
+    """Every order of the group keys is its own cached statement: the cache is bounded
+    (a caller cycling through them must not grow the process without limit), and a
+    shape evicted and built again answers the same."""
+    from itertools import permutations
+
+    from broker.services import usage
+
+    env = quiet_env
+    env.setup_project()
+    alice = env.auth("alice")
+    first = env.call("GET", "/v1/projects/EHPC-TEST-001/usage?group_by=user,cluster", alice)
+    assert first.status_code == 200, first.text
+    shapes = [",".join(p) for n in (3, 4, 5) for p in permutations(usage.GROUP_KEYS, n)]
+    assert len(shapes) > usage.USAGE_STATEMENTS_KEPT
+    for shape in shapes:
+        assert env.call("GET", f"/v1/projects/EHPC-TEST-001/usage?group_by={shape}", alice).status_code == 200
+    assert usage._usage_statement.cache_info().currsize <= usage.USAGE_STATEMENTS_KEPT
+    again = env.call("GET", "/v1/projects/EHPC-TEST-001/usage?group_by=user,cluster", alice)
+    assert again.content == first.content
