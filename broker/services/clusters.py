@@ -17,6 +17,7 @@ from broker.errors import Conflict, InvalidRequest, NotFound
 from broker.models import Allocation, Cluster, ClusterAccount, Job, User, pk, utcnow
 from broker.registry import AdapterRegistry
 from broker.schemas import AccountOut, ClusterIn, ClusterOut, ClusterPatch
+from broker.services.admission_rows import ClusterRow
 from broker.services.common import get_cluster, get_or_create_user, require_role
 from broker.states import ACTIVE_STATES
 
@@ -46,7 +47,7 @@ def cluster_out(cluster: Cluster, *, dev_only: bool = False) -> ClusterOut:
     )
 
 
-def adapter_for(registry: AdapterRegistry, cluster: Cluster) -> ClusterAdapter:
+def adapter_for(registry: AdapterRegistry, cluster: Cluster | ClusterRow) -> ClusterAdapter:
     return registry.get(name=cluster.name, adapter=cluster.adapter, connection=cluster.connection)
 
 
@@ -238,7 +239,7 @@ def delete_cluster(session: Session, *, principal: Principal | None, registry: A
 BREAKER_FRESH_SECONDS = 300.0
 
 
-def breaker_retry_after(cluster: Cluster) -> int | None:
+def breaker_retry_after(cluster: Cluster | ClusterRow) -> int | None:
     """Seconds to wait when the cluster's circuit breaker is open, else None.
 
     Open while the latest verdict — the tracker's poll or idle probe, or a submission

@@ -27,6 +27,17 @@ from broker.policy import (
     ProjectView,
 )
 from broker.schemas import JobRequest
+from broker.services.admission_rows import (
+    ALLOCATION_COLUMNS,
+    CLUSTER_COLUMNS,
+    PROJECT_COLUMNS,
+    USER_COLUMNS,
+    AllocationRow,
+    ClusterRow,
+    ProjectRow,
+    UserRow,
+    take,
+)
 from broker.services.common import get_or_create_user, to_units, today, visible_project
 from broker.states import ACTIVE_STATES
 
@@ -35,11 +46,11 @@ from broker.states import ACTIVE_STATES
 class Prepared:
     """A request resolved against the database: what to reserve and submit."""
 
-    project: Project
-    cluster: Cluster | None
+    project: ProjectRow
+    cluster: ClusterRow | None
     cluster_name: str
     partition: str
-    allocation: Allocation | None
+    allocation: AllocationRow | None
     account_username: str | None
     denials: list[Denial]
     estimate: int
@@ -56,27 +67,28 @@ def load_chain(names: list[str]) -> list[EligibilityPolicy]:
 @dataclass
 class Subject:
     """Everything an admission reads about its caller, project and cluster — loaded
-    by :func:`load_subject` in one statement (it was eight)."""
+    by :func:`load_subject` in one statement (it was eight), as plain rows
+    (broker/services/admission_rows.py)."""
 
-    project: Project
-    user: User
+    project: ProjectRow
+    user: UserRow
     role: str | None
-    cluster: Cluster | None
+    cluster: ClusterRow | None
     cluster_name: str
     #: the project's allocations on ``cluster`` (any dates)
-    allocations: list[Allocation] = field(default_factory=list)
+    allocations: list[AllocationRow] = field(default_factory=list)
     account_username: str | None = None
     #: active jobs of the caller / the project in it, each array task not yet ended
     #: counted as one job (as Slurm's job limits count)
     active_jobs_user: int = 0
     active_jobs_project: int = 0
 
-    def allocation_today(self) -> Allocation | None:
+    def allocation_today(self) -> AllocationRow | None:
         """The newest allocation valid today."""
         day = today()
         valid = [a for a in self.allocations if (a.start_date is None or a.start_date <= day)
                  and (a.end_date is None or day <= a.end_date)]
-        return max(valid, key=lambda a: a.id or 0) if valid else None
+        return max(valid, key=lambda a: a.id) if valid else None
 
 
 def _active_units(*scope: Any) -> Any:
@@ -124,8 +136,8 @@ def _subject_statement() -> Any:
     by_project = _active_units(job.c.project_id == Project.id)
     by_user = _active_units(job.c.project_id == Project.id, job.c.user_id == User.id)
     return (
-        sa.select(Project, User, col(Membership.role), Cluster, Allocation, col(ClusterAccount.username),
-                  by_user, by_project)
+        sa.select(*PROJECT_COLUMNS, *USER_COLUMNS, col(Membership.role), *CLUSTER_COLUMNS, *ALLOCATION_COLUMNS,
+                  col(ClusterAccount.username), by_user, by_project)
         .select_from(Project)
         .outerjoin(User, col(User.name) == sa.bindparam("me"))
         .outerjoin(Membership, sa.and_(col(Membership.project_id) == col(Project.id),
@@ -143,12 +155,21 @@ def load_subject(session: Session, *, user: str, project: str, cluster: str) -> 
     """:class:`Subject` for ``user`` submitting to ``project`` on ``cluster`` (one
     statement); None when there is no such project or no such user yet."""
     rows = session.execute(_subject_statement(), {"me": user, "code": project, "cluster": cluster}).all()
-    if not rows or rows[0][1] is None:
+    if not rows:
         return None
     first = rows[0]
-    return Subject(project=first[0], user=first[1], role=first[2], cluster=first[3], cluster_name=cluster,
-                   allocations=[r[4] for r in rows if r[4] is not None], account_username=first[5],
-                   active_jobs_user=int(first[6]), active_jobs_project=int(first[7]))
+    project_row, at = take(first, 0, ProjectRow)
+    user_row, at = take(first, at, UserRow)
+    if user_row is None:
+        return None
+    role = first[at]
+    cluster_row, at = take(first, at + 1, ClusterRow)
+    allocations_at = at
+    _, at = take(first, at, AllocationRow)
+    return Subject(project=project_row, user=user_row, role=role, cluster=cluster_row, cluster_name=cluster,
+                   allocations=[a for r in rows if (a := take(r, allocations_at, AllocationRow)[0]) is not None],
+                   account_username=first[at], active_jobs_user=int(first[at + 1]),
+                   active_jobs_project=int(first[at + 2]))
 
 
 def subject_for(session: Session, principal: Principal, body: JobRequest) -> Subject:
@@ -184,7 +205,7 @@ def resolve_cluster_name(session: Session, project: Project, body: JobRequest) -
                          "say which one in `cluster`.")
 
 
-def _check_partition(cluster: Cluster | None, partition: str, req: EffectiveRequest) -> dict[str, Any] | None:
+def _check_partition(cluster: ClusterRow | None, partition: str, req: EffectiveRequest) -> dict[str, Any] | None:
     """The discovered partition (None when the cluster has not reported any)."""
     if cluster is None or not cluster.partitions:
         return None
@@ -211,7 +232,7 @@ def effective(body: JobRequest) -> EffectiveRequest:
         raise InvalidRequest(str(exc)) from None
 
 
-def estimate_micro(cluster: Cluster, unit: str, partition: str, part: dict[str, Any] | None,
+def estimate_micro(cluster: ClusterRow, unit: str, partition: str, part: dict[str, Any] | None,
                    req: EffectiveRequest) -> int:
     """Cost of what Slurm will allocate for the whole request (every array task)
     held for its time limit."""
@@ -284,10 +305,10 @@ def _request_view(cluster: str, partition: str, req: EffectiveRequest, part: dic
                           req.time_limit_minutes, array_tasks=req.tasks, exclusive=req.exclusive)
 
 
-def _alloc_view(a: Allocation | None, cluster_name: str) -> AllocationView | None:
+def _alloc_view(a: AllocationRow | None, cluster_name: str) -> AllocationView | None:
     if a is None:
         return None
-    return AllocationView(a.id or 0, cluster_name, a.unit, to_units(a.granted) or 0.0,
+    return AllocationView(a.id, cluster_name, a.unit, to_units(a.granted) or 0.0,
                           to_units(a.charged) or 0.0, to_units(a.reserved) or 0.0,
                           a.start_date, a.end_date, a.account)
 

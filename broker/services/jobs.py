@@ -53,6 +53,7 @@ from broker.policy import Denial
 from broker.registry import AdapterRegistry
 from broker.schemas import DenialOut, EstimateOut, JobOut, JobRequest, JobTaskOut, JobTaskPage, Money
 from broker.services import arrays, ledger, notifications, placement, single_statement
+from broker.services.admission_rows import AllocationRow, ClusterRow, UserRow
 from broker.services.clusters import adapter_for, breaker_retry_after, trip_breaker
 from broker.services.common import find_user, get_or_create_user, to_units, visible_project
 from broker.services.eligibility import Prepared, prepare, subject_for
@@ -115,7 +116,8 @@ def job_out_loaded(session: Session, job: Job) -> JobOut:
 
 # --- estimate and submit ---------------------------------------------------------------
 
-def _prepare_for(session: Session, settings: Settings, principal: Principal, body: JobRequest) -> tuple[User, Prepared]:
+def _prepare_for(session: Session, settings: Settings, principal: Principal,
+                 body: JobRequest) -> tuple[UserRow, Prepared]:
     subject = subject_for(session, principal, body)
     user = subject.user
     prep = prepare(session, settings=settings, subject=subject, body=body,
@@ -207,7 +209,7 @@ KeepAnswer = Callable[[Session, SubmitResult], None]
 
 def _reserve(
     engine: Engine, settings: Settings, principal: Principal, body: JobRequest, link: LinkIntent | None = None,
-) -> tuple[Job, JobSpec, Cluster]:
+) -> tuple[Job, JobSpec, ClusterRow]:
     """The reservation step alone (tests simulate a crash right after it)."""
     job_id, spec, cluster, _ = _reserve_answer(engine, settings, principal, body, link)
     with session_scope(engine) as session:
@@ -220,10 +222,10 @@ def _reserve(
 class _Admitted:
     """A request that passed admission: the job row to write and what to submit."""
 
-    user: User
+    user: UserRow
     prep: Prepared
-    cluster: Cluster
-    allocation: Allocation
+    cluster: ClusterRow
+    allocation: AllocationRow
     request: EffectiveRequest
     dependency: str | None
     #: the job row's columns, as inserted (None: left NULL)
@@ -272,7 +274,7 @@ def _admit(session: Session, settings: Settings, principal: Principal, body: Job
 def _reserve_answer(
     engine: Engine, settings: Settings, principal: Principal, body: JobRequest, link: LinkIntent | None,
     placed: dict[str, Any] | None = None,
-) -> tuple[str, JobSpec, Cluster, JobOut]:
+) -> tuple[str, JobSpec, ClusterRow, JobOut]:
     """Check and reserve, committed: the job row ``ACCEPTED``, its event, its reserve
     ledger row and the allocation's balance. Returns the job's id, what to submit,
     the cluster and the answer as committed.
@@ -319,7 +321,7 @@ def _reserve_answer(
     return _accepted(admitted)
 
 
-def _accepted(admitted: _Admitted) -> tuple[str, JobSpec, Cluster, JobOut]:
+def _accepted(admitted: _Admitted) -> tuple[str, JobSpec, ClusterRow, JobOut]:
     """The job's id, what to submit and the answer as committed (no reload: names are
     known here, values set by us)."""
     prep, row, alloc = admitted.prep, admitted.row, admitted.allocation
@@ -348,7 +350,7 @@ def job_spec(req: EffectiveRequest, *, tag: str, username: str, account: str, pa
 def _reserve_placed(
     engine: Engine, settings: Settings, registry: AdapterRegistry, principal: Principal, body: JobRequest,
     link: LinkIntent | None,
-) -> tuple[str, JobSpec, Cluster, JobOut]:
+) -> tuple[str, JobSpec, ClusterRow, JobOut]:
     with session_scope(engine) as session:
         placed = _place(session, settings, registry, principal, body)
     order = placement.ranked(placed, settings=settings)
@@ -371,10 +373,12 @@ def _reserve_placed(
     raise _refuse_placement(placed)
 
 
-def _quota_answer(session: Session, alloc: Allocation, estimate: int) -> QuotaExceeded:
+def _quota_answer(session: Session, alloc: AllocationRow, estimate: int) -> QuotaExceeded:
     """The refusal a user can act on: what the job would cost and what is left now."""
-    session.refresh(alloc)  # the conditional update lost: read the balance it lost against
-    remaining = alloc.granted - alloc.charged - alloc.reserved
+    # the conditional update lost: read the balance it lost against
+    table = ledger.ALLOCATIONS
+    remaining = session.execute(sa.select(table.c.granted - table.c.charged - table.c.reserved)
+                                .where(table.c.id == alloc.id)).scalar_one()
     cost = Money(unit=alloc.unit, amount=to_units(estimate) or 0.0)
     left = Money(unit=alloc.unit, amount=to_units(remaining) or 0.0)
     return QuotaExceeded(
@@ -383,7 +387,8 @@ def _quota_answer(session: Session, alloc: Allocation, estimate: int) -> QuotaEx
         estimated_cost=cost.model_dump(), remaining=left.model_dump(), allocation_id=alloc.id)
 
 
-def _scheduler_dependency(session: Session, req: EffectiveRequest, *, user: User, cluster: Cluster) -> str | None:
+def _scheduler_dependency(session: Session, req: EffectiveRequest, *, user: UserRow,
+                          cluster: ClusterRow) -> str | None:
     """``--dependency`` with each broker job id replaced by its scheduler id. The jobs
     must be the caller's own, on the same cluster, and already on the scheduler."""
     if req.dependency is None:

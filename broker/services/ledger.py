@@ -21,6 +21,7 @@ from sqlmodel import Session
 from broker.db import insert_values
 from broker.errors import QuotaExceeded
 from broker.models import Allocation, Job, LedgerEntry, pk, utcnow
+from broker.services.admission_rows import AllocationRow
 
 KIND_COLUMN = {
     "grant": "granted", "adjust": "granted", "reserve": "reserved",
@@ -91,7 +92,7 @@ def apply(
 
 
 def reserve(
-    session: Session, *, allocation: Allocation, amount: int, job_id: str, user_id: int | None,
+    session: Session, *, allocation: Allocation | AllocationRow, amount: int, job_id: str, user_id: int | None,
     actor: str,
 ) -> None:
     """Reserve ``amount`` atomically: one conditional UPDATE that succeeds only if
