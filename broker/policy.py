@@ -99,13 +99,21 @@ class EligibilityContext:
     request: JobRequestView
     limits: AccessModeLimits
     #: the caller's / the project's active jobs, counted as Slurm's job limits count:
-    #: a plain job is one, an array counts each of its tasks that has not ended
-    active_jobs_user: int
-    active_jobs_project: int
+    #: a plain job is one, an array counts each of its tasks that has not ended.
+    #: None: not counted, because no policy of the chain reads them for this request
+    #: (see :class:`EligibilityPolicy`); a policy that does not say so always gets them
+    active_jobs_user: int | None
+    active_jobs_project: int | None
 
 
 class EligibilityPolicy(Protocol):
-    """One link of the eligibility chain."""
+    """One link of the eligibility chain.
+
+    A policy may also say whether it reads ``ctx.active_jobs_user`` /
+    ``ctx.active_jobs_project`` with an attribute ``reads_active_jobs``: a bool, or a
+    method taking the request's :class:`AccessModeLimits`. Counting reads every
+    active job of the project, so the broker counts only when a policy of the chain
+    reads them; a policy without the attribute is assumed to read them."""
 
     name: str
 

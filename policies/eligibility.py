@@ -7,13 +7,14 @@ membership is checked by the core before any policy runs (non-members get 404).
 
 from __future__ import annotations
 
-from broker.policy import Denial, EligibilityContext
+from broker.policy import AccessModeLimits, Denial, EligibilityContext
 
 
 class ProjectActive:
     """The project is active and today lies inside its dates."""
 
     name = "project_active"
+    reads_active_jobs = False
 
     def check(self, ctx: EligibilityContext) -> Denial | None:
         p = ctx.project
@@ -30,6 +31,7 @@ class AllocationValid:
     """An allocation exists for the cluster and is inside its validity window."""
 
     name = "allocation_valid"
+    reads_active_jobs = False
 
     def check(self, ctx: EligibilityContext) -> Denial | None:
         a = ctx.allocation
@@ -49,6 +51,7 @@ class ClusterAccount:
     """The user has a POSIX account mapped on the cluster."""
 
     name = "cluster_account"
+    reads_active_jobs = False
 
     def check(self, ctx: EligibilityContext) -> Denial | None:
         if not ctx.cluster_account:
@@ -62,6 +65,7 @@ class PartitionAllowed:
     """The partition is allowed for the project's access mode."""
 
     name = "partition_allowed"
+    reads_active_jobs = False
 
     def check(self, ctx: EligibilityContext) -> Denial | None:
         allowed = ctx.limits.allowed_partitions
@@ -76,6 +80,7 @@ class JobLimits:
     """Per-job limits of the access mode: nodes, GPUs, time."""
 
     name = "job_limits"
+    reads_active_jobs = False
 
     def check(self, ctx: EligibilityContext) -> Denial | None:
         lim, req = ctx.limits, ctx.request
@@ -102,6 +107,10 @@ class ConcurrencyLimits:
 
     name = "concurrency_limits"
 
+    def reads_active_jobs(self, limits: AccessModeLimits) -> bool:
+        """Only under a concurrency limit (counting is not free: see broker/policy.py)."""
+        return limits.max_concurrent_jobs_per_user is not None or limits.max_concurrent_jobs_per_project is not None
+
     def check(self, ctx: EligibilityContext) -> Denial | None:
         lim, adds = ctx.limits, ctx.request.array_tasks
         scopes = (
@@ -111,7 +120,11 @@ class ConcurrencyLimits:
              f"Project {ctx.project.code} already has {{n}} active jobs"),
         )
         for limit, active, has in scopes:
-            if limit is not None and active + adds > limit:
+            if limit is None:
+                continue
+            if active is None:  # reads_active_jobs says the broker counted them
+                raise RuntimeError("concurrency_limits: the active jobs were not counted under a limit")
+            if active + adds > limit:
                 return Denial("limit_exceeded", f"{has.format(n=active)} (each array task not yet ended counts "
                                                 f"as one job, as in Slurm){_adding(adds)}; the limit is {limit}.")
         return None

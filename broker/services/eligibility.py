@@ -78,10 +78,6 @@ class Subject:
     #: the project's allocations on ``cluster`` (any dates)
     allocations: list[AllocationRow] = field(default_factory=list)
     account_username: str | None = None
-    #: active jobs of the caller / the project in it, each array task not yet ended
-    #: counted as one job (as Slurm's job limits count)
-    active_jobs_user: int = 0
-    active_jobs_project: int = 0
 
     def allocation_today(self) -> AllocationRow | None:
         """The newest allocation valid today."""
@@ -94,14 +90,13 @@ class Subject:
 def _active_units(*scope: Any) -> Any:
     """Active jobs matching ``scope`` counted as Slurm counts them for its job limits:
     a plain job is one, an array is as many as its tasks that have not ended (so an
-    array whose tasks all ended counts none). Correlated scalar subqueries: every
-    active job counted as one (``ix_jobs_project_state``), plus, for each active
-    array, its live tasks less one (``ix_job_tasks_job_state``)."""
+    array whose tasks all ended counts none). Scalar subqueries: every active job
+    counted as one (``ix_jobs_project_state``), plus, for each active array, its
+    live tasks less one (``ix_job_tasks_job_state``)."""
     active = _active_state_literals()
     job = Job.__table__  # type: ignore[attr-defined]
     task = JobTask.__table__  # type: ignore[attr-defined]
-    jobs = (sa.select(sa.func.count()).select_from(job).where(*scope, job.c.state.in_(active))
-            .correlate(Project.__table__, User.__table__).scalar_subquery())  # type: ignore[attr-defined]
+    jobs = sa.select(sa.func.count()).select_from(job).where(*scope, job.c.state.in_(active)).scalar_subquery()
     live_tasks = (sa.select(sa.func.count()).select_from(task)
                   .where(task.c.job_id == job.c.id, task.c.state.in_(active)).scalar_subquery())
     # an array is a job with task rows (its lowest task: one probe of uq_job_task).
@@ -112,7 +107,7 @@ def _active_units(*scope: Any) -> Any:
     is_array = sa.select(sa.func.min(task.c.task)).where(task.c.job_id == job.c.id).scalar_subquery().is_not(None)
     extra = (sa.select(sa.func.coalesce(sa.func.sum(sa.case((is_array, live_tasks - 1), else_=0)), 0))
              .select_from(job).where(*scope, job.c.state.in_(active), job.c.array_counts.is_not(None))
-             .correlate(Project.__table__, User.__table__).scalar_subquery())  # type: ignore[attr-defined]
+             .scalar_subquery())
     return jobs + extra
 
 
@@ -130,14 +125,10 @@ def _active_state_literals() -> list[Any]:
 @functools.cache
 def _subject_statement() -> Any:
     """Built once: project by code, the caller and their membership, the cluster by
-    name, the project's allocations there, the caller's account on it and the two
-    active-job counts (:func:`_active_units`: array tasks one by one)."""
-    job = Job.__table__  # type: ignore[attr-defined]
-    by_project = _active_units(job.c.project_id == Project.id)
-    by_user = _active_units(job.c.project_id == Project.id, job.c.user_id == User.id)
+    name, the project's allocations there and the caller's account on it."""
     return (
         sa.select(*PROJECT_COLUMNS, *USER_COLUMNS, col(Membership.role), *CLUSTER_COLUMNS, *ALLOCATION_COLUMNS,
-                  col(ClusterAccount.username), by_user, by_project)
+                  col(ClusterAccount.username))
         .select_from(Project)
         .outerjoin(User, col(User.name) == sa.bindparam("me"))
         .outerjoin(Membership, sa.and_(col(Membership.project_id) == col(Project.id),
@@ -149,6 +140,38 @@ def _subject_statement() -> Any:
                                            col(ClusterAccount.cluster_id) == col(Cluster.id)))
         .where(col(Project.code) == sa.bindparam("code"))
     )
+
+
+@functools.cache
+def _active_jobs_statement() -> Any:
+    """Built once: the caller's and the project's active jobs (:func:`_active_units`:
+    array tasks one by one)."""
+    job = Job.__table__  # type: ignore[attr-defined]
+    project_id: sa.BindParameter[int] = sa.bindparam("project_id")
+    user_id: sa.BindParameter[int] = sa.bindparam("user_id")
+    return sa.select(_active_units(job.c.project_id == project_id, job.c.user_id == user_id),
+                     _active_units(job.c.project_id == project_id))
+
+
+def count_active_jobs(session: Session, subject: Subject) -> tuple[int, int]:
+    """The caller's and the project's active jobs, each array task not yet ended
+    counted as one job (as Slurm's job limits count them)."""
+    mine, all_of_them = session.execute(_active_jobs_statement(), {
+        "project_id": subject.project.id, "user_id": subject.user.id}).one()
+    return int(mine), int(all_of_them)
+
+
+def reads_active_jobs(chain: list[EligibilityPolicy], limits: AccessModeLimits) -> bool:
+    """Whether a policy of ``chain`` reads the active-job counts for a request under
+    ``limits``: a policy says so with ``reads_active_jobs`` (a bool, or a method
+    taking the limits); one that does not say is assumed to read them. Counting
+    reads every active job of the project, which grows with big sweeps: it is done
+    only when something reads it."""
+    for policy in chain:
+        reads = getattr(policy, "reads_active_jobs", True)
+        if reads(limits) if callable(reads) else reads:
+            return True
+    return False
 
 
 def load_subject(session: Session, *, user: str, project: str, cluster: str) -> Subject | None:
@@ -168,8 +191,7 @@ def load_subject(session: Session, *, user: str, project: str, cluster: str) -> 
     _, at = take(first, at, AllocationRow)
     return Subject(project=project_row, user=user_row, role=role, cluster=cluster_row, cluster_name=cluster,
                    allocations=[a for r in rows if (a := take(r, allocations_at, AllocationRow)[0]) is not None],
-                   account_username=first[at], active_jobs_user=int(first[at + 1]),
-                   active_jobs_project=int(first[at + 2]))
+                   account_username=first[at])
 
 
 def subject_for(session: Session, principal: Principal, body: JobRequest) -> Subject:
@@ -272,6 +294,10 @@ def prepare(
             raise DirectiveRefused(f"Script line {exc.line}: {exc.text.strip()} — {exc.reason}",
                                    line=exc.line, directive=exc.text.strip()) from None
     account = subject.account_username if cluster is not None else None
+    chain = load_chain(settings.eligibility_chain)
+    limits = _limits(settings, project.access_mode)
+    active_user, active_project = (count_active_jobs(session, subject) if reads_active_jobs(chain, limits)
+                                   else (None, None))
     ctx = EligibilityContext(
         today=today(), user=user.name,
         project=ProjectView(project.code, project.status, project.access_mode, project.start_date,
@@ -279,11 +305,9 @@ def prepare(
         allocation=_alloc_view(allocation, cluster_name), allocations_on_cluster_exist=bool(subject.allocations),
         cluster_account=account,
         request=_request_view(cluster_name, partition, req, part),
-        limits=_limits(settings, project.access_mode), active_jobs_user=subject.active_jobs_user,
-        active_jobs_project=subject.active_jobs_project,
+        limits=limits, active_jobs_user=active_user, active_jobs_project=active_project,
     )
-    denials = [d for policy in load_chain(settings.eligibility_chain)
-               if (d := policy.check(ctx)) is not None]
+    denials = [d for policy in chain if (d := policy.check(ctx)) is not None]
     misfit = partition_misfit(nodes=req.nodes, cpus_per_node=req.ntasks_per_node * req.cpus_per_task,
                               gpus_per_node=req.gpus_per_node, memory_per_node_mb=req.memory_per_node_mb,
                               partition=part)

@@ -6,6 +6,7 @@ from datetime import date
 
 import pytest
 
+from broker.config import DEFAULT_ELIGIBILITY_CHAIN
 from broker.cost import CostModelError, cost_micro, request_tres, validate_cost_model
 from broker.policy import AccessModeLimits, AllocationView, EligibilityContext, JobRequestView, ProjectView
 from policies.eligibility import (
@@ -97,6 +98,35 @@ def test_policy(policy: object, over: dict, code: str | None) -> None:
     assert (denial.code if denial else None) == code
     if denial:
         assert denial.detail.endswith(".") and len(denial.detail) > 20
+
+
+class _SitePolicy:
+    """A third-party policy that says nothing about the active-job counts."""
+
+    name = "site"
+
+    def check(self, ctx: EligibilityContext) -> None:
+        return None
+
+
+@pytest.mark.parametrize(("limits", "extra", "counted"), [
+    (AccessModeLimits(), [], False),  # the default: nothing reads them, nothing is counted
+    (AccessModeLimits(max_nodes=2, max_time_minutes=60), [], False),
+    (AccessModeLimits(max_concurrent_jobs_per_user=3), [], True),
+    (AccessModeLimits(max_concurrent_jobs_per_project=30), [], True),
+    (AccessModeLimits(), [_SitePolicy()], True),  # a policy that does not say is given them
+])
+def test_active_jobs_are_counted_only_for_a_policy_that_reads_them(
+        limits: AccessModeLimits, extra: list[object], counted: bool) -> None:
+    from broker.services.eligibility import load_chain, reads_active_jobs
+
+    chain = [*load_chain(list(DEFAULT_ELIGIBILITY_CHAIN)), *extra]
+    assert reads_active_jobs(chain, limits) is counted  # type: ignore[arg-type]
+
+
+def test_a_limit_without_counts_is_an_error_not_an_allow() -> None:
+    with pytest.raises(RuntimeError, match="not counted"):
+        ConcurrencyLimits().check(ctx(limits=AccessModeLimits(max_concurrent_jobs_per_user=1), active_jobs_user=None))
 
 
 def test_plugins_are_found_by_name_and_import_failures_are_deferred(monkeypatch: pytest.MonkeyPatch) -> None:
