@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 import sqlalchemy as sa
 from sqlmodel import Session
@@ -107,10 +108,9 @@ def reserve(
     allocation queues for, is held from that statement to the caller's commit with
     no other round trip in between. On SQLite the ledger row is written first, then
     the UPDATE. Core statements, built once (the submission path)."""
-    now = utcnow()
-    values = {"allocation_id": pk(allocation), "project_id": allocation.project_id, "kind": "reserve",
-              "amount": amount, "job_id": job_id, "user_id": user_id, "actor": actor, "reason": "job estimate",
-              "created_at": now, "occurred_at": now, "task": -1}
+    values = {"allocation_id": pk(allocation), **reserve_entry(project_id=allocation.project_id, amount=amount,
+                                                               job_id=job_id, user_id=user_id, actor=actor,
+                                                               at=utcnow())}
     if session.get_bind().dialect.name == "postgresql":
         # bind names unlike any allocations column: an UPDATE sets every column whose
         # name is a key of its parameters
@@ -137,18 +137,35 @@ def reserve_statement() -> sa.Update:
             .values(reserved=table.c.reserved + amount))
 
 
+def reserve_entry(*, project_id: int, amount: int, job_id: str, user_id: int | None, actor: str,
+                  at: datetime) -> dict[str, Any]:
+    """A job's ``reserve`` ledger row, but its ``allocation_id``."""
+    return {"project_id": project_id, "kind": "reserve", "amount": amount, "job_id": job_id, "user_id": user_id,
+            "actor": actor, "reason": "job estimate", "created_at": at, "occurred_at": at, "task": -1}
+
+
+#: the columns of :func:`reserve_entry`, in order
+RESERVE_ENTRY_COLUMNS = ("project_id", "kind", "amount", "job_id", "user_id", "actor", "reason", "created_at",
+                         "occurred_at", "task")
+
+
+def insert_reserve_entry(reserved: sa.CTE) -> sa.Insert:
+    """``INSERT INTO ledger_entries … SELECT reserved.id, … FROM reserved RETURNING id``:
+    the reserve row of the allocation the data-modifying ``reserved`` (the
+    :func:`reserve_statement` ``RETURNING id``) moved, its other columns bound as
+    ``entry_<column>``; a row back iff the budget covered the amount."""
+    table = LedgerEntry.__table__  # type: ignore[attr-defined]
+    values = [reserved.c.id, *(sa.bindparam(f"entry_{c}", type_=table.c[c].type) for c in RESERVE_ENTRY_COLUMNS)]
+    return (sa.insert(table).from_select(["allocation_id", *RESERVE_ENTRY_COLUMNS],
+                                         sa.select(*values).select_from(reserved))
+            .returning(table.c.id))
+
+
 @functools.cache
 def _reserve_and_record_statement() -> sa.Insert:
     """``WITH r AS (UPDATE allocations … RETURNING id) INSERT INTO ledger_entries
     SELECT … FROM r RETURNING id``: a row back iff the budget covered ``amount``."""
-    ledger_table = LedgerEntry.__table__  # type: ignore[attr-defined]
-    reserved = reserve_statement().returning(ALLOCATIONS.c.id).cte("reserved")
-    columns = ("allocation_id", "project_id", "kind", "amount", "job_id", "user_id", "actor", "reason",
-               "created_at", "occurred_at", "task")
-    values = [reserved.c.id if c == "allocation_id" else sa.bindparam(f"entry_{c}", type_=ledger_table.c[c].type)
-              for c in columns]
-    return (sa.insert(ledger_table).from_select(list(columns), sa.select(*values).select_from(reserved))
-            .returning(ledger_table.c.id))
+    return insert_reserve_entry(reserve_statement().returning(ALLOCATIONS.c.id).cte("reserved"))
 
 
 @dataclass(frozen=True)

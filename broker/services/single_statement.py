@@ -36,13 +36,9 @@ import sqlalchemy as sa
 from sqlmodel import Session
 
 from broker import events
-from broker.models import Job, LedgerEntry, UTCDateTime
+from broker.models import Job, UTCDateTime
 from broker.services import ledger
 from broker.states import JobState
-
-#: the ledger row's columns, sent as ``entry_<column>`` (allocation_id comes from the UPDATE)
-_ENTRY_COLUMNS = ("project_id", "kind", "amount", "job_id", "user_id", "actor", "reason", "created_at",
-                  "occurred_at", "task")
 
 
 def reserve_job(session: Session, *, job: dict[str, Any], amount: int, actor: str, at: datetime) -> bool:
@@ -52,9 +48,8 @@ def reserve_job(session: Session, *, job: dict[str, Any], amount: int, actor: st
     budget does not cover ``amount``."""
     columns = tuple(k for k, v in job.items() if v is not None)
     params = {f"new_job_{k}": job[k] for k in columns}
-    entry = {"project_id": job["project_id"], "kind": "reserve", "amount": amount, "job_id": job["id"],
-             "user_id": job["user_id"], "actor": actor, "reason": "job estimate", "created_at": at,
-             "occurred_at": at, "task": -1}
+    entry = ledger.reserve_entry(project_id=job["project_id"], amount=amount, job_id=job["id"],
+                                 user_id=job["user_id"], actor=actor, at=at)
     params.update({f"entry_{k}": v for k, v in entry.items()})
     params.update(reserve_amount=amount, reserve_allocation=job["allocation_id"], event_at=at)
     return session.execute(_reserve_job_statement(columns), params).first() is not None
@@ -63,7 +58,6 @@ def reserve_job(session: Session, *, job: dict[str, Any], amount: int, actor: st
 @functools.cache
 def _reserve_job_statement(columns: tuple[str, ...]) -> sa.Insert:
     jobs = Job.__table__  # type: ignore[attr-defined]
-    entries = LedgerEntry.__table__  # type: ignore[attr-defined]
     reserved = ledger.reserve_statement().returning(ledger.ALLOCATIONS.c.id).cte("reserved")
     # bind names unlike any column of the tables written: an UPDATE or INSERT sets
     # every column whose name is a key of the parameters
@@ -71,10 +65,7 @@ def _reserve_job_statement(columns: tuple[str, ...]) -> sa.Insert:
     job = (sa.insert(jobs).from_select(list(columns), sa.select(*job_values).select_from(reserved))
            .returning(jobs.c.id, jobs.c.project_id, jobs.c.user_id).cte("job"))
     event = events.insert_from(job, state=JobState.ACCEPTED.value, previous=None).cte("event")
-    entry_values = [reserved.c.id, *(sa.bindparam(f"entry_{c}", type_=entries.c[c].type) for c in _ENTRY_COLUMNS)]
-    return (sa.insert(entries).from_select(["allocation_id", *_ENTRY_COLUMNS],
-                                           sa.select(*entry_values).select_from(reserved))
-            .returning(entries.c.id).add_cte(job, event))
+    return ledger.insert_reserve_entry(reserved).add_cte(job, event)
 
 
 def record_submitted(session: Session, *, job_id: str, scheduler_job_id: str, at: datetime) -> bool:
