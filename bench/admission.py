@@ -25,8 +25,10 @@ PROJECT = "EHPC-BENCH-001"
 
 
 @contextmanager
-def noop_broker(db: str, *, workers: int) -> Iterator[dict[str, Any]]:
-    """A fresh database with a project on the ``noop`` cluster and a broker serving it."""
+def noop_broker(db: str, *, workers: int, wrap: list[str] | None = None,
+                start_timeout: float = 120) -> Iterator[dict[str, Any]]:
+    """A fresh database with a project on the ``noop`` cluster and a broker serving it
+    (``wrap``: a command the server runs under, e.g. valgrind)."""
     from bench import noop
 
     noop.install()
@@ -42,7 +44,8 @@ def noop_broker(db: str, *, workers: int) -> Iterator[dict[str, Any]]:
         senv = {**os.environ, "AIFA_BROKER_DATA_DIR": str(settings.data_dir), "AIFA_BROKER_DATABASE_URL": url,
                 "AIFA_BROKER_RUN_TRACKER": "false", "AIFA_BROKER_LOG_LEVEL": "WARNING"}
         senv.pop("PROMETHEUS_MULTIPROC_DIR", None)
-        with server([PY, "-m", "bench.noop", "--port", str(port), "--workers", str(workers)], senv, port) as proc:
+        argv = [*(wrap or []), PY, "-m", "bench.noop", "--port", str(port), "--workers", str(workers)]
+        with server(argv, senv, port, timeout=start_timeout) as proc:
             yield {"base": f"http://127.0.0.1:{port}", "url": url, "env": senv, "proc": proc,
                    "token": issue_token(settings, sub="alice", roles=[]), "tmp": tmp}
 
