@@ -220,10 +220,21 @@ class Settings(BaseSettings):
     #: requests of this process that run at once (worker threads); every other limit
     #: below derives from it — see docs/configuration.md "Concurrency and overload"
     worker_threads: int = Field(default=16, ge=1, le=1024)
-    #: requests admitted at once (running + waiting for a thread); beyond it the answer is
-    #: an immediate 503 ``overloaded``. Default: 4 × worker_threads (a short queue: a
-    #: request's work is CPU-bound, more would only lengthen the wait)
+    #: requests admitted at once (running + waiting for a thread). Default: 4 ×
+    #: worker_threads (a short queue: a request's work is CPU-bound, more in flight
+    #: would only lengthen each one's wait)
     max_requests_in_flight: int | None = Field(default=None, ge=1)
+    #: beyond max_requests_in_flight a request waits for a slot (first come, first
+    #: served) at most admission_wait_seconds, and at most max_requests_waiting wait at
+    #: once; past either bound it is answered 503 ``overloaded`` + Retry-After. A burst
+    #: of readers (hundreds of clients polling) is then served a few hundred ms later
+    #: instead of refused, while a sustained overload is still refused within a second:
+    #: never a long wait, and a waiting request holds no thread, no connection, only
+    #: its socket (broker/api/middleware.py, docs/configuration.md "Concurrency and
+    #: overload"). 0 for either: refused at once, as before. Default queue: 16 ×
+    #: worker_threads (256: what two processes see of 500 clients, with room)
+    admission_wait_seconds: float = Field(default=1.0, ge=0, le=10)
+    max_requests_waiting: int | None = Field(default=None, ge=0)
     #: database connections of this process. Default (and minimum): every thread that may
     #: hold one at once — worker_threads + probe threads + background threads
     database_pool_size: int | None = Field(default=None, ge=1)
@@ -287,8 +298,13 @@ class Settings(BaseSettings):
 
     @property
     def requests_in_flight_limit(self) -> int:
-        """Requests admitted at once before ``503 overloaded``."""
+        """Requests admitted at once (more wait, bounded, or get ``503 overloaded``)."""
         return self.max_requests_in_flight or 4 * self.worker_threads
+
+    @property
+    def requests_waiting_limit(self) -> int:
+        """Requests that may wait for admission at once (beyond: ``503 overloaded``)."""
+        return 16 * self.worker_threads if self.max_requests_waiting is None else self.max_requests_waiting
 
     @property
     def effective_database_url(self) -> str:

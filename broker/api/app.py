@@ -85,7 +85,8 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
     app.add_middleware(UrlCheck)
     app.add_middleware(ETag)
     # outermost: a request over the limit costs no more than this check
-    app.add_middleware(Admission, limit=settings.requests_in_flight_limit, threads=settings.worker_threads)
+    app.add_middleware(Admission, limit=settings.requests_in_flight_limit, threads=settings.worker_threads,
+                       wait_seconds=settings.admission_wait_seconds, queue=settings.requests_waiting_limit)
     return app
 
 

@@ -1,11 +1,12 @@
-"""ASGI middleware: admission control (503 ``overloaded`` beyond the requests in
-flight a process takes), ETag / If-None-Match on reads, body-size cap (413 from
-Content-Length before reading, and while counting a chunked body), and the URL
-check (no control characters in path or query)."""
+"""ASGI middleware: admission control (beyond the requests in flight a process
+takes, a short bounded wait, then 503 ``overloaded``), ETag / If-None-Match on
+reads, body-size cap (413 from Content-Length before reading, and while counting a
+chunked body), and the URL check (no control characters in path or query)."""
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import hashlib
 import json
@@ -29,8 +30,13 @@ RETRY_AFTER_SECONDS = 2
 
 class Admission:
     """At most ``limit`` requests of this process in flight (running or waiting for a
-    worker thread); one more is answered at once with 503 ``overloaded`` and
-    ``Retry-After`` instead of queueing into a 30 s wait. Probes are not counted.
+    worker thread). One more waits for a slot — first come, first served — at most
+    ``wait_seconds``, and at most ``queue`` requests wait at once; past either bound
+    the answer is 503 ``overloaded`` with ``Retry-After`` (never a 30 s wait). A burst
+    of cheap reads a little beyond the limit is served a few hundred milliseconds
+    later instead of refused; a real overload is still refused within ``wait_seconds``,
+    and the waiting costs a future and a timer each (bounded by ``queue``).
+    ``wait_seconds=0`` or ``queue=0``: refused at once. Probes are not counted.
 
     It also sets the event loop's worker-thread limit to ``threads`` and bounds its
     default executor to ``STREAM_THREADS`` (the numbers the database pool is sized
@@ -40,12 +46,17 @@ class Admission:
     (a long poll, an event stream) calls :func:`leave_admission` so it stops
     counting against the limit."""
 
-    def __init__(self, app: ASGIApp, *, limit: int, threads: int, exempt: Iterable[str] = PROBES) -> None:
+    def __init__(self, app: ASGIApp, *, limit: int, threads: int, wait_seconds: float = 0.0, queue: int = 0,
+                 exempt: Iterable[str] = PROBES) -> None:
         self.app = app
         self.limit = limit
         self.threads = threads
+        self.wait_seconds = wait_seconds
+        self.queue = queue if wait_seconds > 0 else 0
         self.exempt = frozenset(exempt)
         self.in_flight = 0
+        #: requests waiting for a slot, oldest first (a slot is handed to the oldest)
+        self.waiting: collections.deque[asyncio.Future[bool]] = collections.deque()
         self._loop: asyncio.AbstractEventLoop | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -61,25 +72,59 @@ class Admission:
         if scope["path"] in self.exempt:
             await self.app(scope, receive, send)
             return
-        if self.in_flight >= self.limit:
+        if not await self._admit(loop):
             REQUESTS_SHED.inc()
             await _problem(send, 503, "overloaded",
                            f"The broker is at its limit of {self.limit} requests in flight; try again shortly.",
                            headers=[(b"retry-after", str(RETRY_AFTER_SECONDS).encode())])
             return
-        self.in_flight += 1
         counted = [True]
 
         def leave() -> None:
             if counted[0]:
                 counted[0] = False
-                self.in_flight -= 1
+                self._release()
 
         scope.setdefault("state", {})["leave_admission"] = leave
         try:
             await self.app(scope, receive, send)
         finally:
             leave()
+
+    async def _admit(self, loop: asyncio.AbstractEventLoop) -> bool:
+        """Take a slot: at once if one is free and nobody waits, else by waiting (bounded)."""
+        if self.in_flight < self.limit and not self.waiting:
+            self.in_flight += 1
+            return True
+        if len(self.waiting) >= self.queue:
+            return False
+        slot: asyncio.Future[bool] = loop.create_future()
+        self.waiting.append(slot)
+        timer = loop.call_later(self.wait_seconds, self._expire, slot)
+        try:
+            return await slot
+        except asyncio.CancelledError:  # the client went away while waiting
+            if slot.done() and not slot.cancelled() and slot.result():
+                self._release()  # it had just been handed a slot: pass it on
+            with contextlib.suppress(ValueError):
+                self.waiting.remove(slot)
+            raise
+        finally:
+            timer.cancel()
+
+    def _expire(self, slot: asyncio.Future[bool]) -> None:
+        if not slot.done():
+            self.waiting.remove(slot)
+            slot.set_result(False)
+
+    def _release(self) -> None:
+        """A request leaves: its slot goes to the oldest waiting request, if any."""
+        while self.waiting:
+            slot = self.waiting.popleft()
+            if not slot.done():
+                slot.set_result(True)
+                return
+        self.in_flight -= 1
 
 
 def leave_admission(request: Request) -> None:

@@ -42,7 +42,7 @@ def test_beyond_the_limit_the_answer_is_an_immediate_503_and_probes_still_answer
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": b"ok"})
 
-    admission = Admission(slow_app, limit=2, threads=4)
+    admission = Admission(slow_app, limit=2, threads=4)  # no waiting: refused at once
 
     async def scenario() -> None:
         held = [asyncio.create_task(_call(admission, "/v1/slow")) for _ in range(2)]
@@ -59,6 +59,87 @@ def test_beyond_the_limit_the_answer_is_an_immediate_503_and_probes_still_answer
         assert [(await t)[0] for t in held] == [200, 200]
         assert admission.in_flight == 0
         assert (await _call(admission, "/v1/jobs"))[0] == 200
+
+    asyncio.run(scenario())
+
+
+def _gated_app(release: asyncio.Event, order: list[str]) -> Any:
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["path"] == "/v1/slow":
+            await release.wait()
+        order.append(scope["path"])
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+    return app
+
+
+def test_beyond_the_limit_a_request_waits_for_a_slot_first_come_first_served() -> None:
+    release, order = asyncio.Event(), []
+    admission = Admission(_gated_app(release, order), limit=1, threads=4, wait_seconds=5, queue=4)
+
+    async def scenario() -> None:
+        held = asyncio.create_task(_call(admission, "/v1/slow"))
+        await asyncio.sleep(0.02)
+        waiting = []
+        for name in ("/v1/a", "/v1/b", "/v1/c"):
+            waiting.append(asyncio.create_task(_call(admission, name)))
+            await asyncio.sleep(0.01)
+        assert len(admission.waiting) == 3 and admission.in_flight == 1
+        # a newcomer does not overtake the waiting ones, even once a slot is free
+        release.set()
+        late = asyncio.create_task(_call(admission, "/v1/late"))
+        assert [(await t)[0] for t in (held, *waiting, late)] == [200] * 5
+        assert order == ["/v1/slow", "/v1/a", "/v1/b", "/v1/c", "/v1/late"]
+        assert admission.in_flight == 0 and not admission.waiting
+
+    asyncio.run(scenario())
+
+
+def test_the_wait_is_bounded_in_time_and_in_length_then_503() -> None:
+    release, order = asyncio.Event(), []
+    admission = Admission(_gated_app(release, order), limit=1, threads=4, wait_seconds=0.3, queue=2)
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        held = asyncio.create_task(_call(admission, "/v1/slow"))
+        await asyncio.sleep(0.02)
+        waiting = [asyncio.create_task(_call(admission, "/v1/a")) for _ in range(2)]
+        await asyncio.sleep(0.02)
+        started = loop.time()
+        status, headers, body = await _call(admission, "/v1/full")  # the queue is full: at once
+        assert (status, json.loads(body)["code"]) == (503, "overloaded")
+        assert int(headers[b"retry-after"]) >= 1
+        assert loop.time() - started < 0.1
+        answers = [await asyncio.wait_for(t, 2) for t in waiting]  # waited 0.3 s, then refused
+        assert [(a[0], json.loads(a[2])["code"]) for a in answers] == [(503, "overloaded")] * 2
+        assert 0.25 <= loop.time() - started < 1.0
+        assert not admission.waiting and admission.in_flight == 1
+        release.set()
+        assert (await held)[0] == 200
+        assert admission.in_flight == 0
+        assert order == ["/v1/slow"]  # the refused ones never reached the app
+
+    asyncio.run(scenario())
+
+
+def test_a_client_gone_while_waiting_leaks_no_slot() -> None:
+    release, order = asyncio.Event(), []
+    admission = Admission(_gated_app(release, order), limit=1, threads=4, wait_seconds=5, queue=4)
+
+    async def scenario() -> None:
+        held = asyncio.create_task(_call(admission, "/v1/slow"))
+        await asyncio.sleep(0.02)
+        gone = asyncio.create_task(_call(admission, "/v1/gone"))
+        await asyncio.sleep(0.02)
+        gone.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await gone
+        assert not admission.waiting
+        release.set()
+        await held
+        assert admission.in_flight == 0
+        assert (await _call(admission, "/v1/next"))[0] == 200
+        assert admission.in_flight == 0 and order == ["/v1/slow", "/v1/next"]
 
     asyncio.run(scenario())
 
@@ -95,6 +176,7 @@ def test_pool_smaller_than_its_users_is_refused(tmp_path: Path) -> None:
     settings = Settings(data_dir=tmp_path, worker_threads=8)
     assert settings.pool_size == settings.database_users == 8 + 2 + 2 + 5
     assert settings.requests_in_flight_limit == 32
+    assert settings.requests_waiting_limit == 128 and settings.admission_wait_seconds == 1.0
     small = make_engine(f"sqlite:///{tmp_path / 'x.db'}", pool_size=5)
     with pytest.raises(UnsafeConfiguration, match="deadlock"):
         check_pool(small, settings)
