@@ -166,6 +166,15 @@ def session_scope(engine: Engine, *, autocommit: bool = False) -> Iterator[Sessi
             raise
 
 
+@contextmanager
+def autocommit_connection(engine: Engine) -> Iterator[sa.Connection]:
+    """A PostgreSQL connection in autocommit, no Session: for a caller whose work is
+    single statements run directly (broker/direct.py). Its isolation level goes back
+    to the default when it returns to the pool."""
+    with engine.connect() as conn:
+        yield conn.execution_options(**AUTOCOMMIT)
+
+
 def insert_values(session: Session, model: type[SQLModel], values: dict[str, Any]) -> None:
     """INSERT one row of ``model``'s table from a plain mapping, as one Core statement
     in ``session``'s transaction. The hot paths use it instead of building a table

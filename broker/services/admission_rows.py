@@ -12,6 +12,8 @@ Attribute names are the tables' column names, so code that also takes a table mo
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from datetime import date, datetime
 from typing import Any
@@ -79,9 +81,14 @@ CLUSTER_COLUMNS = _columns(Cluster, ClusterRow)
 ALLOCATION_COLUMNS = _columns(Allocation, AllocationRow)
 
 
-def take(row: sa.Row[Any], start: int, row_type: type[Any]) -> tuple[Any, int]:
+@functools.cache
+def _width(row_type: type[Any]) -> int:
+    return len(fields(row_type))
+
+
+def take(row: Sequence[Any], start: int, row_type: type[Any]) -> tuple[Any, int]:
     """``row_type`` from ``row[start:]`` (its columns in field order), or None when its
     primary key is NULL (an outer join that found nothing); and the next index."""
-    end = start + len(fields(row_type))
+    end = start + _width(row_type)
     values = row[start:end]
     return (None if values[0] is None else row_type(*values)), end

@@ -13,6 +13,7 @@ from sqlmodel import Session, col, select
 from broker import directives, plugins
 from broker.auth import Principal
 from broker.config import Settings
+from broker.direct import Statement
 from broker.cost import MAX_MICRO, allocation_tres, cost_micro, partition_misfit
 from broker.directives import EffectiveRequest, UnsupportedDirective
 from broker.errors import DirectiveRefused, Forbidden, InvalidRequest, NotFound
@@ -123,10 +124,11 @@ def _active_state_literals() -> list[Any]:
 
 
 @functools.cache
-def _subject_statement() -> Any:
+def _subject_statement() -> Statement:
     """Built once: project by code, the caller and their membership, the cluster by
-    name, the project's allocations there and the caller's account on it."""
-    return (
+    name, the project's allocations there and the caller's account on it. Run on the
+    driver's cursor on PostgreSQL (broker/direct.py)."""
+    return Statement(
         sa.select(*PROJECT_COLUMNS, *USER_COLUMNS, col(Membership.role), *CLUSTER_COLUMNS, *ALLOCATION_COLUMNS,
                   col(ClusterAccount.username))
         .select_from(Project)
@@ -177,7 +179,7 @@ def reads_active_jobs(chain: list[EligibilityPolicy], limits: AccessModeLimits) 
 def load_subject(session: Session, *, user: str, project: str, cluster: str) -> Subject | None:
     """:class:`Subject` for ``user`` submitting to ``project`` on ``cluster`` (one
     statement); None when there is no such project or no such user yet."""
-    rows = session.execute(_subject_statement(), {"me": user, "code": project, "cluster": cluster}).all()
+    rows = _subject_statement().rows(session, {"me": user, "code": project, "cluster": cluster})
     if not rows:
         return None
     first = rows[0]

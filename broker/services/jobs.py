@@ -35,7 +35,7 @@ from broker.adapter import (
 from broker.auth import Principal
 from broker.config import Settings
 from broker.cost import MAX_MICRO, cost_micro, memory_rule
-from broker.db import insert_values, session_scope
+from broker.db import autocommit_connection, insert_values, session_scope
 from broker.directives import EffectiveRequest
 from broker.errors import (
     BrokerError,
@@ -481,8 +481,8 @@ def record_submitted(engine: Engine, *, job_id: str, ref: SchedulerJobRef, submi
     (broker/services/single_statement.py)."""
     submitted_at = submitted_at or ref.submit_time or utcnow()
     if plain and then is None and engine.dialect.name == "postgresql":
-        with session_scope(engine, autocommit=True) as session:
-            recorded = single_statement.record_submitted(session, job_id=job_id, scheduler_job_id=ref.job_id,
+        with autocommit_connection(engine) as conn:
+            recorded = single_statement.record_submitted(conn, job_id=job_id, scheduler_job_id=ref.job_id,
                                                          at=submitted_at)
         return submitted_at if recorded else None
     with session_scope(engine) as session:

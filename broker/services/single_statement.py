@@ -36,6 +36,7 @@ import sqlalchemy as sa
 from sqlmodel import Session
 
 from broker import events
+from broker.direct import Statement
 from broker.models import Job, UTCDateTime
 from broker.services import ledger
 from broker.states import JobState
@@ -52,11 +53,11 @@ def reserve_job(session: Session, *, job: dict[str, Any], amount: int, actor: st
                                  user_id=job["user_id"], actor=actor, at=at)
     params.update({f"entry_{k}": v for k, v in entry.items()})
     params.update(reserve_amount=amount, reserve_allocation=job["allocation_id"], event_at=at)
-    return session.execute(_reserve_job_statement(columns), params).first() is not None
+    return _reserve_job_statement(columns).first(session, params) is not None
 
 
 @functools.cache
-def _reserve_job_statement(columns: tuple[str, ...]) -> sa.Insert:
+def _reserve_job_statement(columns: tuple[str, ...]) -> Statement:
     jobs = Job.__table__  # type: ignore[attr-defined]
     reserved = ledger.reserve_statement().returning(ledger.ALLOCATIONS.c.id).cte("reserved")
     # bind names unlike any column of the tables written: an UPDATE or INSERT sets
@@ -65,20 +66,20 @@ def _reserve_job_statement(columns: tuple[str, ...]) -> sa.Insert:
     job = (sa.insert(jobs).from_select(list(columns), sa.select(*job_values).select_from(reserved))
            .returning(jobs.c.id, jobs.c.project_id, jobs.c.user_id).cte("job"))
     event = events.insert_from(job, state=JobState.ACCEPTED.value, previous=None).cte("event")
-    return ledger.insert_reserve_entry(reserved).add_cte(job, event)
+    return Statement(ledger.insert_reserve_entry(reserved).add_cte(job, event))
 
 
-def record_submitted(session: Session, *, job_id: str, scheduler_job_id: str, at: datetime) -> bool:
+def record_submitted(conn: sa.Connection, *, job_id: str, scheduler_job_id: str, at: datetime) -> bool:
     """``ACCEPTED`` → ``PENDING`` with the scheduler's id and its event, in one
-    statement; False (nothing written) when the job is no longer ``ACCEPTED`` or has
-    a scheduler id already (the reconciler got there first)."""
-    row = session.execute(_record_submitted_statement(),
-                          {"rec_job": job_id, "rec_sched": scheduler_job_id, "rec_at": at, "event_at": at}).first()
-    return row is not None
+    statement on ``conn`` (in autocommit); False (nothing written) when the job is no
+    longer ``ACCEPTED`` or has a scheduler id already (the reconciler got there first)."""
+    rows = _record_submitted_statement().run(
+        conn, {"rec_job": job_id, "rec_sched": scheduler_job_id, "rec_at": at, "event_at": at})
+    return bool(rows)
 
 
 @functools.cache
-def _record_submitted_statement() -> sa.Select[Any]:
+def _record_submitted_statement() -> Statement:
     jobs = Job.__table__  # type: ignore[attr-defined]
     moved = (sa.update(jobs)
              .where(jobs.c.id == sa.bindparam("rec_job"), jobs.c.state == JobState.ACCEPTED.value,
@@ -87,4 +88,4 @@ def _record_submitted_statement() -> sa.Select[Any]:
                      submitted_at=sa.bindparam("rec_at", type_=UTCDateTime))
              .returning(jobs.c.id, jobs.c.project_id, jobs.c.user_id).cte("moved"))
     event = events.insert_from(moved, state=JobState.PENDING.value, previous=JobState.ACCEPTED.value).cte("event")
-    return sa.select(moved.c.id).add_cte(event)
+    return Statement(sa.select(moved.c.id).add_cte(event))

@@ -9,6 +9,8 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from broker import direct
+
 from tests.support.env import BrokerEnv
 
 
@@ -23,8 +25,13 @@ def statements(env: BrokerEnv) -> Iterator[list[str]]:
         if not threading.current_thread().name.startswith("aifa-"):
             seen.append(statement.strip().split(None, 1)[0].upper())
 
+    def record_direct(statement: str) -> None:  # run on the driver's cursor (broker/direct.py)
+        record(None, None, statement)
+
     sa.event.listen(env.engine, "before_cursor_execute", record)
+    direct.OBSERVERS.append(record_direct)
     try:
         yield seen
     finally:
         sa.event.remove(env.engine, "before_cursor_execute", record)
+        direct.OBSERVERS.remove(record_direct)
