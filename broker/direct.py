@@ -26,6 +26,7 @@ from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Dialect
+from sqlalchemy.sql.compiler import SQLCompiler
 from sqlmodel import Session
 
 #: called with each statement's SQL before it is sent (tests watch what a request sends;
@@ -37,8 +38,9 @@ class _Compiled:
     """One statement compiled for one dialect: SQL text, constant bind values, bind
     processors; result processors once the first answer told the column types."""
 
-    def __init__(self, clause: sa.ClauseElement, dialect: Dialect) -> None:
-        compiled = clause.compile(dialect=dialect)
+    def __init__(self, clause: sa.Executable, dialect: Dialect) -> None:
+        compiled = clause.compile(dialect=dialect)  # type: ignore[attr-defined]
+        assert isinstance(compiled, SQLCompiler)
         if compiled.literal_execute_params or compiled.post_compile_params:
             raise ValueError("a directly run statement cannot have parameters rendered at execution "
                              "(expanding IN, literal_execute)")
@@ -50,7 +52,7 @@ class _Compiled:
         self.bind_processors = [
             (escaped.get(name, name), proc) for name, bind in compiled.binds.items()
             if (proc := bind.type.dialect_impl(dialect).bind_processor(dialect)) is not None]
-        self.result_types = [entry[3] for entry in compiled._result_columns]
+        self.result_types = [entry[3] for entry in compiled._result_columns or ()]
         self.result_processors: list[tuple[int, Callable[[Any], Any]]] | None = None
         self.dialect = dialect
 
@@ -66,14 +68,16 @@ class _Compiled:
         return params
 
     def processors(self, description: Sequence[Any]) -> list[tuple[int, Callable[[Any], Any]]]:
-        if self.result_processors is None:
+        found = self.result_processors
+        if found is None:
             found = []
             for i, (type_, column) in enumerate(zip(self.result_types, description, strict=True)):
-                proc = type_.dialect_impl(self.dialect).result_processor(self.dialect, column.type_code)
+                proc: Callable[[Any], Any] | None = type_.dialect_impl(self.dialect).result_processor(
+                    self.dialect, column.type_code)
                 if proc is not None:
                     found.append((i, proc))
             self.result_processors = found
-        return self.result_processors
+        return found
 
 
 class Statement:
@@ -81,7 +85,7 @@ class Statement:
     PostgreSQL (see the module docstring). Build it once (module level or cached):
     compiling is the expensive part."""
 
-    def __init__(self, clause: sa.ClauseElement) -> None:
+    def __init__(self, clause: sa.Executable) -> None:
         self.clause = clause
         self._compiled: dict[int, _Compiled] = {}
 
@@ -126,7 +130,7 @@ class Statement:
             raise sa.exc.DBAPIError.instance(compiled.sql, params, exc, dbapi.Error,
                                              connection_invalidated=invalidated, dialect=dialect) from exc
         if not procs:
-            return found
+            return list(found)
         out = []
         for row in found:
             values_ = list(row)

@@ -12,7 +12,6 @@ Attribute names are the tables' column names, so code that also takes a table mo
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from datetime import date, datetime
@@ -81,9 +80,14 @@ CLUSTER_COLUMNS = _columns(Cluster, ClusterRow)
 ALLOCATION_COLUMNS = _columns(Allocation, AllocationRow)
 
 
-@functools.cache
+_WIDTHS: dict[type[Any], int] = {}
+
+
 def _width(row_type: type[Any]) -> int:
-    return len(fields(row_type))
+    width = _WIDTHS.get(row_type)
+    if width is None:
+        width = _WIDTHS[row_type] = len(fields(row_type))
+    return width
 
 
 def take(row: Sequence[Any], start: int, row_type: type[Any]) -> tuple[Any, int]:

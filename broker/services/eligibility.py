@@ -13,8 +13,8 @@ from sqlmodel import Session, col, select
 from broker import directives, plugins
 from broker.auth import Principal
 from broker.config import Settings
-from broker.direct import Statement
 from broker.cost import MAX_MICRO, allocation_tres, cost_micro, partition_misfit
+from broker.direct import Statement
 from broker.directives import EffectiveRequest, UnsupportedDirective
 from broker.errors import DirectiveRefused, Forbidden, InvalidRequest, NotFound
 from broker.models import Allocation, Cluster, ClusterAccount, Job, JobTask, Membership, Project, User

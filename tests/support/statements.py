@@ -10,7 +10,6 @@ from typing import Any
 import sqlalchemy as sa
 
 from broker import direct
-
 from tests.support.env import BrokerEnv
 
 
