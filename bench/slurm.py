@@ -20,7 +20,7 @@ import time
 import tomllib
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +62,33 @@ def scancel(job_ids: list[str], release: str = RELEASE) -> None:
             subprocess.run([str(run_in), release, "scancel", *chunk], capture_output=True, timeout=120)
 
 
+@contextmanager
+def bench_account(user: str = "alice", release: str = RELEASE) -> Iterator[str]:
+    """A Slurm account of this benchmark run alone, with ``user`` in it (removed after).
+
+    Why: the broker's usage import charges every job of its allocations' accounts in the
+    last 48 h that it did not submit itself, as direct usage. On a shared account
+    (proj-a) a fresh benchmark broker found every earlier run's jobs there (other
+    brokers' jobs, B4's thousands of held jobs, the raw baseline's) and imported them
+    in its tracker process while B1/B2 were being measured. On an account of its own it
+    sees only its own jobs, as a broker in service does."""
+    run_in = str(ROOT / "deploy" / "slurm-dev" / "run-in")
+    name = f"aifa-bench-{os.getpid()}-{int(time.time())}"
+
+    def sacctmgr(*args: str) -> None:
+        subprocess.run([run_in, release, "sacctmgr", "-i", *args], capture_output=True, timeout=120, check=True)
+
+    sacctmgr("add", "account", name, "description=aifa-broker benchmark", "organization=aifa")
+    sacctmgr("add", "user", user, f"account={name}")
+    try:
+        yield name
+    finally:  # best effort (its jobs cancelled first: an account with queued jobs stays)
+        subprocess.run([run_in, release, "scancel", f"--account={name}"], capture_output=True, timeout=120)
+        for args in (("delete", "user", user, f"account={name}"), ("delete", "account", name)):
+            with suppress(subprocess.CalledProcessError):
+                sacctmgr(*args)
+
+
 def _spec(i: int) -> JobSpec:
     return JobSpec(tag=f"bench-raw-{i}", username="alice", account="proj-a", script=SCRIPT,
                    time_limit_minutes=1, partition="cpu", name="bench")
@@ -91,12 +118,12 @@ def slurm_broker(kind: str, *, workers: int, db: str = "postgresql", tracker: bo
     (``tracker=False``: without the tracker, whose polls would count as the server's CPU)."""
     tmp = Path(tempfile.mkdtemp(prefix="aifa-bench-slurm-"))
     doc = definition(kind)
-    with fresh_database(db, tmp) as url:
+    with bench_account() as account, fresh_database(db, tmp) as url:
         with broker_env(tmp, url, run_tracker=False) as env:
             r = env.call("POST", "/v1/clusters", env.qm, json={
                 k: doc[k] for k in ("name", "adapter", "default_partition", "poll_interval_seconds", "connection")})
             assert r.status_code == 201, r.text
-            env.setup_project(PROJECT, amount=1e9, cluster=doc["name"], account="proj-a")
+            env.setup_project(PROJECT, amount=1e9, cluster=doc["name"], account=account)
         settings = make_settings(tmp, url)
         port = free_port()
         senv = {**os.environ, "AIFA_BROKER_DATA_DIR": str(settings.data_dir), "AIFA_BROKER_DATABASE_URL": url,

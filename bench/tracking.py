@@ -9,6 +9,7 @@ and other people test on it, so the default is 2,000 held jobs for a short windo
 
 from __future__ import annotations
 
+import contextlib
 import resource
 import tempfile
 import time
@@ -22,7 +23,7 @@ import sqlalchemy as sa
 from sqlmodel import select
 
 from bench.harness import Figure
-from bench.slurm import PROJECT, RELEASE, cluster_unavailable, definition, scancel
+from bench.slurm import PROJECT, RELEASE, bench_account, cluster_unavailable, definition, scancel
 from broker.adapter import JobSpec
 from broker.db import session_scope
 from broker.models import Allocation, Cluster, Job, User
@@ -39,11 +40,11 @@ def _rss_mb() -> float:
     return 0.0
 
 
-def _submit_held(adapter: Any, n: int) -> list[str]:
+def _submit_held(adapter: Any, n: int, account: str) -> list[str]:
     from adapters.slurm_ssh import commands, parse
 
     def one(i: int) -> str:
-        spec = JobSpec(tag=f"bench-held-{i}", username="alice", account="proj-a", script=HELD_SCRIPT,
+        spec = JobSpec(tag=f"bench-held-{i}", username="alice", account=account, script=HELD_SCRIPT,
                        time_limit_minutes=1, partition="cpu", name="bench-held")
         cmd = commands.build_submit(spec, adapter.config.output_dir)
         held = cmd.command.replace(" sbatch ", " sbatch --hold ", 1)  # the adapter has no hold option
@@ -76,15 +77,19 @@ def b4_b7(*, held: int, cycles: int = 3, release: str = RELEASE) -> list[Figure]
                                                   data_dir=tempfile.mkdtemp(prefix="aifa-bench-held-"))
     ids: list[str] = []
     tmp = Path(tempfile.mkdtemp(prefix="aifa-bench-track-"))
+    stack = contextlib.ExitStack()
     try:
+        # an account of its own: the held jobs, cancelled at the end, stay in the
+        # accounting of this account only (not in proj-a's, which the tests import)
+        account = stack.enter_context(bench_account(release=release))
         t0 = time.perf_counter()
-        ids = _submit_held(raw, held)
+        ids = _submit_held(raw, held, account)
         b4_cycle.extra["submit_held_s"] = time.perf_counter() - t0
         with fresh_database("postgresql", tmp) as url, broker_env(tmp, url, run_tracker=False) as env:
             r = env.call("POST", "/v1/clusters", env.qm, json={
                 k: doc[k] for k in ("name", "adapter", "default_partition", "poll_interval_seconds", "connection")})
             assert r.status_code == 201, r.text
-            env.setup_project(PROJECT, amount=1e12, cluster=doc["name"], account="proj-a")
+            env.setup_project(PROJECT, amount=1e12, cluster=doc["name"], account=account)
             with session_scope(env.engine) as s:
                 cluster = s.exec(select(Cluster).where(Cluster.name == doc["name"])).one()
                 alloc = s.exec(select(Allocation)).one()
@@ -93,7 +98,7 @@ def b4_b7(*, held: int, cycles: int = 3, release: str = RELEASE) -> list[Figure]
                 s.execute(sa.insert(Job.__table__), [  # type: ignore[attr-defined]
                     {"id": uuid.uuid4().hex, "project_id": alloc.project_id, "cluster_id": cluster.id,
                      "user_id": user.id, "allocation_id": alloc.id, "name": "bench-held", "partition": "cpu",
-                     "username": "alice", "account": "proj-a", "unit": alloc.unit, "estimated": 1,
+                     "username": "alice", "account": account, "unit": alloc.unit, "estimated": 1,
                      "reserved": 0, "state": "PENDING", "scheduler_job_id": j, "submitted_at": now,
                      "created_at": now, "request": {}} for j in ids])
             tracker = env.app.state.tracker
@@ -135,6 +140,7 @@ def b4_b7(*, held: int, cycles: int = 3, release: str = RELEASE) -> list[Figure]
     finally:
         raw.close()
         scancel(ids, release)
+        stack.close()
     per_job = (b4_cycle.value or 0) / max(held, 1)
     b4_cycle.extra["seconds_per_job"] = per_job
     b4_cycle.extra["extrapolated_10000_s"] = per_job * 10_000
