@@ -149,15 +149,9 @@ def get_engine(url: str, **kwargs: Any) -> Engine:
 
 
 @contextmanager
-def session_scope(engine: Engine, *, autocommit: bool = False) -> Iterator[Session]:
-    """A unit of work: commits on success, rolls back on error.
-
-    ``autocommit`` (PostgreSQL; ignored elsewhere): every statement is its own
-    transaction, with no ``BEGIN``/``COMMIT`` round trips — for a caller whose
-    writes are each one statement (broker/services/single_statement.py)."""
+def session_scope(engine: Engine) -> Iterator[Session]:
+    """A unit of work: commits on success, rolls back on error."""
     with Session(engine, expire_on_commit=False) as session:
-        if autocommit and engine.dialect.name == "postgresql":
-            session.connection(execution_options=AUTOCOMMIT)
         try:
             yield session
             session.commit()
@@ -173,6 +167,24 @@ def autocommit_connection(engine: Engine) -> Iterator[sa.Connection]:
     to the default when it returns to the pool."""
     with engine.connect() as conn:
         yield conn.execution_options(**AUTOCOMMIT)
+
+
+@contextmanager
+def autocommit_session(engine: Engine) -> Iterator[Session]:
+    """PostgreSQL: a Session bound to one :func:`autocommit_connection`, every
+    statement its own transaction. Statements run directly (broker/direct.py) use
+    that connection and never start the Session's own bookkeeping, which cost more
+    CPU than such a statement (a checkout with isolation level, a transaction
+    object, its commit and close); ORM work on a rarer path (a user's first sight)
+    goes through the Session as usual and is committed at the end."""
+    with autocommit_connection(engine) as conn, Session(bind=conn, expire_on_commit=False) as session:
+        try:
+            yield session
+            if session.in_transaction():
+                session.commit()
+        except BaseException:
+            session.rollback()
+            raise
 
 
 def insert_values(session: Session, model: type[SQLModel], values: dict[str, Any]) -> None:

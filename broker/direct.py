@@ -94,7 +94,10 @@ class Statement:
         ``session``'s transaction (or autocommit): its pending changes are flushed
         first, as SQLAlchemy's autoflush would."""
         session.flush()
-        conn = session.connection()
+        # a Session bound to a connection (broker.db.autocommit_session): that one,
+        # without starting the Session's transaction
+        bind = session.bind
+        conn = bind if isinstance(bind, sa.Connection) else session.connection()
         if conn.dialect.name != "postgresql":
             return [tuple(row) for row in session.execute(self.clause, dict(values)).all()]
         return self.run(conn, values)

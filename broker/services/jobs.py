@@ -37,7 +37,7 @@ from broker.adapter import (
 from broker.auth import Principal
 from broker.config import Settings
 from broker.cost import MAX_MICRO, cost_micro, memory_rule
-from broker.db import autocommit_connection, insert_values, session_scope
+from broker.db import autocommit_connection, autocommit_session, insert_values, session_scope
 from broker.directives import EffectiveRequest
 from broker.errors import (
     BrokerError,
@@ -286,7 +286,7 @@ def _reserve_answer(
     (broker/services/single_statement.py): two round trips in all. Otherwise one
     transaction writes them."""
     if link is None and body.notify is None and engine.dialect.name == "postgresql":
-        with session_scope(engine, autocommit=True) as session:
+        with autocommit_session(engine) as session:
             admitted = _admit(session, settings, principal, body, placed)
             if admitted.request.array is None:
                 alloc, estimate = admitted.allocation, admitted.prep.estimate
