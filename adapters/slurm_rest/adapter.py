@@ -41,6 +41,7 @@ from adapters.slurm_common.arrays import task_key
 from adapters.slurm_common.identity import slurm_identity
 from adapters.slurm_common.states import ACCOUNTING_END_STATES
 from adapters.slurm_common.tags import comment_for_tag, job_name_with_tag
+from adapters.slurm_common.window import relative_window
 from adapters.slurm_rest import convert
 from adapters.slurm_rest import errors as slurm_errors
 from adapters.slurm_rest.accounting import RestAccountingManager
@@ -368,9 +369,11 @@ class SlurmRestAdapter(ClusterAdapter):
 
         One slurmdb jobs query with the end states, ``start_time`` and ``end_time``:
         with states given slurmdbd selects by end time, so ``until`` bounds the
-        answer. The window is widened by a margin for the controller's clock and the
-        records filtered here by their end time. An answer past
-        ``usage_max_response_bytes`` raises ``OutputTooLarge``.
+        answer (checked on 22.05, 24.11, 26.05: tests/integration/test_usage_window_live.py).
+        The window is widened by ``usage_clock_margin_seconds`` on each side for
+        slurmrestd's clock (:mod:`adapters.slurm_common.window`) and the records
+        filtered here by their end time. An answer past ``usage_max_response_bytes``
+        raises ``OutputTooLarge``.
 
         Runs as ``query_username``; with ``PrivateData=jobs``/``usage`` that must
         be an operator/admin account or ``SlurmUser`` to see every user's jobs.
@@ -382,11 +385,12 @@ class SlurmRestAdapter(ClusterAdapter):
         user = self._query_user("usage")
         layer = self.api(user)
         now = datetime.now(tz=UTC)
+        back, until_back = relative_window(since, end, now, self.config.usage_clock_margin_seconds)
         query = AccountingQuery(
-            lookback_seconds=_seconds_since(since - _LOOKBACK_MARGIN, now),
+            lookback_seconds=back,
             accounts=sorted(set(accounts)) if accounts else (),
             states=ACCOUNTING_END_STATES,
-            until_seconds=None if end is None else max(0, int((now - end - _LOOKBACK_MARGIN).total_seconds())),
+            until_seconds=None if end is None else until_back,
         )
         records: list[UsageRecord] = []
         for job in self._accounting_jobs(layer, user, query, max_bytes=self.config.usage_max_response_bytes):

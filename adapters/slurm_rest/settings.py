@@ -35,6 +35,9 @@ key                        meaning
                            ~3,800 jobs at 4.4 KB each on 24.11); past it the read
                            fails with ``output_too_large`` and the importer asks
                            for a narrower window
+``usage_clock_margin_seconds``  added to each side of a usage-import window for
+                           the difference between the broker's clock and
+                           slurmrestd's (default 60; every read pays 2 × this)
 =========================  =====================================================
 """
 
@@ -45,6 +48,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 from urllib.parse import urlsplit
 
+from adapters.slurm_common.window import DEFAULT_CLOCK_MARGIN_SECONDS
 from broker.adapter import AdapterConfigError, reject_unknown_settings
 
 AUTH_MODES = ("jwt_key", "proxy_token")
@@ -68,6 +72,7 @@ class RestSettings:
     home_template: str = "/home/{username}"
     accounting_lookback_hours: int = 168
     usage_max_response_bytes: int = 16 * 1024 * 1024
+    usage_clock_margin_seconds: float = DEFAULT_CLOCK_MARGIN_SECONDS
 
     @classmethod
     def from_mapping(cls, raw: Mapping[str, Any]) -> RestSettings:
@@ -102,6 +107,8 @@ class RestSettings:
             home_template=_optional_str(raw, "home_template") or "/home/{username}",
             accounting_lookback_hours=int(_positive_number(raw, "accounting_lookback_hours", 168)),
             usage_max_response_bytes=int(_positive_number(raw, "usage_max_response_bytes", 16 * 1024 * 1024)),
+            usage_clock_margin_seconds=_positive_number(raw, "usage_clock_margin_seconds",
+                                                        DEFAULT_CLOCK_MARGIN_SECONDS),
         )
 
 

@@ -45,6 +45,7 @@ from adapters.slurm_common.queue import QueueJob
 from adapters.slurm_common.shapes import now_utc
 from adapters.slurm_common.states import started_or_expected
 from adapters.slurm_common.tags import tag_from_job_name
+from adapters.slurm_common.window import relative_window
 from adapters.slurm_ssh import commands, errors, parse
 from adapters.slurm_ssh.certs import CertificateAuthority, load_private_key
 from adapters.slurm_ssh.sacctmgr import SacctmgrManager
@@ -71,7 +72,8 @@ log = logging.getLogger(__name__)
 
 #: First release whose accounting has globally unique job ids (``SLUID``).
 SLUID_RELEASE = (26, 5)
-_USAGE_SLACK_SECONDS = 300
+#: clock slack of find_by_tag's accounting look-back
+_FIND_SLACK_SECONDS = 300
 
 
 class SlurmSSHAdapter(ClusterAdapter):
@@ -348,7 +350,7 @@ class SlurmSSHAdapter(ClusterAdapter):
         user = self._query_user()
         now = now_utc()
         start = since or now - timedelta(days=self.config.find_by_tag_days)
-        seconds = int((now - start).total_seconds()) + _USAGE_SLACK_SECONDS
+        seconds = int((now - start).total_seconds()) + _FIND_SLACK_SECONDS
         queue = parse.parse_queue_text(self._query(user, commands.build_find_queue(), "squeue"))
         acct, _ = parse.parse_sacct_parsable(
             self._query(user, commands.build_sacct_window(seconds), "sacct")
@@ -368,19 +370,19 @@ class SlurmSSHAdapter(ClusterAdapter):
         ``since`` (and not after ``until``), from one ``sacct --allusers -X -P
         --state=<end states> --starttime --endtime``: with end states given, sacct
         selects by end time, so ``until`` bounds the output. The window is widened by
-        a slack for the login node's clock and the records filtered here by their
+        ``usage_clock_margin_seconds`` for the login node's clock
+        (:mod:`adapters.slurm_common.window`) and the records filtered here by their
         end time. Malformed rows and not-yet-settled records are skipped; an output
         past ``max_output_bytes`` raises ``OutputTooLarge``."""
         if until is not None and until <= since:
             return []
         user = self._query_user()
         now = now_utc()
-        seconds = int((now - since).total_seconds()) + _USAGE_SLACK_SECONDS
-        until_back = 0 if until is None else max(0, int((now - until).total_seconds()) - _USAGE_SLACK_SECONDS)
+        seconds, until_back = relative_window(since, until, now, self.config.usage_clock_margin_seconds)
         try:
             fields = self._usage_fields(user)
             command = commands.build_sacct_window(seconds, accounts=accounts, terminal_only=True, fields=fields,
-                                                  until_seconds_back=until_back)
+                                                  until_seconds_back=until_back or 0)
         except ValueError as exc:
             raise AdapterError(str(exc), code="invalid_request") from exc
         jobs, skipped = parse.parse_sacct_parsable(self._query(user, command, "sacct"), fields)

@@ -29,6 +29,8 @@ accounting_lag_seconds          0         extra wait after a job's end before se
 output_dir                      .aifa-broker/output   job stdout/stderr files (home-relative
                                           unless absolute)
 find_by_tag_days                7         look-back of ``find_by_tag`` without ``since``
+usage_clock_margin_seconds      60        added to each side of a usage-import window for the
+                                          login node's clock (every read pays 2 × this)
 =============================== ========= ===================================================
 
 Security trade-off of ``auth = "key"``: every command (submit, cancel, read
@@ -44,6 +46,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
+from adapters.slurm_common.window import DEFAULT_CLOCK_MARGIN_SECONDS
 from broker.adapter import AdapterConfigError, reject_unknown_settings
 
 __all__ = ["SSHSettings"]
@@ -112,6 +115,7 @@ class SSHSettings:
     accounting_lag_seconds: float
     output_dir: str
     find_by_tag_days: float
+    usage_clock_margin_seconds: float = DEFAULT_CLOCK_MARGIN_SECONDS
 
     @classmethod
     def from_mapping(cls, settings: Mapping[str, Any]) -> SSHSettings:
@@ -145,6 +149,8 @@ class SSHSettings:
             accounting_lag_seconds=_number(settings, "accounting_lag_seconds", 0),
             output_dir=_optional(settings, "output_dir") or ".aifa-broker/output",
             find_by_tag_days=_number(settings, "find_by_tag_days", 7, 0.001),
+            usage_clock_margin_seconds=_number(settings, "usage_clock_margin_seconds",
+                                               DEFAULT_CLOCK_MARGIN_SECONDS, 1),
         )
         if "\n" in made.output_dir or "\x00" in made.output_dir:
             raise AdapterConfigError("slurm_ssh: connection.output_dir is invalid")

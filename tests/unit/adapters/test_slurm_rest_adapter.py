@@ -492,15 +492,16 @@ def _ended(job_id: int, seconds_ago: int, state: str = "COMPLETED") -> dict[str,
 
 
 @pytest.mark.parametrize(
-    ("until_ago", "end_time", "kept"),
+    ("margin", "until_ago", "end_time", "kept"),
     [
-        (None, "now", ["1", "2", "3"]),
-        (60, "now", ["1", "2"]),  # within the 5-minute clock margin: slurmdbd up to now, filtered here
-        (1200, "now-900seconds", ["1"]),  # widened by the margin, then filtered exactly
+        (None, None, "now", ["1", "2", "3"]),
+        (None, 60, "now", ["1", "2"]),  # within the 60 s clock margin: slurmdbd up to now, filtered here
+        (None, 1200, "now-1140seconds", ["1"]),  # widened by the margin, then filtered exactly
+        (5, 1200, "now-1195seconds", ["1"]),  # a smaller margin reads less past the window
     ],
 )
 def test_usage_until_bounds_the_query_and_the_records(
-    fake: FakeSlurmrestd, make: Any, until_ago: int | None, end_time: str, kept: list[str],
+    fake: FakeSlurmrestd, make: Any, margin: int | None, until_ago: int | None, end_time: str, kept: list[str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """End states and an ``end_time``: slurmdbd then selects by end time, so ``until``
@@ -511,16 +512,21 @@ def test_usage_until_bounds_the_query_and_the_records(
     fake.accounting = [_ended(1, 1800), _ended(2, 120, "FAILED"), _ended(3, 30, "CANCELLED")]
     now = datetime.fromtimestamp(NOW, tz=UTC)
     until = None if until_ago is None else now - timedelta(seconds=until_ago)
-    records = make(fake).usage(now - timedelta(hours=1), accounts=["proj-a"], until=until)
+    adapter = make(fake) if margin is None else make(fake, usage_clock_margin_seconds=margin)
+    records = adapter.usage(now - timedelta(hours=1), accounts=["proj-a"], until=until)
     assert [r.job_id for r in records] == kept
     params = fake.calls("/slurmdb/")[-1].url.params
     assert params.get_list("state") == list(ACCOUNTING_END_STATES)  # v0.0.42: repeated
+    late = int(datetime.now(tz=UTC).timestamp()) - NOW  # relative; the clock moved on since NOW
+    # the start: an hour back plus the margin (60 s unless set), not five minutes
+    start = int(params["start_time"].removeprefix("now-").removesuffix("seconds"))
+    assert 3600 + (margin or 60) <= start <= 3600 + (margin or 60) + late + 1
     given = params["end_time"]
     if end_time == "now":
         assert given == "now"
-    else:  # relative; the clock moved on since NOW
-        late = int(datetime.now(tz=UTC).timestamp()) - NOW
-        assert 900 <= int(given.removeprefix("now-").removesuffix("seconds")) <= 900 + late + 1
+    else:
+        expected = int(end_time.removeprefix("now-").removesuffix("seconds"))
+        assert expected <= int(given.removeprefix("now-").removesuffix("seconds")) <= expected + late + 1
 
 
 def test_usage_of_an_empty_window_asks_nothing(fake: FakeSlurmrestd, make: Any) -> None:

@@ -400,13 +400,13 @@ def test_usage_skips_malformed_unsettled_and_old_records():
     [
         (None, "--endtime=now", ["1", "2", "3"]),
         (0, "--endtime=now", ["1", "2", "3"]),
-        (60, "--endtime=now", ["1", "2"]),  # within the clock slack: sacct up to now, filtered here
-        (1200, "--endtime=now-900", ["1"]),  # widened by the 300 s slack, then filtered exactly
+        (60, "--endtime=now", ["1", "2"]),  # within the clock margin: sacct up to now, filtered here
+        (1200, "--endtime=now-1140", ["1"]),  # widened by the 60 s margin, then filtered exactly
     ],
 )
 def test_usage_until_bounds_sacct_and_the_records(until_ago, endtime, kept, monkeypatch):
     # NOW was taken at import; a full run gets here minutes later, and "until" is
-    # compared with the adapter's own clock (5 minutes of slack): the test's time is now
+    # compared with the adapter's own clock (60 s of margin): the test's time is now
     monkeypatch.setattr(sys.modules[__name__], "NOW", int(datetime.now(tz=UTC).timestamp()))
     rows = [sacct_row(1, "COMPLETED", "a", end_ago=1800), sacct_row(2, "COMPLETED", "b", end_ago=120),
             sacct_row(3, "FAILED", "c", end_ago=30)]
@@ -421,7 +421,9 @@ def test_usage_until_bounds_sacct_and_the_records(until_ago, endtime, kept, monk
         assert given == endtime
     else:  # relative; the clock moved on since NOW
         late = int(datetime.now(tz=UTC).timestamp()) - NOW
-        assert 900 <= int(given.removeprefix("--endtime=now-")) <= 900 + late + 1
+        assert 1140 <= int(given.removeprefix("--endtime=now-")) <= 1140 + late + 1
+    [start] = [w for w in argv if w.startswith("--starttime=")]
+    assert 3660 <= int(start.removeprefix("--starttime=now-")) <= 3660 + 2  # an hour + the 60 s margin
 
 
 def test_usage_of_an_empty_window_asks_nothing():
