@@ -42,6 +42,15 @@ SETTLEMENTS = Counter(
     "aifa_jobs_settled_total", "Jobs settled (reservation released, usage charged)", ["state"],
     registry=REGISTRY,
 )
+USAGE_IMPORT_STUCK = Counter(
+    "aifa_usage_import_stuck_total", "Usage-import cycles that could not read the next accounting window "
+    "in any piece (too large even at the narrowest window and one account): raise the adapter's cap",
+    ["cluster"], registry=REGISTRY,
+)
+USAGE_IMPORT_SPLITS = Counter(
+    "aifa_usage_import_account_splits_total", "Accounting windows too large at the narrowest span, "
+    "read per subset of accounts instead", ["cluster"], registry=REGISTRY,
+)
 RATE_LIMIT_STORE_ERRORS = Counter(
     "aifa_rate_limit_store_errors_total",
     "Submissions let through because the shared rate-limit store did not answer", registry=REGISTRY,
@@ -125,6 +134,9 @@ class DatabaseCollector(Collector):
                                   labels=["cluster"])
         sync_err = GaugeMetricFamily("aifa_enforcement_sync_failed", "1 when the last enforcement sync failed",
                                      labels=["cluster"])
+        import_lag = GaugeMetricFamily("aifa_usage_import_lag_seconds", "Seconds since the end of the last "
+                                       "job the usage import handled (its watermark; clusters not offline): "
+                                       "grows without bound while the import is stuck", labels=["cluster"])
         notes = GaugeMetricFamily("aifa_notifications", "Threshold crossings and expiry warnings recorded",
                                   labels=["kind"])
         deliveries = GaugeMetricFamily("aifa_webhook_deliveries", "Webhook deliveries by status",
@@ -148,10 +160,12 @@ class DatabaseCollector(Collector):
             )):
                 jobs.add_metric([cluster, state], count)
             now = time.time()
-            for name, state, ok, last_poll, down_since in conn.execute(sa.text(
-                "SELECT name, state, health_ok, last_poll_at, unreachable_since FROM clusters"
+            for name, state, ok, last_poll, down_since, imported in conn.execute(sa.text(
+                "SELECT name, state, health_ok, last_poll_at, unreachable_since, usage_imported_until FROM clusters"
             )):
                 up.add_metric([name], 1.0 if ok else 0.0)
+                if imported is not None and state != "offline":
+                    import_lag.add_metric([name], max(0.0, now - _epoch(imported)))
                 online.add_metric([name], 1.0 if state == "online" else 0.0)
                 unreachable.add_metric([name], max(0.0, now - _epoch(down_since)) if down_since else 0.0)
                 if last_poll is not None and state != "offline":
@@ -169,7 +183,7 @@ class DatabaseCollector(Collector):
             )):
                 deliveries.add_metric([status], count)
         yield from fams.values()
-        yield from (ends, jobs, up, online, unreachable, lag, drift, sync_err, notes, deliveries)
+        yield from (ends, jobs, up, online, unreachable, lag, import_lag, drift, sync_err, notes, deliveries)
 
 
 def _json(value: Any) -> dict[str, Any]:

@@ -40,7 +40,11 @@ tracker's polling cycle, so a long accounting import cannot delay polling. Rules
   (``output_too_large``: past the transport's cap) is retried on half its window,
   down to :data:`MIN_WINDOW`; one that timed out (``command_timeout``: a slurmrestd
   builds its whole answer before sending any of it) is halved once per cycle, as
-  it may as well be a daemon that hangs. The narrower span is kept for the group's
+  it may as well be a daemon that hangs. A window still too large at
+  :data:`MIN_WINDOW` (or from an adapter that cannot bound a read) is read per half
+  of the group's accounts, down to one account; one account's window too large even
+  then stops the import there (an error every cycle; ``aifa_usage_import_stuck_total``
+  and ``aifa_usage_import_lag_seconds`` grow), skipping nothing. The narrower span is kept for the group's
   next slices and cycles and doubles back after each slice with fewer than
   :data:`SPARSE_RECORDS` records: up to the maximum, and within one cycle never
   past a width that failed in it (a cycle that has halved its way past a dense
@@ -72,7 +76,7 @@ from broker.background import BackgroundLoop
 from broker.config import Settings
 from broker.cost import cost_micro, memory_rule
 from broker.db import session_scope
-from broker.metrics import TRACKER_CYCLE
+from broker.metrics import TRACKER_CYCLE, USAGE_IMPORT_SPLITS, USAGE_IMPORT_STUCK
 from broker.models import Allocation, Cluster, ClusterAccount, ImportedJob, Job, Membership, utcnow
 from broker.registry import AdapterRegistry
 from broker.services import ledger
@@ -176,10 +180,11 @@ class UsageImporter(BackgroundLoop):
         lo, ceiling, timeout_halved = since, max_span, False
         while True:
             hi = lo + span if span is not None and lo + span < now else None  # None: up to now
-            try:
-                records = self._read(adapter, lo, hi, accounts, first=lo == since)
+            width = (hi or now) - lo
+            try:  # a window that cannot be narrowed any more is read per subset of accounts
+                records = self._read(adapter, lo, hi, accounts, first=lo == since,
+                                     split=cluster.name if span is None or width <= MIN_WINDOW else None)
             except AdapterError as exc:
-                width = (hi or now) - lo
                 retry = exc.code == TOO_LARGE or (exc.code == TIMED_OUT and not timeout_halved)
                 if span is not None and retry and width > MIN_WINDOW:
                     timeout_halved = timeout_halved or exc.code == TIMED_OUT
@@ -189,6 +194,7 @@ class UsageImporter(BackgroundLoop):
                     continue
                 self._span[key] = span or max_span
                 if exc.code == TOO_LARGE:  # it will fail the same way every cycle: say what helps
+                    USAGE_IMPORT_STUCK.labels(cluster.name).inc()
                     log.error("cluster %s: usage import stuck at %s: %s; %s", cluster.name, lo, exc,
                               "raise the adapter's output cap (docs/usage-import.md)" if span is not None else
                               "its adapter's usage() takes no `until`, so the window cannot be read in parts")
@@ -218,17 +224,31 @@ class UsageImporter(BackgroundLoop):
                      cluster.name, self.settings.usage_import_batch - run.budget, new_mark)
         return run.imported
 
-    @staticmethod
-    def _read(adapter: ClusterAdapter, since: datetime, until: datetime | None, accounts: list[str], *,
-              first: bool) -> list[UsageRecord]:
+    def _read(self, adapter: ClusterAdapter, since: datetime, until: datetime | None, accounts: list[str], *,
+              first: bool, split: str | None = None) -> list[UsageRecord]:
         """The finished records of one window in end-time order. The end times are
         checked here too (an adapter may take ``until`` through ``**kwargs`` and
         ignore it); a later window drops records ending exactly at its start, which
-        the window before it handled."""
-        if until is None:
-            found = adapter.usage(since, accounts=accounts)
-        else:
-            found = adapter.usage(since, accounts=accounts, until=until)
+        the window before it handled.
+
+        With ``split`` (the cluster's name: the window cannot be narrowed any more),
+        an answer too large is asked again for each half of ``accounts``, down to
+        one account: every record has one account, so the halves together are the
+        window's records, each once."""
+        try:
+            if until is None:
+                found = adapter.usage(since, accounts=accounts)
+            else:
+                found = adapter.usage(since, accounts=accounts, until=until)
+        except AdapterError as exc:
+            if split is None or exc.code != TOO_LARGE or len(accounts) < 2:
+                raise
+            USAGE_IMPORT_SPLITS.labels(split).inc()
+            half = len(accounts) // 2
+            log.info("cluster %s: accounting window %s..%s too large for %d accounts; reading %d and %d",
+                     split, since, until or "now", len(accounts), half, len(accounts) - half)
+            found = [r for part in (accounts[:half], accounts[half:])
+                     for r in self._read(adapter, since, until, part, first=first, split=split)]
         return sorted((r for r in found if r.state in TERMINAL_STATES and (first or _end(r) > since)
                        and (until is None or _end(r) <= until)), key=lambda r: (_end(r), r.job_id))
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -24,6 +25,7 @@ from broker.db import session_scope
 from broker.models import Allocation, Cluster
 from broker.services.clusters import adapter_for, scheduler_group_ids
 from broker.usage_import import attribute
+from tests.integration.test_metrics import _scrape
 from tests.support.env import LOCAL_TEST_CONNECTION, BrokerEnv, broker_env
 
 
@@ -294,16 +296,19 @@ class BusyAccounting:
         self.records = records
         self.cap = cap
         self.calls: list[tuple[datetime, datetime | None, str]] = []
+        #: the accounts each call asked for
+        self.accounts: list[tuple[str, ...]] = []
         #: (since, until) -> an error to raise instead of answering
         self.fail: Callable[[datetime, datetime | None], AdapterError | None] = lambda since, until: None
 
     def usage(self, since: datetime, *, accounts: Any = None, until: datetime | None = None) -> list[UsageRecord]:
         error = self.fail(since, until)
         found = [r for r in self.records if r.end_time and r.end_time >= since
-                 and (until is None or r.end_time <= until)]
+                 and (until is None or r.end_time <= until) and (not accounts or r.account in accounts)]
         if error is None and len(found) > self.cap:
             error = OutputTooLarge(f"{len(found)} records")
         self.calls.append((since, until, "ok" if error is None else error.code))
+        self.accounts.append(tuple(accounts or ()))
         if error is not None:
             raise error
         return found
@@ -439,9 +444,37 @@ def test_too_large_even_at_the_narrowest_window_stops_without_skipping(
         assert narrowest <= timedelta(minutes=2)
         assert _charges(env) == {} and _cluster(env).usage_imported_until is None
         assert "raise the adapter's output cap" in caplog.text
+        stuck = _scrape(env)["aifa_usage_import_stuck_total"][(("cluster", "local"),)]
         before = len(fake.calls)
         assert importer.run_cycle(force=True) == 0  # and so every cycle, never skipping the jobs
         assert 0 < len(fake.calls) - before <= 40 and _charges(env) == {}
+        assert _scrape(env)["aifa_usage_import_stuck_total"][(("cluster", "local"),)] == stuck + 1
+
+
+def test_too_large_at_the_narrowest_window_is_read_per_account(
+        db_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Twelve jobs of two accounts ending in the same second, eight at most per read:
+    no window is narrow enough for both, but each account's six fit. The import reads
+    the narrowest window per account, charges every job once and moves on."""
+    end = datetime.now(UTC).replace(microsecond=0) - timedelta(hours=3)
+    records = [_record(str(500 + i), submitted=end - timedelta(minutes=10), elapsed=600,
+                       account="proj-a" if i % 2 else "proj-b") for i in range(12)]
+    later = [_record("600", submitted=end, elapsed=600)]  # after the burst: reached in the same cycle
+    with busy_env(tmp_path, db_url, records + later, cap=8, usage_import_max_span_hours=48) as (env, fake):
+        env.setup_project("EHPC-TEST-002", unit="gpu_hours", amount=10_000, members=("bob",), account="proj-b")
+        importer = env.app.state.tracker.importer
+        caplog.set_level(logging.INFO, logger="broker.usage_import")
+        assert importer.run_cycle(force=True) == 13
+        assert _charges(env) == {r.job_id: 1 for r in records + later}
+        assert ("proj-a",) in fake.accounts and ("proj-b",) in fake.accounts
+        assert "too large for 2 accounts" in caplog.text and "stuck" not in caplog.text
+        assert _cluster(env).usage_imported_until == later[0].end_time
+        assert importer.run_cycle(force=True) == 0 and len(_import_ledger(env)) == 13
+        # measurable: the splits are counted, and the watermark's age is exported
+        metrics = _scrape(env)
+        assert metrics["aifa_usage_import_account_splits_total"][(("cluster", "local"),)] >= 1
+        lag = metrics["aifa_usage_import_lag_seconds"][(("cluster", "local"),)]
+        assert 3 * 3600 - 600 - 5 <= lag <= 3 * 3600 - 600 + 120  # the last job ended 2 h 50 min ago
 
 
 def test_an_adapter_without_until_is_read_in_one_call(db_url: str, tmp_path: Path,
