@@ -94,3 +94,45 @@ def tres(alloc_tres: str) -> dict[str, float]:
 def params() -> list[Any]:
     """(release, adapter) pairs as pytest params with the ``slurm`` marker."""
     return [pytest.param((r, a), id=f"{a}-{r}", marks=pytest.mark.slurm) for r in RELEASES for a in ADAPTERS]
+
+
+def ensure_account(release: str, account: str, users: tuple[str, ...]) -> None:
+    """A Slurm account of the release's cluster with ``users`` associated (idempotent):
+    for tests whose accounting must not mix with the shared ``proj-a``/``proj-b``."""
+    listed = run_in(release, "sacctmgr", "-nP", "show", "account", account, "format=account")
+    if account not in listed.split():
+        run_in(release, "sacctmgr", "-i", "add", "account", account, "description=aifa test account",
+               "organization=aifa-dev")
+    for user in users:
+        assoc = run_in(release, "sacctmgr", "-nP", "show", "assoc", f"user={user}", f"account={account}",
+                       "format=account")
+        if account not in assoc.split():
+            run_in(release, "sacctmgr", "-i", "add", "user", user, f"account={account}")
+
+
+def burst(release: str, user: str, accounts: dict[str, int], *, settle_seconds: float = 3) -> list[str]:
+    """A burst of direct jobs ending in the same second: ``count`` jobs per account
+    submitted as ``user`` (the node's CPUs run some, the rest wait), all cancelled by
+    one ``scancel`` once the running ones have run ``settle_seconds``; returns their ids
+    once accounting shows every one ended. Bounded: the jobs are gone when it returns."""
+    ids: list[str] = []
+    try:
+        for account, count in accounts.items():
+            for _ in range(count):
+                out = run_in(release, "sbatch", "--parsable", f"--uid={user}", f"--account={account}",
+                             "--partition=cpu", "--time=5", "--job-name=aifa-burst", "--wrap=sleep 300",
+                             "-o", "/dev/null")
+                ids.append(out.strip().split(";")[0])
+        time.sleep(settle_seconds)
+    finally:
+        if ids:
+            run_in(release, "scancel", *ids, check=False)
+    deadline = time.monotonic() + 120
+    while True:
+        out = run_in(release, "sacct", "-X", "-n", "-P", "-j", ",".join(ids), "-o", "JobID,State,End")
+        ended = {f[0] for f in (ln.split("|") for ln in out.splitlines()) if len(f) == 3
+                 and f[1].startswith("CANCELLED") and f[2] not in ("", "Unknown")}
+        if ended >= set(ids):
+            return ids
+        assert time.monotonic() < deadline, f"burst not accounted: {sorted(set(ids) - ended)}"
+        time.sleep(1)

@@ -1,0 +1,104 @@
+"""A burst of direct jobs too large for one accounting answer, against the real
+slurmrestd of each dev release: the usage import reads it in pieces and charges
+every job exactly once instead of stopping at it ("usage import stuck").
+
+The burst is two accounts' jobs ending in the same second, so no window can be
+narrow enough for all of them; the adapter's answer cap is set (from the sizes
+slurmrestd really answers) between one account's share and the whole burst. The
+accounts are the test's own, so leftover accounting of other tests or benchmarks
+in the shared ``proj-a``/``proj-b`` cannot change what is read."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+from adapters.slurm_rest import SlurmRestAdapter
+from adapters.slurm_rest import client as rest_client
+from tests.contract.factory_slurm_rest import load_settings
+from tests.support import slurm
+from tests.support.env import broker_env
+
+ACCOUNTS = {"aifa-burst-a": 8, "aifa-burst-b": 8}
+#: small, so that a window's read is about its own width (adapters.slurm_common.window)
+MARGIN_SECONDS = 5
+
+
+def _answer_sizes(release: str, since: datetime, monkeypatch: pytest.MonkeyPatch) -> dict[tuple[str, ...], int]:
+    """Bytes slurmrestd answers for the burst's window: both accounts, and each alone."""
+    sizes: list[int] = []
+    read = rest_client._read_capped
+
+    def measured(response: Any, max_bytes: int | None, during: str) -> bytes:
+        content = read(response, None, during)
+        sizes.append(len(content))
+        return content
+
+    adapter = SlurmRestAdapter(f"burst-{release}", {**load_settings(release),
+                                                    "usage_clock_margin_seconds": MARGIN_SECONDS}, data_dir="/tmp")
+    found: dict[tuple[str, ...], int] = {}
+    with monkeypatch.context() as patch:
+        patch.setattr(rest_client, "_read_capped", measured)
+        try:
+            deadline = time.monotonic() + 60
+            # slurmdbd may list a job ended (sacct -j) a moment before a query by end time finds it
+            while len(adapter.usage(since, accounts=list(ACCOUNTS))) < sum(ACCOUNTS.values()):
+                assert time.monotonic() < deadline, "the burst never showed whole in slurmdb/jobs"
+                time.sleep(1)
+            for accounts in (tuple(ACCOUNTS), *((a,) for a in ACCOUNTS)):
+                records = adapter.usage(since, accounts=list(accounts))
+                assert len(records) == sum(ACCOUNTS[a] for a in accounts), (accounts, records)
+                found[accounts] = sizes[-1]
+        finally:
+            adapter.close()
+    return found
+
+
+@pytest.fixture
+def burst_ids(request: pytest.FixtureRequest) -> Iterator[tuple[str, list[str], datetime]]:
+    release = request.param
+    slurm.require_cluster(release)
+    for account in ACCOUNTS:
+        slurm.ensure_account(release, account, ("bob",))
+    started = datetime.now(UTC)
+    yield release, slurm.burst(release, "bob", ACCOUNTS), started
+
+
+@pytest.mark.slurm
+@pytest.mark.parametrize("burst_ids", slurm.RELEASES, indirect=True)
+def test_a_burst_too_large_for_one_answer_is_imported_once(
+        burst_ids: tuple[str, list[str], datetime], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    release, ids, started = burst_ids
+    since = started - timedelta(seconds=20)
+    sizes = _answer_sizes(release, since, monkeypatch)
+    whole, parts = sizes[tuple(ACCOUNTS)], [sizes[(a,)] for a in ACCOUNTS]
+    assert whole > 1.5 * max(parts), sizes
+    cap = (whole + max(parts)) // 2  # one account's share fits, the whole burst does not
+    definition = slurm.definition(release, "slurm_rest")
+    definition["connection"].update(usage_max_response_bytes=cap, usage_clock_margin_seconds=MARGIN_SECONDS)
+    lookback = (datetime.now(UTC) - since).total_seconds() / 3600
+    with broker_env(tmp_path, f"sqlite:///{tmp_path / 'broker.sqlite3'}", run_tracker=False,
+                    usage_lookback_hours=lookback) as env:
+        r = env.call("POST", "/v1/clusters", env.qm, json=definition)
+        assert r.status_code == 201, r.text
+        for i, account in enumerate(ACCOUNTS):
+            env.setup_project(f"EHPC-BURST-{i}", amount=100, unit="core_hours", members=("bob",),
+                              cluster=definition["name"], account=account)
+        importer = env.app.state.tracker.importer
+        imported = sum(importer.run_cycle(force=True) for _ in range(3))
+        with env.engine.connect() as conn:
+            rows = conn.execute(sa.text(
+                "SELECT i.scheduler_job_id, i.charged, COUNT(l.id) FROM imported_jobs i LEFT JOIN ledger_entries l "
+                "ON l.imported_job_id = i.id GROUP BY i.scheduler_job_id, i.charged")).all()
+        by_job = {str(job): (charged, entries) for job, charged, entries in rows}
+        assert sorted(by_job) == sorted(ids), "every job of the burst imported, each once"
+        # a job that ran is charged once; one cancelled while waiting is recorded, uncharged
+        assert all(entries == (1 if charged > 0 else 0) for charged, entries in by_job.values()), by_job
+        assert imported == sum(1 for charged, _ in by_job.values() if charged > 0)
+        assert importer.run_cycle(force=True) == 0  # a later cycle charges nothing again
