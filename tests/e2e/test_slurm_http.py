@@ -27,10 +27,11 @@ def slurm_env(request: pytest.FixtureRequest, tmp_path: Path):  # type: ignore[n
     release, adapter = request.param
     slurm.require_cluster(release)
     url = f"sqlite:///{tmp_path / 'broker.sqlite3'}"
-    # the usage import looks back 15 minutes, enough for this module's jobs: the dev cluster's
-    # accounting is shared with the rest of the suite and with benchmarks, whose bursts (a
-    # thousand cancelled jobs a minute) are more than slurmrestd 22.05 answers within the
-    # adapter's output cap (docs/usage-import.md)
+    # the project's Slurm account is the e2e tests' own: the dev cluster's proj-a is shared with
+    # the rest of the suite and with benchmarks (bursts of a thousand jobs a minute), whose
+    # leftover accounting the usage import would otherwise read (and charge) first; the import
+    # looks back 15 minutes, enough for this module's jobs
+    slurm.ensure_account(release, slurm.E2E_ACCOUNT, ("alice", "bob"))
     with broker_env(tmp_path, url, usage_import_interval_seconds=2, usage_lookback_hours=0.25,
                     reconcile_grace_seconds=2, reconcile_absent_seconds=60) as env:
         definition = slurm.definition(release, adapter)
@@ -40,7 +41,7 @@ def slurm_env(request: pytest.FixtureRequest, tmp_path: Path):  # type: ignore[n
         cluster = definition["name"]
         assert {p["name"] for p in r.json()["partitions"]} >= {"cpu", "gpu"}
         env.setup_project("EHPC-SLURM-001", amount=100, unit="gpu_hours", members=("alice", "bob"),
-                          cluster=cluster, account="proj-a")
+                          cluster=cluster, account=slurm.E2E_ACCOUNT)
         yield env, release, cluster
 
 
@@ -60,7 +61,7 @@ def test_gpu_job_charged_exactly_what_sacct_accounted(slurm_env) -> None:  # typ
     done = env.wait_settled(job["id"], env.auth("alice"), timeout=90)
     assert done["state"] == "COMPLETED" and done["exit_code"] == 0
     acct = slurm.sacct_job(release, done["scheduler_job_id"])
-    assert acct["User"] == "alice" and acct["Account"] == "proj-a" and acct["State"] == "COMPLETED"
+    assert acct["User"] == "alice" and acct["Account"] == slurm.E2E_ACCOUNT and acct["State"] == "COMPLETED"
     gpus = slurm.tres(acct["AllocTRES"]).get("gres/gpu", 0)
     assert gpus == 2
     expected = gpus * int(acct["ElapsedRaw"]) / 3600
@@ -70,8 +71,8 @@ def test_gpu_job_charged_exactly_what_sacct_accounted(slurm_env) -> None:  # typ
 
 def test_direct_sbatch_under_the_project_account_shows_in_usage(slurm_env) -> None:  # type: ignore[no-untyped-def]
     env, release, _cluster = slurm_env
-    out = slurm.run_in(release, "sbatch", "--parsable", "--uid=bob", "--account=proj-a", "--partition=gpu",
-                       "--gres=gpu:1", "--time=2", "--wrap=sleep 3", "-o", "/dev/null")
+    out = slurm.run_in(release, "sbatch", "--parsable", "--uid=bob", f"--account={slurm.E2E_ACCOUNT}",
+                       "--partition=gpu", "--gres=gpu:1", "--time=2", "--wrap=sleep 3", "-o", "/dev/null")
     job_id = out.strip().split(";")[0]
     deadline = time.monotonic() + 120
     row = None

@@ -23,7 +23,8 @@ pytestmark = pytest.mark.slurm
 def test_one_slurm_cluster_two_definitions_one_charge(release: str, tmp_path: Path) -> None:
     slurm.require_cluster(release)
     url = f"sqlite:///{tmp_path / 'broker.sqlite3'}"
-    # 15 minutes back: this test's own jobs, not the bursts others leave in the shared accounting
+    # its own account and 15 minutes back: this test's jobs, never the bursts others leave in proj-a
+    slurm.ensure_account(release, slurm.E2E_ACCOUNT, ("alice", "bob"))
     with broker_env(tmp_path, url, run_tracker=False, usage_lookback_hours=0.25) as env:
         names = []
         for adapter in slurm.ADAPTERS:
@@ -49,19 +50,19 @@ def test_one_slurm_cluster_two_definitions_one_charge(release: str, tmp_path: Pa
             "cluster": names[0], "unit": "core_hours", "amount": 5, "account": "no-such-account"})
         assert r.status_code == 422 and "no account 'no-such-account'" in r.json()["detail"], r.text
 
-        # one project, one allocation per definition, both on the Slurm account proj-a
+        # one project, one allocation per definition, both on the e2e tests' Slurm account
         env.setup_project("EHPC-ONE-2", amount=100, unit="core_hours", members=("alice", "bob"),
-                          cluster=names[0], account="proj-a")
+                          cluster=names[0], account=slurm.E2E_ACCOUNT)
         for user in ("alice", "bob"):
             assert env.call("PUT", f"/v1/clusters/{names[1]}/accounts/{user}", env.qm,
                             json={"username": user}).status_code == 200
         r = env.call("POST", "/v1/projects/EHPC-ONE-2/allocations", env.qm, json={
-            "cluster": names[1], "unit": "core_hours", "amount": 100, "account": "proj-a"})
+            "cluster": names[1], "unit": "core_hours", "amount": 100, "account": slurm.E2E_ACCOUNT})
         assert r.status_code == 201 and r.json()["warnings"] == [], r.text
         # another project on the same Slurm account of the same machine is refused
         env.call("POST", "/v1/projects", env.qm, json={"code": "EHPC-ONE-3", "title": "t"})
         r = env.call("POST", "/v1/projects/EHPC-ONE-3/allocations", env.qm, json={
-            "cluster": names[1], "unit": "core_hours", "amount": 1, "account": "proj-a"})
+            "cluster": names[1], "unit": "core_hours", "amount": 1, "account": slurm.E2E_ACCOUNT})
         assert r.status_code == 409 and "EHPC-ONE-2" in r.json()["detail"], r.text
 
         # a broker job through the -rest definition, a direct sbatch job beside it
@@ -70,7 +71,7 @@ def test_one_slurm_cluster_two_definitions_one_charge(release: str, tmp_path: Pa
             "time_limit_minutes": 2})
         assert r.status_code == 201, r.text
         broker_job = r.json()["scheduler_job_id"]
-        direct = slurm.run_in(release, "sbatch", "--parsable", "--uid=bob", "--account=proj-a",
+        direct = slurm.run_in(release, "sbatch", "--parsable", "--uid=bob", f"--account={slurm.E2E_ACCOUNT}",
                               "--partition=cpu", "--time=2", "--wrap=sleep 2", "-o", "/dev/null")
         direct = direct.strip().split(";")[0]
         tracker = env.app.state.tracker
@@ -93,7 +94,7 @@ def test_one_slurm_cluster_two_definitions_one_charge(release: str, tmp_path: Pa
         with env.engine.connect() as conn:
             assert conn.execute(sa.text("SELECT COUNT(*) FROM imported_jobs WHERE scheduler_job_id = :a"),
                                 {"a": direct}).scalar() == 1
-            # other direct jobs of proj-a (other test runs) are imported too: each exactly once
+            # other direct jobs of the account (earlier e2e runs) are imported too: each exactly once
             assert list(conn.execute(sa.text("SELECT scheduler_job_id, submit_time FROM imported_jobs GROUP BY "
                                              "scheduler_job_id, submit_time HAVING COUNT(*) > 1"))) == []
             charged = conn.execute(sa.text("SELECT COUNT(*) FROM imported_jobs WHERE charged > 0")).scalar()

@@ -18,6 +18,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 DEV = ROOT / "deploy" / "slurm-dev"
 RELEASES = ("22.05", "24.11", "26.05")
+#: the Slurm account of the end-to-end tests' projects (alice and bob): their own, so the
+#: usage import never reads other tests' or benchmarks' leftover accounting in proj-a
+E2E_ACCOUNT = "aifa-e2e"
 ADAPTERS = ("slurm_ssh", "slurm_rest")
 
 
