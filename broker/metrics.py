@@ -136,7 +136,7 @@ class DatabaseCollector(Collector):
                                      labels=["cluster"])
         import_lag = GaugeMetricFamily("aifa_usage_import_lag_seconds", "Seconds since the end of the last "
                                        "job the usage import handled (its watermark; clusters not offline): "
-                                       "grows without bound while the import is stuck", labels=["cluster"])
+                                       "grows while the import is stuck, and while no job ends", labels=["cluster"])
         notes = GaugeMetricFamily("aifa_notifications", "Threshold crossings and expiry warnings recorded",
                                   labels=["kind"])
         deliveries = GaugeMetricFamily("aifa_webhook_deliveries", "Webhook deliveries by status",
