@@ -38,6 +38,7 @@ from broker.auth import Principal
 from broker.config import Settings
 from broker.cost import MAX_MICRO, cost_micro, memory_rule
 from broker.db import autocommit_connection, autocommit_session, insert_values, session_scope
+from broker.direct import Statement
 from broker.directives import EffectiveRequest
 from broker.errors import (
     BrokerError,
@@ -634,9 +635,7 @@ def get_job_answer(session: Session, *, principal: Principal, job_id: str) -> di
     """One job in one query (its names joined, visibility in the WHERE); else 404 —
     as JSON-ready data with the fields and values of its :class:`JobOut` (what
     ``GET /v1/jobs/{id}`` answers). An id prefix is looked up as :func:`_visible_job` does."""
-    # the session's connection itself: a Core statement needs none of Session.execute's steps
-    row = session.connection().execute(_one_job_statement(principal.is_quota_manager),
-                                       {"job_id": job_id, "me": principal.name}).first() \
+    row = _one_job_statement(principal.is_quota_manager).first(session, {"job_id": job_id, "me": principal.name}) \
         if len(job_id) <= 64 else None
     if row is None:  # a unique prefix of an id (typed by a person): the longer path
         return job_out_loaded(session, _visible_job(session, principal, job_id)).model_dump()
@@ -644,11 +643,13 @@ def get_job_answer(session: Session, *, principal: Principal, job_id: str) -> di
 
 
 @functools.cache
-def _one_job_statement(quota_manager: bool) -> Any:
-    """Built once (building a statement costs more CPU than running this one)."""
+def _one_job_statement(quota_manager: bool) -> Statement:
+    """Built once (building a statement costs more CPU than running this one); run on
+    the driver's cursor on PostgreSQL (broker/direct.py)."""
     caller = Principal(name="", roles=frozenset({"quota_manager"} if quota_manager else set()))
     jobs = Job.__table__  # type: ignore[attr-defined]
-    return _visible_to(_job_rows(), caller, me=sa.bindparam("me")).where(jobs.c.id == sa.bindparam("job_id"))
+    return Statement(_visible_to(_job_rows(), caller, me=sa.bindparam("me"))
+                     .where(jobs.c.id == sa.bindparam("job_id")))
 
 
 #: the job columns an answer shows (:func:`job_out` reads them by name from a row)
@@ -923,17 +924,18 @@ def list_jobs(
         params["created"], params["last_id"] = _decode_cursor(cursor)
     q = _list_statement(principal.is_quota_manager, bool(project), bool(state), bool(cluster), bool(user),
                         bool(cursor))
-    rows = session.connection().execute(q, params).all()  # one query, whatever the page size
+    rows = q.rows(session, params)  # one query, whatever the page size
     items = [_answer(r) for r in rows[:limit]]
-    nxt = _encode_cursor(rows[limit - 1].created_at.replace(tzinfo=UTC), rows[limit - 1].id) \
-        if len(rows) > limit else None
+    last = dict(zip(_ROW_KEYS, rows[limit - 1], strict=True)) if len(rows) > limit else None
+    nxt = None if last is None else _encode_cursor(last["created_at"].replace(tzinfo=UTC), last["id"])
     return {"items": items, "next_cursor": nxt}
 
 
 @functools.cache
 def _list_statement(quota_manager: bool, project: bool, state: bool, cluster: bool, user: bool,
-                    cursor: bool) -> Any:
-    """The listing for one combination of filters, built once (values are parameters)."""
+                    cursor: bool) -> Statement:
+    """The listing for one combination of filters, built once (values are parameters);
+    run on the driver's cursor on PostgreSQL (broker/direct.py)."""
     caller = Principal(name="", roles=frozenset({"quota_manager"} if quota_manager else set()))
     jobs, projects, clusters, users = _tables()
     q = _visible_to(_job_rows(), caller, me=sa.bindparam("me"))
@@ -949,4 +951,4 @@ def _list_statement(quota_manager: bool, project: bool, state: bool, cluster: bo
         created = sa.bindparam("created", type_=UTCDateTime)
         q = q.where(sa.or_(jobs.c.created_at < created,
                            sa.and_(jobs.c.created_at == created, jobs.c.id < sa.bindparam("last_id"))))
-    return q.order_by(jobs.c.created_at.desc(), jobs.c.id.desc()).limit(sa.bindparam("limit"))
+    return Statement(q.order_by(jobs.c.created_at.desc(), jobs.c.id.desc()).limit(sa.bindparam("limit")))
