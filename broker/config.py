@@ -228,12 +228,16 @@ class Settings(BaseSettings):
     #: served) at most admission_wait_seconds, and at most max_requests_waiting wait at
     #: once; past either bound it is answered 503 ``overloaded`` + Retry-After. A burst
     #: of readers (hundreds of clients polling) is then served a few hundred ms later
-    #: instead of refused, while a sustained overload is still refused within a second:
-    #: never a long wait, and a waiting request holds no thread, no connection, only
-    #: its socket (broker/api/middleware.py, docs/configuration.md "Concurrency and
-    #: overload"). 0 for either: refused at once, as before. Default queue: 16 ×
-    #: worker_threads (256: what two processes see of 500 clients, with room)
-    admission_wait_seconds: float = Field(default=1.0, ge=0, le=10)
+    #: instead of refused, while a sustained overload is still refused within 2 s: never
+    #: a long wait, and a waiting request holds no thread, no connection, only its
+    #: socket (broker/api/middleware.py, docs/configuration.md "Concurrency and
+    #: overload"). The default wait is the 503's Retry-After (2 s): a refused client
+    #: waits that long before it retries, so waiting up to it in the queue never serves
+    #: a client later than refusing it would (B5, bench/RESULTS.md: 1 s still refused
+    #: ~0.2 % of a 500-reader burst on a loaded host, 2 s none). 0 for either: refused
+    #: at once, as before. Default queue: 16 × worker_threads (256: what one of two
+    #: processes sees of 500 clients, with room)
+    admission_wait_seconds: float = Field(default=2.0, ge=0, le=10)
     max_requests_waiting: int | None = Field(default=None, ge=0)
     #: database connections of this process. Default (and minimum): every thread that may
     #: hold one at once — worker_threads + probe threads + background threads

@@ -11,7 +11,7 @@ import pytest
 from pydantic import ValidationError
 
 from broker.api.app import UnsafeConfiguration, check_pool
-from broker.api.middleware import Admission, leave_admission
+from broker.api.middleware import RETRY_AFTER_SECONDS, Admission, leave_admission
 from broker.config import Settings
 from broker.db import make_engine
 
@@ -176,7 +176,9 @@ def test_pool_smaller_than_its_users_is_refused(tmp_path: Path) -> None:
     settings = Settings(data_dir=tmp_path, worker_threads=8)
     assert settings.pool_size == settings.database_users == 8 + 2 + 2 + 5
     assert settings.requests_in_flight_limit == 32
-    assert settings.requests_waiting_limit == 128 and settings.admission_wait_seconds == 1.0
+    assert settings.requests_waiting_limit == 128 and settings.admission_wait_seconds == 2.0
+    # waiting up to the 503's Retry-After never serves a client later than refusing it would
+    assert settings.admission_wait_seconds <= RETRY_AFTER_SECONDS
     small = make_engine(f"sqlite:///{tmp_path / 'x.db'}", pool_size=5)
     with pytest.raises(UnsafeConfiguration, match="deadlock"):
         check_pool(small, settings)
