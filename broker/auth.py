@@ -208,10 +208,10 @@ class Authenticator:
         and the signature check was a visible share of each request's CPU."""
         if not token or len(token) > MAX_TOKEN_BYTES or token.count(".") != 2:
             raise Unauthenticated("The bearer token is missing or malformed.")
-        hit = self.verified_recently(token)
+        digest = hashlib.sha256(token.encode()).digest()  # once: the lookup and the entry
+        hit = self._lookup(digest)
         if hit is not None:
             return hit
-        digest = hashlib.sha256(token.encode()).digest()
         now = time.time()
         principal, expires = self._verify(token)
         if len(self._verified) >= VERIFIED_CACHE_MAX:
@@ -225,7 +225,10 @@ class Authenticator:
         call :meth:`authenticate`). Never does I/O: the API calls it on its event loop."""
         if len(token) > MAX_TOKEN_BYTES:
             return None
-        hit = self._verified.get(hashlib.sha256(token.encode()).digest())
+        return self._lookup(hashlib.sha256(token.encode()).digest())
+
+    def _lookup(self, digest: bytes) -> Principal | None:
+        hit = self._verified.get(digest)
         if hit is not None and time.time() < hit[1]:
             return hit[0]
         return None

@@ -174,3 +174,27 @@ def test_tampered_token_is_not_served_from_the_cache(tmp_path: Path) -> None:
     forged_sig = sig[:-2] + ("AA" if not sig.endswith("AA") else "BB")
     with pytest.raises(Unauthenticated):
         auth.authenticate(f"{head}.{body}.{forged_sig}")
+
+
+def test_a_token_is_hashed_once_per_authentication(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The cache key is computed once whether the cache answers or not (it was computed
+    up to three times on a miss)."""
+    import broker.auth as auth_module
+
+    s = _settings(tmp_path)
+    auth = Authenticator(s)
+    tok = issue_token(s, sub="alice", roles=[])
+    real = auth_module.hashlib.sha256
+    calls: list[bytes] = []
+
+    def counting(data: bytes) -> object:
+        calls.append(data)
+        return real(data)
+
+    monkeypatch.setattr(auth_module.hashlib, "sha256", counting)
+    assert auth.authenticate(tok).name == "alice"  # a miss: verified, then cached
+    assert len(calls) == 1
+    assert auth.authenticate(tok).name == "alice"  # a hit
+    assert len(calls) == 2
+    assert auth.verified_recently(tok) is not None
+    assert len(calls) == 3
