@@ -166,7 +166,22 @@ def autocommit_connection(engine: Engine) -> Iterator[sa.Connection]:
     single statements run directly (broker/direct.py). Its isolation level goes back
     to the default when it returns to the pool."""
     with engine.connect() as conn:
-        yield conn.execution_options(**AUTOCOMMIT)
+        if engine.dialect.driver != "psycopg":
+            yield conn.execution_options(**AUTOCOMMIT)
+            return
+        # what isolation_level=AUTOCOMMIT does on psycopg, without SQLAlchemy's
+        # characteristics machinery around it (setting and resetting the level was a
+        # third of a checkout's CPU); the flag is put back before the pool sees it
+        driver = conn.connection.driver_connection
+        assert driver is not None
+        driver.autocommit = True
+        try:
+            yield conn
+        finally:
+            try:
+                driver.autocommit = False
+            except Exception:  # a broken connection: never back into the pool in autocommit
+                conn.invalidate()
 
 
 @contextmanager

@@ -125,3 +125,32 @@ def test_a_lost_connection_is_invalidated_and_answered_as_unavailable(tmp_path: 
                 assert conn.exec_driver_sql("SELECT pg_backend_pid()").scalar_one() != pid
         finally:
             engine.dispose()
+
+
+@pytest.mark.postgres
+def test_an_autocommit_connection_goes_back_to_the_pool_transactional(tmp_path: Path) -> None:
+    """PostgreSQL: inside ``autocommit_connection`` each statement commits by itself
+    (another connection sees it at once); the pooled connection comes back out of
+    autocommit afterwards, after an error too, so a later Session runs transactions."""
+    with fresh_database("postgresql", tmp_path, migrated=True) as url:
+        engine = make_engine(url, pool_size=1)
+        other = sa.create_engine(url)
+        users = User.__table__  # type: ignore[attr-defined]
+        insert = Statement(sa.insert(users).values(name=sa.bindparam("n"), created_at=sa.bindparam(
+            "at", type_=users.c.created_at.type)).returning(users.c.id))
+        try:
+            with autocommit_connection(engine) as conn:
+                insert.run(conn, {"n": "a", "at": datetime.now(UTC)})
+                with other.connect() as o:  # committed already
+                    assert o.execute(sa.select(sa.func.count()).select_from(users)).scalar_one() == 1
+            with pytest.raises(sa.exc.IntegrityError), autocommit_connection(engine) as conn:
+                insert.run(conn, {"n": "a", "at": datetime.now(UTC)})
+            with session_scope(engine) as s:
+                driver = s.connection().connection.driver_connection
+                assert driver is not None and driver.autocommit is False
+                s.execute(sa.insert(users).values(name="b", created_at=datetime.now(UTC)))
+                with other.connect() as o:  # not yet: in a transaction
+                    assert o.execute(sa.select(sa.func.count()).select_from(users)).scalar_one() == 1
+        finally:
+            other.dispose()
+            engine.dispose()
