@@ -21,7 +21,10 @@ from tests.support.server import live_server
 
 
 def _submit(env: BrokerEnv, who: str, project: str = "EHPC-TEST-001", **over: object) -> dict:
-    body = {"project": project, "script": "#!/bin/sh\nsleep 60\n", "time_limit_minutes": 5, **over}
+    # 60 minutes: the test cluster runs a minute in a second (time_scale 1), and a job the
+    # test expects still RUNNING a few steps later must not reach its limit first on a
+    # loaded machine (with 5 it timed out after 5 s, before the test got to cancel it)
+    body = {"project": project, "script": "#!/bin/sh\nsleep 60\n", "time_limit_minutes": 60, **over}
     r = env.call("POST", "/v1/jobs", env.auth(who), json=body)
     assert r.status_code in (201, 202), r.text
     return dict(r.json())
