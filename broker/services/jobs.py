@@ -706,20 +706,23 @@ def _answer(row: Any) -> dict[str, Any]:
     writes the same JSON (tests/integration/test_read_answers.py compares them). Building
     and validating a model per job (and reading a row by attribute) was most of a
     job list's CPU."""
-    j = dict(zip(_ROW_KEYS, row, strict=True))
-    unit = j["unit"]
-    request = _json(j["request"])
+    # unpacked by position (_ROW_KEYS' order): a dict of the row per job was a fifth of
+    # this function's time
+    (job_id, name, partition, state, raw_state, scheduler_job_id, unit, estimated, reserved, charged,
+     elapsed_seconds, submitted_at, created_at, started_at, ended_at, unknown_since, exit_code, reason,
+     request_text, pending_reason, expected_start_at, placement, array_counts,
+     project_code, cluster_name, user_name) = row
+    request = _json(request_text)
     return {
-        "id": j["id"], "project": j["project_code"], "cluster": j["cluster_name"], "user": j["user_name"],
-        "name": j["name"], "partition": j["partition"], "state": j["state"], "raw_state": j["raw_state"],
-        "scheduler_job_id": j["scheduler_job_id"], "estimated_cost": _money(unit, j["estimated"]),
-        "reserved": _money(unit, j["reserved"]),
-        "charged": None if j["charged"] is None else _money(unit, j["charged"]),
-        "elapsed_seconds": j["elapsed_seconds"], "submitted_at": _utc(j["submitted_at"]),
-        "created_at": _utc(j["created_at"]), "started_at": _utc(j["started_at"]), "ended_at": _utc(j["ended_at"]),
-        "unknown_since": _utc(j["unknown_since"]), "exit_code": j["exit_code"], "reason": j["reason"],
-        "request": request, "pending_reason": j["pending_reason"], "expected_start": _utc(j["expected_start_at"]),
-        "placement": _json(j["placement"]), "array": _array_answer(request, _json(j["array_counts"])),
+        "id": job_id, "project": project_code, "cluster": cluster_name, "user": user_name,
+        "name": name, "partition": partition, "state": state, "raw_state": raw_state,
+        "scheduler_job_id": scheduler_job_id, "estimated_cost": _money(unit, estimated),
+        "reserved": _money(unit, reserved), "charged": None if charged is None else _money(unit, charged),
+        "elapsed_seconds": elapsed_seconds, "submitted_at": _utc(submitted_at), "created_at": _utc(created_at),
+        "started_at": _utc(started_at), "ended_at": _utc(ended_at), "unknown_since": _utc(unknown_since),
+        "exit_code": exit_code, "reason": reason, "request": request, "pending_reason": pending_reason,
+        "expected_start": _utc(expected_start_at), "placement": _json(placement),
+        "array": _array_answer(request, _json(array_counts)),
     }
 
 
