@@ -21,6 +21,7 @@ Only statements that return rows are run this way (SELECT, or DML with RETURNING
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -87,7 +88,8 @@ class Statement:
 
     def __init__(self, clause: sa.Executable) -> None:
         self.clause = clause
-        self._compiled: dict[int, _Compiled] = {}
+        # per dialect object, dropped with it (an id could be reused by another engine's)
+        self._compiled: weakref.WeakKeyDictionary[Dialect, _Compiled] = weakref.WeakKeyDictionary()
 
     def rows(self, session: Session, values: Mapping[str, Any]) -> list[tuple[Any, ...]]:
         """Every row of the answer, as tuples in the statement's column order. In
@@ -110,9 +112,9 @@ class Statement:
     def run(self, conn: sa.Connection, values: Mapping[str, Any]) -> list[tuple[Any, ...]]:
         """Run on ``conn``'s psycopg connection (PostgreSQL only)."""
         dialect = conn.dialect
-        compiled = self._compiled.get(id(dialect))
+        compiled = self._compiled.get(dialect)
         if compiled is None:
-            compiled = self._compiled[id(dialect)] = _Compiled(self.clause, dialect)
+            compiled = self._compiled[dialect] = _Compiled(self.clause, dialect)
         params = compiled.params(values)
         for observe in OBSERVERS:
             observe(compiled.sql)
