@@ -144,6 +144,42 @@ def test_a_client_gone_while_waiting_leaks_no_slot() -> None:
     asyncio.run(scenario())
 
 
+def test_a_slot_left_by_a_long_poll_goes_to_the_oldest_waiter_and_is_passed_on_if_it_is_gone() -> None:
+    from starlette.requests import Request
+
+    tasks: dict[str, asyncio.Task[Any]] = {}
+    order: list[str] = []
+    polling = asyncio.Event()
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["path"] == "/v1/poll":
+            polling.set()
+            await asyncio.sleep(0.05)
+            leave_admission(Request(scope))  # the slot goes to /v1/gone, the oldest waiter ...
+            tasks["gone"].cancel()  # ... whose client leaves before it runs: passed on to /v1/next
+            await asyncio.sleep(0.05)
+        order.append(scope["path"])
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    admission = Admission(app, limit=1, threads=4, wait_seconds=5, queue=4)
+
+    async def scenario() -> None:
+        poll = asyncio.create_task(_call(admission, "/v1/poll"))
+        await polling.wait()
+        tasks["gone"] = asyncio.create_task(_call(admission, "/v1/gone"))
+        await asyncio.sleep(0.01)
+        following = asyncio.create_task(_call(admission, "/v1/next"))
+        assert (await asyncio.wait_for(following, 2))[0] == 200
+        assert (await poll)[0] == 200
+        with pytest.raises(asyncio.CancelledError):
+            await tasks["gone"]
+        assert order == ["/v1/next", "/v1/poll"]
+        assert admission.in_flight == 0 and not admission.waiting
+
+    asyncio.run(scenario())
+
+
 def test_a_long_wait_can_leave_admission() -> None:
     from starlette.requests import Request
 
