@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from broker.db import autocommit_connection, classify, make_engine, session_scope
+from broker.db import autocommit_connection, autocommit_session, classify, make_engine, session_scope
 from broker.direct import Statement
 from broker.models import Allocation, Cluster, Project, User
 from tests.support.env import fresh_database
@@ -153,4 +153,24 @@ def test_an_autocommit_connection_goes_back_to_the_pool_transactional(tmp_path: 
                     assert o.execute(sa.select(sa.func.count()).select_from(users)).scalar_one() == 1
         finally:
             other.dispose()
+            engine.dispose()
+
+
+@pytest.mark.postgres
+def test_an_autocommit_session_runs_orm_work_and_direct_statements_on_one_connection(tmp_path: Path) -> None:
+    """PostgreSQL: the reservation's Session (``autocommit_session``) — a row the ORM
+    adds (a user's first sight) is flushed before a direct statement reads, on the
+    same connection, and is kept when the block ends."""
+    with fresh_database("postgresql", tmp_path, migrated=True) as url:
+        engine = make_engine(url, pool_size=1)  # one connection: both must use it
+        users = User.__table__  # type: ignore[attr-defined]
+        names = Statement(sa.select(users.c.name).where(users.c.name.like(sa.bindparam("p"))))
+        try:
+            with autocommit_session(engine) as s:
+                assert names.rows(s, {"p": "new%"}) == []
+                s.add(User(name="newcomer", created_at=datetime.now(UTC)))
+                assert names.rows(s, {"p": "new%"}) == [("newcomer",)]
+            with engine.connect() as conn:
+                assert conn.execute(sa.select(users.c.name)).scalars().all() == ["newcomer"]
+        finally:
             engine.dispose()
