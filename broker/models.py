@@ -149,13 +149,17 @@ class Job(SQLModel, table=True):
     __tablename__ = "jobs"
     __table_args__ = (
         sa.Index("ix_jobs_cluster_state", "cluster_id", "state"),
-        sa.Index("ix_jobs_project_created", "project_id", "created_at"),
         sa.Index("ix_jobs_project_state", "project_id", "state"),  # eligibility's active-job counts
+        # the job list's pages, newest first, each read in index order and bounded by its
+        # size (services/jobs.py _list_statement): a user's own jobs, a project's, all
+        sa.Index("ix_jobs_user_created_id", "user_id", "created_at", "id"),
+        sa.Index("ix_jobs_project_created_id", "project_id", "created_at", "id"),
+        sa.Index("ix_jobs_created_id", "created_at", "id"),
     )
     id: str = Field(primary_key=True, max_length=32)
     project_id: int = Field(foreign_key="projects.id")
     cluster_id: int = Field(foreign_key="clusters.id")
-    user_id: int = Field(foreign_key="users.id", index=True)
+    user_id: int = Field(foreign_key="users.id")  # indexed by ix_jobs_user_created_id
     allocation_id: int = Field(foreign_key="allocations.id", index=True)
     name: str = Field(max_length=255)
     partition: str | None = Field(default=None, max_length=64)

@@ -926,7 +926,7 @@ def list_jobs(
     if cursor:
         params["created"], params["last_id"] = _decode_cursor(cursor)
     q = _list_statement(principal.is_quota_manager, bool(project), bool(state), bool(cluster), bool(user),
-                        bool(cursor))
+                        bool(cursor), session.get_bind().dialect.name == "postgresql")
     rows = q.rows(session, params)  # one query, whatever the page size
     items = [_answer(r) for r in rows[:limit]]
     last = dict(zip(_ROW_KEYS, rows[limit - 1], strict=True)) if len(rows) > limit else None
@@ -936,22 +936,72 @@ def list_jobs(
 
 @functools.cache
 def _list_statement(quota_manager: bool, project: bool, state: bool, cluster: bool, user: bool,
-                    cursor: bool) -> Statement:
+                    cursor: bool, lateral: bool) -> Statement:
     """The listing for one combination of filters, built once (values are parameters);
-    run on the driver's cursor on PostgreSQL (broker/direct.py)."""
-    caller = Principal(name="", roles=frozenset({"quota_manager"} if quota_manager else set()))
-    jobs, projects, clusters, users = _tables()
-    q = _visible_to(_job_rows(), caller, me=sa.bindparam("me"))
+    run on the driver's cursor on PostgreSQL (broker/direct.py).
+
+    Each page is read in index order and bounded by its size, however many jobs the
+    caller may see: "own jobs OR jobs of projects I lead" in one condition makes the
+    database read every visible job and sort them. Instead the page is the newest
+    ``limit`` keys of a UNION ALL of bounded branches — the caller's own jobs (through
+    ix_jobs_user_created_id), and, per project the caller leads, that project's jobs of
+    other users (ix_jobs_project_created_id) — and only those jobs are read, with their
+    names. Quota managers see every job: one branch (ix_jobs_created_id).
+
+    ``lateral``: the per-project branch as a LATERAL subquery (PostgreSQL), each
+    project's newest ``limit`` read through its index; SQLite has no LATERAL, so
+    there the branch is one ``project_id IN (...)`` (same rows, sorted)."""
+    jobs = Job.__table__  # type: ignore[attr-defined]
+    if quota_manager:
+        branches = [_page(jobs, project, state, cluster, user, cursor)]
+    else:
+        members = Membership.__table__  # type: ignore[attr-defined]
+        my_id = _user_id(sa.bindparam("me"))
+        led = members.c.user_id == my_id, members.c.role == "pi"
+        mine = _page(jobs, project, state, cluster, user, cursor).where(jobs.c.user_id == my_id)
+        if lateral:
+            theirs = (_page(jobs, project, state, cluster, user, cursor)
+                      .where(jobs.c.project_id == members.c.project_id, jobs.c.user_id != my_id)
+                      .lateral("led_jobs"))
+            others = sa.select(*theirs.c).select_from(members).join(theirs, sa.true()).where(*led)
+        else:
+            others = (_page(jobs, project, state, cluster, user, cursor)
+                      .where(jobs.c.project_id.in_(sa.select(members.c.project_id).where(*led)),
+                             jobs.c.user_id != my_id))
+        branches = [mine, others]
+    # each branch as a subquery: SQLite takes no ORDER BY/LIMIT on a compound's member
+    page = sa.union_all(*(sa.select(b.subquery().c) for b in branches)).subquery("page")
+    # the branches give keys only (their indexes hold them) and the page's jobs are
+    # read by id: a short statement (psycopg caches the parsing of those under 4 KiB)
+    return Statement(_job_rows().join(page, page.c.id == jobs.c.id)
+                     .order_by(page.c.created_at.desc(), page.c.id.desc()).limit(sa.bindparam("limit")))
+
+
+def _page(jobs: sa.Table, project: bool, state: bool, cluster: bool, user: bool, cursor: bool) -> Any:
+    """The keys (created_at, id) of the newest ``limit`` jobs after the cursor that
+    pass the filters, in index order: names compared as their ids (a subquery each), so that an index on
+    (project_id or user_id, created_at, id) reads them in order and stops at the page;
+    the cursor as a row comparison, an index condition (an OR of the two is a filter
+    that reads every newer job first)."""
+    _, projects, clusters, _ = _tables()
+    q = sa.select(jobs.c.created_at, jobs.c.id)
     if project:
-        q = q.where(projects.c.code == sa.bindparam("project"))
+        q = q.where(jobs.c.project_id == sa.select(projects.c.id).where(projects.c.code == sa.bindparam("project"))
+                    .scalar_subquery())
     if state:
         q = q.where(jobs.c.state == sa.bindparam("state"))
     if cluster:
-        q = q.where(clusters.c.name == sa.bindparam("cluster"))
+        q = q.where(jobs.c.cluster_id == sa.select(clusters.c.id).where(clusters.c.name == sa.bindparam("cluster"))
+                    .scalar_subquery())
     if user:
-        q = q.where(users.c.name == sa.bindparam("user"))
+        q = q.where(jobs.c.user_id == _user_id(sa.bindparam("user")))
     if cursor:
-        created = sa.bindparam("created", type_=UTCDateTime)
-        q = q.where(sa.or_(jobs.c.created_at < created,
-                           sa.and_(jobs.c.created_at == created, jobs.c.id < sa.bindparam("last_id"))))
-    return Statement(q.order_by(jobs.c.created_at.desc(), jobs.c.id.desc()).limit(sa.bindparam("limit")))
+        q = q.where(sa.tuple_(jobs.c.created_at, jobs.c.id)
+                    < sa.tuple_(sa.bindparam("created", type_=UTCDateTime), sa.bindparam("last_id")))
+    return q.order_by(jobs.c.created_at.desc(), jobs.c.id.desc()).limit(sa.bindparam("limit"))
+
+
+def _user_id(name: Any) -> Any:
+    """The id of the user named ``name`` (a scalar subquery; NULL, matching nothing, if none)."""
+    users = User.__table__.alias("named")  # type: ignore[attr-defined]  # never correlated to a joined users
+    return sa.select(users.c.id).where(users.c.name == name).scalar_subquery()
