@@ -15,7 +15,7 @@ micro-units (see :mod:`broker.models`), rounded up so estimates never undershoot
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 UNITS = ("gpu_hours", "node_hours", "core_hours", "billing_hours")
@@ -111,6 +111,11 @@ def _node_shape(partition: Mapping[str, Any] | None) -> tuple[int, int, int]:
     p = partition or {}
     return (int(p.get("cpus_per_node") or 0), int(p.get("memory_per_node_mb") or 0),
             int(p.get("gpus_per_node") or 0))
+
+
+def find_partition(partitions: Sequence[Mapping[str, Any]], name: str | None) -> dict[str, object] | None:
+    """The partition ``name`` among a cluster's discovered ones (what :func:`memory_rule` reads)."""
+    return next((dict(p) for p in partitions if p.get("name") == name), None)
 
 
 def memory_rule(tres: Mapping[str, float], partition: Mapping[str, Any] | None) -> dict[str, float]:

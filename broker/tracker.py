@@ -31,15 +31,17 @@ from broker.db import session_scope
 from broker.metrics import TRACKER_CYCLE
 from broker.models import Cluster, ImportedJob, Job, JobTask, UTCDateTime, utcnow
 from broker.registry import AdapterRegistry
-from broker.services import arrays
+from broker.services import arrays, settlement
 from broker.services.clusters import adapter_for, scheduler_group_ids
-from broker.services.jobs import mark_submit_failed, record_submitted, settle
+from broker.services.jobs import mark_submit_failed, record_submitted
 from broker.states import TERMINAL_STATES, JobState
 from broker.usage_import import UsageImporter
 
 log = logging.getLogger(__name__)
 #: clocks of the broker and the scheduler may differ this much when adopting a job
 ADOPT_CLOCK_SKEW = timedelta(minutes=5)
+#: ended jobs settled in one transaction (a burst is split: each transaction stays short)
+SETTLE_BATCH = 100
 POLLED_STATES = [s.value for s in (JobState.PENDING, JobState.RUNNING, JobState.COMPLETING, JobState.UNKNOWN)]
 
 
@@ -218,14 +220,7 @@ class Tracker(BackgroundLoop):
                     ended.append((row.id, status))
                 else:
                     self._apply_status(session, cluster, row, status)
-        # Each settlement in its own short transaction: settling updates the allocation's
-        # row, which every submission on that allocation queues for; settling a whole
-        # cycle's worth in the batch above held that lock for the entire cycle.
-        for job_id, status in ended:
-            with session_scope(self.engine) as session:
-                job = session.get(Job, job_id)
-                if job is not None and job.settled_at is None:
-                    settle(session, job=job, status=status, cost_model=cluster.cost_model)
+        self._settle_ended(cluster, ended)
         for job_id, done in tasks_ended.items():  # an array: its ended tasks, one transaction per job
             with session_scope(self.engine) as session:
                 array_job = session.get(Job, job_id)
@@ -237,6 +232,27 @@ class Tracker(BackgroundLoop):
                         arrays.settle_task(session, job=array_job, task=task, status=status,
                                            cost_model=cluster.cost_model)
                 arrays.refresh(session, job=array_job)
+
+    def _settle_ended(self, cluster: Cluster, ended: list[tuple[str, JobStatus]]) -> None:
+        """Settle the cycle's ended jobs, :data:`SETTLE_BATCH` to a transaction
+        (:func:`settlement.settle_ended`: the allocations' balances move at the end of
+        each, so their row locks, which submissions queue for, are held only from
+        there to the commit). A batch that fails is retried job by job, so one job
+        that cannot be settled holds back no other."""
+        for start in range(0, len(ended), SETTLE_BATCH):
+            batch = ended[start:start + SETTLE_BATCH]
+            try:
+                with session_scope(self.engine) as session:
+                    settlement.settle_ended(session, batch, cluster=cluster)
+            except sa.exc.SQLAlchemyError:
+                log.warning("cluster %s: settling %d jobs together failed; settling them one by one",
+                            cluster.name, len(batch), exc_info=True)
+                for one in batch:
+                    try:
+                        with session_scope(self.engine) as session:
+                            settlement.settle_ended(session, [one], cluster=cluster)
+                    except sa.exc.SQLAlchemyError:  # left for the next cycle, as the others are not
+                        log.exception("cluster %s: settling job %s failed", cluster.name, one[0])
 
     @staticmethod
     def _apply_tasks(session: Session, live: Job, tasks: list[JobTask], by_id: dict[str, JobStatus],
@@ -266,9 +282,7 @@ class Tracker(BackgroundLoop):
         """Write what changed of one live job (``live``: a row of :data:`LIVE_COLUMNS`
         or a loaded job); settle it when accounting says it ended."""
         if status.final and status.state in TERMINAL_STATES:
-            job = session.get(Job, live.id)
-            if job is not None:
-                settle(session, job=job, status=status, cost_model=cluster.cost_model)
+            settlement.settle_ended(session, [(live.id, status)], cluster=cluster)
             return
         # not final yet: a terminal word from the queue waits for accounting
         new_state = JobState.COMPLETING if status.state in TERMINAL_STATES else status.state

@@ -74,7 +74,7 @@ from sqlmodel import Session, col, select
 from broker.adapter import AdapterError, ClusterAdapter, UsageRecord, usage_accepts_until
 from broker.background import BackgroundLoop
 from broker.config import Settings
-from broker.cost import cost_micro, memory_rule
+from broker.cost import cost_micro, find_partition, memory_rule
 from broker.db import session_scope
 from broker.metrics import TRACKER_CYCLE, USAGE_IMPORT_SPLITS, USAGE_IMPORT_STUCK
 from broker.models import Allocation, Cluster, ClusterAccount, ImportedJob, Job, Membership, utcnow
@@ -325,7 +325,7 @@ class UsageImporter(BackgroundLoop):
                     members: dict[str, tuple[int | None, set[int]]],
                     pending: ledger.PendingBalances | None = None) -> bool:
         # the memory rule of the estimate and of broker jobs' charges: max(CPUs, memory share)
-        partition = next((dict(p) for p in cluster.partitions if p.get("name") == record.partition), None)
+        partition = find_partition(cluster.partitions, record.partition)
         charge = cost_micro(cluster.cost_model, partition=record.partition, unit=alloc.unit,
                             tres=memory_rule(record.alloc_tres, partition), seconds=record.elapsed_seconds)
         user_id = members.get(record.username, (None, set()))[0]

@@ -33,7 +33,7 @@ from sqlmodel import Session, col, select
 
 from broker import events
 from broker.adapter import JobStatus
-from broker.cost import cost_micro, memory_rule
+from broker.cost import cost_micro, find_partition, memory_rule
 from broker.directives import ArraySpec, parse_array
 from broker.metrics import SETTLEMENTS
 from broker.models import Allocation, Cluster, Job, JobTask, utcnow
@@ -292,8 +292,7 @@ def settle_all(session: Session, *, job: Job, status: JobStatus) -> None:
 
 def _partition_info(session: Session, job: Job) -> dict[str, object] | None:
     cluster = session.get(Cluster, job.cluster_id)
-    parts = cluster.partitions if cluster is not None else []
-    return next((dict(p) for p in parts if p.get("name") == job.partition), None)
+    return find_partition(cluster.partitions if cluster is not None else [], job.partition)
 
 
 def array_out(job: Any) -> ArrayOut | None:

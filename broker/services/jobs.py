@@ -36,7 +36,7 @@ from broker.adapter import (
 )
 from broker.auth import Principal
 from broker.config import Settings
-from broker.cost import MAX_MICRO, cost_micro, memory_rule
+from broker.cost import MAX_MICRO
 from broker.db import autocommit_connection, autocommit_session, insert_values, session_scope
 from broker.direct import Statement
 from broker.directives import EffectiveRequest
@@ -50,16 +50,17 @@ from broker.errors import (
     NotFound,
     QuotaExceeded,
 )
-from broker.metrics import DENIALS, SETTLEMENTS, SUBMISSIONS, SUBMIT_ERRORS
-from broker.models import Allocation, Cluster, Job, JobTask, Membership, Project, User, UTCDateTime, utcnow
+from broker.metrics import DENIALS, SUBMISSIONS, SUBMIT_ERRORS
+from broker.models import Cluster, Job, JobTask, Membership, Project, User, UTCDateTime, utcnow
 from broker.policy import Denial
 from broker.registry import AdapterRegistry
 from broker.schemas import DenialOut, EstimateOut, JobOut, JobRequest, JobTaskOut, JobTaskPage, Money
-from broker.services import arrays, ledger, notifications, placement, single_statement
+from broker.services import arrays, ledger, placement, single_statement
 from broker.services.admission_rows import AllocationRow, ClusterRow, UserRow
 from broker.services.clusters import adapter_for, breaker_retry_after, trip_breaker
 from broker.services.common import find_user, get_or_create_user, to_units, visible_project
 from broker.services.eligibility import Prepared, prepare, subject_for
+from broker.services.settlement import settle
 from broker.states import TERMINAL_STATES, JobState
 
 log = logging.getLogger(__name__)
@@ -522,59 +523,6 @@ def mark_submit_failed(engine: Engine, *, job_id: str, reason: str) -> bool:
         if job is None or job.state != JobState.ACCEPTED.value:
             return False
         return settle(session, job=job, status=status, cost_model={})
-
-
-# --- settlement ---------------------------------------------------------------------------
-
-def _partition_info(session: Session, job: Job) -> dict[str, object] | None:
-    """The job's partition as discovered (for the memory rule of the charge)."""
-    cluster = session.get(Cluster, job.cluster_id)
-    parts = cluster.partitions if cluster is not None else []
-    return next((dict(p) for p in parts if p.get("name") == job.partition), None)
-
-
-def settle(session: Session, *, job: Job, status: JobStatus, cost_model: dict[str, object]) -> bool:
-    """Release the reservation and charge the measured usage — exactly once.
-
-    The conditional update on ``settled_at IS NULL`` (plus the ledger's unique
-    (job, kind)) makes a second settlement a no-op, whatever the concurrency."""
-    seconds = status.elapsed_seconds or 0
-    charge = 0 if status.state == JobState.SUBMIT_FAILED else cost_micro(
-        cost_model, partition=job.partition, unit=job.unit,
-        tres=memory_rule(status.alloc_tres, _partition_info(session, job)), seconds=seconds)
-    table = Job.__table__  # type: ignore[attr-defined]
-    now = utcnow()
-    result = session.execute(
-        sa.update(table).where(table.c.id == job.id, table.c.settled_at.is_(None))
-        .values(settled_at=now, state=status.state.value, raw_state=status.raw_state[:64],
-                charged=charge, reserved=0, exit_code=status.exit_code,
-                elapsed_seconds=status.elapsed_seconds, alloc_tres=dict(status.alloc_tres),
-                ended_at=status.end_time or now, started_at=job.started_at or status.start_time,
-                reason=status.reason or job.reason, unknown_since=None,
-                pending_reason=None, expected_start_at=None)
-    )
-    if not result.rowcount:  # type: ignore[attr-defined]
-        return False
-    if arrays.is_array(job):  # ended as a whole before any task was settled (submit failed)
-        arrays.settle_all(session, job=job, status=status)
-    events.record_for(session, job, state=status.state.value, previous=job.state)
-    alloc = session.get(Allocation, job.allocation_id)
-    assert alloc is not None
-    occurred = status.end_time or now
-    # the ledger rows first, the allocation's balance in one UPDATE last: its row lock,
-    # which submissions on the allocation queue for, is held from there to the commit
-    pending = ledger.PendingBalances()
-    ledger.apply(session, allocation=alloc, kind="release", amount=job.reserved, actor="tracker",
-                 reason=f"job {status.state.value.lower()}", job_id=job.id, user_id=job.user_id,
-                 occurred_at=occurred, pending=pending)
-    ledger.apply(session, allocation=alloc, kind="charge", amount=charge, actor="tracker",
-                 reason=f"{seconds}s × allocated TRES", job_id=job.id, user_id=job.user_id,
-                 occurred_at=occurred, pending=pending)
-    pending.apply(session)
-    SETTLEMENTS.labels(status.state.value).inc()
-    notifications.on_settled(session, alloc.id or 0)  # threshold crossings, recorded once
-    session.expire(job)
-    return True
 
 
 # --- read and cancel ------------------------------------------------------------------------

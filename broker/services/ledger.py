@@ -44,14 +44,29 @@ class PendingBalances:
 
     def __init__(self) -> None:
         self._moves: dict[tuple[int, str], int] = {}
+        self._entries: list[dict[str, Any]] = []
 
     def add(self, allocation_id: int, column: str, delta: int) -> None:
         key = (allocation_id, column)
         self._moves[key] = self._moves.get(key, 0) + delta
 
+    def entry(self, *, allocation_id: int, project_id: int, kind: str, amount: int, actor: str, reason: str,
+              job_id: str, user_id: int | None, occurred_at: datetime, task: int = -1) -> None:
+        """One ledger row of a job and its balance move, both written by :meth:`apply`
+        (the rows in one INSERT: no ORM object, no flush per row)."""
+        self.add(allocation_id, KIND_COLUMN[kind], KIND_SIGN[kind] * amount)
+        self._entries.append({
+            "allocation_id": allocation_id, "project_id": project_id, "kind": kind, "amount": amount,
+            "job_id": job_id, "imported_job_id": None, "user_id": user_id, "actor": actor, "reason": reason,
+            "created_at": utcnow(), "occurred_at": occurred_at, "task": task})
+
     def apply(self, session: Session) -> None:
-        """One UPDATE per allocation (every column it moves), in id order (no deadlock
-        between two batches touching the same allocations)."""
+        """The collected ledger rows (one INSERT), then one UPDATE per allocation (every
+        column it moves), in id order (no deadlock between two batches touching the
+        same allocations)."""
+        if self._entries:
+            session.execute(sa.insert(LedgerEntry.__table__), self._entries)  # type: ignore[attr-defined]
+            self._entries = []
         table = Allocation.__table__  # type: ignore[attr-defined]
         by_alloc: dict[int, dict[str, int]] = {}
         for (alloc_id, column), delta in self._moves.items():

@@ -41,9 +41,11 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Iterable
 from datetime import date
 from typing import Any
 
+import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
@@ -145,6 +147,21 @@ def on_settled(session: Session, allocation_id: int) -> None:
     except Exception:
         log.exception("threshold check after settling on allocation %s failed; the scan will retry",
                       allocation_id)
+
+
+def on_charged(session: Session, allocation_ids: Iterable[int]) -> None:
+    """:func:`on_settled` for the allocations a batch charged, each only if its charge
+    has reached one of its thresholds (one query for all: below the lowest threshold,
+    which is the common case, nothing else is read)."""
+    ids = sorted(set(allocation_ids))
+    if not ids:
+        return
+    table = Allocation.__table__  # type: ignore[attr-defined]
+    rows = session.execute(sa.select(table.c.id, table.c.granted, table.c.charged, table.c.thresholds)
+                           .where(table.c.id.in_(ids))).all()
+    for alloc_id, granted, charged, thresholds in rows:
+        if granted > 0 and any(100 * charged / granted >= float(t) for t in thresholds or ()):
+            on_settled(session, alloc_id)
 
 
 def record_expiry_warnings(session: Session, settings: Settings, *, as_of: date | None = None) -> list[Notification]:
