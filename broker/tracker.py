@@ -103,6 +103,19 @@ def _status_update_statement() -> sa.Update:
                     expected_start_at=sa.bindparam("b_expected", type_=UTCDateTime)))
 
 
+@functools.cache
+def _stale_accepted_statement() -> sa.Select[Any]:
+    """A job of the cluster accepted before ``cutoff`` and still without a scheduler's answer."""
+    table = Job.__table__  # type: ignore[attr-defined]
+    return sa.select(table.c.id).where(
+        table.c.cluster_id == sa.bindparam("cluster_id"), table.c.state == JobState.ACCEPTED.value,
+        table.c.created_at < sa.bindparam("cutoff", type_=UTCDateTime)).limit(1)
+
+
+#: the definitions a cycle looks at (built once: it runs every second)
+_ONLINE_CLUSTERS = select(Cluster).where(Cluster.state != "offline")
+
+
 class Tracker(BackgroundLoop):
     """Polls clusters, settles finished jobs, reconciles and imports usage."""
 
@@ -141,7 +154,7 @@ class Tracker(BackgroundLoop):
         is :attr:`importer`'s, on its own thread)."""
         now = time.monotonic()
         with session_scope(self.engine) as session:
-            clusters = list(session.exec(select(Cluster).where(Cluster.state != "offline")).all())
+            clusters = list(session.exec(_ONLINE_CLUSTERS).all())
         for cluster in clusters:
             name = cluster.name
             if not (force or now >= self._next_poll.get(name, 0.0)):
@@ -376,10 +389,9 @@ class Tracker(BackgroundLoop):
     # --- reconciliation -------------------------------------------------------------
     def _has_stale_accepted(self, cluster: Cluster) -> bool:
         cutoff = utcnow() - timedelta(seconds=self.settings.reconcile_grace_seconds)
-        with session_scope(self.engine) as session:
-            return session.exec(select(Job.id).where(
-                Job.cluster_id == cluster.id, Job.state == JobState.ACCEPTED.value,
-                col(Job.created_at) < cutoff)).first() is not None
+        with self.engine.connect() as conn:  # one read every cycle: no Session, a statement built once
+            return conn.execute(_stale_accepted_statement(), {"cluster_id": cluster.id, "cutoff": cutoff}).first() \
+                is not None
 
     def reconcile_cluster(self, cluster: Cluster, adapter: ClusterAdapter) -> None:
         """Adopt ACCEPTED jobs that reached the cluster; fail those proven absent."""

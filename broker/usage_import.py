@@ -65,6 +65,7 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
@@ -101,9 +102,16 @@ TOO_LARGE = "output_too_large"
 TIMED_OUT = "command_timeout"
 
 
-def group_key(cluster: Cluster) -> str:
-    """The scheduler a definition reaches: its identity, else the definition itself."""
+def group_key(cluster: Any) -> str:
+    """The scheduler a definition reaches: its identity, else the definition itself
+    (``cluster``: a :class:`Cluster` or a row of its ``name`` and ``scheduler_identity``)."""
     return cluster.scheduler_identity or f"definition:{cluster.name}"
+
+
+_CLUSTERS: sa.Table = Cluster.__table__  # type: ignore[attr-defined]
+#: what :func:`group_key` reads of every definition that is not offline
+_GROUPS_STATEMENT = sa.select(_CLUSTERS.c.name, _CLUSTERS.c.scheduler_identity).where(
+    _CLUSTERS.c.state != "offline")
 
 
 class UsageImporter(BackgroundLoop):
@@ -130,6 +138,12 @@ class UsageImporter(BackgroundLoop):
 
         now = time.monotonic()
         with session_scope(self.engine) as session:
+            # a look at the groups first (three plain columns): this runs every second,
+            # an import is due every few minutes, and loading the definitions (JSON
+            # columns, ORM objects) every second was most of the idle process's CPU
+            keys = {group_key(r) for r in session.execute(_GROUPS_STATEMENT)}
+            if not force and all(now < self._next.get(k, 0.0) for k in keys):
+                return 0
             clusters = list(session.exec(select(Cluster).where(Cluster.state != "offline")
                                          .order_by(col(Cluster.id))).all())
         groups: dict[str, list[Cluster]] = {}
