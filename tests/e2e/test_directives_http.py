@@ -52,7 +52,7 @@ def test_script_gres_is_estimated_and_charged(slurm_env) -> None:  # type: ignor
     assert done["state"] == "COMPLETED", done
     acct = slurm.sacct_job(release, done["scheduler_job_id"])
     assert slurm.tres(acct["AllocTRES"]).get("gres/gpu") == 2
-    assert (acct["User"], acct["Account"]) == ("alice", "proj-a")
+    assert (acct["User"], acct["Account"]) == ("alice", slurm.E2E_ACCOUNT)
     assert abs(done["charged"]["amount"] - 2 * int(acct["ElapsedRaw"]) / 3600) < 2e-6
 
 
@@ -67,11 +67,11 @@ def test_identity_directives_refused_and_slurm_sees_the_brokers_choice(slurm_env
         assert r.json()["line"] == 3 and line in r.json()["directive"]
     assert marker not in _names_seen(release)
     # the allocation's own account is accepted; Slurm shows the broker's user and account
-    r = _post(env, "/v1/jobs", cluster, f"#!/bin/bash\n#SBATCH -A proj-a -J {marker} -t 2\nid -un\n")
+    r = _post(env, "/v1/jobs", cluster, f"#!/bin/bash\n#SBATCH -A {slurm.E2E_ACCOUNT} -J {marker} -t 2\nid -un\n")
     assert r.status_code == 201, r.text
     done = env.wait_settled(r.json()["id"], env.auth("alice"), timeout=120)
     acct = slurm.sacct_job(release, done["scheduler_job_id"])
-    assert (acct["User"], acct["Account"]) == ("alice", "proj-a")
+    assert (acct["User"], acct["Account"]) == ("alice", slurm.E2E_ACCOUNT)
 
 
 def test_over_budget_gpus_refused_before_slurm(slurm_env) -> None:  # type: ignore[no-untyped-def]
@@ -180,7 +180,7 @@ def test_array_reservation_covers_every_task_and_each_task_is_charged_once(slurm
                                                         env.auth("alice")).json()["items"]}
     for key, (_, alloc, elapsed, user, account) in rows.items():
         gpus = slurm.tres(alloc).get("gres/gpu", 0.0)
-        assert (gpus, user, account) == (1, "alice", "proj-a"), rows[key]
+        assert (gpus, user, account) == (1, "alice", slurm.E2E_ACCOUNT), rows[key]
         # the reservation (1 GPU × the time limit per task) covers what Slurm allocated to the task
         assert gpus * 3 / 60 <= job["reserved"]["amount"] / 4 + 1e-9
         assert abs(tasks[key]["charged"]["amount"] - gpus * int(elapsed) / 3600) < 2e-6, (key, tasks[key])
