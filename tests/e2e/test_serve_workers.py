@@ -87,6 +87,13 @@ def test_workers_share_the_load_one_tracker_summed_metrics(tmp_path: Path) -> No
         httpx.get(f"{base}/healthz", timeout=2)
 
 
+def _listening_pids(port: int) -> set[int]:
+    """The processes with a listening socket on ``port``."""
+    out = subprocess.run(["ss", "-tlnpH", f"( sport = :{port} )"], capture_output=True, text=True,
+                         check=True).stdout
+    return {int(p) for p in re.findall(r"pid=(\d+)", out)}
+
+
 def _server_side_pids(port: int) -> set[int]:
     """The processes owning the established server-side sockets of ``port``."""
     out = subprocess.run(["ss", "-tnpH", "state", "established", f"( sport = :{port} )"],
@@ -116,6 +123,13 @@ def test_a_burst_of_connections_is_spread_and_the_port_is_not_shared(tmp_path: P
     proc = _start(env, port)
     try:
         workers = set(_children(proc.pid))
+        # every worker listening first: /healthz answered by one worker says nothing of the
+        # other, still importing the app on a loaded machine, whose socket is not yet in
+        # the SO_REUSEPORT group (then the whole burst goes, rightly, to the one listening)
+        deadline = time.monotonic() + 60
+        while len(_listening_pids(port) & workers) < 2:
+            assert time.monotonic() < deadline, f"workers listening: {_listening_pids(port) & workers}"
+            time.sleep(0.2)
 
         async def check() -> set[int]:
             clients = await _burst(f"http://127.0.0.1:{port}", 16)
