@@ -239,11 +239,7 @@ class Tracker(BackgroundLoop):
                 array_job = session.get(Job, job_id)
                 if array_job is None or array_job.settled_at is not None:
                     continue
-                for task_id, status in done:
-                    task = session.get(JobTask, task_id)
-                    if task is not None and task.settled_at is None:
-                        arrays.settle_task(session, job=array_job, task=task, status=status,
-                                           cost_model=cluster.cost_model)
+                settlement.settle_tasks(session, job=array_job, done=done, cost_model=cluster.cost_model)
                 arrays.refresh(session, job=array_job)
 
     def _settle_ended(self, cluster: Cluster, ended: list[tuple[str, JobStatus]]) -> None:

@@ -33,12 +33,10 @@ from sqlmodel import Session, col, select
 
 from broker import events
 from broker.adapter import JobStatus
-from broker.cost import cost_micro, find_partition, memory_rule
 from broker.directives import ArraySpec, parse_array
 from broker.metrics import SETTLEMENTS
-from broker.models import Allocation, Cluster, Job, JobTask, utcnow
+from broker.models import Job, JobTask, utcnow
 from broker.schemas import ArrayOut, JobTaskOut, Money
-from broker.services import ledger, notifications
 from broker.services.common import to_units
 from broker.states import TERMINAL_STATES, JobState
 
@@ -55,7 +53,6 @@ __all__ = [
     "note_cancel",
     "refresh",
     "settle_all",
-    "settle_task",
     "shares",
     "task_out",
     "unsettled_tasks",
@@ -189,42 +186,6 @@ def vanished_after_cancel(task: JobTask, status: JobStatus | None, *, key: str, 
                      end_time=task.cancel_requested_at, elapsed_seconds=0, array_task_id=task.task)
 
 
-def settle_task(session: Session, *, job: Job, task: JobTask, status: JobStatus,
-                cost_model: dict[str, object]) -> bool:
-    """Release the task's share of the reservation and charge what it used — once
-    (conditional update on ``settled_at IS NULL``; the ledger's unique (job, task,
-    kind) backs it)."""
-    seconds = status.elapsed_seconds or 0
-    charge = cost_micro(cost_model, partition=job.partition, unit=job.unit,
-                        tres=memory_rule(status.alloc_tres, _partition_info(session, job)), seconds=seconds)
-    now = utcnow()
-    table = JobTask.__table__  # type: ignore[attr-defined]
-    share = task.reserved
-    result = session.execute(
-        sa.update(table).where(table.c.id == task.id, table.c.settled_at.is_(None))
-        .values(settled_at=now, state=status.state.value, raw_state=status.raw_state[:64], charged=charge,
-                reserved=0, exit_code=status.exit_code, elapsed_seconds=status.elapsed_seconds,
-                alloc_tres=dict(status.alloc_tres), ended_at=status.end_time or now,
-                started_at=task.started_at or status.start_time, reason=status.reason or task.reason)
-    )
-    if not result.rowcount:  # type: ignore[attr-defined]
-        return False
-    jobs = Job.__table__  # type: ignore[attr-defined]
-    # the job's ``charged`` stays None until every task ended (clients read it as "settled")
-    session.execute(sa.update(jobs).where(jobs.c.id == job.id).values(reserved=jobs.c.reserved - share))
-    alloc = session.get(Allocation, job.allocation_id)
-    assert alloc is not None
-    occurred = status.end_time or now
-    what = f"task {task.task} {status.state.value.lower()}"
-    ledger.apply(session, allocation=alloc, kind="release", amount=share, actor="tracker", reason=what,
-                 job_id=job.id, user_id=job.user_id, occurred_at=occurred, task=task.task)
-    ledger.apply(session, allocation=alloc, kind="charge", amount=charge, actor="tracker",
-                 reason=f"task {task.task}: {seconds}s × allocated TRES", job_id=job.id, user_id=job.user_id,
-                 occurred_at=occurred, task=task.task)
-    notifications.on_settled(session, alloc.id or 0)
-    return True
-
-
 def refresh(session: Session, *, job: Job, expected_start: datetime | None = None) -> None:
     """Recompute the job's aggregate state and counts from its tasks (written only
     when they changed); settle the job itself — no money moves: its tasks did —
@@ -288,11 +249,6 @@ def settle_all(session: Session, *, job: Job, status: JobStatus) -> None:
                             reserved=0, charged=0, reason=status.reason))
     jobs = Job.__table__  # type: ignore[attr-defined]
     session.execute(sa.update(jobs).where(jobs.c.id == job.id).values(array_counts=_counts(session, job.id)))
-
-
-def _partition_info(session: Session, job: Job) -> dict[str, object] | None:
-    cluster = session.get(Cluster, job.cluster_id)
-    return find_partition(cluster.partitions if cluster is not None else [], job.partition)
 
 
 def array_out(job: Any) -> ArrayOut | None:

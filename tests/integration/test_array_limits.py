@@ -3,7 +3,7 @@ limits (MaxJobs, MaxSubmitJobs) do: each task of an active array that has not en
 is one job, and a submission of N tasks is refused when the active count + N would
 exceed the limit (issue 8). On SQLite and PostgreSQL.
 
-The tracker is off: tasks end through :func:`broker.services.arrays.settle_task`,
+The tracker is off: tasks end through :func:`broker.services.settlement.settle_tasks`,
 as the tracker ends them, at the moment the test chooses."""
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from sqlmodel import Session, col, select
 
 from broker.adapter import JobStatus
 from broker.models import Cluster, Job, JobTask
-from broker.services import arrays, ledger
+from broker.services import ledger, settlement
 from broker.states import JobState
 from tests.support.env import BrokerEnv, broker_env
 
@@ -66,7 +66,7 @@ def _end_tasks(env: BrokerEnv, job_id: str, tasks: list[int]) -> None:
             status = JobStatus(job_id=f"{job.scheduler_job_id}_{task.task}", state=JobState.COMPLETED,
                                raw_state="COMPLETED", final=True, exit_code=0, elapsed_seconds=1,
                                alloc_tres={"cpu": 1}, array_task_id=task.task)
-            assert arrays.settle_task(session, job=job, task=task, status=status, cost_model=cluster.cost_model)
+            assert settlement.settle_tasks(session, job=job, done=[(task.id or 0, status)], cost_model=cluster.cost_model) == 1
         session.commit()
         assert ledger.check(session) == []
 

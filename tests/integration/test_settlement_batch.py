@@ -4,7 +4,6 @@ settle the same jobs at once, and when one job of the batch cannot be settled.""
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -14,9 +13,10 @@ import sqlalchemy as sa
 from sqlmodel import select
 
 from broker.adapter import JobState, JobStatus
-from broker.db import make_engine, session_scope
+from broker.db import session_scope
 from broker.models import Allocation, Cluster, Job, JobEvent, LedgerEntry, Notification
 from broker.services import ledger, settlement
+from tests.support.concurrency import race_replicas
 from tests.support.env import BrokerEnv, broker_env
 from tests.support.jobs import seed_live_jobs
 
@@ -92,25 +92,13 @@ def test_two_replicas_settling_the_same_jobs_charge_each_once(quiet_env: BrokerE
     env = quiet_env
     ids = _running_jobs(env, 30)
     ended = [_completed(i) for i in ids]
-    engines = [make_engine(str(env.engine.url.render_as_string(hide_password=False))) for _ in range(2)]
-    results: list[list[str]] = []
-    gate = threading.Barrier(2)
 
-    def replica(engine: sa.Engine) -> None:
-        gate.wait()
+    def replica(engine: sa.Engine) -> list[str]:
         with session_scope(engine) as s:
             cluster = s.exec(select(Cluster).where(Cluster.name == "local")).one()
-            results.append(settlement.settle_ended(s, ended, cluster=cluster))
+            return settlement.settle_ended(s, ended, cluster=cluster)
 
-    threads = [threading.Thread(target=replica, args=(e,)) for e in engines]
-    try:
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(60)
-    finally:
-        for e in engines:
-            e.dispose()
+    results = race_replicas(env.engine, replica)
     assert len(results) == 2
     assert sorted(results[0] + results[1]) == sorted(ids)  # every job by exactly one of them
     assert sorted(e.job_id for e in _ledger_rows(env, "charge")) == sorted(ids)  # type: ignore[type-var]
