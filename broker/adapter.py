@@ -27,7 +27,7 @@ from __future__ import annotations
 import abc
 import difflib
 import inspect
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -345,6 +345,20 @@ class ClusterAdapter(abc.ABC):
         :class:`OutputTooLarge` (code ``output_too_large``): the importer then asks
         for narrower windows. (Adapters written before ``until`` existed, without
         the parameter, still work: see :func:`usage_accepts_until`.)"""
+
+    def iter_usage(self, since: datetime, *, accounts: Sequence[str] | None = None,
+                   until: datetime | None = None) -> Iterator[UsageRecord]:
+        """The records of :meth:`usage`, in any order, read as they arrive instead
+        of as one answer: without the answer's size cap, holding one record at a
+        time (a size cap per record may remain). The importer asks for it only when
+        one account's narrowest window is too large for :meth:`usage` (many jobs
+        ending in the same second): no narrower question exists then.
+
+        The default yields :meth:`usage`'s list, so an adapter that cannot stream
+        raises :class:`OutputTooLarge` here too (the import of that window stops,
+        loudly, until the cap is raised). Closing the iterator early must free the
+        connection."""
+        yield from self.usage(since, accounts=accounts, until=until)
 
     @abc.abstractmethod
     def read_output(self, ref: SchedulerJobRef, stream: str = "stdout", tail: int = 65536) -> str:

@@ -196,8 +196,12 @@ class UsageImporter(BackgroundLoop):
             hi = lo + span if span is not None and lo + span < now else None  # None: up to now
             width = (hi or now) - lo
             try:  # a window that cannot be narrowed any more is read per subset of accounts
-                records = self._read(adapter, lo, hi, accounts, first=lo == since,
-                                     split=cluster.name if span is None or width <= MIN_WINDOW else None)
+                records, streamed = self._read(adapter, lo, hi, accounts, first=lo == since,
+                                               split=cluster.name if span is None or width <= MIN_WINDOW else None,
+                                               stream=span is not None)
+                if streamed:
+                    self._process_whole(adapter, cluster, ids, allocs, records, streamed, run,
+                                        since=lo, until=hi, first=lo == since)
             except AdapterError as exc:
                 retry = exc.code == TOO_LARGE or (exc.code == TIMED_OUT and not timeout_halved)
                 if span is not None and retry and width > MIN_WINDOW:
@@ -218,7 +222,8 @@ class UsageImporter(BackgroundLoop):
                 if run.reads == 0:
                     return None  # the group's next definition may read it
                 break
-            self._process(cluster, ids, allocs, records, run)
+            if not streamed:
+                self._process(cluster, ids, allocs, records, run)
             if run.more or run.held_before is not None or hi is None or run.budget == 0:
                 break
             if span is not None and len(records) < SPARSE_RECORDS:
@@ -239,32 +244,84 @@ class UsageImporter(BackgroundLoop):
         return run.imported
 
     def _read(self, adapter: ClusterAdapter, since: datetime, until: datetime | None, accounts: list[str], *,
-              first: bool, split: str | None = None) -> list[UsageRecord]:
-        """The finished records of one window in end-time order. The end times are
-        checked here too (an adapter may take ``until`` through ``**kwargs`` and
-        ignore it); a later window drops records ending exactly at its start, which
-        the window before it handled.
+              first: bool, split: str | None = None, stream: bool = False) -> tuple[list[UsageRecord], list[str]]:
+        """The finished records of one window in end-time order, and the accounts
+        whose records must be streamed (:meth:`ClusterAdapter.iter_usage`). The end
+        times are checked here too (an adapter may take ``until`` through
+        ``**kwargs`` and ignore it); a later window drops records ending exactly at
+        its start, which the window before it handled.
 
         With ``split`` (the cluster's name: the window cannot be narrowed any more),
         an answer too large is asked again for each half of ``accounts``, down to
         one account: every record has one account, so the halves together are the
-        window's records, each once."""
+        window's records, each once. One account's answer still too large is left
+        to a stream (``stream``: the adapter takes ``until``), else raised."""
         try:
             if until is None:
                 found = adapter.usage(since, accounts=accounts)
             else:
                 found = adapter.usage(since, accounts=accounts, until=until)
+            streamed: list[str] = []
         except AdapterError as exc:
-            if split is None or exc.code != TOO_LARGE or len(accounts) < 2:
+            if split is None or exc.code != TOO_LARGE:
                 raise
+            if len(accounts) < 2:
+                if not stream:
+                    raise
+                log.info("cluster %s: accounting window %s..%s too large for account %s; streaming it",
+                         split, since, until or "now", accounts[0])
+                return [], accounts
             USAGE_IMPORT_SPLITS.labels(split).inc()
             half = len(accounts) // 2
             log.info("cluster %s: accounting window %s..%s too large for %d accounts; reading %d and %d",
                      split, since, until or "now", len(accounts), half, len(accounts) - half)
-            found = [r for part in (accounts[:half], accounts[half:])
-                     for r in self._read(adapter, since, until, part, first=first, split=split)]
-        return sorted((r for r in found if r.state in TERMINAL_STATES and (first or _end(r) > since)
-                       and (until is None or _end(r) <= until)), key=lambda r: (_end(r), r.job_id))
+            found, streamed = [], []
+            for part in (accounts[:half], accounts[half:]):
+                got, more = self._read(adapter, since, until, part, first=first, split=split, stream=stream)
+                found.extend(got)
+                streamed.extend(more)
+        return sorted((r for r in found if _in_window(r, since, until, first=first)),
+                      key=lambda r: (_end(r), r.job_id)), streamed
+
+    def _process_whole(self, adapter: ClusterAdapter, cluster: Cluster, ids: list[int], allocs: list[Allocation],
+                       records: list[UsageRecord], streamed: list[str], run: _Run, *,
+                       since: datetime, until: datetime | None, first: bool) -> None:
+        """Import a whole narrowest window, part of it (``streamed`` accounts) read as
+        a stream: every record of the window, whatever the batch (the stream's order
+        is not end-time order, so the watermark cannot stop inside the window), at
+        most :data:`_COMMIT_EVERY` streamed records held at a time. The watermark
+        moves over the window only once all of it was read; a stream failing
+        midway raises, and what it imported is recognised when the window is read
+        again (by scheduler job id, as every re-read overlap is)."""
+        run.reads += 1
+        last: list[datetime] = []
+
+        def take(batch: list[UsageRecord]) -> None:
+            imported, held_before = self.import_records(cluster, ids, allocs, batch)
+            run.imported += imported
+            if held_before is not None:
+                run.held_before = held_before if run.held_before is None else min(run.held_before, held_before)
+            run.budget = max(0, run.budget - sum(1 for r in batch if run.watermark is None or _end(r) > run.watermark))
+            last.extend([max(_end(r) for r in batch)] if batch else [])
+
+        take(records)
+        for account in streamed:
+            chunk: list[UsageRecord] = []
+            found = adapter.iter_usage(since, accounts=[account], until=until)
+            try:
+                for record in found:
+                    if _in_window(record, since, until, first=first):
+                        chunk.append(record)
+                    if len(chunk) == _COMMIT_EVERY:
+                        take(chunk)
+                        chunk = []
+            finally:  # an abandoned stream frees its connection
+                close = getattr(found, "close", None)
+                if close is not None:
+                    close()
+            take(chunk)
+        if last:
+            run.advance(max(last))
 
     def _process(self, cluster: Cluster, ids: list[int], allocs: list[Allocation],
                  records: list[UsageRecord], run: _Run) -> None:
@@ -385,6 +442,13 @@ class _Run:
 
 def _end(record: UsageRecord) -> datetime:
     return record.end_time or record.submit_time
+
+
+def _in_window(record: UsageRecord, since: datetime, until: datetime | None, *, first: bool) -> bool:
+    """A finished record of the window ``(since, until]`` (``[since, until]`` for the
+    cycle's first window)."""
+    return record.state in TERMINAL_STATES and (first or _end(record) > since) \
+        and (until is None or _end(record) <= until)
 
 
 def attribute(allocs: Iterable[Allocation], record: UsageRecord,

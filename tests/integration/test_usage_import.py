@@ -300,6 +300,12 @@ class BusyAccounting:
         self.accounts: list[tuple[str, ...]] = []
         #: (since, until) -> an error to raise instead of answering
         self.fail: Callable[[datetime, datetime | None], AdapterError | None] = lambda since, until: None
+        #: windows streamed (``iter_usage``): (since, until, accounts)
+        self.streams: list[tuple[datetime, datetime | None, tuple[str, ...]]] = []
+        self.broken_after: int | None = None
+        self.yielded = 0
+        #: called with the number of records streamed so far, before each is handed over
+        self.watch: Callable[[int], None] | None = None
 
     def usage(self, since: datetime, *, accounts: Any = None, until: datetime | None = None) -> list[UsageRecord]:
         error = self.fail(since, until)
@@ -312,6 +318,22 @@ class BusyAccounting:
         if error is not None:
             raise error
         return found
+
+    def iter_usage(self, since: datetime, *, accounts: Any = None,
+                   until: datetime | None = None) -> Iterator[UsageRecord]:
+        """The window's records one at a time, without the cap, in job-id order
+        (not end-time order, like ``sacct``'s); ``broken_after`` records then a drop."""
+        self.streams.append((since, until, tuple(accounts or ())))
+        for i, record in enumerate(sorted((r for r in self.records if r.end_time and r.end_time >= since
+                                           and (until is None or r.end_time <= until)
+                                           and (not accounts or r.account in accounts)),
+                                          key=lambda r: int(r.job_id))):
+            if self.broken_after is not None and i == self.broken_after:
+                raise ClusterUnreachable("connection dropped mid-answer")
+            self.yielded += 1
+            if self.watch is not None:
+                self.watch(self.yielded)
+            yield record
 
 
 def _busy_env(tmp_path: Path, db_url: str, records: list[UsageRecord], cap: int,
@@ -449,6 +471,61 @@ def test_too_large_even_at_the_narrowest_window_stops_without_skipping(
         assert importer.run_cycle(force=True) == 0  # and so every cycle, never skipping the jobs
         assert 0 < len(fake.calls) - before <= 40 and _charges(env) == {}
         assert _scrape(env)["aifa_usage_import_stuck_total"][(("cluster", "local"),)] == stuck + 1
+
+
+def test_one_accounts_burst_too_large_for_any_answer_is_streamed_once(
+        db_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Six hundred jobs of one account ending in the same second, eight at most per
+    answer: no window and no account split can be small enough. The adapter streams
+    the narrowest window; every job is charged once, a broker job among them not at
+    all, the watermark moves past the burst, and at most a commit's worth of the
+    stream is held at a time."""
+    end = datetime.now(UTC).replace(microsecond=0) - timedelta(hours=3)
+    records = [_record(str(5000 + i), submitted=end - timedelta(minutes=10), elapsed=600) for i in range(600)]
+    later = [_record("9000", submitted=end, elapsed=600)]  # after the burst: reached in the same cycle
+    with busy_env(tmp_path, db_url, records + later, cap=8, usage_import_max_span_hours=48) as (env, fake):
+        job = _submit(env)  # a broker job whose accounting record ends in the burst
+        assert job["scheduler_job_id"]
+        ours = _record(job["scheduler_job_id"], user="alice", tag=job["id"],
+                       submitted=datetime.fromisoformat(job["submitted_at"]))
+        ours = UsageRecord(**{**ours.__dict__, "end_time": end})
+        fake.records.append(ours)
+        adapter_for(env.app.state.registry, _cluster(env)).iter_usage = fake.iter_usage  # type: ignore[method-assign]
+        held: list[int] = []
+        fake.watch = lambda n: held.append(n - sum(1 for _ in _imported(env)))
+        importer = env.app.state.tracker.importer
+        caplog.set_level(logging.INFO, logger="broker.usage_import")
+        assert importer.run_cycle(force=True) == 601
+        assert _charges(env) == {r.job_id: 1 for r in records + later}
+        assert job["scheduler_job_id"] not in _charges(env), "a broker job is not direct usage"
+        assert [accounts for *_, accounts in fake.streams] == [("proj-a",)]
+        since, until, _ = fake.streams[0]
+        assert until is not None and until - since <= timedelta(minutes=1) and since < end <= until
+        assert "streaming it" in caplog.text and "stuck" not in caplog.text
+        assert max(held) <= 200 + 1, "the importer holds one commit's worth of the stream"
+        assert _cluster(env).usage_imported_until == later[0].end_time
+        assert importer.run_cycle(force=True) == 0 and len(_import_ledger(env)) == 601
+
+
+def test_a_stream_dropped_midway_is_read_again_without_charging_twice(db_url: str, tmp_path: Path) -> None:
+    """The connection drops after 450 of 600 streamed records: what was imported stays,
+    the watermark stays before the window, the next cycle streams it again and charges
+    only the rest."""
+    end = datetime.now(UTC).replace(microsecond=0) - timedelta(hours=3)
+    records = [_record(str(5000 + i), submitted=end - timedelta(minutes=10), elapsed=600) for i in range(600)]
+    with busy_env(tmp_path, db_url, records, cap=8, usage_import_max_span_hours=48) as (env, fake):
+        adapter_for(env.app.state.registry, _cluster(env)).iter_usage = fake.iter_usage  # type: ignore[method-assign]
+        fake.broken_after = 450
+        importer = env.app.state.tracker.importer
+        assert importer.run_cycle(force=True) == 400  # imported, but the window is unfinished
+        first = len(_charges(env))
+        assert first == 400 and all(n == 1 for n in _charges(env).values())
+        mark = _cluster(env).usage_imported_until
+        assert mark is None or mark < end
+        fake.broken_after = None
+        assert importer.run_cycle(force=True) == 200
+        assert _charges(env) == {r.job_id: 1 for r in records}
+        assert _cluster(env).usage_imported_until == end
 
 
 def test_too_large_at_the_narrowest_window_is_read_per_account(
