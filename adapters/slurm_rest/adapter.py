@@ -29,7 +29,7 @@ from __future__ import annotations
 import logging
 import re
 import threading
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -382,22 +382,50 @@ class SlurmRestAdapter(ClusterAdapter):
         end = _aware(until) if until is not None else None
         if end is not None and end <= since:
             return []
-        user = self._query_user("usage")
-        layer = self.api(user)
-        now = datetime.now(tz=UTC)
-        back, until_back = relative_window(since, end, now, self.config.usage_clock_margin_seconds)
-        query = AccountingQuery(
-            lookback_seconds=back,
-            accounts=sorted(set(accounts)) if accounts else (),
-            states=ACCOUNTING_END_STATES,
-            until_seconds=None if end is None else until_back,
-        )
+        user, layer, query = self._usage_query(since, end, accounts)
         records: list[UsageRecord] = []
         for job in self._accounting_jobs(layer, user, query, max_bytes=self.config.usage_max_response_bytes):
             record = _usage_of(job, since, end, accounts)
             if record is not None:
                 records.append(record)
         return records
+
+    def iter_usage(self, since: datetime, *, accounts: Sequence[str] | None = None,
+                   until: datetime | None = None) -> Iterator[UsageRecord]:
+        """:meth:`usage`'s records from the same query, taken from the answer one job
+        at a time as it arrives (:meth:`RestClient.stream_items`): no cap on the
+        answer, ``usage_max_response_bytes`` on one job. (slurmrestd still builds the
+        whole answer before sending it: ``timeout`` must cover that.)"""
+        since = _aware(since)
+        end = _aware(until) if until is not None else None
+        if end is not None and end <= since:
+            return
+        user, layer, query = self._usage_query(since, end, accounts)
+        items = self._client.stream_items(layer.db_jobs_path, key="jobs", username=user, during="accounting",
+                                          params=layer.accounting_params(query),
+                                          max_item_bytes=self.config.usage_max_response_bytes)
+        try:
+            for item in items:
+                job = _parse(layer.parse_accounting_job, item) if isinstance(item, Mapping) else None
+                record = None if job is None else _usage_of(job, since, end, accounts)
+                if record is not None:
+                    yield record
+        finally:
+            items.close()
+
+    def _usage_query(self, since: datetime, end: datetime | None,
+                     accounts: Sequence[str] | None) -> tuple[str, ApiLayer, AccountingQuery]:
+        """The query user, its API layer and the slurmdb jobs query of a usage window."""
+        user = self._query_user("usage")
+        layer = self.api(user)
+        now = datetime.now(tz=UTC)
+        back, until_back = relative_window(since, end, now, self.config.usage_clock_margin_seconds)
+        return user, layer, AccountingQuery(
+            lookback_seconds=back,
+            accounts=sorted(set(accounts)) if accounts else (),
+            states=ACCOUNTING_END_STATES,
+            until_seconds=None if end is None else until_back,
+        )
 
     # ---- output ------------------------------------------------------------
     def read_output(self, ref: SchedulerJobRef, stream: str = "stdout", tail: int = 65536) -> str:

@@ -14,17 +14,19 @@ authentication headers. Failures become adapter exceptions here, in one place:
   except 22.05's ``[9003] Nothing found`` in a 200 answer, which is an empty result;
 - 401/403 → ``AdapterConfigError`` (``auth_failed``), the cached token dropped;
 - an answer longer than the caller's ``max_bytes`` → ``OutputTooLarge`` (read as it
-  arrives and dropped at the cap, never held whole).
+  arrives and dropped at the cap, never held whole); an answer with no bound on its
+  size is read one list element at a time instead (:meth:`RestClient.stream_items`).
 """
 
 from __future__ import annotations
 
+import codecs
 import json
 import logging
 import ssl
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Generator, Mapping, Sequence
 from typing import Any
 
 import httpx
@@ -32,6 +34,7 @@ import httpx
 from adapters.slurm_rest import errors as slurm_errors
 from adapters.slurm_rest.auth import Identity
 from adapters.slurm_rest.http import StdlibTransport
+from adapters.slurm_rest.stream import ItemStream
 from adapters.slurm_rest.settings import RestSettings
 from broker.adapter import (
     AdapterConfigError,
@@ -149,6 +152,54 @@ class RestClient:
             log.debug("slurm_rest: retrying GET %s after a dropped connection", path)
             return self.request("GET", path, username=username, during=during, params=params, max_bytes=max_bytes)
 
+    def stream_items(self, path: str, *, key: str, username: str, during: str, params: Params | None = None,
+                     max_item_bytes: int) -> Generator[Any, None, None]:
+        """GET ``path`` as ``username`` and yield the elements of the answer's list
+        ``key`` as they arrive (:class:`adapters.slurm_rest.stream.ItemStream`): no cap
+        on the answer, ``max_item_bytes`` on one element. Errors in the answer are
+        raised after its elements (their place in the object is the version's);
+        an error status is read and raised as :meth:`request` would. Not retried: a
+        caller that already took elements decides. Closing the generator early
+        closes the connection."""
+        headers = self._identity.headers(username)
+        with self._calls_lock:
+            self._calls += 1
+        try:
+            response = self._transport.handle_request(self._build("GET", path, headers, params=params))
+        except httpx.HTTPError as exc:
+            raise self._transport_failure(during, exc) from exc
+        try:
+            if response.status_code >= 300:
+                content = _read_capped(response, max_item_bytes, during)
+                body = self._interpret(response.status_code, content, username=username, during=during,
+                                       submitting=False)
+                items = body.get(key)
+                yield from items if isinstance(items, list) else []
+                return
+            reader = ItemStream(key, max_item_chars=max_item_bytes, during=during)
+            text = codecs.getincrementaldecoder("utf-8")("replace")
+            try:
+                for chunk in response.iter_bytes():
+                    yield from reader.feed(text.decode(chunk))
+                yield from reader.feed(text.decode(b"", final=True))
+            except httpx.HTTPError as exc:
+                raise self._transport_failure(during, exc) from exc
+            others = reader.finish()
+        finally:
+            response.close()
+        found = slurm_errors.without_empty_results(slurm_errors.errors_in(others))
+        if found:
+            raise slurm_errors.to_exception(found, during=during, submitting=False, http_status=response.status_code)
+
+    def _transport_failure(self, during: str, exc: httpx.HTTPError) -> AdapterError:
+        """A read's failure to connect, or to be answered whole."""
+        if isinstance(exc, _NOT_SENT):
+            return self._connect_failure(during, exc)
+        if isinstance(exc, _MAYBE_SENT):
+            return ClusterUnreachable(f"slurmrestd {during}: {type(exc).__name__}: {exc}",
+                                      code="command_timeout" if isinstance(exc, httpx.ReadTimeout) else None)
+        return ClusterUnreachable(f"slurmrestd {during}: {exc}")
+
     def request(
         self,
         method: str,
@@ -173,17 +224,12 @@ class RestClient:
                 content = _read_capped(response, max_bytes, during)
             finally:
                 response.close()
-        except _NOT_SENT as exc:
-            raise self._connect_failure(during, exc) from exc
-        except _MAYBE_SENT as exc:
-            if submitting:
+        except httpx.HTTPError as exc:
+            if submitting and isinstance(exc, _MAYBE_SENT):
                 raise SubmitOutcomeUnknown(
                     f"slurmrestd {during}: no answer after sending ({type(exc).__name__}); the job may exist"
                 ) from exc
-            raise ClusterUnreachable(f"slurmrestd {during}: {type(exc).__name__}: {exc}",
-                                     code="command_timeout" if isinstance(exc, httpx.ReadTimeout) else None) from exc
-        except httpx.HTTPError as exc:
-            raise ClusterUnreachable(f"slurmrestd {during}: {exc}") from exc
+            raise self._transport_failure(during, exc) from exc
         elapsed_ms = (time.perf_counter() - started) * 1000
         log.debug("slurm_rest %s %s -> %s in %.1f ms", method, path, response.status_code, elapsed_ms)
         return self._interpret(response.status_code, content, username=username, during=during,

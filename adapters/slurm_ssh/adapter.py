@@ -26,7 +26,7 @@ import logging
 import secrets
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import Any
@@ -376,6 +376,29 @@ class SlurmSSHAdapter(ClusterAdapter):
         past ``max_output_bytes`` raises ``OutputTooLarge``."""
         if until is not None and until <= since:
             return []
+        user, command, fields, now = self._usage_command(since, accounts, until)
+        jobs, skipped = parse.parse_sacct_parsable(self._query(user, command, "sacct"), fields)
+        return list(self._usage_records(jobs, since, until, now, skipped))
+
+    def iter_usage(self, since: datetime, *, accounts: Sequence[str] | None = None,
+                   until: datetime | None = None) -> Iterator[UsageRecord]:
+        """:meth:`usage`'s records from the same ``sacct``, read line by line as they
+        arrive (:meth:`SSHPool.stream_lines`): no cap on the whole output, one line
+        at most ``max_output_bytes``, one SSH window of output pending at a time."""
+        if until is not None and until <= since:
+            return
+        user, command, fields, now = self._usage_command(since, accounts, until)
+        lines = self._pool.stream_lines(user, command,
+                                        failure=lambda status, stderr: errors.query_failure("sacct", status, stderr))
+        try:
+            jobs = parse.iter_sacct_parsable(lines, fields)
+            yield from self._usage_records(jobs, since, until, now, 0)
+        finally:
+            lines.close()
+
+    def _usage_command(self, since: datetime, accounts: Sequence[str] | None,
+                       until: datetime | None) -> tuple[str, str, tuple[str, ...], datetime]:
+        """The query user, the ``sacct`` of a usage window, its fields and the "now" it is relative to."""
         user = self._query_user()
         now = now_utc()
         seconds, until_back = relative_window(since, until, now, self.config.usage_clock_margin_seconds)
@@ -385,21 +408,26 @@ class SlurmSSHAdapter(ClusterAdapter):
                                                   until_seconds_back=until_back or 0)
         except ValueError as exc:
             raise AdapterError(str(exc), code="invalid_request") from exc
-        jobs, skipped = parse.parse_sacct_parsable(self._query(user, command, "sacct"), fields)
-        records: list[UsageRecord] = []
+        return user, command, fields, now
+
+    def _usage_records(self, jobs: Iterable[AccountingJob | None], since: datetime, until: datetime | None,
+                       now: datetime, skipped: int) -> Iterator[UsageRecord]:
+        """The settled records of ``jobs`` (None: a malformed row) that ended in the window."""
         for job in jobs:
+            if job is None:
+                skipped += 1
+                continue
             if not job.is_settled(now, self.config.accounting_lag_seconds):
                 continue
             if job.end_time is None or job.end_time < since or (until is not None and job.end_time > until):
                 continue
             try:
-                records.append(job.to_usage_record())
+                yield job.to_usage_record()
             except MalformedRecord as exc:
                 skipped += 1
                 log.warning("cluster %s: skipping accounting record: %s", self.name, exc)
         if skipped:
             log.warning("cluster %s: usage import skipped %d malformed rows", self.name, skipped)
-        return records
 
     # ---------------------------------------------------------- read_output
 

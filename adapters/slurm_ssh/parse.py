@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Collection, Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -33,6 +33,7 @@ from broker.adapter import ClusterUnreachable, PartitionInfo
 
 __all__ = [
     "QueueLine",
+    "iter_sacct_parsable",
     "parse_max_time",
     "parse_queue_text",
     "parse_sacct_json",
@@ -152,8 +153,8 @@ def parse_sacct_json(text: str) -> list[AccountingJob]:
     return jobs
 
 
-def _split_rows(text: str, width: int) -> Iterator[list[str] | str]:
-    for line in (text or "").splitlines():
+def _split_rows(lines: Iterable[str], width: int) -> Iterator[list[str] | str]:
+    for line in lines:
         if not line.strip():
             continue
         parts = line.split("|", width - 1)
@@ -167,17 +168,28 @@ def parse_sacct_parsable(
     epoch seconds). Returns the jobs and the number of rows skipped as malformed."""
     jobs: list[AccountingJob] = []
     skipped = 0
-    for row in _split_rows(text, len(fields)):
-        if isinstance(row, str):
+    for job in iter_sacct_parsable((text or "").splitlines(), fields):
+        if job is None:
             skipped += 1
+        else:
+            jobs.append(job)
+    return jobs, skipped
+
+
+def iter_sacct_parsable(lines: Iterable[str], fields: Sequence[str] = SACCT_PARSABLE_FIELDS
+                        ) -> Iterator[AccountingJob | None]:
+    """:func:`parse_sacct_parsable` one line at a time (an output read as a stream):
+    each row's job, or None for a row skipped as malformed (logged)."""
+    for row in _split_rows(lines, len(fields)):
+        if isinstance(row, str):
             log.warning("skipping malformed sacct row: %r", row[:200])
+            yield None
             continue
         try:
-            jobs.append(accounting_job_from_parsable(dict(zip(fields, row, strict=True))))
+            yield accounting_job_from_parsable(dict(zip(fields, row, strict=True)))
         except (MalformedRecord, TypeError, ValueError) as exc:
-            skipped += 1
             log.warning("skipping malformed sacct row: %s", exc)
-    return jobs, skipped
+            yield None
 
 
 @dataclass(frozen=True)
@@ -196,7 +208,7 @@ def parse_queue_text(text: str) -> list[QueueLine]:
     an array task (``7_3``, ``7_[2-5%2]``) stands for its array job (``7``);
     malformed lines are skipped."""
     lines: list[QueueLine] = []
-    for row in _split_rows(text, 5):
+    for row in _split_rows((text or "").splitlines(), 5):
         if isinstance(row, str):
             continue
         job_id, user, submit, account, name = row

@@ -10,7 +10,9 @@
 - At most ``max_channels_per_connection`` commands run at once on one
   connection (sshd refuses channels beyond ``MaxSessions``); others wait.
 - stdout and stderr are drained together while the command runs (paramiko
-  stalls when an unread stream fills its window), up to ``max_output_bytes``.
+  stalls when an unread stream fills its window), up to ``max_output_bytes``;
+  or, for an answer with no size bound (:meth:`SSHPool.stream_lines`), read line by
+  line as the caller takes them, a line at most ``max_output_bytes``.
 
 Errors are the broker's AdapterError classes. Anything that fails before the
 command was sent is :class:`ClusterUnreachable` (or a configuration error for
@@ -30,7 +32,7 @@ import selectors
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -245,6 +247,79 @@ class SSHPool:
             finally:
                 self._release(conn)
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def stream_lines(self, username: str, command: str, *, failure: Callable[[int, str], AdapterError],
+                     stderr_bytes: int = 65536) -> Generator[str, None, None]:
+        """Run a read-only ``command`` for ``username`` and yield its stdout line by
+        line (without the newline) as the caller takes them: the output has no size
+        cap, one line has ``max_output_bytes`` (past it ``OutputTooLarge``), and the
+        pending output is what one SSH window holds (the remote command waits while
+        the caller works). ``command_timeout`` bounds each wait for more output, not
+        the whole command. A non-zero exit raises ``failure(exit status, the first
+        stderr_bytes of stderr)``, after the lines; closing the generator early closes
+        the channel (the remote command gets SIGPIPE)."""
+        login = self._settings.login_for(username)
+        limit = self._settings.command_timeout
+        for attempt in (1, 2):
+            conn = self._acquire(login)
+            try:
+                if not conn.slots.acquire(timeout=limit):
+                    raise ClusterUnreachable(f"no free SSH channel to {self._where}", code="ssh_busy")
+                try:
+                    try:
+                        channel = self._open_channel(conn)
+                    except _NotSent as exc:
+                        self._discard(conn)
+                        if attempt == 2:
+                            raise ClusterUnreachable(f"SSH channel to {self._where} failed: {exc}") from exc
+                        continue
+                    try:
+                        yield from self._stream(channel, command, limit, stderr_bytes, failure)
+                        return
+                    finally:
+                        channel.close()
+                finally:
+                    conn.slots.release()
+            finally:
+                self._release(conn)
+
+    def _stream(self, channel: paramiko.Channel, command: str, limit: float, stderr_bytes: int,
+                failure: Callable[[int, str], AdapterError]) -> Iterator[str]:
+        cap = self._settings.max_output_bytes
+        try:
+            channel.settimeout(limit)
+            channel.exec_command(command)
+            channel.setblocking(False)
+            out, err = bytearray(), bytearray()
+            out_open = err_open = True
+            with selectors.DefaultSelector() as sel:
+                sel.register(channel.fileno(), selectors.EVENT_READ)
+                deadline = time.monotonic() + limit
+                while out_open or err_open:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        raise TimeoutError(f"no output for {limit} s")
+                    sel.select(min(remaining, 1.0))
+                    size = len(out) + len(err)
+                    out_open = _read_some(channel.recv, out, out_open)
+                    err_open = _read_some(channel.recv_stderr, err, err_open)
+                    if len(out) + len(err) > size:
+                        deadline = time.monotonic() + limit
+                    del err[stderr_bytes:]
+                    end = out.rfind(b"\n")
+                    if end >= 0:
+                        lines = bytes(out[:end]).decode("utf-8", "replace").split("\n")
+                        del out[:end + 1]
+                        yield from lines
+                    if len(out) > cap:
+                        raise OutputTooLarge(f"an output line exceeds max_output_bytes ({cap})")
+            if out:
+                yield out.decode("utf-8", "replace")
+            status = self._exit_status(channel, time.monotonic() + limit)
+        except (paramiko.SSHException, OSError, EOFError, TimeoutError) as exc:
+            raise self._after_send(exc, True, "stream") from exc
+        if status != 0:
+            raise failure(status, err.decode("utf-8", "replace"))
 
     def close(self) -> None:
         """Close every connection and stop the reaper."""
