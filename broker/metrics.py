@@ -44,12 +44,17 @@ SETTLEMENTS = Counter(
 )
 USAGE_IMPORT_STUCK = Counter(
     "aifa_usage_import_stuck_total", "Usage-import cycles that could not read the next accounting window "
-    "in any piece (too large even at the narrowest window and one account): raise the adapter's cap",
+    "in any piece (too large even at the narrowest window and one account, and the adapter cannot stream it, "
+    "or one record is past its cap): raise the adapter's cap",
     ["cluster"], registry=REGISTRY,
 )
 USAGE_IMPORT_SPLITS = Counter(
     "aifa_usage_import_account_splits_total", "Accounting windows too large at the narrowest span, "
     "read per subset of accounts instead", ["cluster"], registry=REGISTRY,
+)
+USAGE_IMPORT_STREAMS = Counter(
+    "aifa_usage_import_streamed_total", "Accounting windows of one account too large for one answer even at "
+    "the narrowest span, read as a stream (the adapter's iter_usage)", ["cluster"], registry=REGISTRY,
 )
 RATE_LIMIT_STORE_ERRORS = Counter(
     "aifa_rate_limit_store_errors_total",

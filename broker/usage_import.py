@@ -77,7 +77,7 @@ from broker.background import BackgroundLoop
 from broker.config import Settings
 from broker.cost import cost_micro, find_partition, memory_rule
 from broker.db import session_scope
-from broker.metrics import TRACKER_CYCLE, USAGE_IMPORT_SPLITS, USAGE_IMPORT_STUCK
+from broker.metrics import TRACKER_CYCLE, USAGE_IMPORT_SPLITS, USAGE_IMPORT_STREAMS, USAGE_IMPORT_STUCK
 from broker.models import Allocation, Cluster, ClusterAccount, ImportedJob, Job, Membership, utcnow
 from broker.registry import AdapterRegistry
 from broker.services import ledger
@@ -268,6 +268,7 @@ class UsageImporter(BackgroundLoop):
             if len(accounts) < 2:
                 if not stream:
                     raise
+                USAGE_IMPORT_STREAMS.labels(split).inc()
                 log.info("cluster %s: accounting window %s..%s too large for account %s; streaming it",
                          split, since, until or "now", accounts[0])
                 return [], accounts

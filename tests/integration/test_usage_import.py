@@ -495,6 +495,7 @@ def test_one_accounts_burst_too_large_for_any_answer_is_streamed_once(
         fake.watch = lambda n: held.append(n - sum(1 for _ in _imported(env)))
         importer = env.app.state.tracker.importer
         caplog.set_level(logging.INFO, logger="broker.usage_import")
+        streamed = _streamed(env)
         assert importer.run_cycle(force=True) == 601
         assert _charges(env) == {r.job_id: 1 for r in records + later}
         assert job["scheduler_job_id"] not in _charges(env), "a broker job is not direct usage"
@@ -504,7 +505,13 @@ def test_one_accounts_burst_too_large_for_any_answer_is_streamed_once(
         assert "streaming it" in caplog.text and "stuck" not in caplog.text
         assert max(held) <= 200 + 1, "the importer holds one commit's worth of the stream"
         assert _cluster(env).usage_imported_until == later[0].end_time
+        assert _streamed(env) == streamed + 1, "one window streamed, counted"
+        # the next cycle re-reads the overlap before the watermark, the burst streamed again: nothing charged twice
         assert importer.run_cycle(force=True) == 0 and len(_import_ledger(env)) == 601
+
+
+def _streamed(env: BrokerEnv) -> float:
+    return float(_scrape(env).get("aifa_usage_import_streamed_total", {}).get((("cluster", "local"),), 0))
 
 
 def test_a_stream_dropped_midway_is_read_again_without_charging_twice(db_url: str, tmp_path: Path) -> None:
