@@ -215,6 +215,35 @@ def test_output_cap(connection: dict) -> None:
         capped.close()
 
 
+def test_a_stream_is_read_line_by_line_past_the_output_cap(connection: dict) -> None:
+    """``stream_lines`` (usage import of one account's over-cap window): the whole
+    output, in order, though far past ``max_output_bytes``; one line past the cap is
+    ``OutputTooLarge``; a failure is raised after the lines; a stream closed early
+    frees its channel (one channel per connection here)."""
+    capped = SlurmSSHAdapter("capped", {**connection, "max_output_bytes": 1024, "max_channels_per_connection": 1},
+                             data_dir="/tmp")
+
+    def failure(status: int, stderr: str) -> AdapterError:
+        return AdapterError(f"exit {status}: {stderr.strip()}", code="scheduler_error")
+
+    try:
+        lines = list(capped._pool.stream_lines("alice", "seq 1 200000", failure=failure))
+        assert lines == [str(i) for i in range(1, 200_001)]  # 1.3 MB through a 1 KiB cap
+        with pytest.raises(OutputTooLarge):
+            list(capped._pool.stream_lines("alice", "head -c 5000 /dev/zero", failure=failure))
+        seen: list[str] = []
+        with pytest.raises(AdapterError) as exc:
+            seen.extend(capped._pool.stream_lines("alice", "echo one; echo two; echo bad >&2; exit 3",
+                                                  failure=failure))
+        assert seen == ["one", "two"] and str(exc.value) == "exit 3: bad"
+        early = capped._pool.stream_lines("alice", "seq 1 10000000", failure=failure)
+        assert next(early) == "1"
+        early.close()
+        assert capped._pool.run("alice", "echo still fine").stdout == "still fine\n"
+    finally:
+        capped.close()
+
+
 def test_idle_connections_are_closed(connection: dict) -> None:
     quick = SlurmSSHAdapter("quick", {**connection, "pool_idle_seconds": 1}, data_dir="/tmp")
     try:

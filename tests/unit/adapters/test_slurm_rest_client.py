@@ -16,7 +16,7 @@ import pytest
 from adapters.slurm_rest.auth import Identity
 from adapters.slurm_rest.client import POOL_CONNECTIONS, RestClient
 from adapters.slurm_rest.settings import RestSettings
-from broker.adapter import ClusterUnreachable, OutputTooLarge, SubmitOutcomeUnknown
+from broker.adapter import AdapterError, ClusterUnreachable, OutputTooLarge, SubmitOutcomeUnknown
 from tests.contract.factory_slurm_ssh import closed_port
 
 SUBMIT = "/slurm/v0.0.38/job/submit"
@@ -48,9 +48,13 @@ class _Slurmrestd(BaseHTTPRequestHandler):
         time.sleep(1.0 if self.mode == "slow" else 0.02)
         body = json.dumps({"job_id": 7, "errors": [], "user": self.headers["X-SLURM-USER-NAME"],
                            "pad": "x" * (200_000 if self.mode == "chunked" else 0)}).encode()
+        if self.mode in ("jobs", "jobs_then_error"):  # an accounting answer, errors after the jobs
+            errors = [{"error_number": 1, "error": "slurmdbd gone"}] if self.mode == "jobs_then_error" else []
+            body = json.dumps({"meta": {}, "jobs": [{"job_id": i, "pad": "y" * 1000} for i in range(2000)],
+                               "errors": errors}).encode()
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
-        if self.mode == "chunked":
+        if self.mode in ("chunked", "jobs", "jobs_then_error"):
             self.send_header("Transfer-Encoding", "chunked")
             self.end_headers()
             try:
@@ -179,3 +183,29 @@ def test_chunked_answer_is_read_whole_or_refused_past_the_cap(server: str, make:
         rest.get(JOBS, username="alice", during="job list", max_bytes=100_000)
     assert _submit(rest)["job_id"] == 7  # the half-read connection was dropped, not reused
     assert _Slurmrestd.connections == 2
+
+
+def test_a_list_is_streamed_past_the_cap_one_element_at_a_time(server: str, make: Any) -> None:
+    """An accounting answer of 2 MB through a 64 KB cap per element: every job, in
+    order; errors after the jobs are raised once they arrive; a stream closed early
+    drops its connection (not reused half-read)."""
+    _Slurmrestd.mode = "jobs"
+    rest = make(server)
+    with pytest.raises(OutputTooLarge):
+        rest.get(JOBS, username="alice", during="accounting", max_bytes=65_536)
+    items = rest.stream_items(JOBS, key="jobs", username="alice", during="accounting", max_item_bytes=65_536)
+    assert [job["job_id"] for job in items] == list(range(2000))
+    _Slurmrestd.mode = "jobs_then_error"
+    seen: list[Any] = []
+    with pytest.raises(AdapterError, match="slurmdbd gone"):
+        seen.extend(rest.stream_items(JOBS, key="jobs", username="alice", during="accounting",
+                                      max_item_bytes=65_536))
+    assert len(seen) == 2000
+    _Slurmrestd.mode = "jobs"
+    early = rest.stream_items(JOBS, key="jobs", username="alice", during="accounting", max_item_bytes=65_536)
+    assert next(early)["job_id"] == 0
+    early.close()
+    _Slurmrestd.mode = "ok"
+    before = _Slurmrestd.connections
+    assert _submit(rest)["job_id"] == 7
+    assert _Slurmrestd.connections == before + 1

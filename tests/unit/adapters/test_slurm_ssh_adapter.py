@@ -8,7 +8,9 @@ import pathlib
 import re
 import shlex
 import sys
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives import serialization
@@ -59,6 +61,13 @@ class FakePool:
             answer = CommandResult(answer.exit_status, answer.stdout.replace(MARK, mark.group(1) if mark else "-"),
                                    answer.stderr, answer.seconds)
         return answer
+
+    def stream_lines(self, username: str, command: str, *, failure: Any, **kwargs) -> Iterator[str]:
+        """The same answer as ``run``, line by line; a failed command raises ``failure``'s error after them."""
+        result = self.run(username, command, streamed=True, **kwargs)
+        yield from result.stdout.splitlines()
+        if result.exit_status:
+            raise failure(result.exit_status, result.stderr)
 
     def close(self) -> None:
         pass
@@ -424,6 +433,26 @@ def test_usage_until_bounds_sacct_and_the_records(until_ago, endtime, kept, monk
         assert 1140 <= int(given.removeprefix("--endtime=now-")) <= 1140 + late + 1
     [start] = [w for w in argv if w.startswith("--starttime=")]
     assert 3660 <= int(start.removeprefix("--starttime=now-")) <= 3660 + 2  # an hour + the 60 s margin
+
+
+def test_iter_usage_streams_the_same_sacct_and_records_as_usage():
+    rows = [sacct_row(1, "COMPLETED", "direct sbatch job"), "garbage line",
+            sacct_row(2, "COMPLETED", "allocation", limit="0"), sacct_row(3, "RUNNING", "r"),
+            sacct_row(6, "TIMEOUT", f"t.aifa-{TAG_B}", account="proj-b")]
+    a, pool = adapter({"env": ok("\n".join(rows))}, query_username="reader")
+    since = datetime.now(tz=UTC) - timedelta(hours=1)
+    until = datetime.now(tz=UTC)
+    listed = a.usage(since, accounts=["proj-a", "proj-b"], until=until)
+    streamed = list(a.iter_usage(since, accounts=["proj-a", "proj-b"], until=until))
+    assert streamed == listed and [r.job_id for r in streamed] == ["1", "6"]
+    (_, read, _), (user, streamed_command, kwargs) = pool.calls[-2:]
+    assert kwargs == {"streamed": True} and user == "reader"
+    # the same sacct, but for the relative window's seconds (the clock moved between the calls)
+    assert re.sub(r"now-[0-9]+", "now-N", read) == re.sub(r"now-[0-9]+", "now-N", streamed_command)
+    a, _ = adapter({"env": fail(1, "sacct: error: Problem talking to the database")}, query_username="reader")
+    with pytest.raises(AdapterError, match="Problem talking"):
+        list(a.iter_usage(since, until=until))
+    assert list(a.iter_usage(since, until=since)) == []
 
 
 def test_usage_of_an_empty_window_asks_nothing():
