@@ -43,8 +43,12 @@ tracker's polling cycle, so a long accounting import cannot delay polling. Rules
   it may as well be a daemon that hangs. A window still too large at
   :data:`MIN_WINDOW` (or from an adapter that cannot bound a read) is read per half
   of the group's accounts, down to one account; one account's window too large even
-  then stops the import there (an error every cycle; ``aifa_usage_import_stuck_total``
-  and ``aifa_usage_import_lag_seconds`` grow), skipping nothing. The narrower span is kept for the group's
+  then (jobs ending in the same second: no narrower window exists) is read as a
+  stream (``adapter.iter_usage``) and imported whole, :data:`_COMMIT_EVERY` records
+  at a time, the watermark moved over it only once all of it was read. An adapter
+  that cannot stream it (or a record past its cap) stops the import there (an
+  error every cycle; ``aifa_usage_import_stuck_total`` and
+  ``aifa_usage_import_lag_seconds`` grow), skipping nothing. The narrower span is kept for the group's
   next slices and cycles and doubles back after each slice with fewer than
   :data:`SPARSE_RECORDS` records: up to the maximum, and within one cycle never
   past a width that failed in it (a cycle that has halved its way past a dense

@@ -34,8 +34,8 @@ import httpx
 from adapters.slurm_rest import errors as slurm_errors
 from adapters.slurm_rest.auth import Identity
 from adapters.slurm_rest.http import StdlibTransport
-from adapters.slurm_rest.stream import ItemStream
 from adapters.slurm_rest.settings import RestSettings
+from adapters.slurm_rest.stream import ItemStream
 from broker.adapter import (
     AdapterConfigError,
     AdapterError,

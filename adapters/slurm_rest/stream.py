@@ -86,7 +86,7 @@ class ItemStream:
         self._pos = end
         return True, value
 
-    def _advance(self, *, eof: bool) -> Iterator[Any]:  # noqa: C901 - one small state machine
+    def _advance(self, *, eof: bool) -> Iterator[Any]:
         while True:
             char = self._skip()
             if not char:

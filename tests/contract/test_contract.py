@@ -312,6 +312,18 @@ def test_usage_until_excludes_jobs_ended_after_it(batch: Batch, target: Contract
         assert bounded(middle) == {j for j, e in ends.items() if e and e <= middle}
 
 
+def test_iter_usage_gives_what_usage_gives(batch: Batch, target: ContractTarget) -> None:
+    """``iter_usage`` (the importer's stream for a window too large for one answer):
+    the records ``usage`` answers for the same window, in any order, each once."""
+    keys = ["ok", "fail"] + [k for k in ("gpu", "timeout") if k in batch.finals]
+    wanted, records = _usage_of(batch, target, keys)
+    until = max(r.end_time for job_id, r in records.items() if job_id in wanted and r.end_time)
+    listed = target.adapter.usage(batch.since, accounts=[target.account], until=until)
+    streamed = list(target.adapter.iter_usage(batch.since, accounts=[target.account], until=until))
+    assert sorted(streamed, key=lambda r: r.job_id) == sorted(listed, key=lambda r: r.job_id)
+    assert set(wanted) <= {r.job_id for r in streamed} and len({r.job_id for r in streamed}) == len(streamed)
+
+
 # ----------------------------------------------------------------------------- health, discovery
 
 
