@@ -98,18 +98,21 @@ class ItemStream:
                                        transient=True, code="bad_response")
                 self._pos += 1
                 self._state = "key"
-            elif state == "key":
-                if char in ",":
+            elif state in ("key", "item"):  # a member's name, or the list's next element
+                if char == ",":
                     self._pos += 1
                     continue
-                if char == "}":
+                if char == ("}" if state == "key" else "]"):
                     self._pos += 1
-                    self._state = "end"
+                    self._state = "end" if state == "key" else "key"
                     continue
-                done, name = self._decode(eof)
+                done, value = self._decode(eof)
                 if not done:
                     return
-                self._name, self._state = str(name), "colon"
+                if state == "item":
+                    yield value
+                else:
+                    self._name, self._state = str(value), "colon"
             elif state == "colon":
                 if char != ":":
                     raise AdapterError(f"slurmrestd {self._during}: the answer is not valid JSON",
@@ -130,17 +133,5 @@ class ItemStream:
                                          f"{self._cap} characters")
                 self._others[self._name] = value
                 self._state = "key"
-            elif state == "item":
-                if char == ",":
-                    self._pos += 1
-                    continue
-                if char == "]":
-                    self._pos += 1
-                    self._state = "key"
-                    continue
-                done, value = self._decode(eof)
-                if not done:
-                    return
-                yield value
             else:  # "end": only blanks may follow
                 return

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -42,9 +41,8 @@ SSH_CAP_FLOOR = 10 * 1024
 MARGIN_SECONDS = 5
 
 
-def _answer_sizes(release: str, since: datetime, monkeypatch: pytest.MonkeyPatch) -> dict[tuple[str, ...], int]:
-    """Bytes slurmrestd answers for the burst's window: both accounts, and each alone."""
-    sizes: list[int] = []
+def _measure_rest(patch: pytest.MonkeyPatch, sizes: list[int]) -> None:
+    """Every slurmrestd answer read whole, uncapped, its size appended to ``sizes``."""
     read = rest_client._read_capped
 
     def measured(response: Any, max_bytes: int | None, during: str) -> bytes:
@@ -52,11 +50,33 @@ def _answer_sizes(release: str, since: datetime, monkeypatch: pytest.MonkeyPatch
         sizes.append(len(content))
         return content
 
+    patch.setattr(rest_client, "_read_capped", measured)
+
+
+def _imported_once(env: Any, ids: list[str], what: str) -> None:
+    """A few import cycles charge every job of ``ids`` once (one cancelled while waiting
+    is recorded, uncharged), and a later cycle nothing."""
+    importer = env.app.state.tracker.importer
+    imported = sum(importer.run_cycle(force=True) for _ in range(3))
+    with env.engine.connect() as conn:
+        rows = conn.execute(sa.text(
+            "SELECT i.scheduler_job_id, i.charged, COUNT(l.id) FROM imported_jobs i LEFT JOIN ledger_entries l "
+            "ON l.imported_job_id = i.id GROUP BY i.scheduler_job_id, i.charged")).all()
+    by_job = {str(job): (charged, entries) for job, charged, entries in rows}
+    assert sorted(by_job) == sorted(ids), f"{what}: every job of the burst imported, each once"
+    assert all(entries == (1 if charged > 0 else 0) for charged, entries in by_job.values()), by_job
+    assert imported == sum(1 for charged, _ in by_job.values() if charged > 0)
+    assert importer.run_cycle(force=True) == 0  # a later cycle charges nothing again
+
+
+def _answer_sizes(release: str, since: datetime, monkeypatch: pytest.MonkeyPatch) -> dict[tuple[str, ...], int]:
+    """Bytes slurmrestd answers for the burst's window: both accounts, and each alone."""
+    sizes: list[int] = []
     adapter = SlurmRestAdapter(f"burst-{release}", {**load_settings(release),
                                                     "usage_clock_margin_seconds": MARGIN_SECONDS}, data_dir="/tmp")
     found: dict[tuple[str, ...], int] = {}
     with monkeypatch.context() as patch:
-        patch.setattr(rest_client, "_read_capped", measured)
+        _measure_rest(patch, sizes)
         try:
             deadline = time.monotonic() + 60
             # slurmdbd may list a job ended (sacct -j) a moment before a query by end time finds it
@@ -72,21 +92,20 @@ def _answer_sizes(release: str, since: datetime, monkeypatch: pytest.MonkeyPatch
     return found
 
 
-@pytest.fixture
-def burst_ids(request: pytest.FixtureRequest) -> Iterator[tuple[str, list[str], datetime]]:
-    release = request.param
+def _burst(release: str, accounts: dict[str, int]) -> tuple[list[str], datetime]:
+    """bob's burst on the test's own ``accounts``: (job ids, a moment before it)."""
     slurm.require_cluster(release)
-    for account in ACCOUNTS:
+    for account in accounts:
         slurm.ensure_account(release, account, ("bob",))
     started = datetime.now(UTC)
-    yield release, slurm.burst(release, "bob", ACCOUNTS), started
+    return slurm.burst(release, "bob", accounts), started
 
 
 @pytest.mark.slurm
-@pytest.mark.parametrize("burst_ids", slurm.RELEASES, indirect=True)
+@pytest.mark.parametrize("release", slurm.RELEASES)
 def test_a_burst_too_large_for_one_answer_is_imported_once(
-        burst_ids: tuple[str, list[str], datetime], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    release, ids, started = burst_ids
+        release: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    ids, started = _burst(release, ACCOUNTS)
     since = started - timedelta(seconds=20)
     sizes = _answer_sizes(release, since, monkeypatch)
     whole, parts = sizes[tuple(ACCOUNTS)], [sizes[(a,)] for a in ACCOUNTS]
@@ -102,18 +121,7 @@ def test_a_burst_too_large_for_one_answer_is_imported_once(
         for i, account in enumerate(ACCOUNTS):
             env.setup_project(f"EHPC-BURST-{i}", amount=100, unit="core_hours", members=("bob",),
                               cluster=definition["name"], account=account)
-        importer = env.app.state.tracker.importer
-        imported = sum(importer.run_cycle(force=True) for _ in range(3))
-        with env.engine.connect() as conn:
-            rows = conn.execute(sa.text(
-                "SELECT i.scheduler_job_id, i.charged, COUNT(l.id) FROM imported_jobs i LEFT JOIN ledger_entries l "
-                "ON l.imported_job_id = i.id GROUP BY i.scheduler_job_id, i.charged")).all()
-        by_job = {str(job): (charged, entries) for job, charged, entries in rows}
-        assert sorted(by_job) == sorted(ids), "every job of the burst imported, each once"
-        # a job that ran is charged once; one cancelled while waiting is recorded, uncharged
-        assert all(entries == (1 if charged > 0 else 0) for charged, entries in by_job.values()), by_job
-        assert imported == sum(1 for charged, _ in by_job.values() if charged > 0)
-        assert importer.run_cycle(force=True) == 0  # a later cycle charges nothing again
+        _imported_once(env, ids, "slurm_rest")
 
 
 def _solo_answer(adapter: str, release: str, since: datetime, monkeypatch: pytest.MonkeyPatch) -> int:
@@ -122,14 +130,7 @@ def _solo_answer(adapter: str, release: str, since: datetime, monkeypatch: pytes
     made: ClusterAdapter
     with monkeypatch.context() as patch:
         if adapter == "slurm_rest":
-            read = rest_client._read_capped
-
-            def measured(response: Any, max_bytes: int | None, during: str) -> bytes:
-                content = read(response, None, during)
-                sizes.append(len(content))
-                return content
-
-            patch.setattr(rest_client, "_read_capped", measured)
+            _measure_rest(patch, sizes)
             made = SlurmRestAdapter(f"solo-{release}", {**load_settings(release),
                                                        "usage_clock_margin_seconds": MARGIN_SECONDS}, data_dir="/tmp")
         else:
@@ -153,25 +154,14 @@ def _solo_answer(adapter: str, release: str, since: datetime, monkeypatch: pytes
             made.close()
 
 
-@pytest.fixture
-def solo_ids(request: pytest.FixtureRequest) -> Iterator[tuple[str, list[str], datetime]]:
-    release = request.param
-    slurm.require_cluster(release)
-    for account in SOLO:
-        slurm.ensure_account(release, account, ("bob",))
-    started = datetime.now(UTC)
-    yield release, slurm.burst(release, "bob", SOLO), started
-
-
 @pytest.mark.slurm
-@pytest.mark.parametrize("solo_ids", slurm.RELEASES, indirect=True)
+@pytest.mark.parametrize("release", slurm.RELEASES)
 def test_one_accounts_burst_too_large_for_any_answer_is_streamed_once(
-        solo_ids: tuple[str, list[str], datetime], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-        caplog: pytest.LogCaptureFixture) -> None:
+        release: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     """One account's jobs ending in the same second, the cap at half their answer: the
     import streams the narrowest window through either adapter and charges each job once
     (it used to stop there: "usage import stuck", every cycle)."""
-    release, ids, started = solo_ids
+    ids, started = _burst(release, SOLO)
     since = started - timedelta(seconds=20)
     (account,) = SOLO
     caplog.set_level(logging.INFO, logger="broker.usage_import")
@@ -193,15 +183,5 @@ def test_one_accounts_burst_too_large_for_any_answer_is_streamed_once(
             assert r.status_code == 201, r.text
             env.setup_project("EHPC-SOLO-0", amount=100, unit="core_hours", members=("bob",),
                               cluster=definition["name"], account=account)
-            importer = env.app.state.tracker.importer
-            imported = sum(importer.run_cycle(force=True) for _ in range(3))
-            with env.engine.connect() as conn:
-                rows = conn.execute(sa.text(
-                    "SELECT i.scheduler_job_id, i.charged, COUNT(l.id) FROM imported_jobs i LEFT JOIN ledger_entries l "
-                    "ON l.imported_job_id = i.id GROUP BY i.scheduler_job_id, i.charged")).all()
-            by_job = {str(job): (charged, entries) for job, charged, entries in rows}
-            assert sorted(by_job) == sorted(ids), f"{adapter}: every job of the burst imported, each once"
-            assert all(entries == (1 if charged > 0 else 0) for charged, entries in by_job.values()), by_job
-            assert imported == sum(1 for charged, _ in by_job.values() if charged > 0)
+            _imported_once(env, ids, adapter)
             assert "streaming it" in caplog.text and "stuck" not in caplog.text, adapter
-            assert importer.run_cycle(force=True) == 0  # a later cycle charges nothing again
