@@ -158,14 +158,19 @@ class RestClient:
         ``key`` as they arrive (:class:`adapters.slurm_rest.stream.ItemStream`): no cap
         on the answer, ``max_item_bytes`` on one element. Errors in the answer are
         raised after its elements (their place in the object is the version's);
-        an error status is read and raised as :meth:`request` would. Not retried: a
+        an error status is read and raised as :meth:`request` would. Retried once
+        on a dropped keep-alive connection before the answer began, never after: a
         caller that already took elements decides. Closing the generator early
         closes the connection."""
         headers = self._identity.headers(username)
         with self._calls_lock:
             self._calls += 1
         try:
-            response = self._transport.handle_request(self._build("GET", path, headers, params=params))
+            try:
+                response = self._transport.handle_request(self._build("GET", path, headers, params=params))
+            except (httpx.RemoteProtocolError, httpx.ReadError):  # a dropped keep-alive connection, as in get()
+                log.debug("slurm_rest: retrying GET %s after a dropped connection", path)
+                response = self._transport.handle_request(self._build("GET", path, headers, params=params))
         except httpx.HTTPError as exc:
             raise self._transport_failure(during, exc) from exc
         try:

@@ -239,6 +239,11 @@ def test_query_failures(
     with pytest.raises(cls) as info:
         rest.get("/slurm/v0.0.40/jobs/", username="slurm", during="job list")
     assert info.value.code == code and info.value.transient is transient
+    # the same failure of a streamed answer (usage import's over-cap window) is the same error
+    with pytest.raises(cls) as info:
+        list(rest.stream_items("/slurm/v0.0.40/jobs/", key="jobs", username="slurm", during="job list",
+                               max_item_bytes=1 << 20))
+    assert info.value.code == code and info.value.transient is transient
     rest.close()
 
 
@@ -264,6 +269,22 @@ def test_get_retries_once_after_dropped_connection() -> None:
     rest, _ = client(handler)
     assert rest.get("/slurm/v0.0.40/jobs/", username="slurm", during="job list") == {"jobs": []}
     assert len(calls) == 2 and rest.calls == 2
+    rest.close()
+
+
+def test_a_stream_is_retried_once_after_a_dropped_connection_before_its_answer() -> None:
+    calls: list[int] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        calls.append(1)
+        if len(calls) == 1:
+            raise httpx.RemoteProtocolError("Server disconnected without sending a response.")
+        return httpx.Response(200, json={"jobs": [{"job_id": 1}], "errors": []})
+
+    rest, _ = client(handler)
+    assert list(rest.stream_items("/slurmdb/v0.0.40/jobs", key="jobs", username="slurm", during="accounting",
+                                  max_item_bytes=1 << 20)) == [{"job_id": 1}]
+    assert len(calls) == 2
     rest.close()
 
 
@@ -303,6 +324,8 @@ def test_nothing_found_in_a_200_answer_is_an_empty_result() -> None:
             "jobs": []}
     rest, _ = client(respond(200, body))
     assert rest.get("/slurmdb/v0.0.38/jobs", username="slurm", during="accounting")["jobs"] == []
+    assert list(rest.stream_items("/slurmdb/v0.0.38/jobs", key="jobs", username="slurm", during="accounting",
+                                  max_item_bytes=1 << 20)) == []
     rest.close()
     # alongside a real error, the real error still counts
     rest, _ = client(respond(200, {**body, "errors": [*body["errors"], {"error_number": 7000,
