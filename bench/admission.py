@@ -45,7 +45,7 @@ def noop_broker(db: str, *, workers: int, wrap: list[str] | None = None,
                 "AIFA_BROKER_RUN_TRACKER": "false", "AIFA_BROKER_LOG_LEVEL": "WARNING"}
         senv.pop("PROMETHEUS_MULTIPROC_DIR", None)
         argv = [*(wrap or []), PY, "-m", "bench.noop", "--port", str(port), "--workers", str(workers)]
-        with server(argv, senv, port, timeout=start_timeout) as proc:
+        with server(argv, senv, port, timeout=start_timeout, workers=workers) as proc:
             yield {"base": f"http://127.0.0.1:{port}", "url": url, "env": senv, "proc": proc,
                    "token": issue_token(settings, sub="alice", roles=[]), "tmp": tmp}
 
@@ -88,7 +88,8 @@ def b3(*, runs: int, n: int, concurrency: int, workers: int, db: str = "postgres
         url = b["url"]
         port = free_port()
         benv = {**b["env"], "AIFA_BROKER_DATABASE_URL": url}
-        with server([PY, "-m", "bench.bare", "--port", str(port), "--workers", str(workers)], benv, port):
+        with server([PY, "-m", "bench.bare", "--port", str(port), "--workers", str(workers)], benv, port,
+                    workers=workers):
             base = f"http://127.0.0.1:{port}"
             run_load(base, [("POST", "/bare", head, body)] * 60, concurrency=concurrency)
             bare_p50 = []

@@ -75,7 +75,7 @@ def b6(*, runs: int, projects: int = 1000, rows: int = 1_000_000, requests: int 
         senv.pop("PROMETHEUS_MULTIPROC_DIR", None)
         qm = {"Authorization": f"Bearer {issue_token(settings, sub='qm', roles=['quota_manager'])}"}
         bin_ = str(Path(PY).parent / "aifa-broker")
-        with server([bin_, "serve", "--port", str(port), "--workers", "2"], senv, port):
+        with server([bin_, "serve", "--port", str(port), "--workers", "2"], senv, port, workers=2):
             base = f"http://127.0.0.1:{port}"
             codes = [f"EHPC-B6-{i:04d}" for i in range(1, requests + 1)]
             run_load(base, [("GET", f"/v1/projects/{codes[0]}/usage?group_by=month", qm, None)], concurrency=1)

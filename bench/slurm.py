@@ -130,7 +130,8 @@ def slurm_broker(kind: str, *, workers: int, db: str = "postgresql", tracker: bo
                 "AIFA_BROKER_LOG_LEVEL": "WARNING", "AIFA_BROKER_RUN_TRACKER": str(tracker).lower()}
         senv.pop("PROMETHEUS_MULTIPROC_DIR", None)
         bin_ = str(Path(PY).parent / "aifa-broker")
-        with server([bin_, "serve", "--port", str(port), "--workers", str(workers)], senv, port) as proc:
+        with server([bin_, "serve", "--port", str(port), "--workers", str(workers)], senv, port,
+                    workers=workers) as proc:
             yield {"base": f"http://127.0.0.1:{port}", "url": url, "cluster": doc["name"], "proc": proc,
                    "token": issue_token(settings, sub="alice", roles=[])}
 
