@@ -44,6 +44,7 @@ from typing import Any
 from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
 from broker.config import Settings, get_settings
+from broker.heap import settle_for_serving
 
 log = logging.getLogger(__name__)
 
@@ -219,6 +220,7 @@ def _worker_main(factory: str, host: str, port: int, log_level: str) -> None:
 
     die_with_parent()
     app = import_from_string(factory)()
+    settle_for_serving()
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, http=NoDelayHTTPProtocol)
     uvicorn.Server(config).run(sockets=[listening_socket(host, port)])
 
@@ -274,7 +276,9 @@ def run(settings: Settings, *, host: str, port: int, workers: int, factory: str 
     _configure_logging(settings)
     level = settings.log_level.lower()
     if workers <= 1:
-        uvicorn.run(single(settings), host=host, port=port, log_level=level, http=NoDelayHTTPProtocol)
+        app = single(settings)
+        settle_for_serving()
+        uvicorn.run(app, host=host, port=port, log_level=level, http=NoDelayHTTPProtocol)
         return
     from broker.bootstrap import engine_for, ensure_local_cluster
 
