@@ -11,6 +11,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, select
 
 from broker.auth import Principal
+from broker.direct import Statement
 from broker.errors import Forbidden, NotFound
 from broker.models import MICRO, Cluster, Membership, Project, User, utcnow
 
@@ -91,7 +92,7 @@ def visible_project(session: Session, principal: Principal, code: str) -> tuple[
 def visible_project_id(session: Session, principal: Principal, code: str) -> int:
     """:func:`visible_project` for a read that needs only the project's id: one plain
     row, no ORM object loaded."""
-    row = session.connection().execute(_visible_project_id_statement(), {"code": code, "me": principal.name}).first()
+    row = _visible_project_id_statement().first(session, {"code": code, "me": principal.name})
     project_id, _ = _visible(row, principal, code)
     return int(project_id)
 
@@ -113,10 +114,11 @@ def _visible_project_statement() -> Any:
 
 
 @functools.cache
-def _visible_project_id_statement() -> Any:
-    """The same for the project's id alone, on the tables' columns: plain Core (no ORM
-    compile or row processing per execution)."""
-    return _project_and_role(Project.__table__.c.id)  # type: ignore[attr-defined]
+def _visible_project_id_statement() -> Statement:
+    """The same for the project's id alone, on the tables' columns, run on the driver's
+    cursor on PostgreSQL (broker/direct.py: no execution context or result metadata
+    built per run)."""
+    return Statement(_project_and_role(Project.__table__.c.id))  # type: ignore[attr-defined]
 
 
 def _project_and_role(what: Any) -> Any:

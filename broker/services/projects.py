@@ -11,6 +11,7 @@ import sqlalchemy as sa
 from sqlmodel import Session, col, select
 
 from broker.auth import Principal
+from broker.direct import Statement
 from broker.errors import Conflict, Forbidden, InvalidRequest, NotFound
 from broker.models import Allocation, Cluster, Membership, Project, User, pk
 from broker.schemas import (
@@ -110,20 +111,20 @@ def list_project_answers(session: Session, *, principal: Principal) -> list[dict
     JSON-ready data with the fields and values of their :class:`ProjectOut` (what
     ``GET /v1/projects`` answers; tests/integration/test_read_answers.py compares it
     with the models' JSON). Three statements built once, read as plain rows: no ORM
-    objects, no model validated per project, allocation and member."""
+    objects, no model validated per project, allocation and member; on PostgreSQL run
+    on the driver's cursor (broker/direct.py)."""
     projects_q, allocs_q, members_q = _listing_statements(principal.is_quota_manager)
     params = {"me": principal.name}
-    conn = session.connection()  # plain Core statements: none of Session.execute's steps
     allocs: dict[int, list[dict[str, Any]]] = {}
-    for project_id, *alloc in conn.execute(allocs_q, params):
+    for project_id, *alloc in allocs_q.rows(session, params):
         allocs.setdefault(project_id, []).append(_allocation_answer(*alloc))
     members: dict[int, list[dict[str, str]]] = {}
-    for project_id, name, role in conn.execute(members_q, params):
+    for project_id, name, role in members_q.rows(session, params):
         members.setdefault(project_id, []).append({"user": name, "role": role})
     return [{"code": code, "title": title, "status": status, "access_mode": mode, "start_date": start,
              "end_date": end, "attributes": attributes, "allocations": allocs.get(pid, []),
              "members": members.get(pid, [])}
-            for pid, code, title, status, mode, start, end, attributes in conn.execute(projects_q, params)]
+            for pid, code, title, status, mode, start, end, attributes in projects_q.rows(session, params)]
 
 
 def _allocation_answer(alloc_id: int, cluster: str, unit: str, account: str, granted: int, charged: int,
@@ -137,9 +138,9 @@ def _allocation_answer(alloc_id: int, cluster: str, unit: str, account: str, gra
 
 
 @functools.cache
-def _listing_statements(every: bool) -> tuple[Any, Any, Any]:
+def _listing_statements(every: bool) -> tuple[Statement, Statement, Statement]:
     """The project listing's statements for a quota manager (``every``) or a member
-    (``:me``), on the tables' columns: built once, and run as plain Core (no ORM
+    (``:me``), on the tables' columns: built once, and run without the ORM (no
     compile or row processing per execution)."""
     projects, allocations, clusters, members, users = (
         t.__table__ for t in (Project, Allocation, Cluster, Membership, User))  # type: ignore[union-attr]
@@ -153,15 +154,16 @@ def _listing_statements(every: bool) -> tuple[Any, Any, Any]:
                 .join(clusters, clusters.c.id == allocations.c.cluster_id).order_by(allocations.c.id))
     members_q = (sa.select(members.c.project_id, users.c.name, members.c.role)
                  .join(users, users.c.id == members.c.user_id).order_by(users.c.name))
-    if every:
-        return projects_q, allocs_q, members_q
-    # the caller's projects, as a subquery of its own tables (not correlated with the
-    # membership and user rows the member listing joins)
-    mine_m, mine_u = members.alias("mine"), users.alias("me")
-    mine = (sa.select(mine_m.c.project_id).join(mine_u, mine_u.c.id == mine_m.c.user_id)
-            .where(mine_u.c.name == sa.bindparam("me")))
-    return (projects_q.where(projects.c.id.in_(mine)), allocs_q.where(allocations.c.project_id.in_(mine)),
-            members_q.where(members.c.project_id.in_(mine)))
+    if not every:
+        # the caller's projects, as a subquery of its own tables (not correlated with the
+        # membership and user rows the member listing joins)
+        mine_m, mine_u = members.alias("mine"), users.alias("me")
+        mine = (sa.select(mine_m.c.project_id).join(mine_u, mine_u.c.id == mine_m.c.user_id)
+                .where(mine_u.c.name == sa.bindparam("me")))
+        projects_q, allocs_q, members_q = (projects_q.where(projects.c.id.in_(mine)),
+                                           allocs_q.where(allocations.c.project_id.in_(mine)),
+                                           members_q.where(members.c.project_id.in_(mine)))
+    return Statement(projects_q), Statement(allocs_q), Statement(members_q)
 
 
 def grant_allocation(

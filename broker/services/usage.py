@@ -31,7 +31,7 @@ import csv
 import functools
 import io
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
 from typing import Any
@@ -40,6 +40,7 @@ import sqlalchemy as sa
 from sqlmodel import Session, col, select
 
 from broker.auth import Principal
+from broker.direct import Statement
 from broker.errors import InvalidRequest
 from broker.models import Allocation, Cluster, ImportedJob, Job, LedgerEntry, Membership, Project, User, UTCDateTime
 from broker.schemas import MAX_DATE, MIN_DATE
@@ -108,13 +109,18 @@ def usage_rows(
     lo, hi = _bounds(start, end)
     keys = ["project", *group_by]
     projects = None if project_ids is None else "one" if len(project_ids) == 1 else "many"
-    q = _usage_statement(session.get_bind().dialect.name, tuple(group_by), projects, lo is not None, hi is not None)
-    params: dict[str, Any] = {"lo": lo, "hi": hi}
-    if project_ids is not None:
-        params["project_ids" if projects == "many" else "project_id"] = \
-            project_ids if projects == "many" else project_ids[0]
+    shape = (session.get_bind().dialect.name, tuple(group_by), projects, lo is not None, hi is not None)
+    params: dict[str, Any] = {name: value for name, value in (("lo", lo), ("hi", hi)) if value is not None}
+    found: Sequence[Any]
+    if projects == "many":  # an expanding IN: rendered per run, so not a direct statement
+        params["project_ids"] = project_ids
+        found = session.connection().execute(_usage_statement(*shape), params).all()
+    else:
+        if project_ids is not None:
+            params["project_id"] = project_ids[0]
+        found = _direct_usage_statement(*shape).rows(session, params)
     rows: list[UsageRow] = []
-    for *values, unit, amount, jobs in session.connection().execute(q, params).all():
+    for *values, unit, amount, jobs in found:
         rows.append(UsageRow(dict(zip(keys, (str(v) for v in values), strict=True)), unit,
                              to_units(int(amount or 0)) or 0.0, int(jobs)))
     rows.sort(key=lambda r: (*(r.keys[k] for k in keys), r.unit))
@@ -151,7 +157,9 @@ def _usage_statement(dialect: str, group_by: tuple[str, ...], projects: str | No
          .select_from(LedgerEntry.__table__)  # type: ignore[attr-defined]
          .join(allocations, allocations.c.id == le.allocation_id)
          .join(projects_t, projects_t.c.id == le.project_id)
-         .where(le.kind.in_(USAGE_KINDS)))
+         # one bound value per kind, not an expanding IN (rendered per run): the
+         # statement is then fixed text, run on the driver's cursor (_direct_usage_statement)
+         .where(le.kind.in_([sa.literal(kind) for kind in USAGE_KINDS])))
     if "cluster" in keys:
         q = q.join(clusters, clusters.c.id == allocations.c.cluster_id)
     if "user" in keys:
@@ -169,6 +177,13 @@ def _usage_statement(dialect: str, group_by: tuple[str, ...], projects: str | No
     if until:
         q = q.where(le.occurred_at < sa.bindparam("hi", type_=UTCDateTime))
     return q.group_by(*(exprs[k] for k in keys), allocations.c.unit)
+
+
+@functools.lru_cache(maxsize=USAGE_STATEMENTS_KEPT)
+def _direct_usage_statement(dialect: str, group_by: tuple[str, ...], projects: str | None, since: bool,
+                            until: bool) -> Statement:
+    """:func:`_usage_statement` run on the driver's cursor on PostgreSQL (broker/direct.py)."""
+    return Statement(_usage_statement(dialect, group_by, projects, since, until))
 
 
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
