@@ -8,7 +8,8 @@ For each kind of request it warms up, switches instrumentation on
 (``callgrind_control -i on``), sends ``n`` requests one after the other, switches it
 off and dumps: instructions per request of the server process, the same whatever
 else the machine is doing (wall-clock figures on a shared 2-vCPU host move by ±40 %).
-Dumps stay in ``--out`` for ``callgrind_annotate``.
+Dumps stay in ``--out`` for ``callgrind_annotate``. Kind ``bare``: B3's baseline
+(bench/bare.py, its ``POST /bare``), served the same way on the same database.
 """
 
 from __future__ import annotations
@@ -23,9 +24,12 @@ import tempfile
 from typing import Any
 
 from bench.admission import PROJECT, noop_broker
+from bench.harness import PY, free_port, server
 from bench.loadgen import Request, run_load
 
 KINDS = ("submit", "estimate", "get", "list", "projects", "usage", "healthz")
+#: B3's baseline (bench/bare.py's ``POST /bare``), served under valgrind beside the broker
+BARE = "bare"
 
 
 def _requests(kind: str, head: dict[str, str], job_id: str, n: int) -> list[Request]:
@@ -57,6 +61,20 @@ def _dump_total(out_dir: str, pid: int) -> int:
     raise RuntimeError(f"no totals in {dumps[-1]}")
 
 
+def _count(pid: int, base: str, reqs: list[Request], out_dir: str, kind: str) -> float:
+    """M instructions per request of server ``pid`` for ``reqs`` (after 10 not counted)."""
+    run_load(base, reqs[:10], concurrency=1)  # warm-up, not counted
+    _control(pid, "-z")
+    _control(pid, "-i", "on")
+    res = run_load(base, reqs, concurrency=1)
+    _control(pid, "-i", "off")
+    _control(pid, "-d")
+    assert res.errors() == 0, (kind, res.statuses)
+    per = round(_dump_total(out_dir, pid) / len(reqs) / 1e6, 3)
+    print(f"{kind:10s} {per:7.3f} M instructions/request", flush=True)
+    return per
+
+
 def measure(*, db: str, n: int, kinds: list[str], out_dir: str) -> dict[str, Any]:
     if not shutil.which("valgrind") or not shutil.which("callgrind_control"):
         raise SystemExit("needs valgrind (Debian package valgrind)")
@@ -69,16 +87,15 @@ def measure(*, db: str, n: int, kinds: list[str], out_dir: str) -> dict[str, Any
         first = run_load(b["base"], _requests("submit", head, "", 1), concurrency=1, keep_bodies=True)
         job_id = json.loads(first.bodies[0])["id"]
         for kind in kinds:
-            reqs = _requests(kind, head, job_id, n)
-            run_load(b["base"], reqs[:10], concurrency=1)  # warm-up, not counted
-            _control(pid, "-z")
-            _control(pid, "-i", "on")
-            res = run_load(b["base"], reqs, concurrency=1)
-            _control(pid, "-i", "off")
-            _control(pid, "-d")
-            assert res.errors() == 0, (kind, res.statuses)
-            results[kind] = round(_dump_total(out_dir, pid) / n / 1e6, 3)
-            print(f"{kind:10s} {results[kind]:7.3f} M instructions/request", flush=True)
+            if kind != BARE:
+                results[kind] = _count(pid, b["base"], _requests(kind, head, job_id, n), out_dir, kind)
+        if BARE in kinds:
+            port = free_port()
+            argv = [*wrap, PY, "-m", "bench.bare", "--port", str(port)]
+            with server(argv, b["env"], port, timeout=600) as bare:
+                body = {"project": PROJECT, "cluster": "noop", "script": "true", "time_limit_minutes": 5}
+                results[BARE] = _count(bare.pid, f"http://127.0.0.1:{port}",
+                                       [("POST", "/bare", head, body)] * n, out_dir, BARE)
     return results
 
 
@@ -86,7 +103,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--db", default="postgresql", choices=["postgresql", "sqlite"])
     ap.add_argument("--n", type=int, default=40)
-    ap.add_argument("--kinds", default=",".join(KINDS))
+    ap.add_argument("--kinds", default=",".join(KINDS), help=f"of {', '.join(KINDS)}, {BARE}")
     ap.add_argument("--out", default="")
     args = ap.parse_args()
     out_dir = args.out or tempfile.mkdtemp(prefix="aifa-callgrind-")
