@@ -71,9 +71,6 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
 PING_AFTER_IDLE_SECONDS = 1.0
 #: execution options of a connection in autocommit (PostgreSQL): no BEGIN/COMMIT round trips
 AUTOCOMMIT: dict[str, Any] = {"isolation_level": "AUTOCOMMIT"}
-#: execution options of a read-only unit of work (broker/api/unit_of_work.py): autocommit
-#: and no writes
-READ_ONLY = AUTOCOMMIT
 #: ``Session.info`` key marking a read-only unit of work's session
 READ_ONLY_KEY = "aifa_read_only"
 

@@ -29,7 +29,7 @@ from fastapi.routing import APIRoute
 from sqlmodel import Session
 
 from broker.api.deps import OUTSIDE_TRANSACTION
-from broker.db import READ_ONLY, READ_ONLY_KEY, classify, dependents, refuse_pending_writes
+from broker.db import READ_ONLY_KEY, autocommit_connection, classify, dependents, refuse_pending_writes
 from broker.errors import Conflict
 
 log = logging.getLogger(__name__)
@@ -74,7 +74,7 @@ def unit_of_work(endpoint: Callable[..., Any], *, read_only: bool = False) -> Ca
     they must not use the request session).
 
     ``read_only`` (the GET routes): on PostgreSQL the session's connection runs in
-    autocommit (:data:`broker.db.READ_ONLY`), which saves the ``BEGIN`` and ``COMMIT``
+    autocommit (:func:`broker.db.autocommit_connection`), which saves the ``BEGIN`` and ``COMMIT``
     round trips of every read and changes nothing it sees — at READ COMMITTED, the
     broker's level, each statement takes its own snapshot inside a transaction too.
     A write on such a connection is refused (broker.db), so a GET cannot lose the
@@ -88,10 +88,20 @@ def unit_of_work(endpoint: Callable[..., Any], *, read_only: bool = False) -> Ca
         if session is None:
             return endpoint(**kwargs)
         session.info["unit_of_work"] = True
-        if read_only:
-            session.info[READ_ONLY_KEY] = True
-            if session.get_bind().dialect.name == "postgresql":
-                session.connection(execution_options=READ_ONLY)
+        if not read_only:
+            return _run(session, kwargs)
+        session.info[READ_ONLY_KEY] = True
+        engine = session.get_bind()
+        if engine.dialect.name != "postgresql" or not isinstance(engine, sa.Engine):
+            return _run(session, kwargs)
+        # autocommit set on the driver's connection (broker.db.autocommit_connection),
+        # not as SQLAlchemy's isolation level, whose set and reset around each checkout
+        # cost more CPU than a job's read
+        with autocommit_connection(engine) as conn:
+            session.bind = conn
+            return _run(session, kwargs)
+
+    def _run(session: Session, kwargs: dict[str, Any]) -> Any:
         try:
             for attempt in range(1, RETRIES + 1):
                 try:
