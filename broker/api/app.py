@@ -16,7 +16,7 @@ from sqlalchemy.engine import Engine
 
 from broker import dashboard
 from broker.api import docs, openapi, problems
-from broker.api.middleware import Admission, BodyLimit, ETag, UrlCheck
+from broker.api.middleware import Gate
 from broker.api.routers import clusters, enforcement, events, jobs, projects, reports
 from broker.auth import Authenticator
 from broker.bootstrap import engine_for, ensure_local_cluster
@@ -85,12 +85,10 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
     dashboard.install(app, settings)
     docs.install(app)
     openapi.install(app)
-    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
-    app.add_middleware(UrlCheck)
-    app.add_middleware(ETag)
     # outermost: a request over the limit costs no more than this check
-    app.add_middleware(Admission, limit=settings.requests_in_flight_limit, threads=settings.worker_threads,
-                       wait_seconds=settings.admission_wait_seconds, queue=settings.requests_waiting_limit)
+    app.add_middleware(Gate, max_body_bytes=settings.max_body_bytes, limit=settings.requests_in_flight_limit,
+                       threads=settings.worker_threads, wait_seconds=settings.admission_wait_seconds,
+                       queue=settings.requests_waiting_limit)
     return app
 
 
