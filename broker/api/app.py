@@ -18,6 +18,7 @@ from broker import dashboard
 from broker.api import docs, openapi, problems
 from broker.api.middleware import Gate
 from broker.api.routers import clusters, enforcement, events, jobs, projects, reports
+from broker.api.unit_of_work import check_routes
 from broker.auth import Authenticator
 from broker.bootstrap import engine_for, ensure_local_cluster
 from broker.config import PROBE_THREADS, Settings, get_settings
@@ -85,6 +86,7 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
     dashboard.install(app, settings)
     docs.install(app)
     openapi.install(app)
+    check_routes(app.router.routes)
     # outermost: a request over the limit costs no more than this check
     app.add_middleware(Gate, max_body_bytes=settings.max_body_bytes, limit=settings.requests_in_flight_limit,
                        threads=settings.worker_threads, wait_seconds=settings.admission_wait_seconds,

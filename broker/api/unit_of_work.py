@@ -21,14 +21,15 @@ import inspect
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import sqlalchemy as sa
 from fastapi.routing import APIRoute
 from sqlmodel import Session
+from starlette.routing import BaseRoute
 
-from broker.api.deps import OUTSIDE_TRANSACTION
+from broker.api.deps import OUTSIDE_TRANSACTION, REQUEST_SESSION
 from broker.db import READ_ONLY_KEY, autocommit_connection, classify, dependents, refuse_pending_writes
 from broker.errors import Conflict
 
@@ -48,9 +49,23 @@ class UnitOfWorkRoute(APIRoute):
         read_only = bool(methods) and methods <= READ_METHODS and not getattr(endpoint, WRITES, False)
         wrapped = unit_of_work(endpoint, read_only=read_only)
         super().__init__(path, wrapped, **kwargs)
+        calls = _dependency_calls(self.dependant)
+        if REQUEST_SESSION in calls and (wrapped is endpoint or REQUEST_SESSION not in {
+                d.call for d in self.dependant.dependencies}):
+            raise TypeError(f"{path}: the request session (SessionDep) must be a parameter of the sync "
+                            "endpoint itself, whose unit of work closes it")
         if wrapped is not endpoint:
-            calls = _dependency_calls(self.dependant)
             wrapped.retry_ok = not (calls & set(OUTSIDE_TRANSACTION))  # type: ignore[attr-defined]
+
+
+def check_routes(routes: Iterable[BaseRoute]) -> None:
+    """Refuse an API route that takes the request session (``SessionDep``) but is not a
+    :class:`UnitOfWorkRoute`: nothing would commit or close its session."""
+    for route in routes:
+        if isinstance(route, APIRoute) and not isinstance(route, UnitOfWorkRoute) \
+                and REQUEST_SESSION in _dependency_calls(route.dependant):
+            raise TypeError(f"{route.path}: the request session (SessionDep) is only for routes of "
+                            "route_class=UnitOfWorkRoute")
 
 
 def writes(endpoint: Callable[..., Any]) -> Callable[..., Any]:
