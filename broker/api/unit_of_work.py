@@ -1,7 +1,8 @@
 """One unit of work per request, committed before the answer is sent.
 
 Routers are built with ``route_class=UnitOfWorkRoute``. Their sync endpoints are
-wrapped so that, inside the one worker thread that runs the endpoint, the request's
+wrapped (as async endpoints handing the work to a worker thread themselves,
+broker/api/threads.py) so that, inside the one worker thread that runs the endpoint, the request's
 session (``SessionDep``) is used, committed and closed — its connection goes back
 to the pool before the thread is released and before any response byte is sent:
 
@@ -30,6 +31,7 @@ from sqlmodel import Session
 from starlette.routing import BaseRoute
 
 from broker.api.deps import OUTSIDE_TRANSACTION, REQUEST_SESSION
+from broker.api.threads import run_in_worker
 from broker.db import READ_ONLY_KEY, autocommit_connection, classify, dependents, refuse_pending_writes
 from broker.errors import Conflict
 
@@ -98,6 +100,10 @@ def unit_of_work(endpoint: Callable[..., Any], *, read_only: bool = False) -> Ca
         return endpoint
 
     @functools.wraps(endpoint)
+    async def in_worker(**kwargs: Any) -> Any:
+        # FastAPI awaits this on the event loop; the endpoint runs in a worker thread
+        return await run_in_worker(run, kwargs)
+
     def run(**kwargs: Any) -> Any:
         session = next((v for v in kwargs.values() if isinstance(v, Session)), None)
         if session is None:
@@ -129,7 +135,7 @@ def unit_of_work(endpoint: Callable[..., Any], *, read_only: bool = False) -> Ca
                     session.rollback()
                     fault = classify(exc)
                     if fault is not None and fault.retryable and attempt < RETRIES \
-                            and getattr(run, "retry_ok", False):
+                            and getattr(in_worker, "retry_ok", False):
                         log.info("%s: %s; running it again (attempt %d)", endpoint.__name__, fault.detail,
                                  attempt + 1)
                         time.sleep(random.uniform(0.01, 0.05) * attempt)  # noqa: S311 - jitter
@@ -144,7 +150,7 @@ def unit_of_work(endpoint: Callable[..., Any], *, read_only: bool = False) -> Ca
         finally:
             session.close()  # the connection goes back to the pool in this thread
 
-    return run
+    return in_worker
 
 
 def _name_dependents(session: Session, exc: sa.exc.IntegrityError) -> None:
