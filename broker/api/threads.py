@@ -39,7 +39,8 @@ class _Worker(threading.Thread):
     many as calls ran at once (bounded by the limiters' tokens)."""
 
     def __init__(self) -> None:
-        super().__init__(name="aifa-api-worker", daemon=True)
+        # not "aifa-…": those are the background threads (tracker, notifier, streams)
+        super().__init__(name="api-worker", daemon=True)
         self.queue: SimpleQueue[_Item] = SimpleQueue()
 
     def run(self) -> None:
