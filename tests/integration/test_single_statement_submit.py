@@ -5,10 +5,16 @@ every submission runs in transactions. Both databases."""
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
+import pytest
 import sqlalchemy as sa
 
+from broker.auth import Authenticator
 from broker.db import session_scope
-from broker.services import ledger
+from broker.schemas import JobRequest
+from broker.services import ledger, single_statement
+from broker.services.jobs import _reserve
 from tests.support.env import BrokerEnv
 from tests.support.statements import statements
 
@@ -100,3 +106,29 @@ def test_a_keyed_or_array_submission_runs_in_a_transaction(env: BrokerEnv) -> No
         env.wait_settled(job_id, env.qm)
     with session_scope(env.engine) as s:
         assert ledger.check(s) == []
+
+
+def test_recording_the_scheduler_id_commits_asynchronously_for_its_own_transaction_only(env: BrokerEnv) -> None:
+    """The record step is committed without waiting for the WAL flush (a crash loses at
+    most that step, which the reconciler redoes); the setting is local to the
+    statement's transaction, so the pooled connection's later statements (the next
+    reservation) commit synchronously again."""
+    if env.engine.dialect.name != "postgresql":
+        pytest.skip("the single-statement path is PostgreSQL's")
+    env.setup_project(amount=10.0)
+    principal = Authenticator(env.settings).authenticate(env.token("alice"))
+    body = JobRequest(project="EHPC-TEST-001", script="true", time_limit_minutes=5)
+    job, _, _ = _reserve(env.engine, env.settings, principal, body, None)
+    at = datetime.now(UTC)
+    with env.engine.connect() as conn:
+        # in a transaction here, to look at the setting before its end
+        assert single_statement.record_submitted(conn, job_id=job.id, scheduler_job_id="4242", at=at)
+        assert conn.exec_driver_sql("SHOW synchronous_commit").scalar_one() == "off"
+        conn.commit()
+        assert conn.exec_driver_sql("SHOW synchronous_commit").scalar_one() == "on"
+        # a job no longer ACCEPTED: nothing moves, nothing is set
+        assert not single_statement.record_submitted(conn, job_id=job.id, scheduler_job_id="4243", at=at)
+        assert conn.exec_driver_sql("SHOW synchronous_commit").scalar_one() == "on"
+        conn.rollback()
+        row = conn.execute(sa.text("SELECT state, scheduler_job_id FROM jobs WHERE id = :i"), {"i": job.id}).one()
+    assert tuple(row) == ("PENDING", "4242")
