@@ -92,7 +92,7 @@ def submit_once(
     if key is None:
         result = job_service.submit(engine=engine, settings=settings, registry=registry,
                                     principal=principal, body=body)
-        return Answer(result.status, result.job.model_dump(mode="json"))
+        return Answer(result.status, result.body)
     validate_key(key)
     digest = request_hash(body.model_dump(mode="json"))
     got = begin(engine, principal=principal, key=key, digest=digest, ttl_hours=settings.idempotency_ttl_hours,
@@ -104,8 +104,7 @@ def submit_once(
         result = job_service.submit(
             engine=engine, settings=settings, registry=registry, principal=principal, body=body,
             link=lambda session, job_id: link_job(session, claim, job_id),
-            keep=lambda session, kept: _store(session, claim, status=kept.status,
-                                              body=kept.job.model_dump(mode="json")))
+            keep=lambda session, kept: _store(session, claim, status=kept.status, body=kept.body))
     except BrokerError as exc:
         if exc.status >= 500:
             _quietly(release, engine, claim)  # the client may retry with the same key
@@ -115,7 +114,7 @@ def submit_once(
     except BaseException:
         _quietly(release, engine, claim)
         raise
-    answer = Answer(result.status, result.job.model_dump(mode="json"))
+    answer = Answer(result.status, result.body)
     if not result.kept:  # else stored with the scheduler id, in one transaction
         finish(engine, claim, status=answer.status, body=answer.body)
     return answer
@@ -184,7 +183,7 @@ def begin(
         # the dead holder wrote its job: answer it (the reconciler settles whether it
         # reached the cluster), never submit a second one
         result = job_service.answer_for(engine, job_id=job_id)
-        answer = Answer(result.status, result.job.model_dump(mode="json"), replayed=True)
+        answer = Answer(result.status, result.body, replayed=True)
         finish(engine, claim, status=answer.status, body=answer.body)
         return answer
     raise Conflict("The idempotency key is being processed.", code="idempotency_in_progress", retry_after=1)
@@ -253,7 +252,7 @@ def release(engine: Engine, claim: Claim) -> None:
             session.delete(rec)
             return
     result = job_service.answer_for(engine, job_id=job.id)
-    finish(engine, claim, status=result.status, body=result.job.model_dump(mode="json"))
+    finish(engine, claim, status=result.status, body=result.body)
 
 
 def purge_expired(engine: Engine) -> int:

@@ -88,12 +88,6 @@ class SubmitFailed(BrokerError):
     status, code, title = 422, "submit_rejected", "The cluster refused the job"
 
 
-#: a job row's columns not set at submission (a fresh row as :func:`job_out` reads it)
-_UNSET_JOB_COLUMNS = dict.fromkeys(("raw_state", "scheduler_job_id", "charged", "elapsed_seconds", "submitted_at",
-                                    "started_at", "ended_at", "unknown_since", "exit_code", "reason",
-                                    "pending_reason", "expected_start_at"))
-
-
 def job_out(job: Job | SimpleNamespace | sa.Row[Any], *, project: str, cluster: str, user: str) -> JobOut:
     return JobOut(
         id=job.id, project=project, cluster=cluster, user=user, name=job.name,
@@ -201,9 +195,16 @@ LinkIntent = Callable[[Session, str], None]
 @dataclass(frozen=True)
 class SubmitResult:
     status: int
-    job: JobOut
+    #: the answer: a :class:`JobOut`'s fields and values as JSON-ready data (built
+    #: without the model: see :func:`_fresh_answer`)
+    body: dict[str, Any]
     #: the answer was handed to ``keep`` in the transaction that recorded the scheduler id
     kept: bool = False
+
+    @property
+    def job(self) -> JobOut:
+        """The answer as its model."""
+        return JobOut.model_validate(self.body)
 
 
 #: called with the session and the 201 answer inside the transaction that records the
@@ -278,7 +279,7 @@ def _admit(session: Session, settings: Settings, principal: Principal, body: Job
 def _reserve_answer(
     engine: Engine, settings: Settings, principal: Principal, body: JobRequest, link: LinkIntent | None,
     placed: dict[str, Any] | None = None,
-) -> tuple[str, JobSpec, ClusterRow, JobOut]:
+) -> tuple[str, JobSpec, ClusterRow, dict[str, Any]]:
     """Check and reserve, committed: the job row ``ACCEPTED``, its event, its reserve
     ledger row and the allocation's balance. Returns the job's id, what to submit,
     the cluster and the answer as committed.
@@ -325,16 +326,39 @@ def _reserve_answer(
     return _accepted(admitted)
 
 
-def _accepted(admitted: _Admitted) -> tuple[str, JobSpec, ClusterRow, JobOut]:
+def _accepted(admitted: _Admitted) -> tuple[str, JobSpec, ClusterRow, dict[str, Any]]:
     """The job's id, what to submit and the answer as committed (no reload: names are
     known here, values set by us)."""
     prep, row, alloc = admitted.prep, admitted.row, admitted.allocation
     assert prep.account_username is not None
     spec = job_spec(admitted.request, tag=row["id"], username=prep.account_username, account=alloc.account,
                     partition=prep.partition, dependency=admitted.dependency)
-    accepted = job_out(SimpleNamespace(**_UNSET_JOB_COLUMNS, **row), project=prep.project.code,
-                       cluster=admitted.cluster.name, user=admitted.user.name)
+    accepted = _fresh_answer(row, project=prep.project.code, cluster=admitted.cluster.name, user=admitted.user.name)
     return row["id"], spec, admitted.cluster, accepted
+
+
+def _fresh_answer(row: dict[str, Any], *, project: str, cluster: str, user: str) -> dict[str, Any]:
+    """The job row just written (its columns as inserted) as :func:`_answer` answers
+    a row read back: :class:`JobOut`'s fields in its order with the values the model
+    would hold, as plain data (tests/integration/test_submit_answer.py compares them
+    with the model's and with ``GET``'s). Building the model, copying it with the
+    scheduler's id and dumping it was a tenth of a submission's CPU."""
+    unit, request = row["unit"], row["request"]
+    return {
+        "id": row["id"], "project": project, "cluster": cluster, "user": user, "name": row["name"],
+        "partition": row["partition"], "state": row["state"], "raw_state": None, "scheduler_job_id": None,
+        "estimated_cost": _money(unit, row["estimated"]), "reserved": _money(unit, row["reserved"]),
+        "charged": None, "elapsed_seconds": None, "submitted_at": None, "created_at": _utc_aware(row["created_at"]),
+        "started_at": None, "ended_at": None, "unknown_since": None, "exit_code": None, "reason": None,
+        "request": request, "pending_reason": None, "expected_start": None, "placement": row["placement"],
+        "array": _array_answer(request, row["array_counts"]),
+    }
+
+
+def _utc_aware(at: datetime) -> str:
+    """An aware timestamp as pydantic-core writes it once in UTC (as :func:`_utc` the
+    stored one)."""
+    return at.astimezone(UTC).replace(tzinfo=None).isoformat() + "Z"
 
 
 def job_spec(req: EffectiveRequest, *, tag: str, username: str, account: str, partition: str | None,
@@ -354,7 +378,7 @@ def job_spec(req: EffectiveRequest, *, tag: str, username: str, account: str, pa
 def _reserve_placed(
     engine: Engine, settings: Settings, registry: AdapterRegistry, principal: Principal, body: JobRequest,
     link: LinkIntent | None,
-) -> tuple[str, JobSpec, ClusterRow, JobOut]:
+) -> tuple[str, JobSpec, ClusterRow, dict[str, Any]]:
     with session_scope(engine) as session:
         placed = _place(session, settings, registry, principal, body)
     order = placement.ranked(placed, settings=settings)
@@ -451,22 +475,24 @@ def submit(
         SUBMIT_ERRORS.labels(cluster.name, "adapter_bug").inc()
         return SubmitResult(202, accepted)
     submitted_at = ref.submit_time or utcnow()
-    answer = SubmitResult(201, accepted.model_copy(update={
-        "state": JobState.PENDING.value, "scheduler_job_id": ref.job_id, "submitted_at": submitted_at}),
-        kept=keep is not None)
+    moved = {**accepted, "state": JobState.PENDING.value, "scheduler_job_id": ref.job_id,
+             "submitted_at": _utc_aware(submitted_at)}
+    if moved["array"] is not None:  # every task moves with the job (arrays.mark_submitted)
+        moved["array"] = {**moved["array"], "counts": {JobState.PENDING.value: moved["array"]["tasks"]}}
+    answer = SubmitResult(201, moved, kept=keep is not None)
     recorded = record_submitted(engine, job_id=job_id, ref=ref, submitted_at=submitted_at,
                                 then=None if keep is None else lambda session: keep(session, answer),
                                 plain=spec.array is None)
     SUBMISSIONS.labels(cluster.name).inc()
     if recorded is None:  # the reconciler recorded it first: answer what it wrote
-        return SubmitResult(201, _load_out(engine, job_id))
+        return SubmitResult(201, _load_out(engine, job_id).model_dump(mode="json"))
     return answer
 
 
 def answer_for(engine: Engine, *, job_id: str) -> SubmitResult:
     """The submission answer for an existing job: 201 once the scheduler has it, else 202."""
     out = _load_out(engine, job_id)
-    return SubmitResult(201 if out.scheduler_job_id is not None else 202, out)
+    return SubmitResult(201 if out.scheduler_job_id is not None else 202, out.model_dump(mode="json"))
 
 
 def _load_out(engine: Engine, job_id: str) -> JobOut:
