@@ -734,6 +734,8 @@ def _derive(req: EffectiveRequest) -> EffectiveRequest:
             raise ValueError("--mem-per-gpu without GPUs")
         changes["memory_per_node_mb"] = unit["mem_per_gpu"][0] * gpus
         sources["memory_per_node_mb"] = f"{unit['mem_per_gpu'][1]} (--mem-per-gpu × GPUs per node)"
+    if not changes:  # the common case (nothing given per task/CPU/GPU): no copy of ~30 fields
+        return req
     return replace(req, **changes, sources=sources)
 
 

@@ -40,13 +40,14 @@ def submit_job(
 
 @router.post("/estimate", response_model=EstimateOut)
 def estimate_job(request: Request, body: JobRequest, principal: PrincipalDep, session: SessionDep,
-                 registry: RegistryDep) -> EstimateOut:
+                 registry: RegistryDep) -> Response:
     """Dry run: eligibility verdict, cost and remaining budget; submits nothing.
     With ``cluster: auto``: the placement (every candidate, its start and denials)."""
     # (``registry`` stays a dependency: it marks the route as reaching outside its
     # transaction, so a serialization failure does not rerun its placement probes)
-    return job_service.estimate(session, settings=request.app.state.settings, principal=principal, body=body,
-                                registry=registry)
+    out = job_service.estimate(session, settings=request.app.state.settings, principal=principal, body=body,
+                               registry=registry)
+    return json_data(out)  # the model's own JSON: not validated again and dumped by FastAPI
 
 
 @router.get("", response_model=JobPage)
