@@ -94,6 +94,33 @@ def machine() -> dict[str, Any]:
             "platform": platform.platform(), "loadavg_at_start": [round(x, 2) for x in load]}
 
 
+def cpu_times() -> list[int]:
+    """The host's CPU time counters (``/proc/stat``'s ``cpu`` line, in ticks), or [] off Linux."""
+    try:
+        with open("/proc/stat") as fh:
+            return [int(x) for x in fh.readline().split()[1:]]
+    except OSError:
+        return []
+
+
+STEAL_WARNING_PCT = 5.0  # above this, a figure measured the host's neighbours as much as the broker
+
+
+def host_share(before: list[int], after: list[int]) -> dict[str, float]:
+    """How the host's CPU time went between two :func:`cpu_times` readings: busy
+    (user+system), idle and **steal** (time the hypervisor gave the vCPUs to other
+    guests) in percent. Ratios within one run compare like with like only while steal
+    stays small: a burst of steal slows whichever side is running at that moment."""
+    if len(before) < 8 or len(after) < 8:
+        return {}
+    delta = [b - a for a, b in zip(before, after, strict=False)]
+    # user nice system idle iowait irq softirq steal (guest time is already in user)
+    total = sum(delta[:8]) or 1
+    idle = delta[3] + delta[4]
+    return {"busy_pct": round(100 * (total - idle - delta[7]) / total, 1),
+            "idle_pct": round(100 * idle / total, 1), "steal_pct": round(100 * delta[7] / total, 1)}
+
+
 def write_json(name: str, figures: list[Figure], meta: dict[str, Any]) -> Path:
     """bench/out/<name>-<utc time>.json (and <name>-latest.json)."""
     OUT.mkdir(parents=True, exist_ok=True)

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 from bench import admission, reads, reports, slurm, tracking
-from bench.harness import Figure, machine, write_json
+from bench.harness import STEAL_WARNING_PCT, Figure, cpu_times, host_share, machine, write_json
 
 
 def plan(runs: int, quick: bool, held: int, release: str = slurm.RELEASE) -> dict[str, Callable[[], list[Figure]]]:
@@ -52,13 +52,23 @@ def main(argv: list[str] | None = None) -> int:
         if key not in steps:
             print(f"unknown benchmark {key}; known: {', '.join(steps)}")
             return 2
+        before = cpu_times()
         try:
             got = steps[key]()
         except Exception as exc:  # one broken benchmark must not hide the others' figures
             traceback.print_exc()
             got = [Figure(key, "benchmark", "", "", failed=f"{type(exc).__name__}: {exc}")]
+        host = host_share(before, cpu_times())
         for fig in got:
+            fig.extra["host"] = host
             print(fig.line(), flush=True)
+        if host:
+            warn = ""
+            if host["steal_pct"] > STEAL_WARNING_PCT:
+                warn = (f" — above {STEAL_WARNING_PCT:g} %: the hypervisor took CPU from this guest, "
+                        "these figures are not comparable with a quiet run's")
+            print(f"{key:4s} host CPU during it: busy {host['busy_pct']} %, idle {host['idle_pct']} %, "
+                  f"steal {host['steal_pct']} %{warn}", flush=True)
         figures.extend(got)
     path = write_json("bench", figures, meta)
     print(f"results: {path}")
