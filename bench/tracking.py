@@ -23,7 +23,7 @@ import sqlalchemy as sa
 from sqlmodel import select
 
 from bench.harness import Figure
-from bench.slurm import PROJECT, RELEASE, bench_account, cluster_unavailable, definition, scancel
+from bench.slurm import PROJECT, RELEASE, bench_account, cluster_unavailable, definition, scancel, wait_for_room
 from broker.adapter import JobSpec
 from broker.db import session_scope
 from broker.models import Allocation, Cluster, Job, User
@@ -82,6 +82,7 @@ def b4_b7(*, held: int, cycles: int = 3, release: str = RELEASE) -> list[Figure]
         # an account of its own: the held jobs, cancelled at the end, stay in the
         # accounting of this account only (not in proj-a's, which the tests import)
         account = stack.enter_context(bench_account(release=release))
+        b4_cycle.extra.update(wait_for_room(held + 10, release))
         t0 = time.perf_counter()
         ids = _submit_held(raw, held, account)
         b4_cycle.extra["submit_held_s"] = time.perf_counter() - t0
