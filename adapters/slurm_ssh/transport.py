@@ -99,6 +99,19 @@ class _Connection:
             self.client.close()
 
 
+def _close_channel(channel: paramiko.Channel) -> None:
+    """Close ``channel``; its connection may be gone already (the server dropped it, or
+    its transport thread stopped on a socket error while output was still arriving).
+    Closing then fails, and that failure must not replace what the command came to —
+    its result, or the error that ended it (``OutputTooLarge``, a timeout): seen in CI
+    as an ``EOFError`` from ``close()`` in place of ``OutputTooLarge``. A dead
+    connection is replaced at its next use (``_Connection.alive``)."""
+    try:
+        channel.close()
+    except (paramiko.SSHException, OSError, EOFError) as exc:
+        log.debug("SSH channel close failed (connection gone): %s", exc)
+
+
 def pinned_keys(settings: SSHSettings) -> list[tuple[str, paramiko.PKey]]:
     """The configured host keys as (type, key); AdapterConfigError if unreadable."""
     keys = []
@@ -277,7 +290,7 @@ class SSHPool:
                         yield from self._stream(channel, command, limit, stderr_bytes, failure)
                         return
                     finally:
-                        channel.close()
+                        _close_channel(channel)
                 finally:
                     conn.slots.release()
             finally:
@@ -477,7 +490,7 @@ class SSHPool:
             try:
                 return self._drive(channel, command, stdin, started, limit, idempotent)
             finally:
-                channel.close()
+                _close_channel(channel)
         finally:
             conn.slots.release()
 

@@ -8,9 +8,11 @@ import time
 from typing import Any
 
 import paramiko
+import pytest
 
 from adapters.slurm_ssh.settings import SSHSettings
 from adapters.slurm_ssh.transport import PREFERRED_CIPHERS, SSHPool, client_transport
+from broker.adapter import OutputTooLarge
 from tests.unit.adapters.test_slurm_ssh_adapter import HOST_KEY
 
 
@@ -96,3 +98,47 @@ def test_aes_gcm_is_offered_first_and_nothing_is_dropped() -> None:
     finally:
         mine.close()
         theirs.close()
+
+
+class DroppedChannel(RecordingChannel):
+    """A channel whose connection is gone by the time it is closed (close raises, as
+    paramiko's does once its transport's socket is closed); ``output`` bytes arrive first."""
+
+    def __init__(self, output: bytes = b"") -> None:
+        super().__init__()
+        self._output = output
+
+    def recv(self, n: int) -> bytes:
+        chunk, self._output = self._output[:n], self._output[n:]
+        return chunk
+
+    def close(self) -> None:
+        self.steps.append("close")
+        raise EOFError
+
+
+def _exec_on(channel: DroppedChannel, *, max_output_bytes: int = 1 << 20) -> Any:
+    settings = SSHSettings.from_mapping({"host": "login.example", "host_key": HOST_KEY,
+                                         "ssh_ca_key_file": "/nonexistent/ca",
+                                         "max_output_bytes": max_output_bytes})
+    pool = SSHPool(settings, identity=lambda _login: None)  # type: ignore[arg-type,return-value]
+    pool._open_channel = lambda _conn: channel  # type: ignore[method-assign]
+    conn = type("Conn", (), {"slots": threading.Semaphore(1)})()
+    return pool._exec(conn, "cmd", None, 60.0, True)  # type: ignore[arg-type]
+
+
+def test_a_failed_close_does_not_replace_the_output_cap() -> None:
+    """CI: ``head -c 100000`` past a 1 KiB cap raised EOFError from the channel's close
+    instead of OutputTooLarge (the connection had dropped meanwhile)."""
+    with DroppedChannel(b"0" * 5000) as channel, pytest.raises(OutputTooLarge):
+        _exec_on(channel, max_output_bytes=1024)
+    assert channel.steps[-1] == "close"
+
+
+def test_a_failed_close_does_not_lose_a_finished_commands_result() -> None:
+    """The command ran and its exit status arrived: its result stands (for sbatch, the
+    job id: losing it would turn a submitted job into an unknown outcome)."""
+    with DroppedChannel(b"4242\n") as channel:
+        result = _exec_on(channel)
+    assert (result.exit_status, result.stdout) == (0, "4242\n")
+    assert channel.steps == ["exec cmd", "close"]
