@@ -27,6 +27,10 @@ chmod 0755 "$AIFA_DEV_BASE" "$STATE"
 # One up/down at a time per release.
 exec 9>"$STATE/.lock"
 flock -w 300 9 || die "another up/down of $RELEASE holds $STATE/.lock"
+# The daemons inherit this directory as theirs: never the caller's (a CI clone, a
+# worktree), which may be deleted while they run — slurmrestd 22.05 then dies at its
+# next job submission ("getcwd failed: No such file or directory"). Paths here are absolute.
+cd /
 
 # ---------------------------------------------------------------- packages --
 missing_pkgs() {  # missing_pkgs PKG... (checked inside the release's root)
