@@ -24,6 +24,7 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
 
 from broker import events
+from broker.account_names import canonical_account
 from broker.adapter import AdapterError, ClusterAdapter, Health, JobStatus, SchedulerJobRef
 from broker.background import BackgroundLoop
 from broker.config import Settings
@@ -399,7 +400,12 @@ class Tracker(BackgroundLoop):
                 col(Job.scheduler_job_id).is_(None), col(Job.created_at) < cutoff)).all())
         if not jobs:
             return
-        since = min(j.created_at for j in jobs) - timedelta(hours=1)
+        # Adoption only accepts a job submitted at or after its intent minus the clock
+        # skew (_matches_intent), so accounting need not be read from any earlier: on a
+        # busy cluster every extra minute of window is thousands of jobs to read, and a
+        # window too large to answer postpones reconciliation (it never fails unsafely).
+        # No upper bound: a job may become eligible, run and end long after it was submitted.
+        since = min(j.created_at for j in jobs) - ADOPT_CLOCK_SKEW
         try:
             found = adapter.find_by_tag([j.id for j in jobs], since=since)
         except AdapterError as exc:
@@ -425,7 +431,8 @@ class Tracker(BackgroundLoop):
         intended: same POSIX user, same account (where the adapter reports it),
         submitted in the window after the intent was written, and not already
         imported as a direct job (it would be charged twice)."""
-        if ref.username != job.username or (ref.account is not None and ref.account != job.account):
+        if ref.username != job.username or (ref.account is not None
+                                             and canonical_account(ref.account) != canonical_account(job.account)):
             return False
         if ref.submit_time is not None:
             earliest = job.created_at - ADOPT_CLOCK_SKEW

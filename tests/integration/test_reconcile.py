@@ -4,36 +4,21 @@ job by its tag (exactly once); a job that never reached the cluster is released.
 from __future__ import annotations
 
 import time
-from dataclasses import replace
 
 import pytest
 import sqlalchemy as sa
 
 from broker.db import session_scope
-from broker.schemas import JobRequest
 from broker.services import ledger
 from broker.services.clusters import adapter_for
-from broker.services.jobs import _reserve
 from tests.support.env import BrokerEnv
-
-
-def _crash_after_submit(env: BrokerEnv, script: str, *, reach_cluster: bool, **forged: str) -> str:
-    """Do what the submit path does up to the adapter call, then 'die'. ``forged``
-    replaces fields of what reaches the cluster (someone else's job with the tag)."""
-    from broker.auth import Authenticator
-
-    principal = Authenticator(env.settings).authenticate(env.token("alice"))
-    body = JobRequest(project="EHPC-TEST-001", script=script, time_limit_minutes=5)
-    job, spec, cluster = _reserve(env.engine, env.settings, principal, body, None)
-    if reach_cluster:
-        adapter_for(env.app.state.registry, cluster).submit(replace(spec, **forged))
-    return job.id
+from tests.support.jobs import crash_after_submit
 
 
 def test_job_on_cluster_but_not_recorded_is_adopted_once(env: BrokerEnv) -> None:
     env.setup_project()
     alice = env.auth("alice")
-    job_id = _crash_after_submit(env, "sleep 1", reach_cluster=True)
+    job_id = crash_after_submit(env, "sleep 1", reach_cluster=True)
     assert env.job(job_id, alice)["state"] == "ACCEPTED"
     done = env.wait_settled(job_id, alice, timeout=30)
     assert done["state"] == "COMPLETED" and done["scheduler_job_id"]
@@ -49,7 +34,7 @@ def test_job_on_cluster_but_not_recorded_is_adopted_once(env: BrokerEnv) -> None
 def test_job_that_never_reached_the_cluster_is_released_not_resubmitted(env: BrokerEnv) -> None:
     env.setup_project()
     alice = env.auth("alice")
-    job_id = _crash_after_submit(env, "sleep 1", reach_cluster=False)
+    job_id = crash_after_submit(env, "sleep 1", reach_cluster=False)
     done = env.wait_settled(job_id, alice, timeout=30)
     assert done["state"] == "SUBMIT_FAILED" and done["charged"]["amount"] == 0
     assert done["scheduler_job_id"] is None
@@ -67,7 +52,7 @@ def test_tagged_job_that_is_not_the_recorded_intent_is_not_adopted(env: BrokerEn
     another account is not the broker's job (issue 10: import keyed on facts)."""
     env.setup_project()
     alice = env.auth("alice")
-    job_id = _crash_after_submit(env, "sleep 1", reach_cluster=True, **forged)
+    job_id = crash_after_submit(env, "sleep 1", reach_cluster=True, **forged)
     done = env.wait_settled(job_id, alice, timeout=30)
     assert done["state"] == "SUBMIT_FAILED" and done["scheduler_job_id"] is None
     assert done["charged"]["amount"] == 0
@@ -92,7 +77,7 @@ def test_adoption_checks_the_submit_time_window(env: BrokerEnv) -> None:
 
     env.setup_project()
     env.app.state.tracker.stop()
-    job_id = _crash_after_submit(env, "sleep 1", reach_cluster=False)
+    job_id = crash_after_submit(env, "sleep 1", reach_cluster=False)
     with session_scope(env.engine) as s:
         job = s.get(Job, job_id)
         assert job is not None
@@ -111,3 +96,46 @@ def test_adoption_checks_the_submit_time_window(env: BrokerEnv) -> None:
     assert not tracker._matches_intent(cluster, job, ref(submit_time=job.created_at + timedelta(days=1)))
     assert not tracker._matches_intent(cluster, job, ref(username="mallory"))
     assert not tracker._matches_intent(cluster, job, ref(account="proj-other"))
+    # Slurm folds account names: the account in another case is the intended one
+    assert tracker._matches_intent(cluster, job, ref(account=job.account.upper()))
+
+
+def test_reconciliation_reads_accounting_only_from_the_oldest_intent(env: BrokerEnv) -> None:
+    """find_by_tag is asked from the oldest waiting intent minus the adoption clock skew
+    (nothing earlier could be adopted), not an hour before it: on a busy cluster each
+    extra minute is thousands of accounting records to read. The job is still adopted."""
+    from datetime import timedelta
+
+    from broker.models import Job
+    from broker.tracker import ADOPT_CLOCK_SKEW
+
+    env.setup_project()
+    env.app.state.tracker.stop()
+    job_id = crash_after_submit(env, "sleep 1", reach_cluster=True)
+    older = crash_after_submit(env, "sleep 1", reach_cluster=False)
+    backdate = timedelta(seconds=env.settings.reconcile_grace_seconds + 5)
+    with session_scope(env.engine) as s:
+        for jid, age in ((job_id, backdate), (older, backdate + timedelta(seconds=20))):
+            job = s.get(Job, jid)
+            assert job is not None
+            job.created_at = job.created_at - age
+        s.flush()
+        oldest = min(j.created_at for j in (s.get(Job, job_id), s.get(Job, older)) if j is not None)
+    cluster = _cluster(env)
+    adapter = adapter_for(env.app.state.registry, cluster)
+    asked: list[object] = []
+    real = adapter.find_by_tag
+
+    def recording(tags, *, since=None):  # type: ignore[no-untyped-def]
+        asked.append((sorted(tags), since))
+        return real(tags, since=since)
+
+    adapter.find_by_tag = recording  # type: ignore[method-assign]
+    try:
+        env.app.state.tracker.reconcile_cluster(cluster, adapter)
+    finally:
+        del adapter.find_by_tag
+    assert asked == [(sorted([job_id, older]), oldest - ADOPT_CLOCK_SKEW)]
+    with session_scope(env.engine) as s:
+        adopted = s.get(Job, job_id)
+        assert adopted is not None and adopted.scheduler_job_id is not None

@@ -4,7 +4,9 @@ for tests and benchmarks of the tracker's side: no scheduler, no API."""
 from __future__ import annotations
 
 import uuid
+from dataclasses import replace
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 from sqlalchemy.engine import Engine
 from sqlmodel import select
@@ -12,6 +14,9 @@ from sqlmodel import select
 from broker.db import session_scope
 from broker.models import Allocation, Cluster, Job, User
 from broker.services import ledger
+
+if TYPE_CHECKING:
+    from tests.support.env import BrokerEnv
 
 
 def seed_live_jobs(engine: Engine, n: int, *, state: str, partition: str, unit: str, reserved: int,
@@ -34,3 +39,21 @@ def seed_live_jobs(engine: Engine, n: int, *, state: str, partition: str, unit: 
             ledger.reserve(s, allocation=alloc, amount=reserved, job_id=job.id, user_id=user.id, actor="test")
             ids.append(job.id)
     return ids
+
+
+def crash_after_submit(env: BrokerEnv, script: str, *, reach_cluster: bool, project: str = "EHPC-TEST-001",
+                       user: str = "alice", **forged: str) -> str:
+    """Do what the submit path does up to the adapter call, then 'die' (the broker job
+    stays ACCEPTED, its scheduler id never recorded); the job's id. ``forged`` replaces
+    fields of what reaches the cluster (someone else's job with the tag)."""
+    from broker.auth import Authenticator
+    from broker.schemas import JobRequest
+    from broker.services.clusters import adapter_for
+    from broker.services.jobs import _reserve
+
+    principal = Authenticator(env.settings).authenticate(env.token(user))
+    body = JobRequest(project=project, script=script, time_limit_minutes=5)
+    job, spec, cluster = _reserve(env.engine, env.settings, principal, body, None)
+    if reach_cluster:
+        adapter_for(env.app.state.registry, cluster).submit(replace(spec, **forged))
+    return job.id
