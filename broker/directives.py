@@ -29,6 +29,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from broker.account_names import canonical_account
 from broker.sbatch_options import SBATCH_OPTIONS
 
 __all__ = [
@@ -745,7 +746,7 @@ def check_account(req: EffectiveRequest, allocation_account: str) -> EffectiveRe
     if req.account is None:
         return req
     value, line, text = req.account
-    if value != allocation_account:
+    if canonical_account(value) != canonical_account(allocation_account):  # Slurm folds the case
         raise UnsupportedDirective(line, text, f"jobs of this allocation are charged to account "
                                                f"{allocation_account!r}; the broker chooses it")
     return replace(req, sources={**req.sources, "account": f"script:{line} (same as the allocation's)"})

@@ -7,10 +7,24 @@ import re
 from datetime import date, datetime
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictInt,
+    StrictStr,
+    field_validator,
+    model_validator,
+)
 from pydantic.json_schema import SkipJsonSchema
 
+from broker.account_names import canonical_account
+
 CODE_RE = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$"
+#: a scheduler account: stored and answered in lower case, as Slurm stores it
+#: (``broker.account_names``); ``AIFA-X`` and ``aifa-x`` are one account
+SchedulerAccount = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.\-]{1,64}$"), AfterValidator(canonical_account)]
 NAME_RE = r"^[A-Za-z0-9][A-Za-z0-9_.@\-]{0,254}$"
 POSIX_RE = r"^[a-z_][a-z0-9_.\-]{0,31}$"
 ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
@@ -349,7 +363,7 @@ class AllocationIn(_Dates):
     amount: Amount
     start_date: SupportedDate | None = None
     end_date: SupportedDate | None = None
-    account: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.\-]{1,64}$")]
+    account: SchedulerAccount
     thresholds: Thresholds | None = None
 
 
@@ -359,7 +373,7 @@ class AllocationPatch(Patch, _Dates):
     amount: Amount | SkipJsonSchema[None] = None
     start_date: SupportedDate | None = None
     end_date: SupportedDate | None = None
-    account: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.\-]{1,64}$")] | SkipJsonSchema[None] = None
+    account: SchedulerAccount | SkipJsonSchema[None] = None
     thresholds: Thresholds | SkipJsonSchema[None] = None
     reason: Annotated[str, Field(max_length=1000)] = ""
 

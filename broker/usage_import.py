@@ -76,6 +76,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
+from broker.account_names import canonical_account
 from broker.adapter import AdapterError, ClusterAdapter, UsageRecord, usage_accepts_until
 from broker.background import BackgroundLoop
 from broker.config import Settings
@@ -460,7 +461,8 @@ def attribute(allocs: Iterable[Allocation], record: UsageRecord,
               user: tuple[int | None, set[int]]) -> Allocation | None:
     """The allocation a direct job is charged to (see the module docstring)."""
     day = (record.end_time or record.submit_time).date()
-    matching = [a for a in allocs if a.account == record.account]
+    account = canonical_account(record.account)
+    matching = [a for a in allocs if canonical_account(a.account) == account]
     valid = [a for a in matching if (a.start_date is None or a.start_date <= day)
              and (a.end_date is None or day <= a.end_date)]
     pool = valid or matching

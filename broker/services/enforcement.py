@@ -38,6 +38,7 @@ from typing import Any
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
 
+from broker.account_names import canonical_account
 from broker.accounting import AccountingChange, AccountingManager, AccountingSnapshot, valid_name
 from broker.adapter import AdapterConfigError, AdapterError
 from broker.auth import Principal
@@ -123,7 +124,7 @@ def desired_state(session: Session, cluster: Cluster, *, on: date | None = None)
         select(ClusterAccount).where(ClusterAccount.cluster_id == cluster.id)).all()}
     out: dict[str, DesiredAccount] = {}
     for alloc, project in rows:
-        name = alloc.account.lower()  # Slurm stores account names in lower case (sacctmgr folds them)
+        name = canonical_account(alloc.account)  # older rows may predate the stored lower case
         want = out.setdefault(name, DesiredAccount(account=name, active=False))
         valid = project.status == "active" and (alloc.start_date is None or alloc.start_date <= day) \
             and (alloc.end_date is None or day <= alloc.end_date) \

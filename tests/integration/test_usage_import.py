@@ -176,12 +176,16 @@ def test_grant_refuses_a_slurm_account_shared_by_two_projects(quiet_env: BrokerE
     r = env.call("POST", "/v1/projects/EHPC-B/allocations", env.qm, json=body)
     assert r.status_code == 409 and r.json()["code"] == "conflict"
     assert "EHPC-A" in r.json()["detail"] and "shared" in r.json()["detail"]
+    # Slurm folds account names: written in another case it is the same account
+    r = env.call("POST", "/v1/projects/EHPC-B/allocations", env.qm, json={**body, "account": "SHARED"})
+    assert r.status_code == 409 and r.json()["code"] == "conflict", r.text
     # the same project may hold several allocations on its account (e.g. a renewal)
     r = env.call("POST", "/v1/projects/EHPC-A/allocations", env.qm, json=body)
     assert r.status_code == 201, r.text
     # nor can an allocation be moved onto another project's account afterwards
-    r = env.call("POST", "/v1/projects/EHPC-B/allocations", env.qm, json={**body, "account": "own-b"})
+    r = env.call("POST", "/v1/projects/EHPC-B/allocations", env.qm, json={**body, "account": "Own-B"})
     assert r.status_code == 201, r.text
+    assert r.json()["account"] == "own-b"  # stored and answered as Slurm stores it
     r = env.call("PATCH", f"/v1/projects/EHPC-B/allocations/{r.json()['id']}", env.qm, json={"account": "shared"})
     assert r.status_code == 409 and "EHPC-A" in r.json()["detail"], r.text
     # a recycled account is fine once the other project's allocation has ended
@@ -203,6 +207,8 @@ def test_attribution_by_account_and_membership() -> None:
     assert attribute(allocs, rec, (None, set())).id == 2  # no member: the newest with the account
     assert attribute([alloc(1, 10), alloc(2, 10, end="2000-01-01")], rec, (5, {10})).id == 1  # valid first
     assert attribute([alloc(3, 30, account="other")], rec, (5, {30})) is None
+    # an allocation stored before account names were lower-cased is still the record's
+    assert attribute([alloc(4, 40, account="ACCT")], rec, (5, {40})).id == 4
 
 
 def test_a_job_that_used_nothing_writes_no_ledger_entry(quiet_env: BrokerEnv) -> None:

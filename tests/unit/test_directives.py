@@ -147,6 +147,8 @@ def test_account_must_be_the_allocations() -> None:
     assert check_account(req, "proj-a").sources["account"].startswith("script:2")
     with pytest.raises(UnsupportedDirective, match="charged to account 'proj-a'"):
         check_account(eff("#!/bin/sh\n#SBATCH --account=proj-b -t 5\n"), "proj-a")
+    # Slurm folds account names: another case names the same account
+    assert check_account(eff("#!/bin/sh\n#SBATCH --account=PROJ-A -t 5\n"), "proj-a").account is not None
 
 
 def test_json_overrides_script_and_sources_say_where() -> None:

@@ -44,3 +44,31 @@ def test_the_tests_migrated_database_is_what_a_fresh_migration_leaves(db_url: st
     assert rows.pop("alembic_version") == 1
     assert set(rows.values()) == {0}, rows  # no data: the broker's start-up adds the local cluster
     engine.dispose()
+
+
+def test_0018_stores_account_names_in_lower_case(empty_db_url: str) -> None:
+    """Allocations written before 0018 keep the case a quota manager typed; Slurm folds
+    it, so 0018 lower-cases them (and the jobs carrying them) and leaves the rest."""
+    from sqlmodel import Session
+
+    from broker.models import Allocation, Cluster, Project
+
+    engine = make_engine(empty_db_url)
+    upgrade(engine)
+    with Session(engine) as s:
+        cluster, project = Cluster(name="c1", adapter="local"), Project(code="P1", title="p")
+        s.add_all([cluster, project])
+        s.flush()
+        assert cluster.id is not None and project.id is not None
+        for account in ("EHPC-Mixed_01", "already-lower"):
+            s.add(Allocation(project_id=project.id, cluster_id=cluster.id, unit="core_hours", account=account))
+        s.commit()
+    cfg = alembic_config()
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.downgrade(cfg, "0017")
+    upgrade(engine)
+    with engine.connect() as conn:
+        accounts = sorted(a for (a,) in conn.execute(sa.text("SELECT account FROM allocations")))
+    assert accounts == ["already-lower", "ehpc-mixed_01"]
+    engine.dispose()
