@@ -753,10 +753,12 @@ def cancel_job(session: Session, *, principal: Principal, registry: AdapterRegis
     if job.scheduler_job_id is None:
         raise Conflict("The job is being submitted; try again in a few seconds.")
     _cancel_at_scheduler(session, registry, job, job.scheduler_job_id, what="job")
+    if arrays.is_array(job):
+        # the tasks before the job row: the tracker locks them in this order (arrays.refresh),
+        # and the opposite order deadlocked with it on PostgreSQL (the cancel answered 503)
+        arrays.note_cancel(session, job_id=job.id)
     job.reason = f"cancel requested by {principal.name}"
     session.add(job)
-    if arrays.is_array(job):
-        arrays.note_cancel(session, job_id=job.id)
     return job_out_loaded(session, job)
 
 

@@ -6,10 +6,13 @@ task or the whole array cancelled, never charged again by the usage import."""
 from __future__ import annotations
 
 import json
+import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import pytest
 import sqlalchemy as sa
 from sqlmodel import Session
 from typer.testing import CliRunner
@@ -203,3 +206,35 @@ def test_cli_shows_task_counts_lists_tasks_and_cancels_one(env: BrokerEnv, tmp_p
         assert missing.exit_code == 1 and "task_not_found" in missing.output
         assert runner.invoke(app, ["job", "cancel", job_id], env=common).exit_code == 0
         env.wait_settled(job_id, env.auth("alice"))
+
+
+def test_cancelling_an_array_takes_its_locks_in_the_trackers_order(env: BrokerEnv) -> None:
+    """The tracker writes an array's tasks, then the job row (arrays.refresh); the
+    array's cancel must lock them in that order too. It locked the job row first, and
+    under load the two deadlocked: PostgreSQL aborted one, and the cancel answered 503
+    (seen in CI). Here a transaction in the tracker's order holds the tasks while the
+    cancel runs, then writes the job row: both must go through."""
+    if env.engine.dialect.name != "postgresql":
+        pytest.skip("row locks: SQLite locks the whole database, so no lock order can deadlock")
+    env.setup_project(unit="core_hours", amount=100, members=("alice",))
+    job = _submit(env, "#!/bin/sh\n#SBATCH --array=0-1 -t 30\nsleep 60\n").json()
+    env.wait_job(job["id"], env.auth("alice"), lambda j: j["scheduler_job_id"] is not None)
+    env.app.state.tracker.stop()
+    answers: list[int] = []
+    with env.engine.connect() as tracker_like:
+        tx = tracker_like.begin()
+        tracker_like.execute(sa.text("UPDATE job_tasks SET reason = 'tracker' WHERE job_id = :j"), {"j": job["id"]})
+        cancel = threading.Thread(target=lambda: answers.append(
+            env.call("DELETE", f"/v1/jobs/{job['id']}", env.auth("alice")).status_code))
+        cancel.start()
+        deadline = time.monotonic() + 20
+        with env.engine.connect() as probe:  # until the cancel waits for a row lock
+            while not probe.execute(sa.text(
+                    "SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND datname = current_database()"
+            )).first():
+                assert time.monotonic() < deadline and cancel.is_alive(), answers
+                time.sleep(0.05)
+        tracker_like.execute(sa.text("UPDATE jobs SET last_polled_at = now() WHERE id = :j"), {"j": job["id"]})
+        tx.commit()
+    cancel.join(timeout=30)
+    assert answers == [202]
