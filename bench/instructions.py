@@ -5,7 +5,7 @@
 Serves the real app (``bench.noop``, one worker, tracker off) under
 ``valgrind --tool=callgrind --instr-atstart=no``; the client stays outside valgrind.
 For each kind of request it warms up, switches instrumentation on
-(``callgrind_control -i on``), sends ``n`` requests one after the other, switches it
+(``callgrind_control -i on``), sends ``n`` requests one after the other (``list``: a page of 20 jobs), switches it
 off and dumps: instructions per request of the server process, the same whatever
 else the machine is doing (wall-clock figures on a shared 2-vCPU host move by ±40 %).
 Dumps stay in ``--out`` for ``callgrind_annotate``. Kind ``bare``: B3's baseline
@@ -28,6 +28,8 @@ from bench.harness import PY, free_port, server
 from bench.loadgen import Request, run_load
 
 KINDS = ("submit", "estimate", "get", "list", "projects", "usage", "healthz")
+#: jobs on the project before ``list`` is counted: one default page (GET /v1/jobs)
+LIST_PAGE = 20
 #: B3's baseline (bench/bare.py's ``POST /bare``), served under valgrind beside the broker
 BARE = "bare"
 
@@ -86,6 +88,8 @@ def measure(*, db: str, n: int, kinds: list[str], out_dir: str) -> dict[str, Any
         head = {"Authorization": f"Bearer {b['token']}"}
         first = run_load(b["base"], _requests("submit", head, "", 1), concurrency=1, keep_bodies=True)
         job_id = json.loads(first.bodies[0])["id"]
+        if "list" in kinds:  # a full default page, as B5's readers get
+            run_load(b["base"], _requests("submit", head, "", LIST_PAGE - 1), concurrency=1)
         for kind in kinds:
             if kind != BARE:
                 results[kind] = _count(pid, b["base"], _requests(kind, head, job_id, n), out_dir, kind)
