@@ -652,9 +652,10 @@ class LocalAdapter(ClusterAdapter):
                 self._ask(f"cancel {ref.job_id}")
 
     def find_by_tag(
-        self, tags: Sequence[str], *, since: datetime | None = None
+        self, tags: Sequence[str], *, since: datetime | None = None, accounts: Sequence[str] | None = None
     ) -> dict[str, SchedulerJobRef]:
-        """Look the tags up in the ``by-tag`` index the supervisors maintain."""
+        """Look the tags up in the ``by-tag`` index the supervisors maintain (one
+        file per tag: ``accounts`` would narrow nothing)."""
         found: dict[str, SchedulerJobRef] = {}
         index = self._root / sup.TAG_INDEX_DIR
         for tag in tags:

@@ -384,14 +384,16 @@ class PySlurmAdapter(ClusterAdapter):
                 raise self._error(exc, "cancel") from exc
 
     def find_by_tag(
-        self, tags: Sequence[str], *, since: datetime | None = None
+        self, tags: Sequence[str], *, since: datetime | None = None, accounts: Sequence[str] | None = None
     ) -> dict[str, SchedulerJobRef]:
-        """Scan queue and accounting job names for the tags."""
+        """Scan queue and accounting job names for the tags (accounting of
+        ``accounts`` only when given, else of the configured accounts)."""
         wanted = set(tags)
         found: dict[str, SchedulerJobRef] = {}
         start = since or datetime.now(UTC) - self._lookback
         db = self._ps.db
-        filt = db.JobFilter(start_time=int(start.timestamp()), accounts=self._accounts)
+        filt = db.JobFilter(start_time=int(start.timestamp()),
+                            accounts=list(accounts) if accounts else self._accounts)
         db_jobs = list(self._call("accounting query", db.Jobs.load, filt).values())
         live = list(self._call("job query", self._ps.Jobs.load).values())
         for job in [*db_jobs, *live]:  # live jobs win

@@ -329,8 +329,17 @@ class ClusterAdapter(abc.ABC):
         ``task_not_started`` — never by cancelling more or less than was asked."""
 
     @abc.abstractmethod
-    def find_by_tag(self, tags: Sequence[str], *, since: datetime | None = None) -> dict[str, SchedulerJobRef]:
-        """Find jobs carrying the given broker tags; return tag -> ref for those found."""
+    def find_by_tag(self, tags: Sequence[str], *, since: datetime | None = None,
+                    accounts: Sequence[str] | None = None) -> dict[str, SchedulerJobRef]:
+        """Find jobs carrying the given broker tags; return tag -> ref for those found.
+
+        ``since``: none was submitted before it. ``accounts`` (lower case, as Slurm
+        stores them): each job was submitted under one of them, so an adapter may
+        narrow its accounting read to them (on a busy scheduler, all jobs of the window
+        are far more than these accounts'); a job found under another account is not
+        the broker's anyway (the reconciler checks the account of what it adopts).
+        (Adapters written before ``accounts`` existed, without the parameter, still
+        work: see :func:`find_by_tag_accepts_accounts`.)"""
 
     @abc.abstractmethod
     def usage(self, since: datetime, *, accounts: Sequence[str] | None = None,
@@ -417,13 +426,24 @@ def usage_accepts_until(adapter: ClusterAdapter) -> bool:
     Such a plugin keeps working: the importer reads its whole window in one call, as
     before, and cannot split a window that is too large. ``**kwargs`` counts as taking
     it (the importer filters the answer by end time itself in any case)."""
+    return _takes_keyword(adapter.usage, "until")
+
+
+def find_by_tag_accepts_accounts(adapter: ClusterAdapter) -> bool:
+    """Whether ``adapter.find_by_tag`` takes ``accounts`` (added to the contract later;
+    told from the signature as :func:`usage_accepts_until`). A plugin without it is
+    asked without: it reads its whole window, as before."""
+    return _takes_keyword(adapter.find_by_tag, "accounts")
+
+
+def _takes_keyword(method: Any, name: str) -> bool:
     try:
-        params = inspect.signature(adapter.usage).parameters
+        params = inspect.signature(method).parameters
     except (TypeError, ValueError):  # a builtin or C extension without a signature
         return False
-    until = params.get("until")
-    if until is not None:
-        return until.kind in (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    found = params.get(name)
+    if found is not None:
+        return found.kind in (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
     return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
 
 

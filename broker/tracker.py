@@ -25,7 +25,14 @@ from sqlmodel import Session, col, select
 
 from broker import events
 from broker.account_names import canonical_account
-from broker.adapter import AdapterError, ClusterAdapter, Health, JobStatus, SchedulerJobRef
+from broker.adapter import (
+    AdapterError,
+    ClusterAdapter,
+    Health,
+    JobStatus,
+    SchedulerJobRef,
+    find_by_tag_accepts_accounts,
+)
 from broker.background import BackgroundLoop
 from broker.config import Settings
 from broker.db import session_scope
@@ -406,8 +413,12 @@ class Tracker(BackgroundLoop):
         # window too large to answer postpones reconciliation (it never fails unsafely).
         # No upper bound: a job may become eligible, run and end long after it was submitted.
         since = min(j.created_at for j in jobs) - ADOPT_CLOCK_SKEW
+        accounts = sorted({canonical_account(j.account) for j in jobs})
         try:
-            found = adapter.find_by_tag([j.id for j in jobs], since=since)
+            if find_by_tag_accepts_accounts(adapter):  # only these accounts' jobs are read
+                found = adapter.find_by_tag([j.id for j in jobs], since=since, accounts=accounts)
+            else:
+                found = adapter.find_by_tag([j.id for j in jobs], since=since)
         except AdapterError as exc:
             log.warning("cluster %s: reconciliation postponed: %s", cluster.name, exc)
             return

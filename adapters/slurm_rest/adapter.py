@@ -339,8 +339,10 @@ class SlurmRestAdapter(ClusterAdapter):
                 )
 
     # ---- reconciliation ----------------------------------------------------
-    def find_by_tag(self, tags: Sequence[str], *, since: datetime | None = None) -> dict[str, SchedulerJobRef]:
-        """Jobs whose name (or comment) carries one of ``tags``: queue, then accounting."""
+    def find_by_tag(self, tags: Sequence[str], *, since: datetime | None = None,
+                    accounts: Sequence[str] | None = None) -> dict[str, SchedulerJobRef]:
+        """Jobs whose name (or comment) carries one of ``tags``: queue, then accounting
+        (of ``accounts`` only, when given: slurmdb's ``account`` filter)."""
         wanted = set(tags)
         if not wanted:
             return {}
@@ -351,7 +353,8 @@ class SlurmRestAdapter(ClusterAdapter):
         for job in self._queue_jobs(layer, user, None).values():
             _keep_tagged(found, job, wanted)
         start = _aware(since) if since else now - timedelta(hours=self.config.accounting_lookback_hours)
-        query = AccountingQuery(lookback_seconds=_seconds_since(start - _LOOKBACK_MARGIN, now))
+        query = AccountingQuery(lookback_seconds=_seconds_since(start - _LOOKBACK_MARGIN, now),
+                                accounts=tuple(accounts or ()))
         for job in self._accounting_jobs(layer, user, query):
             _keep_tagged(found, job, wanted)
         return {

@@ -339,11 +339,12 @@ class SlurmSSHAdapter(ClusterAdapter):
     # ---------------------------------------------------------- find_by_tag
 
     def find_by_tag(
-        self, tags: Sequence[str], *, since: datetime | None = None
+        self, tags: Sequence[str], *, since: datetime | None = None, accounts: Sequence[str] | None = None
     ) -> dict[str, SchedulerJobRef]:
         """Jobs whose **name** carries a tag (comments may not be stored), from
         the queue and from accounting since ``since`` (default
-        ``find_by_tag_days``). With duplicates the first submitted job wins."""
+        ``find_by_tag_days``), accounting read for ``accounts`` only when given
+        (``sacct --accounts``). With duplicates the first submitted job wins."""
         wanted = {t for t in tags if t}
         if not wanted:
             return {}
@@ -353,7 +354,7 @@ class SlurmSSHAdapter(ClusterAdapter):
         seconds = int((now - start).total_seconds()) + _FIND_SLACK_SECONDS
         queue = parse.parse_queue_text(self._query(user, commands.build_find_queue(), "squeue"))
         acct, _ = parse.parse_sacct_parsable(
-            self._query(user, commands.build_sacct_window(seconds), "sacct")
+            self._query(user, commands.build_sacct_window(seconds, accounts=accounts), "sacct")
         )
         candidates: Iterable[tuple[str, str, datetime | None, str | None, str | None]] = [
             *((q.job_id, q.user, q.submit_time, q.name, q.account) for q in queue),

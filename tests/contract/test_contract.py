@@ -258,6 +258,9 @@ def test_find_by_tag(batch: Batch, target: ContractTarget) -> None:
     assert found[tag].job_id == batch.refs["ok"].job_id
     assert unknown not in found
     assert target.adapter.find_by_tag([unknown]) == {}
+    # narrowed to the job's account (lower case, as the reconciler names it): still found
+    narrowed = target.adapter.find_by_tag([tag], since=batch.since, accounts=[batch.specs["ok"].account.lower()])
+    assert narrowed[tag].job_id == batch.refs["ok"].job_id
 
 
 def _usage_of(batch: Batch, target: ContractTarget, keys: list[str]) -> tuple[dict[str, str], dict[str, UsageRecord]]:

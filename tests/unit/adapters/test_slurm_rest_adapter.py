@@ -444,6 +444,12 @@ def test_find_by_tag_uses_names_not_comments(fake: FakeSlurmrestd, make: Any) ->
     assert {t: (r.job_id, r.username) for t, r in found.items()} == {TAG_A: ("5", "alice"), TAG_B: ("7", "bob")}
     params = fake.calls("/slurmdb/")[-1].url.params
     assert 3600 <= int(params["start_time"].removeprefix("now-").removesuffix("seconds")) <= 4000
+    assert "account" not in params
+    # the reconciler names the waiting jobs' accounts: accounting is read for them only
+    found = make(fake).find_by_tag([TAG_A], since=datetime.now(tz=UTC) - timedelta(hours=1),
+                                   accounts=["proj-a", "proj-b"])
+    assert found[TAG_A].job_id == "5"
+    assert fake.calls("/slurmdb/")[-1].url.params["account"] == "proj-a,proj-b"
 
 
 def test_find_by_tag_needs_query_username(fake: FakeSlurmrestd, make: Any) -> None:

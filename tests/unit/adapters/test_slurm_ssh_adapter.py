@@ -482,12 +482,17 @@ def test_find_by_tag_from_queue_and_accounting():
     acct = "\n".join(
         [sacct_row(11, "COMPLETED", f"old.aifa-{TAG_A}"), sacct_row(9, "FAILED", f"b.aifa-{TAG_B}")]
     )
-    a, _ = adapter({"squeue": ok(queue), "env": ok(acct)}, query_username="reader")
+    a, pool = adapter({"squeue": ok(queue), "env": ok(acct)}, query_username="reader")
     found = a.find_by_tag([TAG_A, TAG_B, "c" * 32], since=datetime.now(tz=UTC) - timedelta(hours=1))
     assert found[TAG_A].job_id == "11", "duplicates: the first submitted wins"
     assert found[TAG_B].job_id == "9" and "c" * 32 not in found
     assert a.scheduler_calls() == 2
+    assert "--accounts" not in pool.calls[-1][1]
     assert a.find_by_tag([]) == {}
+    # the reconciler names the waiting jobs' accounts: accounting is read for them only
+    found = a.find_by_tag([TAG_B], since=datetime.now(tz=UTC) - timedelta(hours=1), accounts=["proj-a", "proj-b"])
+    assert found[TAG_B].job_id == "9"
+    assert "--accounts=proj-a,proj-b" in shlex.split(pool.calls[-1][1])
 
 
 def test_read_output_paths_and_errors():
