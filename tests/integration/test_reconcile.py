@@ -141,3 +141,40 @@ def test_reconciliation_reads_accounting_only_from_the_oldest_intent(env: Broker
     with session_scope(env.engine) as s:
         adopted = s.get(Job, job_id)
         assert adopted is not None and adopted.scheduler_job_id is not None
+
+
+def test_a_plugin_without_the_accounts_parameter_is_asked_without_it(env: BrokerEnv) -> None:
+    """find_by_tag's ``accounts`` came later: an adapter written before it is asked
+    as before (told from its signature), and the job is still adopted."""
+    from datetime import timedelta
+
+    from broker.adapter import find_by_tag_accepts_accounts
+    from broker.models import Job
+
+    env.setup_project()
+    env.app.state.tracker.stop()
+    job_id = crash_after_submit(env, "sleep 1", reach_cluster=True)
+    with session_scope(env.engine) as s:
+        job = s.get(Job, job_id)
+        assert job is not None
+        job.created_at = job.created_at - timedelta(seconds=env.settings.reconcile_grace_seconds + 5)
+    cluster = _cluster(env)
+    adapter = adapter_for(env.app.state.registry, cluster)
+    assert find_by_tag_accepts_accounts(adapter)
+    real = adapter.find_by_tag
+    asked: list[list[str]] = []
+
+    def older(tags, *, since=None):  # type: ignore[no-untyped-def]
+        asked.append(sorted(tags))
+        return real(tags, since=since)
+
+    adapter.find_by_tag = older  # type: ignore[method-assign]
+    try:
+        assert not find_by_tag_accepts_accounts(adapter)
+        env.app.state.tracker.reconcile_cluster(cluster, adapter)
+    finally:
+        del adapter.find_by_tag
+    assert asked == [[job_id]]
+    with session_scope(env.engine) as s:
+        adopted = s.get(Job, job_id)
+        assert adopted is not None and adopted.scheduler_job_id is not None
