@@ -343,8 +343,9 @@ class SlurmSSHAdapter(ClusterAdapter):
     ) -> dict[str, SchedulerJobRef]:
         """Jobs whose **name** carries a tag (comments may not be stored), from
         the queue and from accounting since ``since`` (default
-        ``find_by_tag_days``), accounting read for ``accounts`` only when given
-        (``sacct --accounts``). With duplicates the first submitted job wins."""
+        ``find_by_tag_days``), both read for ``accounts`` only when given
+        (``squeue --account``, ``sacct --accounts``). With duplicates the first
+        submitted job wins."""
         wanted = {t for t in tags if t}
         if not wanted:
             return {}
@@ -352,7 +353,7 @@ class SlurmSSHAdapter(ClusterAdapter):
         now = now_utc()
         start = since or now - timedelta(days=self.config.find_by_tag_days)
         seconds = int((now - start).total_seconds()) + _FIND_SLACK_SECONDS
-        queue = parse.parse_queue_text(self._query(user, commands.build_find_queue(), "squeue"))
+        queue = parse.parse_queue_text(self._query(user, commands.build_find_queue(accounts), "squeue"))
         acct, _ = parse.parse_sacct_parsable(
             self._query(user, commands.build_sacct_window(seconds, accounts=accounts), "sacct")
         )

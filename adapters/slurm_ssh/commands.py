@@ -404,30 +404,37 @@ def build_sacct_window(
     if terminal_only:
         argv.append(f"--state={','.join(TERMINAL_STATE_CODES)}")
     if accounts:
-        for account in accounts:
-            if not account or "," in account or "\x00" in account:
-                raise ValueError(f"invalid account name {account!r}")
-        argv.append(f"--accounts={','.join(accounts)}")
+        argv.append(f"--accounts={','.join(_checked_accounts(accounts))}")
     return render(argv)
+
+
+def _checked_accounts(accounts: Sequence[str]) -> Sequence[str]:
+    """Account names that a comma list carries unchanged (else ValueError)."""
+    for account in accounts:
+        if not account or "," in account or "\x00" in account:
+            raise ValueError(f"invalid account name {account!r}")
+    return accounts
 
 
 #: Fields of :func:`build_find_queue`, ``|``-separated, job name last.
 QUEUE_TEXT_FORMAT = "%i|%u|%V|%a|%j"
 
 
-def build_find_queue() -> str:
-    """Every job the controller holds (all states), as ``id|user|submit|account|name``."""
-    return render(
-        [
-            "env",
-            SLURM_TIME_FORMAT_ENV,
-            "squeue",
-            "--noheader",
-            "--all",
-            "--states=all",
-            f"--format={QUEUE_TEXT_FORMAT}",
-        ]
-    )
+def build_find_queue(accounts: Sequence[str] | None = None) -> str:
+    """Every job the controller holds (all states), as ``id|user|submit|account|name``;
+    only those of ``accounts`` when given (``--account``)."""
+    argv = [
+        "env",
+        SLURM_TIME_FORMAT_ENV,
+        "squeue",
+        "--noheader",
+        "--all",
+        "--states=all",
+        f"--format={QUEUE_TEXT_FORMAT}",
+    ]
+    if accounts:
+        argv.append(f"--account={','.join(_checked_accounts(accounts))}")
+    return render(argv)
 
 
 def build_cancel(job_id: str) -> str:

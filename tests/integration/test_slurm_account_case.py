@@ -13,6 +13,7 @@ charged)."""
 from __future__ import annotations
 
 import time
+import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -69,3 +70,31 @@ def test_an_upper_case_account_is_the_one_slurm_reports(target: tuple[str, str],
         assert row is not None, f"direct job {direct} under {ACCOUNT.lower()} never imported"
         assert row.allocation_id == alloc["id"] and row.charged > 0, row
         assert datetime.now(UTC) - started < timedelta(minutes=5)
+
+
+@pytest.mark.slurm
+@pytest.mark.parametrize("release", slurm.RELEASES)
+def test_find_by_tag_narrowed_to_accounts_reads_the_queue_of_those_accounts(release: str) -> None:
+    """The reconciler's lookup names the waiting jobs' accounts: a queued job (a held
+    job is in no accounting window) is found under its own account, in the lower case
+    the broker stores, and not under another (squeue --account, sacct --accounts)."""
+    from adapters.slurm_ssh import SlurmSSHAdapter
+    from broker.adapter import JobSpec
+    from tests.contract.factory_slurm_ssh import load_connection
+
+    slurm.require_cluster(release)
+    slurm.ensure_account(release, ACCOUNT.lower(), ("alice",))
+    adapter = SlurmSSHAdapter(f"case-{release}", load_connection(release) or {}, data_dir="/tmp")
+    tag = uuid.uuid4().hex
+    spec = JobSpec(tag=tag, username="alice", account=ACCOUNT.lower(), script="#!/bin/bash\nsleep 120\n",
+                   time_limit_minutes=5, name="case", partition="cpu")
+    ref = adapter.submit(spec)
+    try:
+        slurm.run_in(release, "scontrol", "hold", ref.job_id)
+        since = datetime.now(UTC) - timedelta(minutes=5)
+        found = adapter.find_by_tag([tag], since=since, accounts=[ACCOUNT.lower()])
+        assert found[tag].job_id == ref.job_id and found[tag].account == ACCOUNT.lower()
+        assert adapter.find_by_tag([tag], since=since, accounts=["proj-b"]) == {}
+    finally:
+        adapter.cancel(ref)
+        adapter.close()

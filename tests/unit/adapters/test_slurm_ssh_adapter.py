@@ -487,12 +487,13 @@ def test_find_by_tag_from_queue_and_accounting():
     assert found[TAG_A].job_id == "11", "duplicates: the first submitted wins"
     assert found[TAG_B].job_id == "9" and "c" * 32 not in found
     assert a.scheduler_calls() == 2
-    assert "--accounts" not in pool.calls[-1][1]
+    assert "--accounts" not in pool.calls[-1][1] and "--account" not in pool.calls[-2][1]
     assert a.find_by_tag([]) == {}
     # the reconciler names the waiting jobs' accounts: accounting is read for them only
     found = a.find_by_tag([TAG_B], since=datetime.now(tz=UTC) - timedelta(hours=1), accounts=["proj-a", "proj-b"])
     assert found[TAG_B].job_id == "9"
     assert "--accounts=proj-a,proj-b" in shlex.split(pool.calls[-1][1])
+    assert "--account=proj-a,proj-b" in shlex.split(pool.calls[-2][1])  # squeue
 
 
 def test_read_output_paths_and_errors():
