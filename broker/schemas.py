@@ -24,7 +24,10 @@ from broker.account_names import canonical_account
 CODE_RE = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$"
 #: a scheduler account: stored and answered in lower case, as Slurm stores it
 #: (``broker.account_names``); ``AIFA-X`` and ``aifa-x`` are one account
-SchedulerAccount = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.\-]{1,64}$"), AfterValidator(canonical_account)]
+SchedulerAccount = Annotated[str, Field(
+    pattern=r"^[A-Za-z0-9_.\-]{1,64}$",
+    description="The scheduler account its jobs run under; stored and answered in lower case, as Slurm "
+                "stores account names (AIFA-X and aifa-x are one account)."), AfterValidator(canonical_account)]
 NAME_RE = r"^[A-Za-z0-9][A-Za-z0-9_.@\-]{0,254}$"
 POSIX_RE = r"^[a-z_][a-z0-9_.\-]{0,31}$"
 ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
