@@ -37,7 +37,7 @@ from broker.background import BackgroundLoop
 from broker.config import Settings
 from broker.db import session_scope
 from broker.metrics import TRACKER_CYCLE
-from broker.models import Cluster, ImportedJob, Job, JobTask, UTCDateTime, utcnow
+from broker.models import Cluster, ImportedJob, Job, UTCDateTime, utcnow
 from broker.registry import AdapterRegistry
 from broker.services import arrays, settlement
 from broker.services.clusters import adapter_for, scheduler_group_ids
@@ -205,11 +205,11 @@ class Tracker(BackgroundLoop):
         moved meanwhile (settled, cancelled) is left to the next cycle."""
         with session_scope(self.engine) as session:
             jobs = session.execute(_live_jobs_statement(), {"cluster_id": cluster.id}).all()
-            tasks = arrays.unsettled_tasks(session, [j.id for j in jobs if _is_array(j)])
+            tasks = arrays.unsettled_task_numbers(session, [j.id for j in jobs if _is_array(j)])
         # an array job is one ref (one scheduler job) naming the tasks still tracked
         refs = [SchedulerJobRef(job_id=j.scheduler_job_id or "", username=j.username, tag=j.id,
                                 submit_time=j.submitted_at,
-                                array_tasks=tuple(t.task for t in tasks.get(j.id, []))
+                                array_tasks=tuple(tasks.get(j.id, ()))
                                 if _is_array(j) else None) for j in jobs]
         if not refs:
             self._probe_idle(cluster, adapter)
@@ -272,27 +272,32 @@ class Tracker(BackgroundLoop):
                         log.exception("cluster %s: settling job %s failed", cluster.name, one[0])
 
     @staticmethod
-    def _apply_tasks(session: Session, live: Job, tasks: list[JobTask], by_id: dict[str, JobStatus],
+    def _apply_tasks(session: Session, live: Job, tasks: list[Any], by_id: dict[str, JobStatus],
                      ended: dict[str, list[tuple[int, JobStatus]]], *, grace: float) -> None:
-        """An array job: each task's status (``<scheduler id>_<task>``); ended tasks
-        are settled after this batch, the job's aggregate state follows its tasks."""
+        """An array job: each task's status (``<scheduler id>_<task>``; ``tasks``: rows
+        of :func:`arrays.unsettled_tasks`); the changed tasks written in one batch, ended
+        ones settled after this batch, the job's aggregate state following its tasks."""
         expected = None
         now = utcnow()
+        changes = []
         for task in tasks:
             key = f"{live.scheduler_job_id}_{task.task}"
             status = by_id.get(key)
             gone = arrays.vanished_after_cancel(task, status, key=key, now=now, grace_seconds=grace)
             if gone is not None:
-                ended.setdefault(live.id, []).append((task.id or 0, gone))
+                ended.setdefault(live.id, []).append((task.id, gone))
                 continue
             if status is None:
                 continue
-            arrays.apply_task_status(session, task, status)  # an ended task: COMPLETING until settled
+            change = arrays.task_status_change(task, status)  # an ended task: COMPLETING until settled
+            if change is not None:
+                changes.append(change)
             if status.final and status.state in TERMINAL_STATES:
-                ended.setdefault(live.id, []).append((task.id or 0, status))
+                ended.setdefault(live.id, []).append((task.id, status))
                 continue
             if status.state == JobState.PENDING and status.expected_start is not None:
                 expected = min(expected or status.expected_start, status.expected_start)
+        arrays.write_task_changes(session, changes)  # the tasks before the job row (lock order)
         arrays.refresh(session, job=live, expected_start=expected)
 
     def _apply_status(self, session: Session, cluster: Cluster, live: Any, status: JobStatus) -> None:

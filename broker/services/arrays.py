@@ -23,13 +23,13 @@ State of the whole job (docs/directives.md):
 
 from __future__ import annotations
 
-from collections import Counter
+import functools
 from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
-from sqlmodel import Session, col, select
+from sqlmodel import Session, select
 
 from broker import events
 from broker.adapter import JobStatus
@@ -42,7 +42,6 @@ from broker.states import TERMINAL_STATES, JobState
 
 __all__ = [
     "aggregate_state",
-    "apply_task_status",
     "array_out",
     "array_spec",
     "create_tasks",
@@ -55,9 +54,14 @@ __all__ = [
     "settle_all",
     "shares",
     "task_out",
+    "task_status_change",
+    "unsettled_task_numbers",
     "unsettled_tasks",
     "vanished_after_cancel",
+    "write_task_changes",
 ]
+
+_TASKS: sa.Table = JobTask.__table__  # type: ignore[attr-defined]
 
 #: which end wins when an array's tasks ended differently (worst first)
 _END_ORDER = (JobState.FAILED, JobState.TIMEOUT, JobState.CANCELLED, JobState.COMPLETED)
@@ -93,16 +97,25 @@ def create_tasks(session: Session, *, job_id: str, reserved: int, spec: ArraySpe
     session.execute(sa.insert(JobTask.__table__), rows)  # type: ignore[attr-defined]
 
 
-def unsettled_tasks(session: Session, job_ids: Sequence[str]) -> dict[str, list[JobTask]]:
-    """The tasks still tracked (not settled) of each of ``job_ids``, in one query."""
-    found: dict[str, list[JobTask]] = {}
+def unsettled_tasks(session: Session, job_ids: Sequence[str]) -> dict[str, list[Any]]:
+    """The tasks still tracked (not settled) of each of ``job_ids``, in task order, as
+    plain rows of what a poll compares (``id``, ``task``, ``state``, ``raw_state``,
+    ``started_at``, ``reason``, ``cancel_requested_at``): a steady tracker cycle reads
+    every live array's tasks, and loading each as an object was most of its CPU."""
+    found: dict[str, list[Any]] = {}
     if not job_ids:
         return found
-    for task in session.exec(select(JobTask).where(col(JobTask.job_id).in_(list(job_ids)),
-                                                   col(JobTask.settled_at).is_(None))
-                             .order_by(col(JobTask.job_id), col(JobTask.task))).all():
-        found.setdefault(task.job_id, []).append(task)
+    for row in session.execute(_unsettled_statement(), {"ids": list(job_ids)}).all():
+        found.setdefault(row.job_id, []).append(row)
     return found
+
+
+@functools.cache
+def _unsettled_statement() -> sa.Select[Any]:
+    t = _TASKS.c
+    return (sa.select(t.id, t.job_id, t.task, t.state, t.raw_state, t.started_at, t.reason, t.cancel_requested_at)
+            .where(t.job_id.in_(sa.bindparam("ids", expanding=True)), t.settled_at.is_(None))
+            .order_by(t.job_id, t.task))
 
 
 def aggregate_state(states: Iterable[str]) -> JobState:
@@ -139,20 +152,36 @@ def _counts(session: Session, job_id: str) -> dict[str, int]:
     return {str(state): int(n) for state, n in rows}
 
 
-def apply_task_status(session: Session, task: JobTask, status: JobStatus) -> bool:
-    """A not-yet-final task status (a terminal word waits for accounting as
-    COMPLETING); True if the task changed."""
+def task_status_change(task: Any, status: JobStatus) -> dict[str, Any] | None:
+    """What a not-yet-final task status changes of ``task`` (a row of
+    :func:`unsettled_tasks`) — its ``state``, ``raw_state``, ``started_at`` and
+    ``reason``, for :func:`write_task_changes` — or None when nothing changes. A
+    terminal word waits for accounting as COMPLETING."""
     state = JobState.COMPLETING if status.state in TERMINAL_STATES else status.state
     if state == JobState.UNKNOWN:
-        return False
+        return None
     started = task.started_at or (status.start_time if state != JobState.PENDING else None)
     reason = status.reason[:2000] if status.reason else None
     if (task.state, task.raw_state, task.started_at, task.reason) == (
             state.value, status.raw_state[:64], started, reason):
-        return False
-    task.state, task.raw_state, task.started_at, task.reason = state.value, status.raw_state[:64], started, reason
-    session.add(task)
-    return True
+        return None
+    return {"b_id": task.id, "b_state": state.value, "b_raw": status.raw_state[:64], "b_started": started,
+            "b_reason": reason}
+
+
+def write_task_changes(session: Session, changes: Sequence[dict[str, Any]]) -> None:
+    """The changes of :func:`task_status_change`, in one batched UPDATE (a task settled
+    meanwhile is left alone)."""
+    if changes:
+        session.execute(_task_change_statement(), list(changes))
+
+
+@functools.cache
+def _task_change_statement() -> sa.Update:
+    t = _TASKS.c
+    return (sa.update(_TASKS).where(t.id == sa.bindparam("b_id"), t.settled_at.is_(None))
+            .values(state=sa.bindparam("b_state"), raw_state=sa.bindparam("b_raw"),
+                    started_at=sa.bindparam("b_started"), reason=sa.bindparam("b_reason")))
 
 
 def note_cancel(session: Session, *, job_id: str) -> None:
@@ -163,7 +192,7 @@ def note_cancel(session: Session, *, job_id: str) -> None:
                     .values(cancel_requested_at=utcnow()))
 
 
-def vanished_after_cancel(task: JobTask, status: JobStatus | None, *, key: str, now: datetime,
+def vanished_after_cancel(task: Any, status: JobStatus | None, *, key: str, now: datetime,
                           grace_seconds: float) -> JobStatus | None:
     """The end of a task cancelled before it started, which the scheduler does not
     confirm: Slurm drops a waiting task from the array's pending record and keeps
@@ -190,18 +219,23 @@ def refresh(session: Session, *, job: Job, expected_start: datetime | None = Non
     """Recompute the job's aggregate state and counts from its tasks (written only
     when they changed); settle the job itself — no money moves: its tasks did —
     once every task is settled."""
-    tasks = list(session.exec(select(JobTask).where(JobTask.job_id == job.id)
-                              .execution_options(populate_existing=True)).all())
-    counts = dict(Counter(t.state for t in tasks))
-    state = aggregate_state(t.state for t in tasks)
-    if tasks and all(t.settled_at is not None for t in tasks):
+    # counted by the database (a steady tracker cycle calls this for every live array:
+    # loading each task as an object was most of its CPU); the tasks themselves only
+    # once all are settled
+    session.flush()  # the tasks' changes of this transaction first (a Core statement does not autoflush)
+    rows = session.execute(_task_summary_statement(), {"job_id": job.id}).all()
+    counts = {str(state): int(n) for state, n, _, _ in rows}
+    state = aggregate_state(counts)
+    if rows and all(settled == n for _, n, settled, _ in rows):
+        tasks = list(session.exec(select(JobTask).where(JobTask.job_id == job.id)
+                                  .execution_options(populate_existing=True)).all())
         finish_if_done(session, job=job, tasks=tasks, counts=counts, state=state)
         return
     waiting = state == JobState.PENDING
-    reason = next((t.reason for t in tasks if t.state == JobState.PENDING.value and t.reason), None)
-    pending_reason = reason[:128] if waiting and reason else None
+    reason = session.execute(_pending_reason_statement(), {"job_id": job.id}).scalar() if waiting else None
+    pending_reason = reason[:128] if reason else None
     expected = expected_start if waiting else None
-    started = [t.started_at for t in tasks if t.started_at is not None]
+    started = [first for _, _, _, first in rows if first is not None]
     first_start = job.started_at or (min(started) if started else None)
     if (job.state, job.raw_state, job.unknown_since, job.started_at, job.pending_reason, job.expected_start_at,
             job.array_counts) == (state.value, state.value, None, first_start, pending_reason, expected, counts):
@@ -212,6 +246,37 @@ def refresh(session: Session, *, job: Job, expected_start: datetime | None = Non
     job.pending_reason, job.expected_start_at = pending_reason, expected
     job.array_counts, job.last_polled_at = counts, utcnow()
     session.add(job)
+
+
+@functools.cache
+def _task_summary_statement() -> sa.Select[Any]:
+    """Per state of one array's tasks: how many, how many settled, the first start."""
+    t = _TASKS.c
+    return (sa.select(t.state, sa.func.count(), sa.func.count(t.settled_at), sa.func.min(t.started_at))
+            .where(t.job_id == sa.bindparam("job_id")).group_by(t.state))
+
+
+@functools.cache
+def _pending_reason_statement() -> sa.Select[Any]:
+    """What Slurm says of one waiting task of an array (the lowest-numbered one)."""
+    t = _TASKS.c
+    return (sa.select(t.reason)
+            .where(t.job_id == sa.bindparam("job_id"), t.state == JobState.PENDING.value, t.reason.is_not(None))
+            .order_by(t.task).limit(1))
+
+
+def unsettled_task_numbers(session: Session, job_ids: Sequence[str]) -> dict[str, list[int]]:
+    """The numbers of the tasks still tracked of each of ``job_ids``, in task order
+    (plain values: what a poll names, without loading the tasks)."""
+    found: dict[str, list[int]] = {}
+    if not job_ids:
+        return found
+    t = _TASKS.c
+    for job_id, task in session.execute(
+            sa.select(t.job_id, t.task).where(t.job_id.in_(list(job_ids)), t.settled_at.is_(None))
+            .order_by(t.job_id, t.task)).all():
+        found.setdefault(job_id, []).append(int(task))
+    return found
 
 
 def finish_if_done(session: Session, *, job: Job, tasks: list[JobTask], counts: dict[str, int],

@@ -131,3 +131,67 @@ def test_a_threshold_reached_by_an_array_is_recorded_once(quiet_env: BrokerEnv) 
     with session_scope(env.engine) as s:
         levels = sorted(n.level for n in s.exec(select(Notification).where(Notification.kind == "threshold")))
     assert levels == [0.1, 0.3]
+
+
+class _Tasks:
+    """Every task of every array ref in ``state`` (``odd``: task 5 in COMPLETING's word)."""
+
+    def __init__(self, started: datetime) -> None:
+        self.started, self.odd = started, False
+
+    def poll(self, refs: list) -> list[JobStatus]:  # type: ignore[type-arg]
+        out = []
+        for r in refs:
+            for t in r.array_tasks or ():
+                ended = self.odd and t == 5
+                out.append(JobStatus(job_id=f"{r.job_id}_{t}", state=JobState.COMPLETED if ended else JobState.RUNNING,
+                                     raw_state="COMPLETED" if ended else "RUNNING", final=False,
+                                     start_time=self.started, array_task_id=t))
+        return out
+
+
+def test_a_tracker_cycle_writes_only_the_tasks_that_changed(quiet_env: BrokerEnv) -> None:
+    """The tracker reads live arrays' tasks as plain rows and counts them in the
+    database: the first cycle writes every task that changed and the jobs' aggregate;
+    a cycle where nothing changed writes no job, task or event; one changed task is
+    the only task written, and the aggregate follows it."""
+    from broker import direct
+
+    env = quiet_env
+    ids = [_array(env, 40), _array(env, 40)]
+    with session_scope(env.engine) as s:
+        cluster = s.exec(select(Cluster).where(Cluster.name == "local")).one()
+    stand_in = _Tasks(END)
+    tracker = env.app.state.tracker
+    tracker.poll_cluster(cluster, stand_in)
+    for job_id in ids:
+        job = env.job(job_id, env.auth("alice"))
+        assert job["state"] == "RUNNING" and job["array"]["counts"] == {"RUNNING": 40}, job
+    with session_scope(env.engine) as s:
+        starts = {t.started_at for t in s.exec(select(JobTask).where(col(JobTask.job_id).in_(ids)))}
+    assert starts == {END}
+
+    sent: list[str] = []
+
+    def record(_conn: object, _cursor: object, statement: str, *_: object) -> None:
+        sent.append(" ".join(statement.split()).upper())
+
+    sa.event.listen(env.engine, "before_cursor_execute", record)
+    direct.OBSERVERS.append(record_direct := lambda statement: record(None, None, statement))
+    try:
+        tracker.poll_cluster(cluster, stand_in)
+        steady = [w for w in sent if w.startswith(("UPDATE JOB", "INSERT", "WITH"))]
+        assert steady == [], steady
+        sent.clear()
+        stand_in.odd = True
+        tracker.poll_cluster(cluster, stand_in)
+    finally:
+        sa.event.remove(env.engine, "before_cursor_execute", record)
+        direct.OBSERVERS.remove(record_direct)
+    assert len([w for w in sent if w.startswith("UPDATE JOB_TASKS")]) == len(ids)  # one batch per array
+    with session_scope(env.engine) as s:
+        changed = s.exec(select(JobTask).where(JobTask.state == "COMPLETING")).all()
+    assert sorted((t.job_id, t.task) for t in changed) == sorted((j, 5) for j in ids)
+    for job_id in ids:
+        counts = env.job(job_id, env.auth("alice"))["array"]["counts"]
+        assert counts == {"RUNNING": 39, "COMPLETING": 1}, counts
