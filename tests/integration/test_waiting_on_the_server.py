@@ -65,11 +65,12 @@ def test_long_poll_answers_within_a_second_of_the_transition(env: BrokerEnv) -> 
     alice = env.auth("alice")
     with live_server(env.app) as base, httpx.Client(base_url=base, headers=alice, timeout=60) as http:
         job = _submit(env, script="#!/bin/sh\nsleep 2\n")
+        asked = datetime.now(UTC)
         r = http.get(f"/v1/jobs/{job['id']}", params={"wait_for": "running", "timeout": 30})
         got_running = datetime.now(UTC)
         assert r.status_code == 200 and r.headers["X-Wait-Satisfied"] == "true", r.text
         assert r.json()["state"] in {"RUNNING", "COMPLETING", "COMPLETED"}
-        started = time.monotonic()
+        started, asked_end = time.monotonic(), datetime.now(UTC)
         r = http.get(f"/v1/jobs/{job['id'][:8]}", params={"wait_for": "TERMINAL", "timeout": 30})
         answered = datetime.now(UTC)
         assert time.monotonic() - started < 25  # answered at the change, not at the timeout
@@ -79,8 +80,13 @@ def test_long_poll_answers_within_a_second_of_the_transition(env: BrokerEnv) -> 
         running_at = next(o for _, s, o in events if s == "RUNNING").replace(tzinfo=UTC)
         ended_at = events[-1][2].replace(tzinfo=UTC)
         assert events[-1][1] == "COMPLETED"
-        lags = ((got_running - running_at).total_seconds(), (answered - ended_at).total_seconds())
-        print(f"\nlong poll answered {lags[0]:.3f} s / {lags[1]:.3f} s after the transition was committed")
+        # from the transition, or from the request when the transition came first (a
+        # loaded host can take seconds between two statements of this test: that is
+        # not the server's wait)
+        lags = ((got_running - max(running_at, asked)).total_seconds(),
+                (answered - max(ended_at, asked_end)).total_seconds())
+        print(f"\nlong poll answered {lags[0]:.3f} s / {lags[1]:.3f} s after the transition was committed "
+              "(or the request, when later)")
         assert 0 <= lags[0] < 1.0 and 0 <= lags[1] < 1.0, lags
         # a wait that does not happen in time answers at the timeout, with the job as it is
         slow = _submit(env, script="#!/bin/sh\nsleep 60\n", minutes=120)
