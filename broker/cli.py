@@ -297,12 +297,12 @@ def allocation_grant(project: str, cluster: Annotated[str, typer.Option()],
 
     def grant(session: Any) -> tuple[Any, str | None]:
         warning = cluster_svc.check_scheduler_account(session, registry=registry, cluster_name=cluster,
-                                                      account=account)
+                                                      account=body.account)  # as stored: lower case
         return project_svc.grant_allocation(session, principal=None, code=project, body=body, actor="cli"), warning
 
     alloc, warning = _unit(grant)
     registry.close()
-    typer.echo(f"granted allocation {alloc.id}: {amount} {unit} on {cluster} (account {account})")
+    typer.echo(f"granted allocation {alloc.id}: {amount} {unit} on {cluster} (account {body.account})")
     if warning:
         typer.secho(f"warning: {warning}", fg=typer.colors.YELLOW, err=True)
 

@@ -181,3 +181,14 @@ def test_plugins_lists_adapters_and_policies_with_versions(ops) -> None:  # type
     assert {("adapter", "local"), ("adapter", "slurm_ssh"), ("adapter", "slurm_rest"),
             ("policy", "project_active")} <= names
     assert all(r["version"] and r["distribution"] for r in rows)
+
+
+def test_allocation_grant_stores_the_account_as_slurm_does(env: BrokerEnv, ops) -> None:  # type: ignore[no-untyped-def]
+    """``allocation grant --account AIFA-X``: Slurm folds account names to lower case;
+    the CLI checks and stores the account in that form, and says so."""
+    env.setup_project("EHPC-CLI-CASE", account="proj-a")
+    out = ops("allocation", "grant", "EHPC-CLI-CASE", "--cluster", "local", "--amount", "5",
+              "--unit", "core_hours", "--account", "CLI-Upper")
+    assert "(account cli-upper)" in out.output  # type: ignore[attr-defined]
+    project = env.call("GET", "/v1/projects/EHPC-CLI-CASE", env.qm).json()
+    assert sorted(a["account"] for a in project["allocations"]) == ["cli-upper", "proj-a"]
