@@ -110,10 +110,23 @@ def unsettled_tasks(session: Session, job_ids: Sequence[str]) -> dict[str, list[
     return found
 
 
+def unsettled_task_numbers(session: Session, job_ids: Sequence[str]) -> dict[str, list[int]]:
+    """The numbers of the tasks still tracked of each of ``job_ids``, in task order
+    (plain values: what a poll names, without loading the tasks)."""
+    found: dict[str, list[int]] = {}
+    if job_ids:
+        for job_id, task in session.execute(_unsettled_statement(numbers_only=True), {"ids": list(job_ids)}).all():
+            found.setdefault(job_id, []).append(int(task))
+    return found
+
+
 @functools.cache
-def _unsettled_statement() -> sa.Select[Any]:
+def _unsettled_statement(*, numbers_only: bool = False) -> sa.Select[Any]:
+    """Tasks not settled yet of the jobs ``:ids``, by job and task (built once per shape)."""
     t = _TASKS.c
-    return (sa.select(t.id, t.job_id, t.task, t.state, t.raw_state, t.started_at, t.reason, t.cancel_requested_at)
+    columns = (t.job_id, t.task) if numbers_only else (
+        t.id, t.job_id, t.task, t.state, t.raw_state, t.started_at, t.reason, t.cancel_requested_at)
+    return (sa.select(*columns)
             .where(t.job_id.in_(sa.bindparam("ids", expanding=True)), t.settled_at.is_(None))
             .order_by(t.job_id, t.task))
 
@@ -263,20 +276,6 @@ def _pending_reason_statement() -> sa.Select[Any]:
     return (sa.select(t.reason)
             .where(t.job_id == sa.bindparam("job_id"), t.state == JobState.PENDING.value, t.reason.is_not(None))
             .order_by(t.task).limit(1))
-
-
-def unsettled_task_numbers(session: Session, job_ids: Sequence[str]) -> dict[str, list[int]]:
-    """The numbers of the tasks still tracked of each of ``job_ids``, in task order
-    (plain values: what a poll names, without loading the tasks)."""
-    found: dict[str, list[int]] = {}
-    if not job_ids:
-        return found
-    t = _TASKS.c
-    for job_id, task in session.execute(
-            sa.select(t.job_id, t.task).where(t.job_id.in_(list(job_ids)), t.settled_at.is_(None))
-            .order_by(t.job_id, t.task)).all():
-        found.setdefault(job_id, []).append(int(task))
-    return found
 
 
 def finish_if_done(session: Session, *, job: Job, tasks: list[JobTask], counts: dict[str, int],
