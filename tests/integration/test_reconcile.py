@@ -4,6 +4,9 @@ job by its tag (exactly once); a job that never reached the cluster is released.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from datetime import datetime, timedelta
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -100,81 +103,86 @@ def test_adoption_checks_the_submit_time_window(env: BrokerEnv) -> None:
     assert tracker._matches_intent(cluster, job, ref(account=job.account.upper()))
 
 
+def _backdate(env: BrokerEnv, ages: dict[str, float]) -> datetime:
+    """Each job of ``ages`` made that many seconds older than the reconciler's grace
+    (so a cycle looks it up); the oldest one's new creation time."""
+    from broker.models import Job
+
+    with session_scope(env.engine) as s:
+        created = []
+        for job_id, age in ages.items():
+            job = s.get(Job, job_id)
+            assert job is not None
+            job.created_at = job.created_at - timedelta(seconds=env.settings.reconcile_grace_seconds + age)
+            created.append(job.created_at)
+        return min(created)
+
+
+def _reconcile_recording(env: BrokerEnv, lookup: Callable[..., Any]) -> None:
+    """One reconciliation of the local cluster with the adapter's find_by_tag replaced
+    by ``lookup(real_find_by_tag)``."""
+    cluster = _cluster(env)
+    adapter = adapter_for(env.app.state.registry, cluster)
+    adapter.find_by_tag = lookup(adapter.find_by_tag)  # type: ignore[method-assign]
+    try:
+        env.app.state.tracker.reconcile_cluster(cluster, adapter)
+    finally:
+        del adapter.find_by_tag
+
+
+def _adopted(env: BrokerEnv, job_id: str) -> bool:
+    from broker.models import Job
+
+    with session_scope(env.engine) as s:
+        job = s.get(Job, job_id)
+        return job is not None and job.scheduler_job_id is not None
+
+
 def test_reconciliation_reads_accounting_only_from_the_oldest_intent(env: BrokerEnv) -> None:
     """find_by_tag is asked from the oldest waiting intent minus the adoption clock skew
     (nothing earlier could be adopted), not an hour before it, and for the waiting jobs'
     accounts only: on a busy cluster each extra minute, and each other account, is
     thousands of accounting records to read. The job is still adopted."""
-    from datetime import timedelta
-
-    from broker.models import Job
     from broker.tracker import ADOPT_CLOCK_SKEW
 
     env.setup_project()
     env.app.state.tracker.stop()
     job_id = crash_after_submit(env, "sleep 1", reach_cluster=True)
     older = crash_after_submit(env, "sleep 1", reach_cluster=False)
-    backdate = timedelta(seconds=env.settings.reconcile_grace_seconds + 5)
-    with session_scope(env.engine) as s:
-        for jid, age in ((job_id, backdate), (older, backdate + timedelta(seconds=20))):
-            job = s.get(Job, jid)
-            assert job is not None
-            job.created_at = job.created_at - age
-        s.flush()
-        oldest = min(j.created_at for j in (s.get(Job, job_id), s.get(Job, older)) if j is not None)
-    cluster = _cluster(env)
-    adapter = adapter_for(env.app.state.registry, cluster)
+    oldest = _backdate(env, {job_id: 5, older: 25})
     asked: list[object] = []
-    real = adapter.find_by_tag
 
-    def recording(tags, *, since=None, accounts=None):  # type: ignore[no-untyped-def]
-        asked.append((sorted(tags), since, accounts))
-        return real(tags, since=since, accounts=accounts)
+    def recording(real):  # type: ignore[no-untyped-def]
+        def find_by_tag(tags, *, since=None, accounts=None):  # type: ignore[no-untyped-def]
+            asked.append((sorted(tags), since, accounts))
+            return real(tags, since=since, accounts=accounts)
+        return find_by_tag
 
-    adapter.find_by_tag = recording  # type: ignore[method-assign]
-    try:
-        env.app.state.tracker.reconcile_cluster(cluster, adapter)
-    finally:
-        del adapter.find_by_tag
+    _reconcile_recording(env, recording)
     # and only the accounts of the waiting jobs (lower case, as Slurm stores them)
     assert asked == [(sorted([job_id, older]), oldest - ADOPT_CLOCK_SKEW, ["proj-a"])]
-    with session_scope(env.engine) as s:
-        adopted = s.get(Job, job_id)
-        assert adopted is not None and adopted.scheduler_job_id is not None
+    assert _adopted(env, job_id)
 
 
 def test_a_plugin_without_the_accounts_parameter_is_asked_without_it(env: BrokerEnv) -> None:
     """find_by_tag's ``accounts`` came later: an adapter written before it is asked
     as before (told from its signature), and the job is still adopted."""
-    from datetime import timedelta
-
     from broker.adapter import find_by_tag_accepts_accounts
-    from broker.models import Job
 
     env.setup_project()
     env.app.state.tracker.stop()
     job_id = crash_after_submit(env, "sleep 1", reach_cluster=True)
-    with session_scope(env.engine) as s:
-        job = s.get(Job, job_id)
-        assert job is not None
-        job.created_at = job.created_at - timedelta(seconds=env.settings.reconcile_grace_seconds + 5)
-    cluster = _cluster(env)
-    adapter = adapter_for(env.app.state.registry, cluster)
-    assert find_by_tag_accepts_accounts(adapter)
-    real = adapter.find_by_tag
+    _backdate(env, {job_id: 5})
+    assert find_by_tag_accepts_accounts(adapter_for(env.app.state.registry, _cluster(env)))
     asked: list[list[str]] = []
 
-    def older(tags, *, since=None):  # type: ignore[no-untyped-def]
-        asked.append(sorted(tags))
-        return real(tags, since=since)
+    def older(real):  # type: ignore[no-untyped-def]
+        def find_by_tag(tags, *, since=None):  # type: ignore[no-untyped-def]
+            asked.append(sorted(tags))
+            return real(tags, since=since)
+        assert not find_by_tag_accepts_accounts(type("Older", (), {"find_by_tag": staticmethod(find_by_tag)})())
+        return find_by_tag
 
-    adapter.find_by_tag = older  # type: ignore[method-assign]
-    try:
-        assert not find_by_tag_accepts_accounts(adapter)
-        env.app.state.tracker.reconcile_cluster(cluster, adapter)
-    finally:
-        del adapter.find_by_tag
+    _reconcile_recording(env, older)
     assert asked == [[job_id]]
-    with session_scope(env.engine) as s:
-        adopted = s.get(Job, job_id)
-        assert adopted is not None and adopted.scheduler_job_id is not None
+    assert _adopted(env, job_id)
